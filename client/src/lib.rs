@@ -1,0 +1,3 @@
+//! keyward-client: the wire types of the keyward agent API and Unix-socket clients.
+
+pub mod wire;

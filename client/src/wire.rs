@@ -1,0 +1,298 @@
+//! The keyward agent protocol: the one definition of every JSON body that
+//! crosses the agent socket. The daemon imports these types, so client and
+//! server cannot drift apart.
+//!
+//! Requests reject unknown fields (`deny_unknown_fields`): a typo in a field
+//! name is an error, never a silently ignored constraint.
+
+use serde::{Deserialize, Serialize};
+
+/// Body of `POST /v1/intents`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntentRequest {
+    /// Client-chosen id, 1-128 characters of `[A-Za-z0-9._:-]`. Submitting
+    /// the same id with the same content again returns the original result.
+    pub intent_id: String,
+    /// Name of the key to sign with (as listed by `GET /v1/keys`).
+    pub key: String,
+    /// What to sign.
+    pub action: Action,
+}
+
+/// The action an intent asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    /// keyward builds a transfer from the key to `to`.
+    Transfer {
+        /// `"SOL"` or an SPL mint address (base58).
+        asset: String,
+        /// Recipient wallet address (base58).
+        to: String,
+        /// Amount in the asset's UI units as a decimal string, e.g. `"1.25"`.
+        amount: String,
+        /// Recent blockhash (base58) the transaction is built on.
+        recent_blockhash: String,
+        /// Optional memo attached with the SPL Memo program.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memo: Option<String>,
+    },
+    /// keyward decodes a caller-built message and signs it if policy allows.
+    SignTransaction {
+        /// Base64 (standard alphabet, padded) of the serialized message bytes.
+        message: String,
+    },
+}
+
+/// Status of an intent as reported by the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IntentStatus {
+    /// Signed; the signature was recorded before it was released.
+    Signed,
+    /// Waiting for human approval tokens.
+    PendingApproval,
+    /// Refused by policy (or by a failure that made signing impossible).
+    Denied,
+    /// The approval window ran out.
+    Expired,
+    /// Accepted and being signed right now.
+    InProgress,
+}
+
+/// `200 OK` body of `POST /v1/intents`, and of `GET /v1/intents/{id}` for a
+/// signed intent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedIntent {
+    /// The intent id.
+    pub intent_id: String,
+    /// Always [`IntentStatus::Signed`].
+    pub status: IntentStatus,
+    /// Base58 Ed25519 signature made by the key.
+    pub signature: String,
+    /// Base64 of the signed wire transaction (our signature in its slot;
+    /// slots of other required signers, if any, are zero).
+    pub transaction: String,
+    /// Sequence number of the `signature_created` ledger entry.
+    pub ledger_seq: u64,
+    /// Hex SHA-256 hash of that ledger entry.
+    pub entry_hash: String,
+}
+
+/// One reason for a denial: a machine-readable rule code and a human detail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DenialReason {
+    /// Stable snake_case rule code, e.g. `per_tx_limit`.
+    pub rule: String,
+    /// What exactly broke the rule, for humans.
+    pub detail: String,
+}
+
+/// Body of `GET /v1/intents/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntentView {
+    /// The intent id.
+    pub intent_id: String,
+    /// Current status.
+    pub status: IntentStatus,
+    /// Present when signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// Present when signed: base64 signed wire transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction: Option<String>,
+    /// Present when signed: sequence of the `signature_created` entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_seq: Option<u64>,
+    /// Present when signed: hash of that entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_hash: Option<String>,
+    /// Present when denied: the error code the submission got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    /// Present when denied by policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<DenialReason>,
+}
+
+/// Every error body: `{"error": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The error object. `code` is a stable snake_case identifier; the other
+/// optional fields appear only with the codes that use them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable snake_case error code (see [`codes`]).
+    pub code: String,
+    /// Human-readable message.
+    pub message: String,
+    /// With `policy_denied`: every rule the intent broke.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<DenialReason>,
+    /// With `agent_locked` and similar: seconds until a retry may succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+}
+
+/// Stable error codes returned by the API.
+pub mod codes {
+    /// 403: the policy refused the intent; see `reasons`.
+    pub const POLICY_DENIED: &str = "policy_denied";
+    /// 403: the peer's uid is not mapped to any agent.
+    pub const UNKNOWN_AGENT: &str = "unknown_agent";
+    /// 400: the request body is malformed JSON or has unknown fields.
+    pub const INVALID_REQUEST: &str = "invalid_request";
+    /// 400: the transaction message could not be decoded strictly.
+    pub const INVALID_MESSAGE: &str = "invalid_message";
+    /// 400: an amount is not a valid decimal for the asset.
+    pub const INVALID_AMOUNT: &str = "invalid_amount";
+    /// 400: an address or blockhash is not valid base58 of 32 bytes.
+    pub const INVALID_ADDRESS: &str = "invalid_address";
+    /// 400: the intent id is empty, too long or has forbidden characters.
+    pub const INVALID_INTENT_ID: &str = "invalid_intent_id";
+    /// 404: no such intent for this agent.
+    pub const INTENT_NOT_FOUND: &str = "intent_not_found";
+    /// 404: no such route.
+    pub const NOT_FOUND: &str = "not_found";
+    /// 405: method not allowed on this route.
+    pub const METHOD_NOT_ALLOWED: &str = "method_not_allowed";
+    /// 409: the intent id was used before with different content.
+    pub const INTENT_CONFLICT: &str = "intent_conflict";
+    /// 409: the intent id is being processed by another request right now.
+    pub const INTENT_IN_PROGRESS: &str = "intent_in_progress";
+    /// 413: the body is larger than the limit.
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    /// 415: the body is not `application/json`.
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+    /// 423: the agent's denial circuit breaker is open.
+    pub const AGENT_LOCKED: &str = "agent_locked";
+    /// 503: the ledger could not record the decision; nothing was signed.
+    pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
+    /// 503: the HSM could not sign; nothing was released.
+    pub const HSM_UNAVAILABLE: &str = "hsm_unavailable";
+    /// 503: the mirror is too far behind; nothing is signed until it catches up.
+    pub const MIRROR_LAGGING: &str = "mirror_lagging";
+    /// 500: an internal error; nothing was released.
+    pub const INTERNAL: &str = "internal_error";
+}
+
+/// One entry of `GET /v1/keys`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    /// Key name (the HSM object label).
+    pub name: String,
+    /// Base58 Ed25519 public key (the Solana address).
+    pub public_key: String,
+    /// `active` when the key can sign.
+    pub state: String,
+}
+
+/// Body of `GET /v1/keys`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeysView {
+    /// Keys this agent may use.
+    pub keys: Vec<KeyInfo>,
+}
+
+/// Limits and remaining budget for one asset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssetBudget {
+    /// `"SOL"` or a mint address.
+    pub asset: String,
+    /// Decimals of the asset's UI unit.
+    pub decimals: u8,
+    /// Largest amount per transaction (UI units).
+    pub per_tx: String,
+    /// Largest total per rolling 24 hours (UI units).
+    pub per_day: String,
+    /// Spent (and reserved) during the last 24 hours (UI units).
+    pub spent_24h: String,
+    /// Spent during the last 24 hours in base units (lamports for SOL).
+    pub spent_24h_base_units: u64,
+    /// What is left of `per_day` (UI units).
+    pub remaining_24h: String,
+}
+
+/// Body of `GET /v1/policy`: the caller's effective policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// The agent name the caller's uid maps to.
+    pub agent: String,
+    /// SHA-256 (hex) of the policy file in force.
+    pub policy_hash: String,
+    /// Keys the agent may sign with.
+    pub keys: Vec<String>,
+    /// Recipient allowlist; `None` means any recipient.
+    pub allow_recipients: Option<Vec<String>>,
+    /// Programs allowed in `sign_transaction` beyond the built-ins.
+    pub allow_programs: Vec<String>,
+    /// Per-asset limits and remaining budgets.
+    pub limits: Vec<AssetBudget>,
+}
+
+/// Body of `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthView {
+    /// `ok` when the daemon can sign, `degraded` otherwise.
+    pub status: String,
+    /// Daemon version.
+    pub version: String,
+    /// HSM backend state.
+    pub hsm: ComponentHealth,
+    /// Ledger state.
+    pub ledger: LedgerHealth,
+}
+
+/// Health of one component.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentHealth {
+    /// Whether the component works.
+    pub ok: bool,
+    /// Backend or component name.
+    pub name: String,
+    /// What is wrong, when not ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Health of the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerHealth {
+    /// Whether the ledger accepts writes.
+    pub ok: bool,
+    /// Sequence number of the newest entry (0 when empty).
+    pub head_seq: u64,
+    /// `closed` (normal) or `open` (writes failed; signing stopped until reset).
+    pub audit_breaker: String,
+    /// Consecutive failed ledger writes.
+    pub consecutive_failures: u32,
+}
+
+/// Admin API: body of `POST /v1/admin/breakers/{name}/reset` responses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerResetView {
+    /// Breaker name (`audit` or an agent name).
+    pub breaker: String,
+    /// State after the reset (`closed`).
+    pub state: String,
+    /// Ledger sequence of the `breaker_reset` entry.
+    pub ledger_seq: u64,
+}
+
+/// Admin API: one key in `GET /v1/admin/keys`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminKeyInfo {
+    /// Key name (HSM label).
+    pub name: String,
+    /// Base58 public key.
+    pub public_key: String,
+    /// Key state.
+    pub state: String,
+    /// Agents whose policy lets them use the key.
+    pub agents: Vec<String>,
+}

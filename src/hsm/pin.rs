@@ -1,0 +1,1 @@
+//! Reading the HSM user PIN from a file or a systemd credential.

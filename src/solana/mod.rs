@@ -1,0 +1,1 @@
+//! Solana message decoding, effect extraction and transfer building.
