@@ -95,13 +95,30 @@ mod tests {
 
     #[test]
     fn refuses_malformed_imprecise_and_overflowing_amounts() {
-        for bad in ["", ".", "1.", ".5", "-1", "+1", "1e9", "1,5", " 1", "1 ", "0x10", "1.2.3", "١"] {
-            assert!(matches!(parse_units(bad, 9), Err(AmountError::Syntax(_))), "{bad:?}");
+        for bad in [
+            "", ".", "1.", ".5", "-1", "+1", "1e9", "1,5", " 1", "1 ", "0x10", "1.2.3", "١",
+        ] {
+            assert!(
+                matches!(parse_units(bad, 9), Err(AmountError::Syntax(_))),
+                "{bad:?}"
+            );
         }
-        assert!(matches!(parse_units("0.0000000001", 9), Err(AmountError::TooPrecise { .. })));
-        assert!(matches!(parse_units("1.5", 0), Err(AmountError::TooPrecise { .. })));
-        assert!(matches!(parse_units("18446744073.709551616", 9), Err(AmountError::TooLarge(_))));
-        assert!(matches!(parse_units("99999999999999999999999", 0), Err(AmountError::TooLarge(_))));
+        assert!(matches!(
+            parse_units("0.0000000001", 9),
+            Err(AmountError::TooPrecise { .. })
+        ));
+        assert!(matches!(
+            parse_units("1.5", 0),
+            Err(AmountError::TooPrecise { .. })
+        ));
+        assert!(matches!(
+            parse_units("18446744073.709551616", 9),
+            Err(AmountError::TooLarge(_))
+        ));
+        assert!(matches!(
+            parse_units("99999999999999999999999", 0),
+            Err(AmountError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -1,13 +1,24 @@
 //! keyward: a hardened, HSM-backed signing appliance for Solana.
 //!
-//! Agents submit signing intents over a Unix socket; keyward decodes what the
-//! transaction really does ([`solana`]), checks it against policy ([`policy`]),
-//! signs inside an HSM ([`hsm`]) and records every decision and signature in
-//! a durable SHA-256 hash chain ([`ledger`]) before it releases anything.
+//! Agents submit signing intents over a Unix socket ([`api`]); keyward
+//! decodes what the transaction really does ([`solana`]), checks it against
+//! policy ([`policy`]), signs inside an HSM ([`hsm`]) and records every
+//! decision and signature in a durable SHA-256 hash chain ([`ledger`]) before
+//! it releases anything ([`service`]).
 #![deny(unsafe_code)]
 
 pub mod amount;
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod dev;
+pub mod harden;
 pub mod hsm;
+pub mod intents;
 pub mod ledger;
+pub mod logging;
+pub mod policy;
+pub mod process;
+pub mod service;
 pub mod solana;
 pub mod types;

@@ -6,7 +6,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// Lamports (1 SOL = 10^9 lamports). Money is integers, always.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Lamports(pub u64);
 
@@ -171,8 +173,14 @@ mod tests {
     fn public_key_base58_round_trips_and_rejects_wrong_length() {
         let k = PublicKey([7u8; 32]);
         assert_eq!(PublicKey::from_base58(&k.to_base58()), Some(k));
-        assert_eq!(PublicKey::from_base58(&bs58::encode([1u8; 31]).into_string()), None);
-        assert_eq!(PublicKey::from_base58(&bs58::encode([1u8; 33]).into_string()), None);
+        assert_eq!(
+            PublicKey::from_base58(&bs58::encode([1u8; 31]).into_string()),
+            None
+        );
+        assert_eq!(
+            PublicKey::from_base58(&bs58::encode([1u8; 33]).into_string()),
+            None
+        );
         assert_eq!(PublicKey::from_base58("0OIl"), None);
     }
 }

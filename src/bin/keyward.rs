@@ -1,1 +1,321 @@
-fn main() {}
+//! keyward: operator, auditor and development CLI.
+//!
+//! Exit status: 0 success, 1 a negative finding (e.g. a broken chain),
+//! 2 a usage or environment error.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow};
+use clap::{Parser, Subcommand, ValueEnum};
+use keyward::config::{Config, DEFAULT_CONFIG};
+
+/// keyward: the operator's CLI for the keyward signing appliance.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// keyward.toml of the instance to act on.
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a development instance: a SoftHSM2 token, config, policy and a key `hot`, all in DIR.
+    Init {
+        /// Create a development instance in this (new or empty) directory.
+        #[arg(long, value_name = "DIR")]
+        dev: PathBuf,
+        /// PKCS#11 module of SoftHSM2 (default: the Debian location).
+        #[arg(long)]
+        module: Option<PathBuf>,
+    },
+    /// Offline ledger commands (no daemon needed).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Keys (through the running daemon's admin socket).
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Circuit breakers (through the admin socket).
+    Breaker {
+        #[command(subcommand)]
+        command: BreakerCommand,
+    },
+    /// Policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the hash chain; exit 1 naming the first broken entry.
+    Verify {
+        /// Ledger database (default: from the config).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+    /// Every ledger entry of one intent, in order.
+    Trail {
+        /// The intent id.
+        intent_id: String,
+        /// Only this agent's intent of that id.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Ledger database (default: from the config).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+    /// Export entries as JSON lines to stdout.
+    Export {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        /// First sequence number to export.
+        #[arg(long, default_value_t = 1)]
+        since: u64,
+        /// Ledger database (default: from the config).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    /// One JSON object per line.
+    Jsonl,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// List the keys the daemon serves.
+    List,
+}
+
+#[derive(Subcommand)]
+enum BreakerCommand {
+    /// Close a breaker (`audit`) after fixing its cause; recorded in the ledger.
+    Reset {
+        /// Breaker name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file offline.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+}
+
+/// A failure with the exit status it maps to.
+struct Failure(u8, anyhow::Error);
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(2, e.into())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    keyward::logging::init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, e)) => {
+            eprintln!("keyward: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn db_path(cli_config: &Path, db: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    match db {
+        Some(db) => Ok(db),
+        None => {
+            let cfg = Config::load(cli_config).map_err(|e| anyhow!("{e} (or pass --db PATH)"))?;
+            Ok(cfg.ledger_path())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Init { dev, module } => init_dev(&dev, module),
+        Command::Audit { command } => match command {
+            AuditCommand::Verify { db } => {
+                let db = db_path(&cli.config, db)?;
+                match keyward::ledger::verify_database(&db) {
+                    Ok(report) => {
+                        println!(
+                            "ok: {} entries verified, head seq {} hash {}",
+                            report.entries,
+                            report.head_seq,
+                            hex::encode(report.head_hash)
+                        );
+                        Ok(())
+                    }
+                    Err(e) if e.is_finding() => Err(Failure(
+                        1,
+                        anyhow!("ledger {} is BROKEN: {e}", db.display()),
+                    )),
+                    Err(e) => Err(Failure(2, anyhow!("cannot verify {}: {e}", db.display()))),
+                }
+            }
+            AuditCommand::Trail {
+                intent_id,
+                agent,
+                db,
+            } => {
+                let db = db_path(&cli.config, db)?;
+                let conn = keyward::ledger::open_read_only(&db)?;
+                let entries = keyward::ledger::trail(&conn, &intent_id, agent.as_deref())?;
+                if entries.is_empty() {
+                    return Err(Failure(
+                        1,
+                        anyhow!("no ledger entries for intent {intent_id:?}"),
+                    ));
+                }
+                let mut out = std::io::stdout().lock();
+                for e in entries {
+                    use std::io::Write;
+                    writeln!(out, "{}", e.to_json_line())?;
+                }
+                Ok(())
+            }
+            AuditCommand::Export {
+                format: ExportFormat::Jsonl,
+                since,
+                db,
+            } => {
+                let db = db_path(&cli.config, db)?;
+                let conn = keyward::ledger::open_read_only(&db)?;
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                let n = keyward::ledger::export_jsonl(&conn, since, &mut out)?;
+                use std::io::Write;
+                out.flush()?;
+                eprintln!("exported {n} entries");
+                Ok(())
+            }
+        },
+        Command::Key {
+            command: KeyCommand::List,
+        } => {
+            let cfg = Config::load(&cli.config)?;
+            let keys: Vec<keyward_client::wire::AdminKeyInfo> = admin_get(&cfg, "/v1/admin/keys")?;
+            println!("{:<20} {:<46} {:<8} agents", "name", "public key", "state");
+            for k in keys {
+                println!(
+                    "{:<20} {:<46} {:<8} {}",
+                    k.name,
+                    k.public_key,
+                    k.state,
+                    k.agents.join(",")
+                );
+            }
+            Ok(())
+        }
+        Command::Breaker {
+            command: BreakerCommand::Reset { name },
+        } => {
+            let cfg = Config::load(&cli.config)?;
+            let view: keyward_client::wire::BreakerResetView =
+                admin_post(&cfg, &format!("/v1/admin/breakers/{name}/reset"))?;
+            println!(
+                "breaker {} is {} (ledger seq {})",
+                view.breaker, view.state, view.ledger_seq
+            );
+            Ok(())
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { file },
+        } => match keyward::policy::Policy::load(&file) {
+            Ok(p) => {
+                println!("ok: {} agents, sha256 {}", p.agents.len(), p.hash_hex());
+                Ok(())
+            }
+            Err(e) => Err(Failure(1, anyhow!("{e}"))),
+        },
+    }
+}
+
+fn init_dev(dir: &Path, module: Option<PathBuf>) -> Result<(), Failure> {
+    let dir = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .context("cannot read the current directory")?
+            .join(dir)
+    };
+    keyward::dev::check_target(&dir)?;
+    let module = match module {
+        Some(m) => m,
+        None => keyward::dev::find_softhsm_module()?,
+    };
+    // SoftHSM2 reads its configuration path when the module is loaded; this
+    // process is still single-threaded here.
+    keyward::process::set_env_single_threaded(
+        "SOFTHSM2_CONF",
+        &keyward::hsm::softhsm::conf_path(&dir),
+    );
+    let uid = nix::unistd::getuid().as_raw();
+    let inst = keyward::dev::init_dev(&dir, &module, uid)?;
+    println!(
+        "Created a keyward development instance in {}",
+        inst.dir.display()
+    );
+    println!(
+        "  key {:?}: {}",
+        inst.key.name.as_str(),
+        inst.key.public_key
+    );
+    println!("  agent `dev` is uid {uid}; limits: 1 SOL per transaction, 10 SOL per 24 hours");
+    println!();
+    println!("Start the daemon:");
+    println!("  keywardd --config {}", inst.config.display());
+    Ok(())
+}
+
+fn admin_runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn admin_call<T: serde::de::DeserializeOwned>(
+    cfg: &Config,
+    method: &str,
+    path: &str,
+) -> Result<T, Failure> {
+    let client = keyward_client::Client::new(&cfg.daemon.admin_socket);
+    let rt = admin_runtime()?;
+    let method =
+        keyward_client::Method::from_bytes(method.as_bytes()).map_err(|e| anyhow!("{e}"))?;
+    let result = rt.block_on(client.request_json::<()>(method, path, None));
+    let (status, body) = result.map_err(|e| anyhow!("{e}"))?;
+    if status.is_success() {
+        Ok(serde_json::from_slice(&body).context("unexpected answer from the daemon")?)
+    } else {
+        let msg = serde_json::from_slice::<keyward_client::wire::ErrorBody>(&body)
+            .map(|b| format!("{} ({})", b.error.message, b.error.code))
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        Err(Failure(2, anyhow!("the daemon refused: {msg}")))
+    }
+}
+
+fn admin_get<T: serde::de::DeserializeOwned>(cfg: &Config, path: &str) -> Result<T, Failure> {
+    admin_call(cfg, "GET", path)
+}
+
+fn admin_post<T: serde::de::DeserializeOwned>(cfg: &Config, path: &str) -> Result<T, Failure> {
+    admin_call(cfg, "POST", path)
+}

@@ -1,1 +1,56 @@
-fn main() {}
+//! keywardd: the keyward signing daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use keyward::config::{Config, DEFAULT_CONFIG};
+use keyward::daemon::{DaemonError, run};
+
+/// The keyward signing daemon: serves the agent and admin sockets.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// keyward.toml
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    keyward::logging::init();
+    let cfg = match Config::load(&args.config) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("keywardd: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for warning in keyward::harden::harden_process() {
+        tracing::warn!("{warning}");
+    }
+    // The PKCS#11 module reads its environment when it is loaded; set it now,
+    // while this process has a single thread.
+    keyward::process::apply_module_env(&cfg);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keywardd: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keywardd: {e}");
+            tracing::error!(code = e.code(), "{e}");
+            match e {
+                DaemonError::Config(_) | DaemonError::MissingKey { .. } => ExitCode::from(2),
+                _ => ExitCode::from(1),
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@
 
 pub mod pin;
 pub mod pkcs11;
+pub mod softhsm;
 
 use crate::types::{KeyName, PublicKey};
 

@@ -1,1 +1,633 @@
-//! PKCS#11 backend on cryptoki.
+//! PKCS#11 backend on cryptoki: works with SoftHSM2 and vendor modules.
+//!
+//! - The module is loaded and `C_Initialize`d once per process
+//!   ([`context`]); later opens in the same process share that context.
+//! - The token is found by its label, never by slot number.
+//! - The user logs in once; an anchor session keeps the login alive, and a
+//!   pool of read-write sessions serves concurrent signers. The pool's lock
+//!   is held only to take or return a session, never during a device call.
+//! - Ed25519 keys are generated inside the token as sensitive,
+//!   non-extractable, private token objects; the attributes are read back
+//!   and a key that does not have them is destroyed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, OnceLock};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+
+use super::pin::read_pin;
+use super::{Hsm, HsmError, HsmKey};
+use crate::types::{KeyName, PublicKey};
+
+/// DER of the Ed25519 curve OID 1.3.101.112 (RFC 8410), for CKA_EC_PARAMS.
+const ED25519_OID_DER: &[u8] = &[0x06, 0x03, 0x2B, 0x65, 0x70];
+/// DER PrintableString "edwards25519", the other form PKCS#11 3.0 allows.
+const ED25519_NAME_DER: &[u8] = &[
+    0x13, 0x0c, b'e', b'd', b'w', b'a', b'r', b'd', b's', b'2', b'5', b'5', b'1', b'9',
+];
+
+/// Settings of [`Pkcs11Hsm::open`].
+#[derive(Debug, Clone)]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 module.
+    pub module: PathBuf,
+    /// Label of the token.
+    pub token_label: String,
+    /// PIN file (see [`super::pin::read_pin`]).
+    pub pin_file: PathBuf,
+    /// Largest number of pooled sessions (concurrent signatures).
+    pub max_sessions: usize,
+}
+
+/// PKCS#11 attributes of a private key, as the token reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyAttributes {
+    /// CKA_TOKEN: stored on the token.
+    pub token: bool,
+    /// CKA_PRIVATE: only visible after login.
+    pub private: bool,
+    /// CKA_SENSITIVE: the value cannot be read.
+    pub sensitive: bool,
+    /// CKA_EXTRACTABLE: the key can be wrapped out.
+    pub extractable: bool,
+    /// CKA_ALWAYS_SENSITIVE.
+    pub always_sensitive: bool,
+    /// CKA_NEVER_EXTRACTABLE.
+    pub never_extractable: bool,
+    /// CKA_KEY_TYPE is CKK_EC_EDWARDS.
+    pub key_type_ec_edwards: bool,
+}
+
+impl KeyAttributes {
+    /// Whether the key is as keyward requires: on the token, private,
+    /// sensitive and not extractable, since its creation.
+    pub fn is_protected(&self) -> bool {
+        self.token
+            && self.private
+            && self.sensitive
+            && !self.extractable
+            && self.always_sensitive
+            && self.never_extractable
+    }
+}
+
+fn device(op: &'static str) -> impl Fn(CkError) -> HsmError {
+    move |e| HsmError::Device {
+        op,
+        detail: e.to_string(),
+    }
+}
+
+fn rv(e: &CkError) -> Option<RvError> {
+    match e {
+        CkError::Pkcs11(rv, _) => Some(*rv),
+        _ => None,
+    }
+}
+
+/// The process-wide context of `module`, initialized on first use.
+/// PKCS#11 allows one `C_Initialize` per process; every open of the same
+/// module shares it, and it is never finalized while the process runs.
+pub fn context(module: &Path) -> Result<Pkcs11, HsmError> {
+    static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    let map = CONTEXTS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = match map.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if let Some(ctx) = map.get(module) {
+        return Ok(ctx.clone());
+    }
+    let err = |detail: String| HsmError::Module {
+        module: module.display().to_string(),
+        detail,
+    };
+    let ctx = Pkcs11::new(module).map_err(|e| err(e.to_string()))?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => {}
+        Err(e) if rv(&e) == Some(RvError::CryptokiAlreadyInitialized) => {}
+        Err(e) => return Err(err(e.to_string())),
+    }
+    map.insert(module.to_path_buf(), ctx.clone());
+    Ok(ctx)
+}
+
+/// The slot holding the initialized token labelled `label`.
+pub fn find_token(ctx: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
+    let slots = ctx
+        .get_slots_with_initialized_token()
+        .map_err(device("C_GetSlotList"))?;
+    let mut found = Vec::new();
+    for slot in slots {
+        let info = ctx.get_token_info(slot).map_err(device("C_GetTokenInfo"))?;
+        if info.label().trim_end() == label {
+            found.push(slot);
+        }
+    }
+    match found.as_slice() {
+        [] => Err(HsmError::TokenNotFound(label.to_owned())),
+        [slot] => Ok(*slot),
+        _ => Err(HsmError::Device {
+            op: "find token",
+            detail: format!(
+                "{} tokens are labelled {label:?}; refusing to guess",
+                found.len()
+            ),
+        }),
+    }
+}
+
+/// Decodes CKA_EC_POINT of an Ed25519 public key: a DER OCTET STRING
+/// (`04 20 ‖ key`) as PKCS#11 specifies, or the raw 32 bytes some modules
+/// return.
+pub fn parse_ec_point(point: &[u8]) -> Option<[u8; 32]> {
+    match point {
+        [0x04, 0x20, rest @ ..] if rest.len() == 32 => rest.try_into().ok(),
+        raw if raw.len() == 32 => raw.try_into().ok(),
+        _ => None,
+    }
+}
+
+/// Found object handles of one key pair.
+#[derive(Debug, Clone, Copy)]
+struct Handles {
+    private: ObjectHandle,
+}
+
+/// An Ed25519 signer on a PKCS#11 token.
+pub struct Pkcs11Hsm {
+    ctx: Pkcs11,
+    slot: Slot,
+    label: String,
+    /// Keeps the user logged in for the whole application.
+    anchor: Mutex<Session>,
+    pool: Mutex<Vec<Session>>,
+    available: Condvar,
+    /// Sessions open (pooled or in use).
+    open_sessions: Mutex<usize>,
+    max_sessions: usize,
+    handles: Mutex<HashMap<String, Handles>>,
+}
+
+impl std::fmt::Debug for Pkcs11Hsm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Hsm")
+            .field("token", &self.label)
+            .field("max_sessions", &self.max_sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A pooled session, returned to the pool on drop unless it failed.
+struct PooledSession<'a> {
+    hsm: &'a Pkcs11Hsm,
+    session: Option<Session>,
+    broken: bool,
+}
+
+impl PooledSession<'_> {
+    fn get(&self) -> Result<&Session, HsmError> {
+        self.session.as_ref().ok_or(HsmError::Device {
+            op: "session",
+            detail: "session already returned".into(),
+        })
+    }
+}
+
+impl Drop for PooledSession<'_> {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            if self.broken {
+                drop(session);
+                let mut open = lock(&self.hsm.open_sessions);
+                *open = open.saturating_sub(1);
+            } else {
+                lock(&self.hsm.pool).push(session);
+            }
+            self.hsm.available.notify_one();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Pkcs11Hsm {
+    /// Loads the module (once per process), finds the token by label, logs
+    /// in with the PIN from `pin_file` and prepares the session pool.
+    pub fn open(cfg: &Pkcs11Config) -> Result<Pkcs11Hsm, HsmError> {
+        let ctx = context(&cfg.module)?;
+        let slot = find_token(&ctx, &cfg.token_label)?;
+        let pin = read_pin(&cfg.pin_file)?;
+        let anchor = ctx.open_rw_session(slot).map_err(device("C_OpenSession"))?;
+        match anchor.login(UserType::User, Some(&pin)) {
+            Ok(()) => {}
+            Err(e) if rv(&e) == Some(RvError::UserAlreadyLoggedIn) => {}
+            Err(e) => {
+                return Err(HsmError::Login {
+                    token: cfg.token_label.clone(),
+                    detail: e.to_string(),
+                });
+            }
+        }
+        drop(pin);
+        Ok(Pkcs11Hsm {
+            ctx,
+            slot,
+            label: cfg.token_label.clone(),
+            anchor: Mutex::new(anchor),
+            pool: Mutex::new(Vec::new()),
+            available: Condvar::new(),
+            open_sessions: Mutex::new(0),
+            max_sessions: cfg.max_sessions.max(1),
+            handles: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes a session from the pool, opening one if the pool is below its
+    /// size, or waits for one to come back.
+    fn session(&self) -> Result<PooledSession<'_>, HsmError> {
+        let mut pool = lock(&self.pool);
+        loop {
+            if let Some(session) = pool.pop() {
+                return Ok(PooledSession {
+                    hsm: self,
+                    session: Some(session),
+                    broken: false,
+                });
+            }
+            {
+                let mut open = lock(&self.open_sessions);
+                if *open < self.max_sessions {
+                    *open += 1;
+                    drop(open);
+                    drop(pool);
+                    return match self.ctx.open_rw_session(self.slot) {
+                        Ok(session) => Ok(PooledSession {
+                            hsm: self,
+                            session: Some(session),
+                            broken: false,
+                        }),
+                        Err(e) => {
+                            let mut open = lock(&self.open_sessions);
+                            *open = open.saturating_sub(1);
+                            Err(device("C_OpenSession")(e))
+                        }
+                    };
+                }
+            }
+            pool = match self.available.wait(pool) {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+        }
+    }
+
+    /// Runs `f` on a pooled session; a session whose call fails with a
+    /// session-level error is discarded rather than reused.
+    fn with_session<T>(
+        &self,
+        f: impl FnOnce(&Session) -> Result<T, CkError>,
+    ) -> Result<T, CkError> {
+        let mut s = self.session().map_err(|_| CkError::NotSupported)?;
+        let session = s.get().map_err(|_| CkError::NotSupported)?;
+        let result = f(session);
+        if let Err(e) = &result
+            && matches!(
+                rv(e),
+                Some(
+                    RvError::SessionHandleInvalid
+                        | RvError::SessionClosed
+                        | RvError::DeviceError
+                        | RvError::DeviceRemoved
+                        | RvError::TokenNotPresent
+                )
+            )
+        {
+            s.broken = true;
+        }
+        result
+    }
+
+    fn find_pair(
+        &self,
+        session: &Session,
+        name: &str,
+    ) -> Result<Option<(ObjectHandle, ObjectHandle)>, HsmError> {
+        let label = name.as_bytes().to_vec();
+        let privs = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::KeyType(KeyType::EC_EDWARDS),
+                Attribute::Label(label.clone()),
+            ])
+            .map_err(device("C_FindObjects"))?;
+        let pubs = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::KeyType(KeyType::EC_EDWARDS),
+                Attribute::Label(label),
+            ])
+            .map_err(device("C_FindObjects"))?;
+        match (privs.as_slice(), pubs.as_slice()) {
+            ([], []) => Ok(None),
+            ([p], [q]) => Ok(Some((*p, *q))),
+            ([], _) | (_, []) => Err(HsmError::Device {
+                op: "find key",
+                detail: format!("key {name:?} has a private or a public half only"),
+            }),
+            _ => Err(HsmError::AmbiguousKey(name.to_owned())),
+        }
+    }
+
+    fn public_key(
+        &self,
+        session: &Session,
+        public: ObjectHandle,
+        name: &str,
+    ) -> Result<PublicKey, HsmError> {
+        let attrs = session
+            .get_attributes(public, &[AttributeType::EcPoint])
+            .map_err(device("C_GetAttributeValue"))?;
+        let point = attrs.iter().find_map(|a| match a {
+            Attribute::EcPoint(p) => Some(p.clone()),
+            _ => None,
+        });
+        point
+            .as_deref()
+            .and_then(parse_ec_point)
+            .map(PublicKey)
+            .ok_or_else(|| HsmError::Device {
+                op: "read public key",
+                detail: format!("key {name:?}: CKA_EC_POINT is not a 32-byte Ed25519 point"),
+            })
+    }
+
+    fn attributes_of(session: &Session, private: ObjectHandle) -> Result<KeyAttributes, HsmError> {
+        let attrs = session
+            .get_attributes(
+                private,
+                &[
+                    AttributeType::Token,
+                    AttributeType::Private,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::AlwaysSensitive,
+                    AttributeType::NeverExtractable,
+                    AttributeType::KeyType,
+                ],
+            )
+            .map_err(device("C_GetAttributeValue"))?;
+        // Missing attributes count as the unsafe answer.
+        let mut a = KeyAttributes {
+            token: false,
+            private: false,
+            sensitive: false,
+            extractable: true,
+            always_sensitive: false,
+            never_extractable: false,
+            key_type_ec_edwards: false,
+        };
+        for attr in attrs {
+            match attr {
+                Attribute::Token(v) => a.token = v,
+                Attribute::Private(v) => a.private = v,
+                Attribute::Sensitive(v) => a.sensitive = v,
+                Attribute::Extractable(v) => a.extractable = v,
+                Attribute::AlwaysSensitive(v) => a.always_sensitive = v,
+                Attribute::NeverExtractable(v) => a.never_extractable = v,
+                Attribute::KeyType(t) => a.key_type_ec_edwards = t == KeyType::EC_EDWARDS,
+                _ => {}
+            }
+        }
+        Ok(a)
+    }
+
+    /// The PKCS#11 attributes of the private key `name`.
+    pub fn private_key_attributes(&self, name: &KeyName) -> Result<KeyAttributes, HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        let (private, _) = self
+            .find_pair(session, name.as_str())?
+            .ok_or_else(|| HsmError::KeyNotFound(name.to_string()))?;
+        Self::attributes_of(session, private)
+    }
+
+    /// Tries to read the private key's value (CKA_VALUE). A sensitive key
+    /// yields `None`; tests use this to show the key cannot be read.
+    pub fn try_read_private_value(&self, name: &KeyName) -> Result<Option<Vec<u8>>, HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        let (private, _) = self
+            .find_pair(session, name.as_str())?
+            .ok_or_else(|| HsmError::KeyNotFound(name.to_string()))?;
+        match session.get_attributes(private, &[AttributeType::Value]) {
+            Ok(attrs) => Ok(attrs.into_iter().find_map(|a| match a {
+                Attribute::Value(v) => Some(v),
+                _ => None,
+            })),
+            Err(e) if matches!(rv(&e), Some(RvError::AttributeSensitive)) => Ok(None),
+            Err(e) => Err(device("C_GetAttributeValue")(e)),
+        }
+    }
+
+    fn private_handle(&self, name: &str) -> Result<ObjectHandle, HsmError> {
+        if let Some(h) = lock(&self.handles).get(name) {
+            return Ok(h.private);
+        }
+        let s = self.session()?;
+        let (private, _) = self
+            .find_pair(s.get()?, name)?
+            .ok_or_else(|| HsmError::KeyNotFound(name.to_owned()))?;
+        lock(&self.handles).insert(name.to_owned(), Handles { private });
+        Ok(private)
+    }
+
+    fn generate_with_params(
+        &self,
+        session: &Session,
+        name: &KeyName,
+        params: &[u8],
+    ) -> Result<(ObjectHandle, ObjectHandle), CkError> {
+        let mut id = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
+        let label = name.as_str().as_bytes().to_vec();
+        let public = [
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::Verify(true),
+            Attribute::EcParams(params.to_vec()),
+            Attribute::Label(label.clone()),
+            Attribute::Id(id.to_vec()),
+        ];
+        let private = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Label(label),
+            Attribute::Id(id.to_vec()),
+        ];
+        let (pubh, privh) =
+            session.generate_key_pair(&Mechanism::EccEdwardsKeyPairGen, &public, &private)?;
+        Ok((privh, pubh))
+    }
+}
+
+impl Hsm for Pkcs11Hsm {
+    fn backend(&self) -> &'static str {
+        "pkcs11"
+    }
+
+    fn generate_ed25519(&self, name: &KeyName) -> Result<HsmKey, HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        if self.find_pair(session, name.as_str())?.is_some() {
+            return Err(HsmError::KeyExists(name.to_string()));
+        }
+        let (private, public) = match self.generate_with_params(session, name, ED25519_OID_DER) {
+            Ok(pair) => pair,
+            Err(e)
+                if matches!(
+                    rv(&e),
+                    Some(RvError::AttributeValueInvalid | RvError::CurveNotSupported)
+                ) =>
+            {
+                self.generate_with_params(session, name, ED25519_NAME_DER)
+                    .map_err(device("C_GenerateKeyPair"))?
+            }
+            Err(e) => return Err(device("C_GenerateKeyPair")(e)),
+        };
+        let attrs = Self::attributes_of(session, private)?;
+        let public_key = self.public_key(session, public, name.as_str());
+        if !attrs.is_protected() || !attrs.key_type_ec_edwards || public_key.is_err() {
+            let _ = session.destroy_object(private);
+            let _ = session.destroy_object(public);
+            return Err(HsmError::Device {
+                op: "C_GenerateKeyPair",
+                detail: format!(
+                    "the token did not create key {name:?} as required (sensitive, non-extractable, private token object: {attrs:?}); the key was destroyed"
+                ),
+            });
+        }
+        lock(&self.handles).insert(name.to_string(), Handles { private });
+        Ok(HsmKey {
+            name: name.clone(),
+            public_key: public_key?,
+        })
+    }
+
+    fn find_ed25519(&self, name: &KeyName) -> Result<HsmKey, HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        let (private, public) = self
+            .find_pair(session, name.as_str())?
+            .ok_or_else(|| HsmError::KeyNotFound(name.to_string()))?;
+        let public_key = self.public_key(session, public, name.as_str())?;
+        lock(&self.handles).insert(name.to_string(), Handles { private });
+        Ok(HsmKey {
+            name: name.clone(),
+            public_key,
+        })
+    }
+
+    fn list_ed25519(&self) -> Result<Vec<HsmKey>, HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        let privs = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::KeyType(KeyType::EC_EDWARDS),
+            ])
+            .map_err(device("C_FindObjects"))?;
+        let mut names = Vec::new();
+        for h in privs {
+            let attrs = session
+                .get_attributes(h, &[AttributeType::Label])
+                .map_err(device("C_GetAttributeValue"))?;
+            for a in attrs {
+                if let Attribute::Label(l) = a
+                    && let Ok(text) = String::from_utf8(l)
+                    && let Ok(name) = KeyName::new(&text)
+                {
+                    names.push(name);
+                }
+            }
+        }
+        drop(s);
+        names.sort();
+        names.dedup();
+        names.iter().map(|n| self.find_ed25519(n)).collect()
+    }
+
+    fn sign_ed25519(&self, key: &HsmKey, message: &[u8]) -> Result<[u8; 64], HsmError> {
+        let mechanism = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
+        let mut handle = self.private_handle(key.name.as_str())?;
+        for attempt in 0..2 {
+            let result = self.with_session(|s| s.sign(&mechanism, handle, message));
+            match result {
+                Ok(sig) => {
+                    return sig.as_slice().try_into().map_err(|_| HsmError::Device {
+                        op: "C_Sign",
+                        detail: format!("signature of {} bytes, expected 64", sig.len()),
+                    });
+                }
+                Err(e) if attempt == 0 && rv(&e) == Some(RvError::ObjectHandleInvalid) => {
+                    lock(&self.handles).remove(key.name.as_str());
+                    handle = self.private_handle(key.name.as_str())?;
+                }
+                Err(e) if rv(&e) == Some(RvError::UserNotLoggedIn) => {
+                    return Err(HsmError::Login {
+                        token: self.label.clone(),
+                        detail: "the token logged the user out; restart keywardd to log in again"
+                            .into(),
+                    });
+                }
+                Err(e) => return Err(device("C_Sign")(e)),
+            }
+        }
+        Err(HsmError::KeyNotFound(key.name.to_string()))
+    }
+
+    fn health(&self) -> Result<(), HsmError> {
+        let info = lock(&self.anchor)
+            .get_session_info()
+            .map_err(device("C_GetSessionInfo"))?;
+        match info.session_state() {
+            SessionState::RwUser | SessionState::RoUser => Ok(()),
+            other => Err(HsmError::Login {
+                token: self.label.clone(),
+                detail: format!("session state is {other:?}, not logged in as user"),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ec_point_forms() {
+        let key = [9u8; 32];
+        let mut der = vec![0x04, 0x20];
+        der.extend_from_slice(&key);
+        assert_eq!(parse_ec_point(&der), Some(key));
+        assert_eq!(parse_ec_point(&key), Some(key));
+        assert_eq!(parse_ec_point(&der[..33]), None);
+        assert_eq!(parse_ec_point(&[0x04, 0x21, 0]), None);
+        assert_eq!(parse_ec_point(&[]), None);
+    }
+}

@@ -1,0 +1,119 @@
+//! A minimal keyward agent: asks the daemon to sign one SOL transfer.
+//!
+//! ```text
+//! agent --socket PATH --intent-id ID --to ADDRESS --amount SOL --blockhash HASH [--key hot] [--memo TEXT]
+//! ```
+//! Exit status: 0 signed, 3 denied by policy, 1 any other error, 2 usage.
+
+use std::process::ExitCode;
+
+use keyward_client::blocking::Client;
+use keyward_client::wire::{Action, IntentRequest};
+use keyward_client::{ClientError, IntentOutcome};
+
+struct Args {
+    socket: String,
+    intent_id: String,
+    to: String,
+    amount: String,
+    blockhash: String,
+    key: String,
+    memo: Option<String>,
+}
+
+const USAGE: &str = "usage: agent --socket PATH --intent-id ID --to ADDRESS --amount SOL --blockhash HASH [--key NAME] [--memo TEXT]";
+
+fn parse_args() -> Result<Args, String> {
+    let mut socket = None;
+    let mut intent_id = None;
+    let mut to = None;
+    let mut amount = None;
+    let mut blockhash = None;
+    let mut key = "hot".to_owned();
+    let mut memo = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--socket" => socket = Some(value()?),
+            "--intent-id" => intent_id = Some(value()?),
+            "--to" => to = Some(value()?),
+            "--amount" => amount = Some(value()?),
+            "--blockhash" => blockhash = Some(value()?),
+            "--key" => key = value()?,
+            "--memo" => memo = Some(value()?),
+            "-h" | "--help" => return Err(USAGE.to_owned()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    let need = |v: Option<String>, name: &str| v.ok_or_else(|| format!("missing {name}\n{USAGE}"));
+    Ok(Args {
+        socket: need(socket, "--socket")?,
+        intent_id: need(intent_id, "--intent-id")?,
+        to: need(to, "--to")?,
+        amount: need(amount, "--amount")?,
+        blockhash: need(blockhash, "--blockhash")?,
+        key,
+        memo,
+    })
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match Client::new(&args.socket) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agent: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let req = IntentRequest {
+        intent_id: args.intent_id,
+        key: args.key,
+        action: Action::Transfer {
+            asset: "SOL".into(),
+            to: args.to,
+            amount: args.amount,
+            recent_blockhash: args.blockhash,
+            memo: args.memo,
+        },
+    };
+    match client.submit_intent(&req) {
+        Ok(IntentOutcome::Signed(s)) => {
+            println!("signed: {}", s.signature);
+            println!("ledger entry: seq {} hash {}", s.ledger_seq, s.entry_hash);
+            ExitCode::SUCCESS
+        }
+        Ok(IntentOutcome::Pending(body)) => {
+            println!("waiting for approval: {body}");
+            ExitCode::SUCCESS
+        }
+        Err(ClientError::Api {
+            status,
+            code,
+            message,
+            reasons,
+            ..
+        }) => {
+            eprintln!("refused ({status} {code}): {message}");
+            for r in &reasons {
+                eprintln!("  - {}: {}", r.rule, r.detail);
+            }
+            if code == "policy_denied" {
+                ExitCode::from(3)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("agent: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

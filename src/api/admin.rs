@@ -1,0 +1,108 @@
+//! The admin API (admin socket, mode 0600): operator actions, each recorded
+//! in the ledger.
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use keyward_client::wire::{AdminKeyInfo, BreakerResetView, codes};
+
+use super::error::{fallback, method_fallback};
+use super::{ApiError, AppState, PeerCred};
+
+/// Routes of the admin socket.
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/admin/breakers/{name}/reset", post(reset_breaker))
+        .route("/v1/admin/keys", get(keys))
+        .route("/v1/admin/health", get(health))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_fallback)
+        .with_state(state)
+}
+
+/// Only root and the daemon's own user may use the admin socket (the socket
+/// mode already says so; this is the second lock).
+fn operator(peer: PeerCred) -> Result<u32, ApiError> {
+    let me = nix::unistd::geteuid().as_raw();
+    match peer.uid {
+        Some(uid) if uid == 0 || uid == me => Ok(uid),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_an_operator",
+            "only root or the daemon's user may use the admin socket",
+        )),
+    }
+}
+
+async fn reset_breaker(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let uid = operator(peer)?;
+    if name != "audit" {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_breaker",
+            format!("no breaker named {name:?}; this version has the `audit` breaker"),
+        ));
+    }
+    let entry = state
+        .signer
+        .ledger()
+        .reset_breaker(&format!("uid:{uid}"))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::AUDIT_UNAVAILABLE,
+                e.to_string(),
+            )
+        })?;
+    tracing::warn!(uid, seq = entry.seq.0, "audit breaker reset by operator");
+    if let Err(e) = state.signer.recover().await {
+        tracing::error!(error = %e, "recovery of interrupted intents failed after breaker reset");
+    }
+    Ok(axum::Json(BreakerResetView {
+        breaker: name,
+        state: "closed".to_owned(),
+        ledger_seq: entry.seq.0,
+    })
+    .into_response())
+}
+
+async fn keys(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+) -> Result<Response, ApiError> {
+    operator(peer)?;
+    let policy = state.signer.policy();
+    let mut keys: Vec<AdminKeyInfo> = state
+        .signer
+        .keys()
+        .values()
+        .map(|k| AdminKeyInfo {
+            name: k.name.to_string(),
+            public_key: k.public_key.to_base58(),
+            state: "active".to_owned(),
+            agents: policy
+                .agents
+                .iter()
+                .filter(|a| a.keys.contains(&k.name))
+                .map(|a| a.name.to_string())
+                .collect(),
+        })
+        .collect();
+    keys.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(axum::Json(keys).into_response())
+}
+
+async fn health(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+) -> Result<Response, ApiError> {
+    operator(peer)?;
+    Ok(axum::Json(state.signer.health_view().await).into_response())
+}

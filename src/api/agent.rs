@@ -1,0 +1,129 @@
+//! The agent API (agent socket).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use keyward_client::wire::{IntentRequest, codes};
+
+use super::body::read_json;
+use super::error::{fallback, method_fallback};
+use super::{ApiError, AppState, PeerCred};
+use crate::policy::AgentPolicy;
+use crate::service::{SubmitOutcome, denial_body};
+
+/// Routes of the agent socket.
+pub fn agent_router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/intents", post(submit_intent))
+        .route("/v1/intents/{intent_id}", get(get_intent))
+        .route("/v1/keys", get(keys))
+        .route("/v1/policy", get(policy))
+        .route("/v1/health", get(health))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_fallback)
+        .with_state(state)
+}
+
+/// Maps the peer uid to its agent, or 403 `unknown_agent`.
+fn agent_of(state: &AppState, peer: PeerCred) -> Result<AgentPolicy, ApiError> {
+    let unknown =
+        |detail: String| ApiError::new(StatusCode::FORBIDDEN, codes::UNKNOWN_AGENT, detail);
+    let uid = peer
+        .uid
+        .ok_or_else(|| unknown("the peer's credentials could not be read".to_owned()))?;
+    state.signer.agent_for_uid(uid).ok_or_else(|| {
+        tracing::warn!(uid, pid = ?peer.pid, "request from a uid that is not an agent");
+        unknown(format!("uid {uid} is not an agent in the policy"))
+    })
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn submit_intent(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let agent = agent_of(&state, peer)?;
+    if query.is_some_and(|q| !q.is_empty()) {
+        // In particular `dry_run` is not implemented by this version: an
+        // agent must never get a real signature when it asked for a dry run.
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            codes::INVALID_REQUEST,
+            "query parameters are not supported on this endpoint by this version",
+        ));
+    }
+    let req: IntentRequest = read_json(&headers, body, state.max_body).await?;
+    // The submission runs to completion in its own task even if the client
+    // goes away, so a decision is never left half recorded.
+    let signer = Arc::clone(&state.signer);
+    let outcome = tokio::spawn(async move { signer.submit(&agent, req).await })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                codes::INTERNAL,
+                e.to_string(),
+            )
+        })??;
+    Ok(match outcome {
+        SubmitOutcome::Signed(signed) => (StatusCode::OK, axum::Json(signed)).into_response(),
+        SubmitOutcome::Denied(reasons) => {
+            ApiError::from_body(StatusCode::FORBIDDEN, denial_body(&reasons)).into_response()
+        }
+        SubmitOutcome::Replayed { status, body } => json_response(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            body,
+        ),
+    })
+}
+
+async fn get_intent(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    Path(intent_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let agent = agent_of(&state, peer)?;
+    match state.signer.intent_view(&agent, &intent_id).await? {
+        Some(view) => Ok(axum::Json(view).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            codes::INTENT_NOT_FOUND,
+            format!("no intent {intent_id:?} for this agent"),
+        )),
+    }
+}
+
+async fn keys(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+) -> Result<Response, ApiError> {
+    let agent = agent_of(&state, peer)?;
+    Ok(axum::Json(state.signer.keys_view(&agent)).into_response())
+}
+
+async fn policy(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+) -> Result<Response, ApiError> {
+    let agent = agent_of(&state, peer)?;
+    Ok(axum::Json(state.signer.policy_view(&agent).await?).into_response())
+}
+
+async fn health(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+) -> Result<Response, ApiError> {
+    agent_of(&state, peer)?;
+    Ok(axum::Json(state.signer.health_view().await).into_response())
+}

@@ -1,0 +1,74 @@
+//! The one error shape of the API: `{"error": {"code", "message", ...}}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use keyward_client::wire::{ErrorBody, ErrorDetail, codes};
+
+use crate::service::SubmitError;
+
+/// An API error: status and body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    /// An error with a stable code and a message.
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: ErrorDetail {
+                    code: code.to_owned(),
+                    message: message.into(),
+                    reasons: Vec::new(),
+                    retry_after: None,
+                },
+            },
+        }
+    }
+
+    /// From a full body (e.g. a policy denial with reasons).
+    pub fn from_body(status: StatusCode, body: ErrorBody) -> ApiError {
+        ApiError { status, body }
+    }
+
+    /// 404 for unknown routes.
+    pub fn not_found() -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such endpoint")
+    }
+
+    /// 405 for a known route with the wrong method.
+    pub fn method_not_allowed() -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            codes::METHOD_NOT_ALLOWED,
+            "method not allowed on this endpoint",
+        )
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> ApiError {
+        let status =
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError::new(status, e.code(), e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body)).into_response()
+    }
+}
+
+/// Handler for unknown routes.
+pub async fn fallback() -> ApiError {
+    ApiError::not_found()
+}
+
+/// Handler for wrong methods.
+pub async fn method_fallback() -> ApiError {
+    ApiError::method_not_allowed()
+}

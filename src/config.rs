@@ -1,0 +1,377 @@
+//! `keyward.toml` loading and validation.
+//!
+//! Every error names the file, the key and what is wrong, so an operator can
+//! fix a bad config without guessing. Unknown keys are errors: a misspelt
+//! setting must never be silently ignored on a signer.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default location of the daemon configuration.
+pub const DEFAULT_CONFIG: &str = "/etc/keyward/keyward.toml";
+
+/// A configuration error: which file, which key, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// Line and column (1-based) when known.
+    pub position: Option<(usize, usize)>,
+    /// Dotted key path, e.g. `agents.trader.limits.SOL.per_tx`; empty when the
+    /// problem is the file as a whole.
+    pub key: String,
+    /// What is wrong and, where possible, what to do.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, col)) = self.position {
+            write!(f, ":{line}:{col}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": key `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+impl ConfigError {
+    /// Stable error code.
+    pub fn code(&self) -> &'static str {
+        "invalid_config"
+    }
+
+    pub(crate) fn new(file: &Path, key: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            position: None,
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// Turns a TOML parse/deserialize error into a config error with line,
+    /// column and the dotted key path where it is known.
+    pub(crate) fn from_toml(file: &Path, text: &str, err: &toml::de::Error, key: String) -> Self {
+        let position = err.span().map(|span| line_col(text, span.start));
+        ConfigError {
+            file: file.to_path_buf(),
+            position,
+            key,
+            problem: err.message().trim().to_owned(),
+        }
+    }
+}
+
+/// Deserializes TOML `text` (read from `file`) into `T`; an error names the
+/// file, the line and column and the dotted key path of the bad value.
+pub(crate) fn from_toml_str<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    let de = toml::Deserializer::parse(text)
+        .map_err(|e| ConfigError::from_toml(file, text, &e, String::new()))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." { String::new() } else { path };
+        ConfigError::from_toml(file, text, e.inner(), key)
+    })
+}
+
+/// 1-based line and column of a byte offset.
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, col)
+}
+
+/// Reads a config file as UTF-8 text, mapping I/O errors to [`ConfigError`].
+pub(crate) fn read_text(file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::new(file, "", format!("cannot read the file: {e}")))
+}
+
+/// The whole `keyward.toml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Path of the file this was loaded from.
+    pub file: PathBuf,
+    /// `[daemon]`.
+    pub daemon: DaemonConfig,
+    /// `[hsm]`.
+    pub hsm: HsmConfig,
+    /// `[ledger]`.
+    pub ledger: LedgerConfig,
+}
+
+/// `[daemon]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Agent socket path.
+    pub agent_socket: PathBuf,
+    /// Admin socket path (mode 0600).
+    pub admin_socket: PathBuf,
+    /// State directory; the ledger database lives here.
+    pub state_dir: PathBuf,
+    /// Policy file.
+    pub policy: PathBuf,
+    /// Group that owns the agent socket (mode 0660), e.g. `keyward-agents`.
+    #[serde(default)]
+    pub agent_socket_group: Option<String>,
+    /// Largest accepted request body in bytes (default 64 KiB).
+    #[serde(default = "default_body_limit")]
+    pub max_body_bytes: usize,
+    /// Per-request time limit in seconds (default 30).
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_s: u64,
+}
+
+fn default_body_limit() -> usize {
+    64 * 1024
+}
+
+fn default_request_timeout() -> u64 {
+    30
+}
+
+/// `[hsm]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmConfig {
+    /// `pkcs11` (the only backend of this version).
+    pub backend: String,
+    /// Path of the PKCS#11 module.
+    pub module: PathBuf,
+    /// Label of the token holding the keys (never a slot number).
+    pub token_label: String,
+    /// File holding the user PIN; a relative path is looked up in
+    /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
+    pub pin_file: PathBuf,
+    /// Environment the PKCS#11 module needs, set before it is loaded (for
+    /// example `SOFTHSM2_CONF`). Never put secrets here.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Largest number of concurrent HSM sessions (default: 2 × cores).
+    #[serde(default)]
+    pub max_sessions: Option<usize>,
+}
+
+/// `[ledger]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// Database path (default `<state_dir>/ledger.sqlite3`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    daemon: DaemonConfig,
+    hsm: HsmConfig,
+    #[serde(default)]
+    ledger: Option<LedgerConfig>,
+    #[serde(default)]
+    mirror: Option<toml::Value>,
+}
+
+impl Config {
+    /// Loads and validates `file`. Relative paths in it are taken relative to
+    /// the directory holding the file (except `hsm.pin_file`, see
+    /// [`HsmConfig::pin_file`]).
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = read_text(file)?;
+        Self::parse(file, &text)
+    }
+
+    /// Parses config text as if it had been read from `file`.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = from_toml_str(file, text)?;
+        if raw.mirror.is_some() {
+            return Err(ConfigError::new(
+                file,
+                "mirror",
+                "mirroring is not supported by this version of keyward; remove the [mirror] \
+                 section (it would not be enforced, and a signer must not pretend)",
+            ));
+        }
+        let base = file.parent().unwrap_or(Path::new("."));
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let mut daemon = raw.daemon;
+        daemon.agent_socket = abs(&daemon.agent_socket);
+        daemon.admin_socket = abs(&daemon.admin_socket);
+        daemon.state_dir = abs(&daemon.state_dir);
+        daemon.policy = abs(&daemon.policy);
+        if daemon.agent_socket == daemon.admin_socket {
+            return Err(ConfigError::new(
+                file,
+                "daemon.admin_socket",
+                "the admin socket must differ from the agent socket",
+            ));
+        }
+        if daemon.max_body_bytes < 1024 || daemon.max_body_bytes > 1024 * 1024 {
+            return Err(ConfigError::new(
+                file,
+                "daemon.max_body_bytes",
+                "must be between 1024 and 1048576",
+            ));
+        }
+        if daemon.request_timeout_s == 0 || daemon.request_timeout_s > 600 {
+            return Err(ConfigError::new(
+                file,
+                "daemon.request_timeout_s",
+                "must be between 1 and 600 seconds",
+            ));
+        }
+        let mut hsm = raw.hsm;
+        if hsm.backend != "pkcs11" {
+            return Err(ConfigError::new(
+                file,
+                "hsm.backend",
+                format!(
+                    "unknown backend {:?}; this version supports \"pkcs11\"",
+                    hsm.backend
+                ),
+            ));
+        }
+        hsm.module = abs(&hsm.module);
+        if hsm.token_label.is_empty() || hsm.token_label.len() > 32 {
+            return Err(ConfigError::new(
+                file,
+                "hsm.token_label",
+                "must be 1-32 bytes (a PKCS#11 token label)",
+            ));
+        }
+        if hsm.max_sessions == Some(0) {
+            return Err(ConfigError::new(
+                file,
+                "hsm.max_sessions",
+                "must be at least 1",
+            ));
+        }
+        for name in hsm.env.keys() {
+            let upper = name.to_ascii_uppercase();
+            if upper.contains("PIN") || upper.contains("SECRET") || upper.contains("PASSWORD") {
+                return Err(ConfigError::new(
+                    file,
+                    format!("hsm.env.{name}"),
+                    "looks like a secret; secrets never go into the environment (use pin_file)",
+                ));
+            }
+        }
+        let ledger = raw.ledger.unwrap_or(LedgerConfig { path: None });
+        let ledger = LedgerConfig {
+            path: Some(
+                ledger
+                    .path
+                    .map(|p| abs(&p))
+                    .unwrap_or_else(|| daemon.state_dir.join("ledger.sqlite3")),
+            ),
+        };
+        Ok(Config {
+            file: file.to_path_buf(),
+            daemon,
+            hsm,
+            ledger,
+        })
+    }
+
+    /// Path of the ledger database.
+    pub fn ledger_path(&self) -> PathBuf {
+        self.ledger
+            .path
+            .clone()
+            .unwrap_or_else(|| self.daemon.state_dir.join("ledger.sqlite3"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[daemon]
+agent_socket = "agent.sock"
+admin_socket = "/run/keyward/admin.sock"
+state_dir = "state"
+policy = "policy.toml"
+
+[hsm]
+backend = "pkcs11"
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "keyward"
+pin_file = "pin"
+env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
+"#;
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let cfg = Config::parse(Path::new("/etc/kw/keyward.toml"), GOOD).unwrap();
+        assert_eq!(cfg.daemon.agent_socket, Path::new("/etc/kw/agent.sock"));
+        assert_eq!(
+            cfg.daemon.admin_socket,
+            Path::new("/run/keyward/admin.sock")
+        );
+        assert_eq!(cfg.ledger_path(), Path::new("/etc/kw/state/ledger.sqlite3"));
+        assert_eq!(
+            cfg.hsm.pin_file,
+            Path::new("pin"),
+            "pin_file keeps credential semantics"
+        );
+        assert_eq!(cfg.daemon.max_body_bytes, 64 * 1024);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = GOOD.replace("token_label", "tokn_label");
+        let err = Config::parse(Path::new("/etc/kw/keyward.toml"), &text).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/kw/keyward.toml:"), "{msg}");
+        assert!(msg.contains("tokn_label"), "{msg}");
+        assert!(err.position.is_some());
+    }
+
+    #[test]
+    fn wrong_backend_and_secret_env_are_refused_with_the_key() {
+        let err = Config::parse(
+            Path::new("k.toml"),
+            &GOOD.replace("\"pkcs11\"", "\"magic\""),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "hsm.backend");
+        let err = Config::parse(
+            Path::new("k.toml"),
+            &GOOD.replace("SOFTHSM2_CONF", "HSM_PIN"),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "hsm.env.HSM_PIN");
+    }
+
+    #[test]
+    fn mirror_section_is_refused_rather_than_ignored() {
+        let text = format!("{GOOD}\n[mirror]\nmax_unmirrored_entries = 5\n");
+        let err = Config::parse(Path::new("k.toml"), &text).unwrap_err();
+        assert_eq!(err.key, "mirror");
+    }
+
+    #[test]
+    fn line_col_is_one_based() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+}

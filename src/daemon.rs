@@ -1,0 +1,277 @@
+//! The daemon: open the HSM and the ledger, serve the agent and admin
+//! sockets, shut down cleanly on SIGTERM.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::api::{AppState, PeerCred, admin_router, agent_router, bind_socket};
+use crate::config::{Config, ConfigError};
+use crate::hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
+use crate::hsm::{Hsm, HsmError};
+use crate::ledger::{EventType, Ledger, LedgerError, LedgerOptions};
+use crate::policy::Policy;
+use crate::service::Signer;
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Invalid configuration or policy.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// HSM failure.
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    /// Ledger failure.
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
+    /// A key the policy names is not in the HSM.
+    #[error("policy file {policy}: key {key:?} is not in the HSM token: {source}")]
+    MissingKey {
+        /// Policy file.
+        policy: PathBuf,
+        /// Key name.
+        key: String,
+        /// Lookup error.
+        source: HsmError,
+    },
+    /// An I/O failure.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl DaemonError {
+    /// Stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DaemonError::Config(_) | DaemonError::MissingKey { .. } => "invalid_config",
+            DaemonError::Hsm(e) => e.code(),
+            DaemonError::Ledger(e) => e.code(),
+            DaemonError::Io { .. } => "io_error",
+        }
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+/// Opens the configured HSM backend.
+pub fn open_hsm(cfg: &Config) -> Result<Arc<dyn Hsm>, HsmError> {
+    let hsm = Pkcs11Hsm::open(&Pkcs11Config {
+        module: cfg.hsm.module.clone(),
+        token_label: cfg.hsm.token_label.clone(),
+        pin_file: cfg.hsm.pin_file.clone(),
+        max_sessions: cfg
+            .hsm
+            .max_sessions
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get() * 2)),
+    })?;
+    Ok(Arc::new(hsm))
+}
+
+/// Opens the ledger database with the tables that live beside the chain.
+pub fn open_ledger(cfg: &Config) -> Result<Ledger, DaemonError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.daemon.state_dir)
+        .map_err(io(format!(
+            "cannot create state directory {}",
+            cfg.daemon.state_dir.display()
+        )))?;
+    Ok(Ledger::open(
+        &cfg.ledger_path(),
+        LedgerOptions {
+            extra_schema: vec![crate::policy::counters::SCHEMA, crate::intents::SCHEMA],
+        },
+    )?)
+}
+
+async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    let policy = Policy::load(&cfg.daemon.policy)?;
+    let hsm_cfg = cfg.clone();
+    let hsm = tokio::task::spawn_blocking(move || open_hsm(&hsm_cfg))
+        .await
+        .map_err(|e| DaemonError::Io {
+            what: "HSM start-up task".into(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    let mut keys = HashMap::new();
+    for name in policy.all_keys() {
+        let key = hsm
+            .find_ed25519(&name)
+            .map_err(|source| DaemonError::MissingKey {
+                policy: cfg.daemon.policy.clone(),
+                key: name.to_string(),
+                source,
+            })?;
+        keys.insert(name, key);
+    }
+    let ledger = open_ledger(&cfg)?;
+    let started = serde_json::to_vec(&serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "hsm_backend": hsm.backend(),
+        "token_label": cfg.hsm.token_label,
+        "keys": keys.values().map(|k| serde_json::json!({"name": k.name.as_str(), "public_key": k.public_key.to_base58()})).collect::<Vec<_>>(),
+    }))
+    .unwrap_or_default();
+    let loaded = serde_json::to_vec(&serde_json::json!({
+        "policy_sha256": policy.hash_hex(),
+        "path": cfg.daemon.policy.display().to_string(),
+        "agents": policy.agents.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+    }))
+    .unwrap_or_default();
+    ledger
+        .write(move |txn| {
+            txn.append(EventType::DaemonStarted, None, None, &started)?;
+            txn.append(EventType::PolicyLoaded, None, None, &loaded)?;
+            Ok(())
+        })
+        .await?;
+    let signer = Signer::new(ledger.clone(), hsm, keys, policy);
+    let recovered = signer.recover().await?;
+    if recovered > 0 {
+        tracing::warn!(
+            recovered,
+            "recorded intents interrupted by the last stop; their reservations were released"
+        );
+    }
+
+    let agent_listener = bind_socket(&cfg.daemon.agent_socket, 0o660).map_err(io(format!(
+        "cannot bind agent socket {}",
+        cfg.daemon.agent_socket.display()
+    )))?;
+    if let Some(group) = &cfg.daemon.agent_socket_group {
+        let gid = nix::unistd::Group::from_name(group)
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                ConfigError::new(
+                    &cfg.file,
+                    "daemon.agent_socket_group",
+                    format!("no group named {group:?}"),
+                )
+            })?
+            .gid;
+        nix::unistd::chown(&cfg.daemon.agent_socket, None, Some(gid)).map_err(|e| {
+            io(format!(
+                "cannot chown {}",
+                cfg.daemon.agent_socket.display()
+            ))(e.into())
+        })?;
+    }
+    let admin_listener = bind_socket(&cfg.daemon.admin_socket, 0o600).map_err(io(format!(
+        "cannot bind admin socket {}",
+        cfg.daemon.admin_socket.display()
+    )))?;
+
+    let state = AppState {
+        signer: Arc::clone(&signer),
+        max_body: cfg.daemon.max_body_bytes,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let agent_srv = axum::serve(
+        agent_listener,
+        agent_router(state.clone()).into_make_service_with_connect_info::<PeerCred>(),
+    )
+    .with_graceful_shutdown(shutdown_signal(stop_rx.clone()));
+    let admin_srv = axum::serve(
+        admin_listener,
+        admin_router(state).into_make_service_with_connect_info::<PeerCred>(),
+    )
+    .with_graceful_shutdown(shutdown_signal(stop_rx.clone()));
+
+    // Retry recording interrupted intents while the ledger was failing.
+    let recovery_signer = Arc::clone(&signer);
+    let recovery_stop = stop_rx.clone();
+    let recovery = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = shutdown_signal(recovery_stop.clone()) => return,
+            }
+            if recovery_signer.needs_recovery()
+                && !recovery_signer.ledger().health().breaker_open
+                && let Err(e) = recovery_signer.recover().await
+            {
+                tracing::warn!(error = %e, "recording interrupted intents failed; will retry");
+            }
+        }
+    });
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io("cannot install SIGTERM handler"))?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(io("cannot install SIGINT handler"))?;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(
+        agent_socket = %cfg.daemon.agent_socket.display(),
+        admin_socket = %cfg.daemon.admin_socket.display(),
+        "keywardd ready"
+    );
+    let servers = tokio::spawn(async move {
+        let (a, b) = tokio::join!(agent_srv, admin_srv);
+        a.and(b)
+    });
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
+        _ = sigint.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = stop_tx.send(true);
+    let served = servers.await;
+    let _ = recovery.await;
+    // Requests run their submissions in their own tasks; give any still
+    // running a moment to finish recording before the ledger closes.
+    for _ in 0..100 {
+        if Arc::strong_count(&signer) <= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_file(&cfg.daemon.agent_socket);
+    let _ = std::fs::remove_file(&cfg.daemon.admin_socket);
+    let stopped =
+        serde_json::to_vec(&serde_json::json!({ "pid": std::process::id() })).unwrap_or_default();
+    let result = ledger
+        .write(move |txn| {
+            txn.append(EventType::DaemonStopped, None, None, &stopped)?;
+            Ok(())
+        })
+        .await;
+    drop(signer);
+    ledger.close().await?;
+    result?;
+    match served {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(DaemonError::Io {
+            what: "serving".into(),
+            source: e,
+        }),
+        Err(e) => Err(DaemonError::Io {
+            what: "server task".into(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}

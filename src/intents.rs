@@ -1,0 +1,130 @@
+//! Intent records: what each `(agent, intent_id)` was and what it got, so a
+//! repeated submission returns the original result without signing or
+//! counting again, and a reused id with other content is refused.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Schema of the intent records, created with the ledger.
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS intents (
+    agent TEXT NOT NULL,
+    intent_id TEXT NOT NULL,
+    content_hash BLOB NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('in_progress', 'signed', 'denied')),
+    http_status INTEGER,
+    response BLOB,
+    received_seq INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent, intent_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS intents_in_progress ON intents(status) WHERE status = 'in_progress';
+";
+
+/// Stored state of an intent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntentRecord {
+    /// SHA-256 of the intent's canonical content.
+    pub content_hash: [u8; 32],
+    /// `in_progress`, `signed` or `denied`.
+    pub status: String,
+    /// HTTP status of the stored response.
+    pub http_status: Option<u16>,
+    /// The stored response body (JSON).
+    pub response: Option<Vec<u8>>,
+}
+
+/// Looks an intent up.
+pub fn get(
+    conn: &Connection,
+    agent: &str,
+    intent_id: &str,
+) -> rusqlite::Result<Option<IntentRecord>> {
+    conn.prepare_cached(
+        "SELECT content_hash, status, http_status, response FROM intents WHERE agent = ?1 AND intent_id = ?2",
+    )?
+    .query_row(params![agent, intent_id], |r| {
+        let hash: Vec<u8> = r.get(0)?;
+        let mut content_hash = [0u8; 32];
+        if hash.len() == 32 {
+            content_hash.copy_from_slice(&hash);
+        }
+        Ok(IntentRecord {
+            content_hash,
+            status: r.get(1)?,
+            http_status: r.get::<_, Option<u16>>(2)?,
+            response: r.get(3)?,
+        })
+    })
+    .optional()
+}
+
+/// A new intent record.
+#[derive(Debug, Clone, Copy)]
+pub struct NewIntent<'a> {
+    /// Agent name.
+    pub agent: &'a str,
+    /// The agent's intent id.
+    pub intent_id: &'a str,
+    /// SHA-256 of the intent's canonical content.
+    pub content_hash: &'a [u8; 32],
+    /// `in_progress`, `signed` or `denied`.
+    pub status: &'a str,
+    /// Final HTTP status and body, when the intent is already decided.
+    pub reply: Option<(u16, &'a [u8])>,
+    /// Sequence number of its `intent_received` entry.
+    pub received_seq: u64,
+    /// Now.
+    pub now_ms: i64,
+}
+
+/// Records a new intent.
+pub fn insert(conn: &Connection, n: &NewIntent<'_>) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO intents (agent, intent_id, content_hash, status, http_status, response, received_seq, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        n.agent,
+        n.intent_id,
+        &n.content_hash[..],
+        n.status,
+        n.reply.map(|r| r.0),
+        n.reply.map(|r| r.1),
+        i64::try_from(n.received_seq).unwrap_or(i64::MAX),
+        n.now_ms
+    ])?;
+    Ok(())
+}
+
+/// Stores the final result of an intent.
+pub fn finish(
+    conn: &Connection,
+    agent: &str,
+    intent_id: &str,
+    status: &str,
+    http_status: u16,
+    response: &[u8],
+    now_ms: i64,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "UPDATE intents SET status = ?3, http_status = ?4, response = ?5, updated_ms = ?6 WHERE agent = ?1 AND intent_id = ?2",
+    )?
+    .execute(params![agent, intent_id, status, http_status, response, now_ms])
+}
+
+/// Forgets an intent whose signing failed before anything was released, so
+/// the agent may submit it again.
+pub fn forget(conn: &Connection, agent: &str, intent_id: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "DELETE FROM intents WHERE agent = ?1 AND intent_id = ?2 AND status = 'in_progress'",
+    )?
+    .execute(params![agent, intent_id])
+}
+
+/// Every intent left `in_progress` (agent, intent_id).
+pub fn in_progress(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT agent, intent_id FROM intents WHERE status = 'in_progress'")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}

@@ -1,0 +1,397 @@
+//! Offline reading and verification of a ledger database.
+
+use std::io::Write;
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, params};
+
+use super::{Entry, EventType, LedgerError};
+
+/// Result of a successful verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Number of entries checked.
+    pub entries: u64,
+    /// Sequence number of the last entry.
+    pub head_seq: u64,
+    /// Hash of the last entry (all zeros for an empty ledger).
+    pub head_hash: [u8; 32],
+}
+
+/// Why verification failed: either a finding about the chain (the ledger is
+/// broken at `seq`) or a failure to read it.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The chain is broken; `seq` is the first bad sequence number.
+    #[error("first broken entry: seq {seq}: {problem}")]
+    Broken {
+        /// First broken sequence number.
+        seq: u64,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The database could not be read.
+    #[error("{0}")]
+    Read(#[from] LedgerError),
+}
+
+impl VerifyError {
+    /// Whether this is a finding about the chain (exit 1) rather than a
+    /// failure to read it (exit 2).
+    pub fn is_finding(&self) -> bool {
+        matches!(self, VerifyError::Broken { .. })
+    }
+
+    /// The first broken sequence number, for findings.
+    pub fn broken_seq(&self) -> Option<u64> {
+        match self {
+            VerifyError::Broken { seq, .. } => Some(*seq),
+            VerifyError::Read(_) => None,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for VerifyError {
+    fn from(e: rusqlite::Error) -> Self {
+        VerifyError::Read(LedgerError::Sqlite(e))
+    }
+}
+
+/// Opens a ledger database read-only. A missing file is an error (never
+/// created).
+pub fn open_read_only(path: &Path) -> Result<Connection, LedgerError> {
+    if !path.exists() {
+        return Err(LedgerError::Open {
+            path: path.display().to_string(),
+            detail: "no such file".into(),
+        });
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| LedgerError::Open {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// A row as stored, before its hashes are known to be 32 bytes.
+struct RawRow {
+    seq: i64,
+    ts_ms: i64,
+    event: String,
+    intent_id: Option<String>,
+    agent: Option<String>,
+    payload: Vec<u8>,
+    prev_hash: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+const SELECT: &str =
+    "SELECT seq, ts_ms, event, intent_id, agent, payload, prev_hash, hash FROM ledger";
+
+fn raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok(RawRow {
+        seq: r.get(0)?,
+        ts_ms: r.get(1)?,
+        event: r.get(2)?,
+        intent_id: r.get(3)?,
+        agent: r.get(4)?,
+        payload: r.get(5)?,
+        prev_hash: r.get(6)?,
+        hash: r.get(7)?,
+    })
+}
+
+fn to_entry(r: RawRow) -> Result<Entry, (i64, String)> {
+    let seq = u64::try_from(r.seq).map_err(|_| (r.seq, "negative sequence number".to_owned()))?;
+    let prev_hash: [u8; 32] = r
+        .prev_hash
+        .try_into()
+        .map_err(|_| (r.seq, "prev_hash is not 32 bytes".to_owned()))?;
+    let hash: [u8; 32] = r
+        .hash
+        .try_into()
+        .map_err(|_| (r.seq, "hash is not 32 bytes".to_owned()))?;
+    Ok(Entry {
+        seq,
+        ts_ms: r.ts_ms,
+        event: r.event,
+        intent_id: r.intent_id,
+        agent: r.agent,
+        payload: r.payload,
+        prev_hash,
+        hash,
+    })
+}
+
+/// Recomputes the whole chain of the database at `path`: sequence numbers
+/// contiguous from 1, every link equal to the previous entry's hash, every
+/// hash equal to the hash of the entry's content, known event types,
+/// non-decreasing timestamps. Names the first broken sequence number.
+pub fn verify_database(path: &Path) -> Result<VerifyReport, VerifyError> {
+    let conn = open_read_only(path)?;
+    let mut stmt = conn.prepare(&format!("{SELECT} ORDER BY seq"))?;
+    let mut rows = stmt.query([])?;
+    let mut expected_seq: u64 = 1;
+    let mut prev_hash = [0u8; 32];
+    let mut prev_ts = i64::MIN;
+    // The previous entry when its own hash did not match its content: the
+    // next entry's link tells whether the content or the stored hash changed.
+    let mut pending: Option<(Entry, [u8; 32])> = None;
+    let broken = |seq: u64, problem: String| VerifyError::Broken { seq, problem };
+    while let Some(row) = rows.next()? {
+        let entry =
+            to_entry(raw(row)?).map_err(|(seq, p)| broken(u64::try_from(seq).unwrap_or(0), p))?;
+        if let Some((bad, computed)) = pending.take() {
+            let problem = if entry.prev_hash == bad.hash {
+                "the entry's content does not match its hash (payload or fields edited)"
+            } else if entry.prev_hash == computed {
+                "the stored hash was changed (the next entry links to the hash of the unchanged content)"
+            } else {
+                "the entry does not match its hash and the next entry does not link to it (entry replaced)"
+            };
+            return Err(broken(bad.seq, problem.to_owned()));
+        }
+        if entry.seq != expected_seq {
+            return Err(broken(
+                expected_seq,
+                if entry.seq > expected_seq {
+                    format!(
+                        "entries {expected_seq}..{} are missing (rows deleted); the next stored entry is seq {}",
+                        entry.seq - 1,
+                        entry.seq
+                    )
+                } else {
+                    format!("sequence number {} appears out of order", entry.seq)
+                },
+            ));
+        }
+        if entry.prev_hash != prev_hash {
+            return Err(broken(
+                entry.seq,
+                format!(
+                    "the link to entry {} is broken (rows reordered, replaced, or the link edited)",
+                    entry.seq - 1
+                ),
+            ));
+        }
+        if EventType::parse(&entry.event).is_none() {
+            return Err(broken(
+                entry.seq,
+                format!("unknown event type {:?}", entry.event),
+            ));
+        }
+        if entry.ts_ms < prev_ts {
+            return Err(broken(
+                entry.seq,
+                "timestamp earlier than the previous entry's".to_owned(),
+            ));
+        }
+        let computed = entry.computed_hash();
+        if computed != entry.hash {
+            pending = Some((entry, computed));
+            expected_seq += 1;
+            continue;
+        }
+        prev_hash = entry.hash;
+        prev_ts = entry.ts_ms;
+        expected_seq += 1;
+    }
+    if let Some((bad, _)) = pending {
+        return Err(broken(
+            bad.seq,
+            "the last entry's content does not match its hash (payload, fields or hash edited)"
+                .to_owned(),
+        ));
+    }
+    let entries = expected_seq - 1;
+    Ok(VerifyReport {
+        entries,
+        head_seq: entries,
+        head_hash: prev_hash,
+    })
+}
+
+fn collect(rows: rusqlite::Rows<'_>) -> Result<Vec<Entry>, LedgerError> {
+    let mut out = Vec::new();
+    let mut rows = rows;
+    while let Some(row) = rows.next()? {
+        let entry = to_entry(raw(row)?)
+            .map_err(|(seq, p)| LedgerError::Corrupt(format!("seq {seq}: {p}")))?;
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+/// Every entry of one intent, in order (optionally only `agent`'s).
+pub fn trail(
+    conn: &Connection,
+    intent_id: &str,
+    agent: Option<&str>,
+) -> Result<Vec<Entry>, LedgerError> {
+    let mut stmt = conn.prepare(&format!(
+        "{SELECT} WHERE intent_id = ?1 AND (?2 IS NULL OR agent = ?2) ORDER BY seq"
+    ))?;
+    let rows = stmt.query(params![intent_id, agent])?;
+    collect(rows)
+}
+
+/// Writes every entry from `since` on as JSON lines; returns the count.
+pub fn export_jsonl(
+    conn: &Connection,
+    since: u64,
+    out: &mut impl Write,
+) -> Result<u64, LedgerError> {
+    let since = i64::try_from(since).unwrap_or(i64::MAX);
+    let mut stmt = conn.prepare(&format!("{SELECT} WHERE seq >= ?1 ORDER BY seq"))?;
+    let mut rows = stmt.query(params![since])?;
+    let mut n = 0u64;
+    while let Some(row) = rows.next()? {
+        let entry = to_entry(raw(row)?)
+            .map_err(|(seq, p)| LedgerError::Corrupt(format!("seq {seq}: {p}")))?;
+        writeln!(out, "{}", entry.to_json_line()).map_err(|e| LedgerError::Open {
+            path: "<output>".into(),
+            detail: e.to_string(),
+        })?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Ledger, LedgerOptions};
+
+    fn ledger_with(n: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite3");
+        let l = Ledger::open(&path, LedgerOptions::default()).unwrap();
+        for i in 0..n {
+            let id = format!("i{i}");
+            l.write_blocking(move |t| {
+                t.append(
+                    EventType::IntentReceived,
+                    Some(&id),
+                    Some("a"),
+                    b"{\"n\":1}",
+                )
+            })
+            .unwrap();
+        }
+        l.close_blocking().unwrap();
+        (dir, path)
+    }
+
+    fn tamper(path: &Path, sql: &str) {
+        let c = Connection::open(path).unwrap();
+        c.execute_batch(
+            "DROP TRIGGER IF EXISTS ledger_no_update; DROP TRIGGER IF EXISTS ledger_no_delete;",
+        )
+        .unwrap();
+        c.execute_batch(sql).unwrap();
+    }
+
+    fn broken_at(path: &Path) -> (u64, String) {
+        match verify_database(path) {
+            Err(VerifyError::Broken { seq, problem }) => (seq, problem),
+            other => panic!("expected a finding, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn untouched_ledger_verifies() {
+        let (_d, path) = ledger_with(5);
+        let r = verify_database(&path).unwrap();
+        assert_eq!((r.entries, r.head_seq), (5, 5));
+    }
+
+    #[test]
+    fn empty_ledger_verifies_and_missing_file_is_not_a_finding() {
+        let (d, path) = ledger_with(0);
+        assert_eq!(verify_database(&path).unwrap().entries, 0);
+        let e = verify_database(&d.path().join("nope")).unwrap_err();
+        assert!(!e.is_finding());
+    }
+
+    #[test]
+    fn edited_payload_is_named() {
+        let (_d, path) = ledger_with(5);
+        tamper(
+            &path,
+            "UPDATE ledger SET payload = X'7B226E223A327D' WHERE seq = 3",
+        );
+        let (seq, problem) = broken_at(&path);
+        assert_eq!(seq, 3);
+        assert!(problem.contains("content"), "{problem}");
+    }
+
+    #[test]
+    fn edited_last_payload_is_named() {
+        let (_d, path) = ledger_with(5);
+        tamper(&path, "UPDATE ledger SET agent = 'b' WHERE seq = 5");
+        assert_eq!(broken_at(&path).0, 5);
+    }
+
+    #[test]
+    fn deleted_row_is_named() {
+        let (_d, path) = ledger_with(5);
+        tamper(&path, "DELETE FROM ledger WHERE seq = 2");
+        let (seq, problem) = broken_at(&path);
+        assert_eq!(seq, 2);
+        assert!(problem.contains("missing"), "{problem}");
+    }
+
+    #[test]
+    fn swapped_rows_are_named() {
+        let (_d, path) = ledger_with(5);
+        tamper(
+            &path,
+            "UPDATE ledger SET seq = -1 WHERE seq = 2; UPDATE ledger SET seq = 2 WHERE seq = 4; UPDATE ledger SET seq = 4 WHERE seq = -1;",
+        );
+        assert_eq!(broken_at(&path).0, 2);
+    }
+
+    #[test]
+    fn changed_hash_is_named() {
+        let (_d, path) = ledger_with(5);
+        tamper(&path, "UPDATE ledger SET hash = zeroblob(32) WHERE seq = 4");
+        let (seq, problem) = broken_at(&path);
+        assert_eq!(seq, 4);
+        assert!(problem.contains("stored hash"), "{problem}");
+    }
+
+    #[test]
+    fn changed_link_is_named() {
+        let (_d, path) = ledger_with(5);
+        tamper(
+            &path,
+            "UPDATE ledger SET prev_hash = zeroblob(32) WHERE seq = 3",
+        );
+        assert_eq!(broken_at(&path).0, 3);
+    }
+
+    #[test]
+    fn export_and_trail() {
+        let (_d, path) = ledger_with(3);
+        let c = open_read_only(&path).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(export_jsonl(&c, 2, &mut out).unwrap(), 2);
+        let lines: Vec<serde_json::Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["seq"], 2);
+        assert_eq!(lines[0]["payload"]["n"], 1);
+        assert_eq!(lines[1]["event"], "intent_received");
+        let t = trail(&c, "i1", None).unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].seq, 2);
+        assert!(trail(&c, "i1", Some("other")).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,893 @@
+//! The single ledger writer.
+//!
+//! One thread owns the only writable connection. Work arrives as closures
+//! over a [`LedgerTxn`]; the writer takes every job that is waiting, runs
+//! each inside its own savepoint of one `BEGIN IMMEDIATE` transaction (so a
+//! failing job changes nothing, and later jobs in the batch see the effects
+//! of earlier ones), commits once with `synchronous=FULL`, and only then
+//! answers the callers. A caller therefore never holds a result, such as a
+//! signature, whose ledger entry is not durable.
+//!
+//! Write failures are counted; after [`BREAKER_THRESHOLD`] in a row the audit
+//! breaker opens and every write is refused until an operator resets it.
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::{BREAKER_THRESHOLD, EntryRef, EventType, LedgerError, SCHEMA, entry_hash};
+use crate::types::LedgerSeq;
+
+/// Largest number of jobs committed together.
+const MAX_BATCH: usize = 256;
+
+/// Options of [`Ledger::open`].
+#[derive(Debug, Clone, Default)]
+pub struct LedgerOptions {
+    /// Schemas of tables that live beside the chain and are updated in the
+    /// same transactions (spend counters, intent records).
+    pub extra_schema: Vec<&'static str>,
+}
+
+/// Health of the ledger for `/v1/health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerHealthState {
+    /// Sequence number of the last committed entry (0 when empty).
+    pub head_seq: u64,
+    /// Whether the audit breaker is open.
+    pub breaker_open: bool,
+    /// Consecutive failed writes.
+    pub consecutive_failures: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    seq: u64,
+    hash: [u8; 32],
+    ts_ms: i64,
+}
+
+/// A transaction of the writer, handed to [`Ledger::write`] closures.
+pub struct LedgerTxn<'a> {
+    conn: &'a Connection,
+    head: Head,
+    now_ms: i64,
+}
+
+impl LedgerTxn<'_> {
+    /// Appends an entry; it becomes durable when the closure's transaction
+    /// commits, and is rolled back with it if the closure fails.
+    pub fn append(
+        &mut self,
+        event: EventType,
+        intent_id: Option<&str>,
+        agent: Option<&str>,
+        payload: &[u8],
+    ) -> Result<EntryRef, LedgerError> {
+        let seq = self.head.seq.checked_add(1).ok_or(LedgerError::Exhausted)?;
+        let seq_i64 = i64::try_from(seq).map_err(|_| LedgerError::Exhausted)?;
+        let ts_ms = self.now_ms.max(self.head.ts_ms);
+        let hash = entry_hash(
+            seq,
+            &self.head.hash,
+            ts_ms,
+            event.as_str(),
+            intent_id,
+            agent,
+            payload,
+        );
+        self.conn
+            .prepare_cached(
+                "INSERT INTO ledger (seq, ts_ms, event, intent_id, agent, payload, prev_hash, hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                seq_i64,
+                ts_ms,
+                event.as_str(),
+                intent_id,
+                agent,
+                payload,
+                &self.head.hash[..],
+                &hash[..]
+            ])?;
+        self.head = Head { seq, hash, ts_ms };
+        Ok(EntryRef {
+            seq: LedgerSeq(seq),
+            hash,
+        })
+    }
+
+    /// The connection, for the tables that live beside the chain.
+    pub fn conn(&self) -> &Connection {
+        self.conn
+    }
+
+    /// The transaction's clock (milliseconds since the Unix epoch), never
+    /// earlier than the last entry's.
+    pub fn now_ms(&self) -> i64 {
+        self.now_ms.max(self.head.ts_ms)
+    }
+}
+
+type AnyResult = Result<Box<dyn Any + Send>, LedgerError>;
+type JobFn = Box<dyn FnOnce(&mut LedgerTxn<'_>) -> AnyResult + Send>;
+
+enum Reply {
+    Async(oneshot::Sender<AnyResult>),
+    Blocking(mpsc::SyncSender<AnyResult>),
+}
+
+impl Reply {
+    fn send(self, r: AnyResult) {
+        match self {
+            Reply::Async(tx) => {
+                let _ = tx.send(r);
+            }
+            Reply::Blocking(tx) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+enum Job {
+    Write {
+        f: JobFn,
+        reply: Reply,
+        bypass_breaker: bool,
+    },
+    Close(Reply),
+}
+
+struct Shared {
+    path: PathBuf,
+    head_seq: AtomicU64,
+    breaker_open: AtomicBool,
+    consecutive_failures: AtomicU32,
+    last_error: Mutex<String>,
+    tripped_at_ms: AtomicU64,
+}
+
+/// Handle of the ledger writer. Cheap to clone; all clones feed the same
+/// single writer thread.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn open_err(path: &Path, detail: impl ToString) -> LedgerError {
+    LedgerError::Open {
+        path: path.display().to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+fn load_head(conn: &Connection) -> Result<Head, LedgerError> {
+    let row = conn
+        .query_row(
+            "SELECT seq, ts_ms, event, intent_id, agent, payload, prev_hash, hash FROM ledger ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Vec<u8>>(5)?,
+                    r.get::<_, Vec<u8>>(6)?,
+                    r.get::<_, Vec<u8>>(7)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((seq, ts_ms, event, intent_id, agent, payload, prev, hash)) = row else {
+        return Ok(Head {
+            seq: 0,
+            hash: [0; 32],
+            ts_ms: 0,
+        });
+    };
+    let seq =
+        u64::try_from(seq).map_err(|_| LedgerError::Corrupt(format!("negative head seq {seq}")))?;
+    let prev: [u8; 32] = prev
+        .try_into()
+        .map_err(|_| LedgerError::Corrupt(format!("seq {seq}: prev_hash is not 32 bytes")))?;
+    let hash: [u8; 32] = hash
+        .try_into()
+        .map_err(|_| LedgerError::Corrupt(format!("seq {seq}: hash is not 32 bytes")))?;
+    let computed = entry_hash(
+        seq,
+        &prev,
+        ts_ms,
+        &event,
+        intent_id.as_deref(),
+        agent.as_deref(),
+        &payload,
+    );
+    if computed != hash {
+        return Err(LedgerError::Corrupt(format!(
+            "the last entry (seq {seq}) does not match its hash"
+        )));
+    }
+    Ok(Head { seq, hash, ts_ms })
+}
+
+impl Ledger {
+    /// Opens (creating if needed) the ledger database at `path` and starts
+    /// the writer thread. Refuses a database whose last entry does not match
+    /// its hash: a signer must not extend a chain it cannot trust.
+    pub fn open(path: &Path, options: LedgerOptions) -> Result<Ledger, LedgerError> {
+        let lock = lock_writer(path)?;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_err(path, e))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| open_err(path, e))?;
+        }
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| open_err(path, e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(open_err(
+                path,
+                format!("cannot switch to WAL mode (journal_mode is {mode})"),
+            ));
+        }
+        conn.execute_batch(
+            "PRAGMA synchronous = FULL;
+             PRAGMA foreign_keys = ON;
+             PRAGMA busy_timeout = 5000;
+             PRAGMA wal_autocheckpoint = 1000;",
+        )
+        .map_err(|e| open_err(path, e))?;
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .map_err(|e| open_err(path, e))?;
+        if sync != 2 {
+            return Err(open_err(
+                path,
+                format!("synchronous is {sync}, expected FULL (2)"),
+            ));
+        }
+        let mut schema = String::from(SCHEMA);
+        for extra in &options.extra_schema {
+            schema.push_str(extra);
+        }
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {schema} COMMIT;"))
+            .map_err(|e| open_err(path, e))?;
+        let head = load_head(&conn)?;
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            head_seq: AtomicU64::new(head.seq),
+            breaker_open: AtomicBool::new(false),
+            consecutive_failures: AtomicU32::new(0),
+            last_error: Mutex::new(String::new()),
+            tripped_at_ms: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::channel();
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("keyward-ledger".into())
+            .spawn(move || {
+                Writer {
+                    conn,
+                    head,
+                    shared: thread_shared,
+                    _lock: lock,
+                }
+                .run(rx)
+            })
+            .map_err(|e| open_err(path, format!("cannot start the writer thread: {e}")))?;
+        Ok(Ledger { tx, shared })
+    }
+
+    /// Runs `f` in a ledger transaction and returns its result once the
+    /// transaction is durably committed. If `f` fails, or the commit fails,
+    /// nothing `f` did is kept.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut LedgerTxn<'_>) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.submit(f, Reply::Async(tx), false)?;
+        let result = rx.await.map_err(|_| LedgerError::Closed)?;
+        downcast(result)
+    }
+
+    /// [`Ledger::write`] for synchronous callers (not from inside an async
+    /// runtime's worker thread).
+    pub fn write_blocking<T, F>(&self, f: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut LedgerTxn<'_>) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(f, Reply::Blocking(tx), false)?;
+        downcast(rx.recv().map_err(|_| LedgerError::Closed)?)
+    }
+
+    fn submit<T, F>(&self, f: F, reply: Reply, bypass_breaker: bool) -> Result<(), LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut LedgerTxn<'_>) -> Result<T, LedgerError> + Send + 'static,
+    {
+        if !bypass_breaker {
+            self.check_breaker()?;
+        }
+        let f: JobFn = Box::new(move |txn| f(txn).map(|v| Box::new(v) as Box<dyn Any + Send>));
+        self.tx
+            .send(Job::Write {
+                f,
+                reply,
+                bypass_breaker,
+            })
+            .map_err(|_| LedgerError::Closed)
+    }
+
+    fn check_breaker(&self) -> Result<(), LedgerError> {
+        if self.shared.breaker_open.load(Ordering::SeqCst) {
+            return Err(LedgerError::BreakerOpen {
+                failures: self.shared.consecutive_failures.load(Ordering::SeqCst),
+                last_error: last_error(&self.shared),
+            });
+        }
+        Ok(())
+    }
+
+    /// Health for `/v1/health`.
+    pub fn health(&self) -> LedgerHealthState {
+        LedgerHealthState {
+            head_seq: self.shared.head_seq.load(Ordering::SeqCst),
+            breaker_open: self.shared.breaker_open.load(Ordering::SeqCst),
+            consecutive_failures: self.shared.consecutive_failures.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Closes the audit breaker on an operator's request. The trip and the
+    /// reset are recorded (`breaker_tripped`, `breaker_reset`) in the same
+    /// transaction; if that write fails too, the breaker stays open.
+    pub async fn reset_breaker(&self, actor: &str) -> Result<EntryRef, LedgerError> {
+        let shared = Arc::clone(&self.shared);
+        let was_open = shared.breaker_open.load(Ordering::SeqCst);
+        let failures = shared.consecutive_failures.load(Ordering::SeqCst);
+        let tripped_at = shared.tripped_at_ms.load(Ordering::SeqCst);
+        let last = last_error(&shared);
+        let actor = actor.to_owned();
+        let (tx, rx) = oneshot::channel();
+        self.submit(
+            move |txn: &mut LedgerTxn<'_>| {
+                if was_open {
+                    let tripped = serde_json::to_vec(&serde_json::json!({
+                        "breaker": "audit",
+                        "tripped_at_ms": tripped_at,
+                        "consecutive_failures": failures,
+                        "last_error": last,
+                        "recorded_late": "the ledger could not be written while the breaker was open",
+                    }))
+                    .unwrap_or_default();
+                    txn.append(EventType::BreakerTripped, None, None, &tripped)?;
+                }
+                let reset = serde_json::to_vec(&serde_json::json!({
+                    "breaker": "audit",
+                    "actor": actor,
+                    "was_open": was_open,
+                }))
+                .unwrap_or_default();
+                txn.append(EventType::BreakerReset, None, None, &reset)
+            },
+            Reply::Async(tx),
+            true,
+        )?;
+        let entry: EntryRef = downcast(rx.await.map_err(|_| LedgerError::Closed)?)?;
+        shared.breaker_open.store(false, Ordering::SeqCst);
+        shared.consecutive_failures.store(0, Ordering::SeqCst);
+        Ok(entry)
+    }
+
+    /// A new read-only connection to the database (for views and audits).
+    pub fn reader(&self) -> Result<Connection, LedgerError> {
+        let conn = Connection::open_with_flags(
+            &self.shared.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(conn)
+    }
+
+    /// Finishes every queued write, checkpoints the WAL and closes the
+    /// database. Later writes fail with [`LedgerError::Closed`].
+    pub async fn close(&self) -> Result<(), LedgerError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Close(Reply::Async(tx)))
+            .map_err(|_| LedgerError::Closed)?;
+        rx.await.map_err(|_| LedgerError::Closed)?.map(|_| ())
+    }
+
+    /// [`Ledger::close`] for synchronous callers.
+    pub fn close_blocking(&self) -> Result<(), LedgerError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.tx
+            .send(Job::Close(Reply::Blocking(tx)))
+            .map_err(|_| LedgerError::Closed)?;
+        rx.recv().map_err(|_| LedgerError::Closed)?.map(|_| ())
+    }
+}
+
+fn last_error(shared: &Shared) -> String {
+    match shared.last_error.lock() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
+fn downcast<T: 'static>(r: AnyResult) -> Result<T, LedgerError> {
+    let boxed = r?;
+    boxed.downcast::<T>().map(|b| *b).map_err(|_| {
+        LedgerError::Corrupt("internal: ledger job returned an unexpected type".into())
+    })
+}
+
+struct Writer {
+    conn: Connection,
+    head: Head,
+    shared: Arc<Shared>,
+    /// Held until the writer thread ends: one writer per database.
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes the exclusive writer lock `<db>.lock`, so that a second daemon (or
+/// `keyward init`) can never append to a chain whose head another process
+/// holds in memory.
+fn lock_writer(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, LedgerError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| open_err(path, format!("cannot open lock file: {e}")))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        open_err(
+            path,
+            format!("another process is writing this ledger (lock held: {e}); is keywardd already running?"),
+        )
+    })
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut closing: Option<Reply> = None;
+        while let Ok(first) = rx.recv() {
+            let mut batch = Vec::new();
+            match first {
+                Job::Close(reply) => {
+                    closing = Some(reply);
+                }
+                Job::Write {
+                    f,
+                    reply,
+                    bypass_breaker,
+                } => batch.push((f, reply, bypass_breaker)),
+            }
+            if closing.is_none() {
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(Job::Write {
+                            f,
+                            reply,
+                            bypass_breaker,
+                        }) => batch.push((f, reply, bypass_breaker)),
+                        Ok(Job::Close(reply)) => {
+                            closing = Some(reply);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.run_batch(batch);
+            }
+            if closing.is_some() {
+                break;
+            }
+        }
+        // Refuse anything still queued, then close the database cleanly.
+        while let Ok(job) = rx.try_recv() {
+            match job {
+                Job::Write { reply, .. } | Job::Close(reply) => {
+                    reply.send(Err(LedgerError::Closed))
+                }
+            }
+        }
+        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+        let Writer {
+            conn, _lock: lock, ..
+        } = self;
+        let result = conn.close().map_err(|(_, e)| LedgerError::Sqlite(e));
+        // Release the writer lock before answering, so whoever waited for
+        // the close can open the ledger at once.
+        drop(lock);
+        if let Some(reply) = closing {
+            reply.send(result.map(|()| Box::new(()) as Box<dyn Any + Send>));
+        }
+    }
+
+    fn run_batch(&mut self, batch: Vec<(JobFn, Reply, bool)>) {
+        let breaker_open = self.shared.breaker_open.load(Ordering::SeqCst);
+        let mut runnable = Vec::with_capacity(batch.len());
+        for (f, reply, bypass) in batch {
+            if breaker_open && !bypass {
+                reply.send(Err(LedgerError::BreakerOpen {
+                    failures: self.shared.consecutive_failures.load(Ordering::SeqCst),
+                    last_error: last_error(&self.shared),
+                }));
+            } else {
+                runnable.push((f, reply));
+            }
+        }
+        if runnable.is_empty() {
+            return;
+        }
+        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            let msg = e.to_string();
+            for (_, reply) in runnable {
+                self.failed(&msg);
+                reply.send(Err(LedgerError::Sqlite(clone_err(&e))));
+            }
+            return;
+        }
+        let now = now_ms();
+        let mut head = self.head;
+        let mut results: Vec<(AnyResult, Reply)> = Vec::with_capacity(runnable.len());
+        for (f, reply) in runnable {
+            let result = self.run_job(f, &mut head, now);
+            results.push((result, reply));
+        }
+        match self.conn.execute_batch("COMMIT") {
+            Ok(()) => {
+                self.head = head;
+                self.shared.head_seq.store(head.seq, Ordering::SeqCst);
+                for (result, reply) in results {
+                    match &result {
+                        Ok(_) => self.succeeded(),
+                        Err(e) => self.failed(&e.to_string()),
+                    }
+                    reply.send(result);
+                }
+            }
+            Err(e) => {
+                let msg = format!("commit failed: {e}");
+                tracing::error!(error = %msg, "ledger commit failed; nothing of this batch was recorded");
+                let _ = self.conn.execute_batch("ROLLBACK");
+                // Re-read the committed head in case the failure left the
+                // connection's view uncertain.
+                if let Ok(h) = load_head(&self.conn) {
+                    self.head = h;
+                }
+                for (_, reply) in results {
+                    self.failed(&msg);
+                    reply.send(Err(LedgerError::Sqlite(clone_err(&e))));
+                }
+            }
+        }
+    }
+
+    fn run_job(&self, f: JobFn, head: &mut Head, now: i64) -> AnyResult {
+        self.conn.execute_batch("SAVEPOINT job")?;
+        let mut txn = LedgerTxn {
+            conn: &self.conn,
+            head: *head,
+            now_ms: now,
+        };
+        // A panicking job must not take the single writer down with it:
+        // it fails like any other job and its savepoint is rolled back.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut txn)))
+            .unwrap_or_else(|panic| {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_owned());
+                Err(LedgerError::JobPanicked(msg))
+            });
+        match result {
+            Ok(v) => {
+                let new_head = txn.head;
+                match self.conn.execute_batch("RELEASE job") {
+                    Ok(()) => {
+                        *head = new_head;
+                        Ok(v)
+                    }
+                    Err(e) => {
+                        let _ = self.conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                        Err(e.into())
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ledger job failed; its changes were rolled back");
+                let _ = self.conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                Err(e)
+            }
+        }
+    }
+
+    fn succeeded(&self) {
+        self.shared.consecutive_failures.store(0, Ordering::SeqCst);
+    }
+
+    fn failed(&self, msg: &str) {
+        let n = self
+            .shared
+            .consecutive_failures
+            .fetch_add(1, Ordering::SeqCst)
+            .saturating_add(1);
+        match self.shared.last_error.lock() {
+            Ok(mut g) => *g = msg.to_owned(),
+            Err(p) => *p.into_inner() = msg.to_owned(),
+        }
+        if n >= BREAKER_THRESHOLD && !self.shared.breaker_open.swap(true, Ordering::SeqCst) {
+            self.shared
+                .tripped_at_ms
+                .store(u64::try_from(now_ms()).unwrap_or(0), Ordering::SeqCst);
+            tracing::error!(
+                failures = n,
+                last_error = %msg,
+                "audit breaker OPEN: the ledger failed {n} times in a row; nothing will be signed until `keyward breaker reset audit`"
+            );
+        }
+    }
+}
+
+/// `rusqlite::Error` is not `Clone`; keep its code and message.
+fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(code, msg) => {
+            rusqlite::Error::SqliteFailure(*code, msg.clone())
+        }
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Ledger {
+        Ledger::open(&dir.join("l.sqlite3"), LedgerOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn entries_chain_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path());
+        let a = l
+            .write_blocking(|t| t.append(EventType::DaemonStarted, None, None, b"{}"))
+            .unwrap();
+        let b = l
+            .write_blocking(|t| {
+                t.append(
+                    EventType::IntentReceived,
+                    Some("i"),
+                    Some("a"),
+                    b"{\"x\":1}",
+                )
+            })
+            .unwrap();
+        assert_eq!((a.seq.0, b.seq.0), (1, 2));
+        assert_eq!(l.health().head_seq, 2);
+        l.close_blocking().unwrap();
+        assert!(matches!(
+            l.write_blocking(|t| t.append(EventType::DaemonStarted, None, None, b"{}")),
+            Err(LedgerError::Closed)
+        ));
+        let l = open(dir.path());
+        assert_eq!(l.health().head_seq, 2);
+        let c = l
+            .write_blocking(|t| t.append(EventType::DaemonStopped, None, None, b"{}"))
+            .unwrap();
+        assert_eq!(c.seq.0, 3);
+        l.close_blocking().unwrap();
+        let report = super::super::verify_database(&dir.path().join("l.sqlite3")).unwrap();
+        assert_eq!(report.entries, 3);
+        assert_eq!(report.head_hash, c.hash);
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_while_the_first_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path());
+        let second = Ledger::open(&dir.path().join("l.sqlite3"), LedgerOptions::default());
+        assert!(matches!(second, Err(LedgerError::Open { .. })));
+        l.close_blocking().unwrap();
+        let again = open(dir.path());
+        again.close_blocking().unwrap();
+    }
+
+    #[test]
+    fn a_failing_job_changes_nothing_and_others_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(
+            &dir.path().join("l.sqlite3"),
+            LedgerOptions {
+                extra_schema: vec!["CREATE TABLE IF NOT EXISTS t (x INTEGER NOT NULL);"],
+            },
+        )
+        .unwrap();
+        let err = l.write_blocking(|t| {
+            t.append(EventType::IntentReceived, Some("i"), None, b"{}")?;
+            t.conn().execute("INSERT INTO t (x) VALUES (1)", [])?;
+            t.conn().execute("INSERT INTO t (x) VALUES (NULL)", [])?;
+            Ok(())
+        });
+        assert!(err.is_err());
+        let ok = l
+            .write_blocking(|t| t.append(EventType::IntentReceived, Some("j"), None, b"{}"))
+            .unwrap();
+        assert_eq!(ok.seq.0, 1, "the failed job's entry was rolled back");
+        let rows: i64 = l
+            .reader()
+            .unwrap()
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+        assert_eq!(l.health().consecutive_failures, 0);
+        l.close_blocking().unwrap();
+    }
+
+    #[test]
+    fn a_panicking_job_is_rolled_back_and_the_writer_lives_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(&dir.path().join("l.sqlite3"), LedgerOptions::default()).unwrap();
+        let err = l
+            .write_blocking(|t| -> Result<(), LedgerError> {
+                t.append(EventType::IntentReceived, Some("i"), None, b"{}")?;
+                panic!("boom");
+            })
+            .unwrap_err();
+        assert!(
+            matches!(&err, LedgerError::JobPanicked(m) if m == "boom"),
+            "{err}"
+        );
+        let ok = l
+            .write_blocking(|t| t.append(EventType::IntentReceived, Some("j"), None, b"{}"))
+            .unwrap();
+        assert_eq!(ok.seq.0, 1, "the panicked job's entry was rolled back");
+        l.close_blocking().unwrap();
+    }
+
+    #[test]
+    fn three_failures_open_the_breaker_until_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path());
+        for i in 1..=3u32 {
+            let r: Result<(), _> = l.write_blocking(|t| {
+                t.append(EventType::IntentReceived, None, None, b"{}")?;
+                Err(LedgerError::Sqlite(rusqlite::Error::InvalidQuery))
+            });
+            assert!(r.is_err());
+            assert_eq!(l.health().consecutive_failures, i);
+        }
+        assert!(l.health().breaker_open);
+        let refused = l.write_blocking(|t| t.append(EventType::IntentReceived, None, None, b"{}"));
+        assert!(matches!(
+            refused,
+            Err(LedgerError::BreakerOpen { failures: 3, .. })
+        ));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let entry = rt.block_on(l.reset_breaker("uid:0")).unwrap();
+        assert_eq!(entry.seq.0, 2, "breaker_tripped then breaker_reset");
+        assert!(!l.health().breaker_open);
+        let ok = l
+            .write_blocking(|t| t.append(EventType::IntentReceived, None, None, b"{}"))
+            .unwrap();
+        assert_eq!(ok.seq.0, 3);
+        l.close_blocking().unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_head_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite3");
+        let l = open(dir.path());
+        l.write_blocking(|t| t.append(EventType::DaemonStarted, None, None, b"{}"))
+            .unwrap();
+        l.close_blocking().unwrap();
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch("DROP TRIGGER ledger_no_update; UPDATE ledger SET payload = X'7B7D7B7D';")
+            .unwrap();
+        drop(c);
+        assert!(matches!(
+            Ledger::open(&path, LedgerOptions::default()),
+            Err(LedgerError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn updates_and_deletes_are_refused_by_the_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path());
+        l.write_blocking(|t| t.append(EventType::DaemonStarted, None, None, b"{}"))
+            .unwrap();
+        let e = l.write_blocking(|t| {
+            t.conn().execute("UPDATE ledger SET payload = X'00'", [])?;
+            Ok(())
+        });
+        assert!(e.is_err());
+        let e = l.write_blocking(|t| {
+            t.conn().execute("DELETE FROM ledger", [])?;
+            Ok(())
+        });
+        assert!(e.is_err());
+        assert_eq!(l.health().head_seq, 1);
+        l.close_blocking().unwrap();
+    }
+
+    #[test]
+    fn concurrent_writers_get_distinct_contiguous_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path());
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let l = l.clone();
+                std::thread::spawn(move || {
+                    (0..50)
+                        .map(|j| {
+                            let id = format!("{i}-{j}");
+                            l.write_blocking(move |t| {
+                                t.append(EventType::IntentReceived, Some(&id), None, b"{}")
+                            })
+                            .unwrap()
+                            .seq
+                            .0
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut seqs: Vec<u64> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
+        l.close_blocking().unwrap();
+        assert_eq!(
+            super::super::verify_database(&dir.path().join("l.sqlite3"))
+                .unwrap()
+                .entries,
+            400
+        );
+    }
+}

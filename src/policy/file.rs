@@ -1,0 +1,353 @@
+//! `policy.toml`: parsing and validation into a [`Policy`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::{AgentPolicy, AssetLimits, Policy};
+use crate::amount::parse_units;
+use crate::config::{ConfigError, read_text};
+use crate::types::{AgentName, KeyName, Lamports, PublicKey};
+
+/// Decimals of SOL.
+pub const SOL_DECIMALS: u8 = 9;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    agents: BTreeMap<String, RawAgent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    #[serde(default)]
+    uid: Option<u32>,
+    #[serde(default)]
+    user: Option<String>,
+    keys: Vec<String>,
+    #[serde(default)]
+    allow_recipients: Option<Vec<String>>,
+    #[serde(default)]
+    allow_programs: Vec<String>,
+    #[serde(default)]
+    limits: BTreeMap<String, RawLimits>,
+    // Parsed so that their presence can be refused with a clear message
+    // instead of a generic "unknown field": these rules are not enforced by
+    // this version, and a signer must not accept rules it does not enforce.
+    #[serde(default)]
+    rate_limit: Option<toml::Value>,
+    #[serde(default)]
+    active_hours: Option<toml::Value>,
+    #[serde(default)]
+    breaker: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    decimals: Option<u8>,
+    per_tx: String,
+    per_day: String,
+    #[serde(default)]
+    approval_above: Option<String>,
+    #[serde(default)]
+    approvers: Option<toml::Value>,
+}
+
+/// Resolves a user name to a uid (through the system user database).
+pub type UserResolver<'a> = &'a dyn Fn(&str) -> Option<u32>;
+
+/// Looks a user up in the system user database.
+pub fn system_user_uid(name: &str) -> Option<u32> {
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
+}
+
+impl Policy {
+    /// Loads and validates a policy file.
+    pub fn load(file: &Path) -> Result<Policy, ConfigError> {
+        let text = read_text(file)?;
+        Self::parse(file, &text, &system_user_uid)
+    }
+
+    /// Parses policy text as if read from `file`; `resolve_user` maps
+    /// `user = "name"` to a uid.
+    pub fn parse(
+        file: &Path,
+        text: &str,
+        resolve_user: UserResolver<'_>,
+    ) -> Result<Policy, ConfigError> {
+        let raw: RawPolicy = crate::config::from_toml_str(file, text)?;
+        let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        let err = |key: String, problem: String| ConfigError::new(file, key, problem);
+
+        let mut agents = Vec::new();
+        let mut by_uid = HashMap::new();
+        for (name, a) in raw.agents {
+            let key = |k: &str| format!("agents.{name}.{k}");
+            let agent_name =
+                AgentName::new(&name).map_err(|e| err(format!("agents.{name}"), e.to_string()))?;
+            for (field, present) in [
+                ("rate_limit", a.rate_limit.is_some()),
+                ("active_hours", a.active_hours.is_some()),
+                ("breaker", a.breaker.is_some()),
+            ] {
+                if present {
+                    return Err(err(
+                        key(field),
+                        "not supported by this version of keyward (it would not be enforced); remove it".into(),
+                    ));
+                }
+            }
+            let uid = match (a.uid, a.user.as_deref()) {
+                (Some(uid), None) => uid,
+                (None, Some(user)) => resolve_user(user)
+                    .ok_or_else(|| err(key("user"), format!("no system user named {user:?}")))?,
+                (Some(_), Some(_)) => {
+                    return Err(err(key("uid"), "give either uid or user, not both".into()));
+                }
+                (None, None) => {
+                    return Err(err(key("uid"), "every agent needs a uid or a user".into()));
+                }
+            };
+            if let Some(other) = by_uid.insert(uid, agents.len()) {
+                let other: &AgentPolicy = &agents[other];
+                return Err(err(
+                    key("uid"),
+                    format!(
+                        "uid {uid} is already bound to agent {:?}",
+                        other.name.as_str()
+                    ),
+                ));
+            }
+            if a.keys.is_empty() {
+                return Err(err(key("keys"), "list at least one key".into()));
+            }
+            let mut keys = Vec::new();
+            for k in &a.keys {
+                let kn = KeyName::new(k).map_err(|e| err(key("keys"), e.to_string()))?;
+                if keys.contains(&kn) {
+                    return Err(err(key("keys"), format!("key {k:?} listed twice")));
+                }
+                keys.push(kn);
+            }
+            let allow_recipients = match a.allow_recipients {
+                None => None,
+                Some(list) => {
+                    let mut set = BTreeSet::new();
+                    for r in &list {
+                        let pk = PublicKey::from_base58(r).ok_or_else(|| {
+                            err(
+                                key("allow_recipients"),
+                                format!("{r:?} is not a base58 address of 32 bytes"),
+                            )
+                        })?;
+                        set.insert(pk);
+                    }
+                    Some(set)
+                }
+            };
+            let mut allow_programs = BTreeSet::new();
+            for p in &a.allow_programs {
+                let pk = PublicKey::from_base58(p).ok_or_else(|| {
+                    err(
+                        key("allow_programs"),
+                        format!("{p:?} is not a base58 program id of 32 bytes"),
+                    )
+                })?;
+                allow_programs.insert(pk);
+            }
+            let mut sol = None;
+            for (asset, l) in a.limits {
+                let lkey = |k: &str| format!("agents.{name}.limits.{asset}.{k}");
+                if asset != "SOL" {
+                    return Err(err(
+                        format!("agents.{name}.limits.{asset}"),
+                        "limits for SPL assets are not supported by this version of keyward; \
+                         SPL outflows are denied"
+                            .into(),
+                    ));
+                }
+                if l.approval_above.is_some() || l.approvers.is_some() {
+                    return Err(err(
+                        lkey(if l.approval_above.is_some() {
+                            "approval_above"
+                        } else {
+                            "approvers"
+                        }),
+                        "approval thresholds are not supported by this version of keyward \
+                         (they would not be enforced); remove them"
+                            .into(),
+                    ));
+                }
+                if let Some(d) = l.decimals
+                    && d != SOL_DECIMALS
+                {
+                    return Err(err(
+                        lkey("decimals"),
+                        format!("SOL has {SOL_DECIMALS} decimals, not {d}"),
+                    ));
+                }
+                let per_tx = parse_units(&l.per_tx, SOL_DECIMALS)
+                    .map_err(|e| err(lkey("per_tx"), e.to_string()))?;
+                let per_day = parse_units(&l.per_day, SOL_DECIMALS)
+                    .map_err(|e| err(lkey("per_day"), e.to_string()))?;
+                if per_tx > per_day {
+                    return Err(err(lkey("per_tx"), "per_tx is larger than per_day".into()));
+                }
+                if per_day > i64::MAX as u64 {
+                    return Err(err(lkey("per_day"), "too large".into()));
+                }
+                sol = Some(AssetLimits {
+                    per_tx: Lamports(per_tx),
+                    per_day: Lamports(per_day),
+                });
+            }
+            agents.push(AgentPolicy {
+                name: agent_name,
+                uid,
+                keys,
+                allow_recipients,
+                allow_programs,
+                sol,
+            });
+        }
+        Ok(Policy {
+            hash,
+            agents,
+            by_uid,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Policy, ConfigError> {
+        Policy::parse(Path::new("/etc/keyward/policy.toml"), text, &|u| {
+            (u == "trader").then_some(4242)
+        })
+    }
+
+    const GOOD: &str = r#"
+[agents.trader]
+user = "trader"
+keys = ["hot"]
+allow_recipients = ["11111111111111111111111111111112"]
+
+[agents.trader.limits.SOL]
+per_tx = "2.5"
+per_day = "20"
+
+[agents.bot]
+uid = 1000
+keys = ["hot", "cold"]
+"#;
+
+    #[test]
+    fn parses_agents_limits_and_users() {
+        let p = parse(GOOD).unwrap();
+        let trader = p.agent_for_uid(4242).unwrap();
+        assert_eq!(trader.name.as_str(), "trader");
+        let sol = trader.sol.unwrap();
+        assert_eq!(sol.per_tx, Lamports(2_500_000_000));
+        assert_eq!(sol.per_day, Lamports(20_000_000_000));
+        assert_eq!(trader.allow_recipients.as_ref().map(|s| s.len()), Some(1));
+        let bot = p.agent_for_uid(1000).unwrap();
+        assert!(bot.sol.is_none(), "no limits: SOL spend is denied");
+        assert!(bot.allow_recipients.is_none());
+        assert!(p.agent_for_uid(0).is_none());
+    }
+
+    #[test]
+    fn hash_is_sha256_of_the_file_bytes() {
+        let p = parse(GOOD).unwrap();
+        let expect: [u8; 32] = Sha256::digest(GOOD.as_bytes()).into();
+        assert_eq!(p.hash, expect);
+    }
+
+    #[test]
+    fn refuses_rules_it_would_not_enforce() {
+        for (extra, key) in [
+            ("rate_limit = { per_minute = 3 }", "agents.bot.rate_limit"),
+            (
+                "breaker = { max_consecutive_denials = 5 }",
+                "agents.bot.breaker",
+            ),
+        ] {
+            let text = GOOD.replace("uid = 1000\n", &format!("uid = 1000\n{extra}\n"));
+            assert_eq!(parse(&text).unwrap_err().key, key);
+        }
+        let text = GOOD.replace(
+            "per_day = \"20\"",
+            "per_day = \"20\"\napproval_above = \"1\"",
+        );
+        assert_eq!(
+            parse(&text).unwrap_err().key,
+            "agents.trader.limits.SOL.approval_above"
+        );
+        let text = format!(
+            "{GOOD}\n[agents.bot.limits.EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v]\ndecimals = 6\nper_tx = \"1\"\nper_day = \"2\"\n"
+        );
+        assert!(
+            parse(&text)
+                .unwrap_err()
+                .key
+                .starts_with("agents.bot.limits.EPj")
+        );
+    }
+
+    #[test]
+    fn refuses_bad_amounts_addresses_and_bindings() {
+        let cases = [
+            (
+                GOOD.replace("\"2.5\"", "\"2.5000000001\""),
+                "agents.trader.limits.SOL.per_tx",
+            ),
+            (
+                GOOD.replace("\"2.5\"", "\"-1\""),
+                "agents.trader.limits.SOL.per_tx",
+            ),
+            (
+                GOOD.replace("\"2.5\"", "\"30\""),
+                "agents.trader.limits.SOL.per_tx",
+            ),
+            (
+                GOOD.replace("11111111111111111111111111111112", "not-an-address"),
+                "agents.trader.allow_recipients",
+            ),
+            (
+                GOOD.replace("uid = 1000", "uid = 4242"),
+                "agents.trader.uid",
+            ),
+            (
+                GOOD.replace("user = \"trader\"", "user = \"nobody-here\""),
+                "agents.trader.user",
+            ),
+            (
+                GOOD.replace("keys = [\"hot\", \"cold\"]", "keys = []"),
+                "agents.bot.keys",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_carry_line_and_column() {
+        let e = parse("[agents.x]\nuid = \n").unwrap_err();
+        assert!(e.position.is_some(), "{e}");
+        let e = parse("[agents.x]\nuid = 1\nkeys=[\"a\"]\nfoo = 1\n").unwrap_err();
+        assert!(e.to_string().contains("foo"), "{e}");
+    }
+}

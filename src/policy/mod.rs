@@ -1,0 +1,90 @@
+//! Policy: who may sign what, and the limits that no sequence of requests can
+//! get past.
+//!
+//! [`evaluate`] is pure: it sees the effects keyward derived from the exact
+//! message bytes and the agent's spend in the rolling window, and decides.
+//! The spend comes from [`counters`], read and updated inside the same ledger
+//! transaction as the decision, so concurrency and restarts cannot overspend.
+
+pub mod counters;
+mod evaluate;
+mod file;
+
+use std::collections::{BTreeSet, HashMap};
+
+pub use evaluate::{Decision, evaluate};
+pub use file::{SOL_DECIMALS, UserResolver, system_user_uid};
+
+use crate::types::{AgentName, KeyName, Lamports, PublicKey};
+
+/// Stable rule codes used in denial reasons.
+pub mod rules {
+    /// The agent may not use this key.
+    pub const KEY_NOT_ALLOWED: &str = "key_not_allowed";
+    /// The amount (with fees) exceeds the per-transaction limit.
+    pub const PER_TX_LIMIT: &str = "per_tx_limit";
+    /// The amount (with fees) would exceed the rolling 24-hour limit.
+    pub const DAILY_LIMIT: &str = "daily_limit";
+    /// A recipient is not on the agent's allowlist.
+    pub const RECIPIENT_NOT_ALLOWED: &str = "recipient_not_allowed";
+    /// An instruction calls a program that is neither understood nor allowlisted.
+    pub const PROGRAM_NOT_ALLOWED: &str = "program_not_allowed";
+    /// The asset has no limits for this agent (or is not supported yet).
+    pub const ASSET_NOT_ALLOWED: &str = "asset_not_allowed";
+}
+
+/// Limits of one asset, in base units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AssetLimits {
+    /// Largest spend per transaction, fees included.
+    pub per_tx: Lamports,
+    /// Largest spend per rolling 24 hours, fees included.
+    pub per_day: Lamports,
+}
+
+/// One agent's effective policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentPolicy {
+    /// Agent name.
+    pub name: AgentName,
+    /// Unix uid the agent connects as.
+    pub uid: u32,
+    /// Keys the agent may sign with.
+    pub keys: Vec<KeyName>,
+    /// Recipient allowlist; `None` means any recipient.
+    pub allow_recipients: Option<BTreeSet<PublicKey>>,
+    /// Programs allowed in `sign_transaction` beyond the built-ins.
+    pub allow_programs: BTreeSet<PublicKey>,
+    /// SOL limits; `None` means SOL spend is denied.
+    pub sol: Option<AssetLimits>,
+}
+
+/// A loaded, validated policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// SHA-256 of the policy file bytes.
+    pub hash: [u8; 32],
+    /// Agents.
+    pub agents: Vec<AgentPolicy>,
+    by_uid: HashMap<u32, usize>,
+}
+
+impl Policy {
+    /// The agent bound to `uid`, if any.
+    pub fn agent_for_uid(&self, uid: u32) -> Option<&AgentPolicy> {
+        self.by_uid.get(&uid).and_then(|&i| self.agents.get(i))
+    }
+
+    /// Hex form of [`Policy::hash`].
+    pub fn hash_hex(&self) -> String {
+        hex::encode(self.hash)
+    }
+
+    /// Every key name any agent may use (sorted, unique).
+    pub fn all_keys(&self) -> BTreeSet<KeyName> {
+        self.agents
+            .iter()
+            .flat_map(|a| a.keys.iter().cloned())
+            .collect()
+    }
+}

@@ -1,0 +1,225 @@
+//! The signing service: the request path from a parsed intent to a recorded
+//! signature, independent of the transport.
+//!
+//! ```text
+//! prepare (pure) -> ledger txn A: intent_received, policy_evaluated, reserve spend
+//!   -> HSM sign + software verify (no lock held) -> ledger txn B: signature_created,
+//!   spend confirmed -> response
+//! ```
+//! Nothing is released before txn B is durably committed. If anything fails
+//! between A and B, the reservation stays counted (fail closed) until
+//! [`Signer::recover`] records the interruption and releases it.
+
+mod prepare;
+mod submit;
+mod views;
+
+pub use submit::denial_body;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use keyward_client::wire::{DenialReason, SignedIntent, codes};
+
+use crate::hsm::{Hsm, HsmKey};
+use crate::ledger::{EventType, Ledger, LedgerError};
+use crate::policy::{AgentPolicy, Policy};
+use crate::types::KeyName;
+
+/// Errors of a submission that are not a recorded decision.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The request is malformed; nothing was recorded or counted.
+    #[error("{message}")]
+    BadRequest {
+        /// Stable code, e.g. `invalid_message`.
+        code: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The intent id was used before with different content.
+    #[error("intent id was already used with different content")]
+    Conflict,
+    /// The intent id is being processed right now.
+    #[error("this intent is being processed; ask again with GET /v1/intents/{{id}}")]
+    InProgress,
+    /// The ledger could not record; nothing was signed or released.
+    #[error("the audit ledger cannot record right now, so nothing is signed: {0}")]
+    AuditUnavailable(String),
+    /// The HSM could not sign; nothing was released.
+    #[error("the HSM could not sign: {0}")]
+    HsmUnavailable(String),
+    /// An internal error; nothing was released.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl SubmitError {
+    /// Stable snake_case code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SubmitError::BadRequest { code, .. } => code,
+            SubmitError::Conflict => codes::INTENT_CONFLICT,
+            SubmitError::InProgress => codes::INTENT_IN_PROGRESS,
+            SubmitError::AuditUnavailable(_) => codes::AUDIT_UNAVAILABLE,
+            SubmitError::HsmUnavailable(_) => codes::HSM_UNAVAILABLE,
+            SubmitError::Internal(_) => codes::INTERNAL,
+        }
+    }
+
+    /// HTTP status for the API.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            SubmitError::BadRequest { .. } => 400,
+            SubmitError::Conflict | SubmitError::InProgress => 409,
+            SubmitError::AuditUnavailable(_) | SubmitError::HsmUnavailable(_) => 503,
+            SubmitError::Internal(_) => 500,
+        }
+    }
+}
+
+impl From<LedgerError> for SubmitError {
+    fn from(e: LedgerError) -> Self {
+        SubmitError::AuditUnavailable(e.to_string())
+    }
+}
+
+/// Result of a submission that the ledger recorded (or replayed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    /// Signed and recorded.
+    Signed(SignedIntent),
+    /// Denied by policy and recorded.
+    Denied(Vec<DenialReason>),
+    /// The same intent was submitted before: its original response.
+    Replayed {
+        /// HTTP status of the original response.
+        status: u16,
+        /// Original JSON body.
+        body: Vec<u8>,
+    },
+}
+
+/// The signing service shared by all API handlers.
+pub struct Signer {
+    ledger: Ledger,
+    hsm: Arc<dyn Hsm>,
+    keys: HashMap<KeyName, HsmKey>,
+    policy: RwLock<Arc<Policy>>,
+    in_flight: Mutex<HashMap<(String, String), usize>>,
+    needs_recovery: AtomicBool,
+}
+
+impl Signer {
+    /// Builds the service. `keys` are the HSM keys the policy refers to.
+    pub fn new(
+        ledger: Ledger,
+        hsm: Arc<dyn Hsm>,
+        keys: HashMap<KeyName, HsmKey>,
+        policy: Policy,
+    ) -> Arc<Signer> {
+        Arc::new(Signer {
+            ledger,
+            hsm,
+            keys,
+            policy: RwLock::new(Arc::new(policy)),
+            in_flight: Mutex::new(HashMap::new()),
+            needs_recovery: AtomicBool::new(false),
+        })
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        match self.policy.read() {
+            Ok(p) => Arc::clone(&p),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// The agent bound to a peer uid.
+    pub fn agent_for_uid(&self, uid: u32) -> Option<AgentPolicy> {
+        self.policy().agent_for_uid(uid).cloned()
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The HSM.
+    pub fn hsm(&self) -> &Arc<dyn Hsm> {
+        &self.hsm
+    }
+
+    /// The HSM keys the policy refers to.
+    pub fn keys(&self) -> &HashMap<KeyName, HsmKey> {
+        &self.keys
+    }
+
+    /// Whether an interrupted intent waits for [`Signer::recover`].
+    pub fn needs_recovery(&self) -> bool {
+        self.needs_recovery.load(Ordering::SeqCst)
+    }
+
+    /// Records every intent left in progress by a crash or a failed ledger
+    /// write as interrupted and releases its reservation (no signature was
+    /// released for it). Intents being processed right now are left alone.
+    pub async fn recover(&self) -> Result<usize, LedgerError> {
+        let live: HashSet<(String, String)> = self.flights(|m| m.keys().cloned().collect());
+        let n = self
+            .ledger
+            .write(move |txn| {
+                let stale: Vec<(String, String)> = crate::intents::in_progress(txn.conn())?
+                    .into_iter()
+                    .filter(|k| !live.contains(k))
+                    .collect();
+                for (agent, intent_id) in &stale {
+                    let payload = serde_json::to_vec(&serde_json::json!({
+                        "code": "interrupted",
+                        "detail": "signing did not complete (the daemon stopped or the ledger failed); no signature was released",
+                    }))
+                    .unwrap_or_default();
+                    txn.append(EventType::SigningDenied, Some(intent_id), Some(agent), &payload)?;
+                    crate::policy::counters::release(txn.conn(), agent, intent_id)?;
+                    crate::intents::forget(txn.conn(), agent, intent_id)?;
+                }
+                Ok(stale.len())
+            })
+            .await?;
+        self.needs_recovery.store(false, Ordering::SeqCst);
+        Ok(n)
+    }
+
+    fn begin_flight(&self, agent: &str, intent_id: &str) -> FlightGuard<'_> {
+        let key = (agent.to_owned(), intent_id.to_owned());
+        self.flights(|m| *m.entry(key.clone()).or_insert(0) += 1);
+        FlightGuard { signer: self, key }
+    }
+
+    fn flights<T>(&self, f: impl FnOnce(&mut HashMap<(String, String), usize>) -> T) -> T {
+        match self.in_flight.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+}
+
+/// Removes an intent from the in-flight set when its request ends.
+struct FlightGuard<'a> {
+    signer: &'a Signer,
+    key: (String, String),
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        self.signer.flights(|m| {
+            if let Some(n) = m.get_mut(&self.key) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.key);
+                }
+            }
+        });
+    }
+}

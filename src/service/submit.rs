@@ -1,0 +1,298 @@
+//! `POST /v1/intents`: decide, reserve, sign, record, release.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use base64::Engine as _;
+use keyward_client::wire::{
+    DenialReason, ErrorBody, ErrorDetail, IntentRequest, IntentStatus, SignedIntent, codes,
+};
+use sha2::{Digest, Sha256};
+
+use super::prepare::{Prepared, prepare};
+use super::{Signer, SubmitError, SubmitOutcome};
+use crate::hsm::sign_verified;
+use crate::intents;
+use crate::ledger::{EventType, LedgerError};
+use crate::policy::{AgentPolicy, Decision, counters, evaluate};
+use crate::solana::assemble_transaction;
+use crate::types::Lamports;
+
+/// Asset name of the SOL counters.
+const SOL: &str = "SOL";
+
+/// What ledger transaction A decided.
+enum Admission {
+    Replay { status: u16, body: Vec<u8> },
+    Conflict,
+    InProgress,
+    Denied(Vec<DenialReason>),
+    Allowed { sol_spend: Lamports },
+}
+
+fn json(value: &impl serde::Serialize) -> Vec<u8> {
+    // Serializing our own plain data types cannot fail; an empty payload
+    // would still be hashed and recorded rather than panic.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// The 403 body of a policy denial.
+pub fn denial_body(reasons: &[DenialReason]) -> ErrorBody {
+    let first = reasons.first().map_or("policy", |r| r.rule.as_str());
+    ErrorBody {
+        error: ErrorDetail {
+            code: codes::POLICY_DENIED.to_owned(),
+            message: format!("denied by policy ({first}); see reasons"),
+            reasons: reasons.to_vec(),
+            retry_after: None,
+        },
+    }
+}
+
+impl Signer {
+    /// Handles one intent of `agent`: returns the recorded outcome, or an
+    /// error for which nothing was signed, counted or released.
+    pub async fn submit(
+        self: &Arc<Self>,
+        agent: &AgentPolicy,
+        req: IntentRequest,
+    ) -> Result<SubmitOutcome, SubmitError> {
+        let allowed_key = agent
+            .keys
+            .iter()
+            .find(|n| n.as_str() == req.key)
+            .and_then(|n| self.keys.get(n));
+        let prepared = prepare(&req, allowed_key)?;
+        let agent_name = agent.name.to_string();
+        let intent_id = prepared.intent_id.to_string();
+        let _flight = self.begin_flight(&agent_name, &intent_id);
+
+        let admission = self.admit(agent, &prepared).await?;
+        let sol_spend = match admission {
+            Admission::Replay { status, body } => {
+                return Ok(SubmitOutcome::Replayed { status, body });
+            }
+            Admission::Conflict => return Err(SubmitError::Conflict),
+            Admission::InProgress => return Err(SubmitError::InProgress),
+            Admission::Denied(reasons) => return Ok(SubmitOutcome::Denied(reasons)),
+            Admission::Allowed { sol_spend } => sol_spend,
+        };
+        let (Some(key), Some((message, decoded, effects))) =
+            (prepared.hsm_key.clone(), prepared.message.as_ref())
+        else {
+            // evaluate() denies when there is no key or message; reaching
+            // this is a bug, and the reservation is left for recovery.
+            self.needs_recovery.store(true, Ordering::SeqCst);
+            return Err(SubmitError::Internal(
+                "allowed intent without key or message".into(),
+            ));
+        };
+        let Some(signer_index) = effects.our_index else {
+            self.needs_recovery.store(true, Ordering::SeqCst);
+            return Err(SubmitError::Internal(
+                "allowed intent where our key does not sign".into(),
+            ));
+        };
+
+        // Sign in the HSM with no lock held, then verify in software.
+        let hsm = Arc::clone(&self.hsm);
+        let to_sign = message.clone();
+        let sign_key = key.clone();
+        let signed = tokio::task::spawn_blocking(move || sign_verified(&*hsm, &sign_key, &to_sign))
+            .await
+            .map_err(|e| SubmitError::Internal(format!("signing task failed: {e}")))?;
+
+        let message_sha256 = hex::encode(Sha256::digest(message));
+        let agent_c = agent_name.clone();
+        let id_c = intent_id.clone();
+        match signed {
+            Ok(signature) => {
+                let transaction = assemble_transaction(message, decoded, signer_index, &signature);
+                let sig_b58 = bs58::encode(signature).into_string();
+                let tx_b64 = base64::engine::general_purpose::STANDARD.encode(&transaction);
+                let payload = json(&serde_json::json!({
+                    "signature": sig_b58,
+                    "key": key.name.as_str(),
+                    "public_key": key.public_key.to_base58(),
+                    "message_sha256": message_sha256,
+                    "sol_spend_lamports": sol_spend.0,
+                }));
+                let result = self
+                    .ledger
+                    .write(move |txn| {
+                        let entry = txn.append(
+                            EventType::SignatureCreated,
+                            Some(&id_c),
+                            Some(&agent_c),
+                            &payload,
+                        )?;
+                        counters::confirm(txn.conn(), &agent_c, &id_c)?;
+                        let response = SignedIntent {
+                            intent_id: id_c.clone(),
+                            status: IntentStatus::Signed,
+                            signature: sig_b58,
+                            transaction: tx_b64,
+                            ledger_seq: entry.seq.0,
+                            entry_hash: hex::encode(entry.hash),
+                        };
+                        let now = txn.now_ms();
+                        intents::finish(
+                            txn.conn(),
+                            &agent_c,
+                            &id_c,
+                            "signed",
+                            200,
+                            &json(&response),
+                            now,
+                        )?;
+                        Ok(response)
+                    })
+                    .await;
+                match result {
+                    Ok(response) => Ok(SubmitOutcome::Signed(response)),
+                    Err(e) => {
+                        // The signature is dropped here, unreleased.
+                        self.needs_recovery.store(true, Ordering::SeqCst);
+                        Err(SubmitError::AuditUnavailable(e.to_string()))
+                    }
+                }
+            }
+            Err(hsm_err) => {
+                let code = hsm_err.code();
+                let detail = hsm_err.to_string();
+                tracing::error!(agent = %agent_name, intent = %intent_id, error = %detail, "HSM signing failed");
+                let payload = json(&serde_json::json!({ "code": code, "detail": detail }));
+                let recorded = self
+                    .ledger
+                    .write(move |txn| {
+                        txn.append(
+                            EventType::SigningDenied,
+                            Some(&id_c),
+                            Some(&agent_c),
+                            &payload,
+                        )?;
+                        counters::release(txn.conn(), &agent_c, &id_c)?;
+                        intents::forget(txn.conn(), &agent_c, &id_c)?;
+                        Ok(())
+                    })
+                    .await;
+                if recorded.is_err() {
+                    self.needs_recovery.store(true, Ordering::SeqCst);
+                }
+                Err(SubmitError::HsmUnavailable(detail))
+            }
+        }
+    }
+
+    /// Ledger transaction A: idempotency check, `intent_received`, the policy
+    /// decision over the counters, `policy_evaluated`, and either the denial
+    /// or the reservation, all in one durable transaction.
+    async fn admit(&self, agent: &AgentPolicy, p: &Prepared) -> Result<Admission, LedgerError> {
+        let agent = agent.clone();
+        let policy_hash = self.policy().hash_hex();
+        let intent_id = p.intent_id.to_string();
+        let key = p.key.clone();
+        let content_hash = p.content_hash;
+        let pre_reasons = p.pre_reasons.clone();
+        let effects = p.message.as_ref().map(|(_, _, e)| e.clone());
+        let received = json(&serde_json::json!({
+            "key": p.key.as_str(),
+            "action": p.summary,
+            "content_sha256": hex::encode(p.content_hash),
+            "message": p.message.as_ref().map(|(m, _, _)| base64::engine::general_purpose::STANDARD.encode(m)),
+            "message_sha256": p.message.as_ref().map(|(m, _, _)| hex::encode(Sha256::digest(m))),
+            "effects": effects.as_ref().map(effects_summary),
+        }));
+        self.ledger
+            .write(move |txn| {
+                let agent_name = agent.name.as_str();
+                if let Some(rec) = intents::get(txn.conn(), agent_name, &intent_id)? {
+                    return Ok(if rec.content_hash != content_hash {
+                        Admission::Conflict
+                    } else if rec.status == "in_progress" {
+                        Admission::InProgress
+                    } else {
+                        Admission::Replay {
+                            status: rec.http_status.unwrap_or(500),
+                            body: rec.response.unwrap_or_default(),
+                        }
+                    });
+                }
+                let now = txn.now_ms();
+                let entry = txn.append(EventType::IntentReceived, Some(&intent_id), Some(agent_name), &received)?;
+                let spent = counters::spent_24h(txn.conn(), agent_name, SOL, now)?;
+                let decision = match &effects {
+                    Some(effects) if pre_reasons.is_empty() => evaluate(&agent, &key, effects, spent),
+                    _ => Decision {
+                        reasons: pre_reasons,
+                        sol_spend: Lamports::ZERO,
+                    },
+                };
+                let evaluated = json(&serde_json::json!({
+                    "decision": if decision.allowed() { "allow" } else { "deny" },
+                    "reasons": decision.reasons,
+                    "sol_spend_lamports": decision.sol_spend.0,
+                    "sol_spent_24h_before_lamports": spent.0,
+                    "policy_sha256": policy_hash,
+                }));
+                txn.append(EventType::PolicyEvaluated, Some(&intent_id), Some(agent_name), &evaluated)?;
+                if !decision.allowed() {
+                    let body = json(&denial_body(&decision.reasons));
+                    let denied = json(&serde_json::json!({ "code": codes::POLICY_DENIED, "reasons": decision.reasons }));
+                    txn.append(EventType::SigningDenied, Some(&intent_id), Some(agent_name), &denied)?;
+                    intents::insert(
+                        txn.conn(),
+                        &intents::NewIntent {
+                            agent: agent_name,
+                            intent_id: &intent_id,
+                            content_hash: &content_hash,
+                            status: "denied",
+                            reply: Some((403, &body)),
+                            received_seq: entry.seq.0,
+                            now_ms: now,
+                        },
+                    )?;
+                    return Ok(Admission::Denied(decision.reasons));
+                }
+                if decision.sol_spend > Lamports::ZERO {
+                    counters::reserve(txn.conn(), agent_name, SOL, &intent_id, decision.sol_spend, now)?;
+                }
+                intents::insert(
+                    txn.conn(),
+                    &intents::NewIntent {
+                        agent: agent_name,
+                        intent_id: &intent_id,
+                        content_hash: &content_hash,
+                        status: "in_progress",
+                        reply: None,
+                        received_seq: entry.seq.0,
+                        now_ms: now,
+                    },
+                )?;
+                Ok(Admission::Allowed {
+                    sol_spend: decision.sol_spend,
+                })
+            })
+            .await
+    }
+}
+
+/// A compact, human-checkable record of what the message does.
+fn effects_summary(e: &crate::solana::Effects) -> serde_json::Value {
+    serde_json::json!({
+        "fee_payer_is_us": e.fee_payer_is_us,
+        "fees_lamports": e.fees.0,
+        "sol_outflows": e.sol_outflows.iter().map(|o| serde_json::json!({
+            "instruction": o.instruction, "to": o.to.to_base58(), "lamports": o.lamports.0, "kind": o.kind,
+        })).collect::<Vec<_>>(),
+        "spl_outflows": e.spl_outflows.iter().map(|o| serde_json::json!({
+            "instruction": o.instruction, "token_program": o.token_program.to_base58(),
+            "mint": o.mint.map(|m| m.to_base58()), "source": o.source.to_base58(),
+            "destination": o.destination.to_base58(), "amount": o.amount,
+        })).collect::<Vec<_>>(),
+        "programs": e.programs.iter().map(|p| p.to_base58()).collect::<Vec<_>>(),
+        "violations": e.violations.iter().map(|v| serde_json::json!({
+            "rule": v.rule, "detail": v.detail, "instruction": v.instruction,
+        })).collect::<Vec<_>>(),
+    })
+}

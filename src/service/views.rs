@@ -1,0 +1,172 @@
+//! Read-only views: intent status, keys, effective policy, health.
+
+use std::sync::Arc;
+
+use keyward_client::wire::{
+    AssetBudget, ComponentHealth, ErrorBody, HealthView, IntentStatus, IntentView, KeyInfo,
+    KeysView, LedgerHealth, PolicyView, SignedIntent,
+};
+
+use super::{Signer, SubmitError};
+use crate::amount::format_units;
+use crate::policy::{AgentPolicy, SOL_DECIMALS, counters};
+use crate::types::IntentId;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Signer {
+    async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, SubmitError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = ledger
+                .reader()
+                .map_err(|e| SubmitError::AuditUnavailable(e.to_string()))?;
+            f(&conn).map_err(|e| SubmitError::AuditUnavailable(e.to_string()))
+        })
+        .await
+        .map_err(|e| SubmitError::Internal(e.to_string()))?
+    }
+
+    /// Status of one of the agent's intents; `None` if there is none.
+    pub async fn intent_view(
+        self: &Arc<Self>,
+        agent: &AgentPolicy,
+        intent_id: &str,
+    ) -> Result<Option<IntentView>, SubmitError> {
+        let id = IntentId::new(intent_id).map_err(|e| SubmitError::BadRequest {
+            code: keyward_client::wire::codes::INVALID_INTENT_ID,
+            message: e.to_string(),
+        })?;
+        let agent_name = agent.name.to_string();
+        let rec = self
+            .read(move |c| crate::intents::get(c, &agent_name, id.as_str()))
+            .await?;
+        let Some(rec) = rec else { return Ok(None) };
+        let mut view = IntentView {
+            intent_id: intent_id.to_owned(),
+            status: IntentStatus::InProgress,
+            signature: None,
+            transaction: None,
+            ledger_seq: None,
+            entry_hash: None,
+            error_code: None,
+            reasons: Vec::new(),
+        };
+        let body = rec.response.unwrap_or_default();
+        match rec.status.as_str() {
+            "signed" => {
+                let s: SignedIntent = serde_json::from_slice(&body)
+                    .map_err(|e| SubmitError::Internal(format!("stored response: {e}")))?;
+                view.status = IntentStatus::Signed;
+                view.signature = Some(s.signature);
+                view.transaction = Some(s.transaction);
+                view.ledger_seq = Some(s.ledger_seq);
+                view.entry_hash = Some(s.entry_hash);
+            }
+            "denied" => {
+                let e: ErrorBody = serde_json::from_slice(&body)
+                    .map_err(|e| SubmitError::Internal(format!("stored response: {e}")))?;
+                view.status = IntentStatus::Denied;
+                view.error_code = Some(e.error.code);
+                view.reasons = e.error.reasons;
+            }
+            _ => {}
+        }
+        Ok(Some(view))
+    }
+
+    /// Keys the agent may use.
+    pub fn keys_view(&self, agent: &AgentPolicy) -> KeysView {
+        KeysView {
+            keys: agent
+                .keys
+                .iter()
+                .filter_map(|n| self.keys.get(n))
+                .map(|k| KeyInfo {
+                    name: k.name.to_string(),
+                    public_key: k.public_key.to_base58(),
+                    state: "active".to_owned(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The agent's effective policy and remaining budgets.
+    pub async fn policy_view(
+        self: &Arc<Self>,
+        agent: &AgentPolicy,
+    ) -> Result<PolicyView, SubmitError> {
+        let policy = self.policy();
+        let agent_name = agent.name.to_string();
+        let spent = self
+            .read(move |c| counters::spent_24h(c, &agent_name, "SOL", now_ms()))
+            .await?;
+        let limits = agent
+            .sol
+            .map(|l| AssetBudget {
+                asset: "SOL".to_owned(),
+                decimals: SOL_DECIMALS,
+                per_tx: format_units(u128::from(l.per_tx.0), SOL_DECIMALS),
+                per_day: format_units(u128::from(l.per_day.0), SOL_DECIMALS),
+                spent_24h: format_units(u128::from(spent.0), SOL_DECIMALS),
+                spent_24h_base_units: spent.0,
+                remaining_24h: format_units(
+                    u128::from(l.per_day.0.saturating_sub(spent.0)),
+                    SOL_DECIMALS,
+                ),
+            })
+            .into_iter()
+            .collect();
+        Ok(PolicyView {
+            agent: agent.name.to_string(),
+            policy_hash: policy.hash_hex(),
+            keys: agent.keys.iter().map(|k| k.to_string()).collect(),
+            allow_recipients: agent
+                .allow_recipients
+                .as_ref()
+                .map(|s| s.iter().map(|k| k.to_base58()).collect()),
+            allow_programs: agent.allow_programs.iter().map(|k| k.to_base58()).collect(),
+            limits,
+        })
+    }
+
+    /// Health of the HSM and the ledger.
+    pub async fn health_view(self: &Arc<Self>) -> HealthView {
+        let hsm = Arc::clone(&self.hsm);
+        let backend = hsm.backend();
+        let hsm_state = tokio::task::spawn_blocking(move || hsm.health())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let l = self.ledger.health();
+        let ledger_ok = !l.breaker_open;
+        HealthView {
+            status: if hsm_state.is_ok() && ledger_ok {
+                "ok"
+            } else {
+                "degraded"
+            }
+            .to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            hsm: ComponentHealth {
+                ok: hsm_state.is_ok(),
+                name: backend.to_owned(),
+                detail: hsm_state.err(),
+            },
+            ledger: LedgerHealth {
+                ok: ledger_ok,
+                head_seq: l.head_seq,
+                audit_breaker: if l.breaker_open { "open" } else { "closed" }.to_owned(),
+                consecutive_failures: l.consecutive_failures,
+            },
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Limits hold under concurrency and across restarts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use keyward_client::{ClientError, IntentOutcome};
+
+/// 0.1 SOL plus the signature fee.
+const SPEND: u64 = 100_000_000 + FEE;
+
+fn policy() -> String {
+    // per_day admits exactly 10 transfers of 0.1 SOL with their fees.
+    format!(
+        "[agents.dev]\nuid = {{UID}}\nkeys = [\"hot\"]\n\n[agents.dev.limits.SOL]\nper_tx = \"1\"\nper_day = \"{}\"\n",
+        keyward::amount::format_units(u128::from(10 * SPEND), 9)
+    )
+}
+
+#[test]
+fn sixteen_concurrent_intents_against_a_limit_for_ten_sign_exactly_ten_also_after_restart() {
+    let mut inst = Instance::with_policy(&policy());
+    let rt = rt();
+    let client = inst.client();
+    let to = random_pubkey();
+    let results = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let client = client.clone();
+            let req = transfer(&format!("c-{i}"), &to, "0.1");
+            tasks.push(tokio::spawn(
+                async move { client.submit_intent(&req).await },
+            ));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let signed = results
+        .iter()
+        .filter(|r| matches!(r, Ok(IntentOutcome::Signed(_))))
+        .count();
+    let denied: Vec<_> = results
+        .iter()
+        .filter_map(|r| match r {
+            Err(ClientError::Api {
+                status: 403,
+                code,
+                reasons,
+                ..
+            }) if code == "policy_denied" => Some(reasons),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(signed, 10, "{results:?}");
+    assert_eq!(denied.len(), 6, "{results:?}");
+    assert!(
+        denied
+            .iter()
+            .all(|r| r.iter().any(|x| x.rule == "daily_limit"))
+    );
+
+    let budget = rt.block_on(client.policy()).unwrap();
+    assert_eq!(
+        budget.limits[0].spent_24h_base_units,
+        10 * SPEND,
+        "counter = 10 × (amount + fee)"
+    );
+    assert_eq!(budget.limits[0].remaining_24h, "0");
+    let verify = inst.audit_verify();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // Restart: the counter is unchanged and the 11th is still denied.
+    assert!(inst.stop().success());
+    inst.start();
+    let client = inst.client();
+    let budget = rt.block_on(client.policy()).unwrap();
+    assert_eq!(budget.limits[0].spent_24h_base_units, 10 * SPEND);
+    let err = rt
+        .block_on(client.submit_intent(&transfer("c-after", &to, "0.1")))
+        .unwrap_err();
+    match err {
+        ClientError::Api {
+            status: 403,
+            reasons,
+            ..
+        } => assert!(reasons.iter().any(|r| r.rule == "daily_limit")),
+        other => panic!("expected daily_limit denial, got {other:?}"),
+    }
+    // Even a tiny amount is denied: nothing is left.
+    let err = rt
+        .block_on(client.submit_intent(&transfer("c-tiny", &to, "0.000000001")))
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Api { status: 403, .. }));
+    assert!(inst.audit_verify().status.success());
+}
+
+#[test]
+fn kill_9_mid_run_loses_no_returned_signature_and_never_overspends() {
+    let mut inst = Instance::with_policy(&policy());
+    let rt = rt();
+    let to = random_pubkey();
+    // The same requests are submitted again after the restart (same ids,
+    // same content), so they are built once.
+    let reqs: Vec<_> = (0..16)
+        .map(|i| transfer(&format!("k-{i}"), &to, "0.1"))
+        .collect();
+    // Five signed before the crash.
+    let mut returned = Vec::new();
+    for req in &reqs[..5] {
+        let s = rt.block_on(inst.client().submit_intent(req)).unwrap();
+        if let IntentOutcome::Signed(s) = s {
+            returned.push(s);
+        }
+    }
+    assert_eq!(returned.len(), 5);
+    // Fire more concurrently and kill -9 while they run.
+    let client = inst.client();
+    let handles: Vec<_> = reqs[5..]
+        .iter()
+        .map(|req| {
+            let client = client.clone();
+            let req = req.clone();
+            rt.spawn(async move { client.submit_intent(&req).await })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(15));
+    inst.kill9();
+    for h in handles {
+        if let Ok(IntentOutcome::Signed(s)) = rt.block_on(h).unwrap() {
+            returned.push(s);
+        }
+    }
+    inst.start();
+    assert!(inst.audit_verify().status.success());
+    let client = inst.client();
+    // Every returned signature is in the ledger.
+    for s in &returned {
+        let view = rt.block_on(client.get_intent(&s.intent_id)).unwrap();
+        assert_eq!(
+            view.signature.as_deref(),
+            Some(s.signature.as_str()),
+            "{}",
+            s.intent_id
+        );
+    }
+    // Finish the run: in total never more than 10 signatures.
+    let mut total_signed = 0;
+    for req in &reqs {
+        match rt.block_on(client.submit_intent(req)) {
+            Ok(IntentOutcome::Signed(_)) => total_signed += 1,
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(ClientError::Api { status: 403, .. }) => {}
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        total_signed <= 10,
+        "{total_signed} signatures against a limit of 10"
+    );
+    assert!(total_signed >= returned.len());
+    let budget = rt.block_on(client.policy()).unwrap();
+    assert!(budget.limits[0].spent_24h_base_units <= 10 * SPEND);
+    assert_eq!(
+        budget.limits[0].spent_24h_base_units,
+        total_signed as u64 * SPEND,
+        "interrupted reservations were released"
+    );
+}
