@@ -223,6 +223,21 @@ fn resolve<'a>(
     }
 }
 
+/// Records a [`violations::LOOKUP_TABLE_ACCOUNT`] and returns true when an
+/// instruction involving our key takes accounts from a lookup table: where
+/// the value goes cannot be known offline.
+fn loaded_accounts(fx: &mut Effects, ix: &Ix<'_>, what: &str) -> bool {
+    if !ix.has_loaded() {
+        return false;
+    }
+    fx.violation(
+        v::LOOKUP_TABLE_ACCOUNT,
+        ix.index,
+        format!("{what} involving our key uses accounts from an address lookup table"),
+    );
+    true
+}
+
 /// Reads fixed-size little-endian fields, requiring the data to end exactly.
 struct Data<'a>(&'a [u8]);
 
@@ -401,15 +416,7 @@ fn system(fx: &mut Effects, ix: &Ix<'_>, ours: &PublicKey) {
     if !ix.involves_us {
         return;
     }
-    if ix.has_loaded() {
-        fx.violation(
-            v::LOOKUP_TABLE_ACCOUNT,
-            ix.index,
-            format!(
-                "{} of {} lamports involving our key uses accounts from an address lookup table",
-                mv.kind, mv.lamports
-            ),
-        );
+    if loaded_accounts(fx, ix, &format!("{} of {} lamports", mv.kind, mv.lamports)) {
         return;
     }
     if let Some(c) = mv.created
@@ -480,14 +487,7 @@ fn token(fx: &mut Effects, ix: &Ix<'_>, program: PublicKey) {
     if !ix.involves_us {
         return;
     }
-    if ix.has_loaded() {
-        fx.violation(
-            v::LOOKUP_TABLE_ACCOUNT,
-            ix.index,
-            format!(
-                "{name} instruction involving our key uses accounts from an address lookup table"
-            ),
-        );
+    if loaded_accounts(fx, ix, &format!("{name} instruction")) {
         return;
     }
     let acct = |i: usize| ix.account(i).flatten();
@@ -600,21 +600,12 @@ fn associated_token(fx: &mut Effects, ix: &Ix<'_>, ours: &PublicKey) {
     }
     // [funder, associated account, wallet, mint, system program, token program]
     if ix.account(0) != Some(Some(*ours)) {
-        if ix.involves_us && ix.has_loaded() {
-            fx.violation(
-                v::LOOKUP_TABLE_ACCOUNT,
-                ix.index,
-                "Associated Token Account create involving our key uses accounts from an address lookup table",
-            );
+        if ix.involves_us {
+            loaded_accounts(fx, ix, "Associated Token Account create");
         }
         return;
     }
-    if ix.has_loaded() {
-        fx.violation(
-            v::LOOKUP_TABLE_ACCOUNT,
-            ix.index,
-            "Associated Token Account create funded by our key uses accounts from an address lookup table",
-        );
+    if loaded_accounts(fx, ix, "Associated Token Account create") {
         return;
     }
     let rent = match ix.account(5).flatten() {
@@ -703,5 +694,280 @@ impl ComputeBudget {
         );
         let fee = (price * limit).div_ceil(1_000_000);
         u64::try_from(fee).unwrap_or(u64::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::solana::decode::MessageVersion;
+
+    const US: PublicKey = PublicKey([1; 32]);
+    const OTHER: PublicKey = PublicKey([2; 32]);
+    const A: PublicKey = PublicKey([3; 32]);
+    const B: PublicKey = PublicKey([4; 32]);
+    const MINT: PublicKey = PublicKey([5; 32]);
+
+    /// Keys: US (payer), OTHER (second signer), A, B, MINT, then the
+    /// programs; `ixs` name programs and accounts by key.
+    fn msg(ixs: &[(PublicKey, &[PublicKey], Vec<u8>)]) -> DecodedMessage {
+        let mut keys = vec![US, OTHER, A, B, MINT];
+        for (p, accts, _) in ixs {
+            for k in std::iter::once(p).chain(accts.iter()) {
+                if !keys.contains(k) {
+                    keys.push(*k);
+                }
+            }
+        }
+        let idx = |k: &PublicKey| keys.iter().position(|x| x == k).unwrap() as u8;
+        let instructions = ixs
+            .iter()
+            .map(|(p, accts, data)| CompiledInstruction {
+                program_id_index: idx(p),
+                accounts: accts.iter().map(idx).collect(),
+                data: data.clone(),
+            })
+            .collect();
+        DecodedMessage {
+            version: MessageVersion::Legacy,
+            num_required_signatures: 2,
+            num_readonly_signed: 0,
+            num_readonly_unsigned: 0,
+            account_keys: keys.clone(),
+            recent_blockhash: [0; 32],
+            instructions,
+            lookups: vec![],
+        }
+    }
+
+    fn rules(fx: &Effects) -> Vec<&'static str> {
+        fx.violations.iter().map(|v| v.rule).collect()
+    }
+
+    fn sys(tag: u32, rest: &[u8]) -> Vec<u8> {
+        [&tag.to_le_bytes()[..], rest].concat()
+    }
+
+    fn token(tag: u8, rest: &[u8]) -> Vec<u8> {
+        [&[tag][..], rest].concat()
+    }
+
+    #[test]
+    fn system_outflows_and_refusals() {
+        let lamports = 7u64.to_le_bytes();
+        let create = [&lamports[..], &0u64.to_le_bytes(), &[9; 32]].concat();
+        let fx = extract_effects(
+            &msg(&[
+                (programs::SYSTEM, &[US, A], sys(2, &lamports)),
+                (programs::SYSTEM, &[US, B], sys(0, &create)),
+                // Someone else's transfer is not ours.
+                (programs::SYSTEM, &[OTHER, A], sys(2, &lamports)),
+            ]),
+            &US,
+        );
+        assert!(fx.violations.is_empty(), "{:?}", fx.violations);
+        let kinds: Vec<_> = fx
+            .sol_outflows
+            .iter()
+            .map(|o| (o.kind, o.to, o.lamports.0))
+            .collect();
+        assert_eq!(kinds, vec![("transfer", A, 7), ("create_account", B, 7)]);
+        assert_eq!(fx.fees, Lamports(10_000), "two signatures, we pay");
+
+        let seed = [
+            &5u64.to_le_bytes()[..],
+            &3u64.to_le_bytes(),
+            b"abc",
+            &[9; 32],
+        ]
+        .concat();
+        let fx = extract_effects(
+            &msg(&[(programs::SYSTEM, &[A, US, B], sys(11, &seed))]),
+            &US,
+        );
+        assert_eq!(fx.sol_outflows[0].kind, "transfer_with_seed");
+        assert_eq!(fx.sol_outflows[0].to, B);
+
+        let cases: [(Vec<u8>, &[PublicKey], &str); 5] = [
+            (
+                sys(1, &[9; 32]),
+                &[US],
+                violations::SYSTEM_INSTRUCTION_NOT_ALLOWED,
+            ),
+            (
+                sys(8, &0u64.to_le_bytes()),
+                &[US],
+                violations::SYSTEM_INSTRUCTION_NOT_ALLOWED,
+            ),
+            (
+                sys(0, &create),
+                &[OTHER, US],
+                violations::SYSTEM_INSTRUCTION_NOT_ALLOWED,
+            ),
+            (sys(4, &[]), &[A, B, OTHER], violations::DURABLE_NONCE),
+            (
+                sys(2, &lamports[..7]),
+                &[US, A],
+                violations::MALFORMED_INSTRUCTION,
+            ),
+        ];
+        for (data, accts, rule) in cases {
+            let fx = extract_effects(&msg(&[(programs::SYSTEM, accts, data.clone())]), &US);
+            assert_eq!(rules(&fx), vec![rule], "{data:?}");
+            assert!(fx.sol_outflows.is_empty());
+        }
+        // Trailing bytes after a transfer's fields are refused, not ignored.
+        let fx = extract_effects(
+            &msg(&[(
+                programs::SYSTEM,
+                &[US, A],
+                sys(2, &[&lamports[..], &[0]].concat()),
+            )]),
+            &US,
+        );
+        assert_eq!(rules(&fx), vec![violations::MALFORMED_INSTRUCTION]);
+    }
+
+    #[test]
+    fn token_transfers_are_outflows_and_authority_operations_are_refused() {
+        let amount = 1_000u64.to_le_bytes();
+        for program in [programs::TOKEN, programs::TOKEN_2022] {
+            let fx = extract_effects(
+                &msg(&[
+                    (
+                        program,
+                        &[A, MINT, B, US],
+                        token(12, &[&amount[..], &[6]].concat()),
+                    ),
+                    (program, &[A, B, US], token(3, &amount)),
+                    (program, &[A, B, OTHER], token(3, &amount)),
+                ]),
+                &US,
+            );
+            assert!(fx.violations.is_empty(), "{:?}", fx.violations);
+            assert_eq!(
+                fx.spl_outflows.len(),
+                2,
+                "the transfer by OTHER is not ours"
+            );
+            assert_eq!(fx.spl_outflows[0].mint, Some(MINT));
+            assert_eq!(fx.spl_outflows[0].decimals, Some(6));
+            assert_eq!(fx.spl_outflows[0].destination, B);
+            assert_eq!(fx.spl_outflows[1].mint, None);
+            assert_eq!(fx.spl_outflows[1].amount, 1_000);
+            for data in [
+                token(4, &amount),
+                token(6, &[2, 0]),
+                token(9, &[]),
+                token(8, &amount),
+                token(15, &[&amount[..], &[6]].concat()),
+                token(7, &amount),
+            ] {
+                let fx = extract_effects(&msg(&[(program, &[A, B, US], data.clone())]), &US);
+                assert_eq!(
+                    rules(&fx),
+                    vec![violations::TOKEN_AUTHORITY_OPERATION],
+                    "{data:?}"
+                );
+            }
+            let fx = extract_effects(&msg(&[(program, &[A, US], token(5, &[]))]), &US);
+            assert!(fx.violations.is_empty(), "revoke only lowers risk");
+        }
+        // Token-2022 extensions and SPL Token batches with our key are not understood.
+        let fx = extract_effects(
+            &msg(&[(programs::TOKEN_2022, &[A, US], token(26, &[1]))]),
+            &US,
+        );
+        assert_eq!(rules(&fx), vec![violations::UNSUPPORTED_INSTRUCTION]);
+        let fx = extract_effects(&msg(&[(programs::TOKEN, &[A, US], token(255, &[]))]), &US);
+        assert_eq!(rules(&fx), vec![violations::UNSUPPORTED_INSTRUCTION]);
+        let fx = extract_effects(&msg(&[(programs::TOKEN, &[A, US], token(3, &[1]))]), &US);
+        assert_eq!(rules(&fx), vec![violations::UNSUPPORTED_INSTRUCTION]);
+    }
+
+    #[test]
+    fn associated_token_account_rent_is_counted() {
+        let accts = [US, A, B, MINT, programs::SYSTEM, programs::TOKEN];
+        let fx = extract_effects(&msg(&[(programs::ASSOCIATED_TOKEN, &accts, vec![1])]), &US);
+        assert!(fx.violations.is_empty(), "{:?}", fx.violations);
+        assert_eq!(fx.sol_outflows[0].kind, "ata_rent");
+        assert_eq!(fx.sol_outflows[0].lamports, Lamports(ATA_RENT_TOKEN));
+        assert_eq!(fx.sol_outflows[0].to, A);
+        let odd = [US, A, B, MINT, programs::SYSTEM, OTHER];
+        let fx = extract_effects(&msg(&[(programs::ASSOCIATED_TOKEN, &odd, vec![])]), &US);
+        assert_eq!(rules(&fx), vec![violations::UNSUPPORTED_INSTRUCTION]);
+        let fx = extract_effects(
+            &msg(&[(programs::ASSOCIATED_TOKEN, &[A, US], vec![2])]),
+            &US,
+        );
+        assert_eq!(rules(&fx), vec![violations::UNSUPPORTED_INSTRUCTION]);
+    }
+
+    #[test]
+    fn compute_budget_fees_and_duplicates() {
+        let price = |p: u64| {
+            (
+                programs::COMPUTE_BUDGET,
+                &[][..],
+                token(3, &p.to_le_bytes()),
+            )
+        };
+        let limit = |l: u32| {
+            (
+                programs::COMPUTE_BUDGET,
+                &[][..],
+                token(2, &l.to_le_bytes()),
+            )
+        };
+        let fx = extract_effects(&msg(&[price(1_000_000), limit(200_000)]), &US);
+        assert!(fx.violations.is_empty());
+        assert_eq!(fx.fees, Lamports(10_000 + 200_000));
+        // Without a limit the runtime maximum is assumed.
+        let fx = extract_effects(&msg(&[price(1)]), &US);
+        assert_eq!(fx.fees, Lamports(10_000 + 2));
+        let fx = extract_effects(&msg(&[price(1), price(2)]), &US);
+        assert_eq!(rules(&fx), vec![violations::MALFORMED_INSTRUCTION]);
+        let fx = extract_effects(&msg(&[(programs::COMPUTE_BUDGET, &[], vec![0])]), &US);
+        assert_eq!(rules(&fx), vec![violations::MALFORMED_INSTRUCTION]);
+        // Another payer: no fees for us.
+        let mut m = msg(&[price(1_000_000)]);
+        m.account_keys.swap(0, 1);
+        let fx = extract_effects(&m, &US);
+        assert_eq!(fx.our_index, Some(1));
+        assert_eq!(fx.fees, Lamports(0));
+    }
+
+    #[test]
+    fn memos_signers_and_unknown_programs() {
+        let fx = extract_effects(&msg(&[(programs::MEMO, &[], vec![0xff, 0xfe])]), &US);
+        assert_eq!(rules(&fx), vec![violations::MALFORMED_INSTRUCTION]);
+        let fx = extract_effects(&msg(&[(programs::MEMO_V1, &[US], b"hi".to_vec())]), &US);
+        assert!(fx.violations.is_empty());
+        let unknown = PublicKey([42; 32]);
+        let fx = extract_effects(&msg(&[(unknown, &[US], vec![])]), &US);
+        assert_eq!(fx.unknown_programs, vec![(0, unknown)]);
+        // A key that is present but not a signer, or absent.
+        let fx = extract_effects(&msg(&[]), &A);
+        assert_eq!(rules(&fx), vec![violations::KEY_NOT_SIGNER]);
+        assert_eq!(fx.our_index, None);
+        let fx = extract_effects(&msg(&[]), &PublicKey([77; 32]));
+        assert_eq!(rules(&fx), vec![violations::KEY_NOT_SIGNER]);
+    }
+
+    #[test]
+    fn lookup_accounts_in_our_instructions_are_refused() {
+        let mut m = msg(&[(programs::SYSTEM, &[US, A], sys(2, &1u64.to_le_bytes()))]);
+        m.version = MessageVersion::V0;
+        m.lookups.push(crate::solana::AddressTableLookup {
+            account_key: PublicKey([50; 32]),
+            writable_indexes: vec![0],
+            readonly_indexes: vec![],
+        });
+        let loaded = m.account_keys.len() as u8;
+        m.instructions[0].accounts[1] = loaded;
+        let fx = extract_effects(&m, &US);
+        assert_eq!(rules(&fx), vec![violations::LOOKUP_TABLE_ACCOUNT]);
+        assert!(fx.sol_outflows.is_empty());
     }
 }
