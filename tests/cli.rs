@@ -199,3 +199,45 @@ fn key_list_sockets_and_offline_commands_on_a_running_instance() {
     assert_eq!(first["payload"]["public_key"], inst.hot.to_string());
     assert_eq!(inst.stop().code(), Some(0));
 }
+
+#[test]
+fn keywardd_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    let inst = Instance::init();
+    let notify_dir = tempfile::tempdir().unwrap();
+    let notify_path = notify_dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut child = Command::new(KEYWARDD)
+        .arg("--config")
+        .arg(&inst.config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = notify.recv(&mut buf).expect("keywardd sends READY=1");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).contains("READY=1"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // Ready means serving: both sockets accept connections at once.
+    std::os::unix::net::UnixStream::connect(&inst.agent_socket).expect("agent socket is up");
+    std::os::unix::net::UnixStream::connect(&inst.admin_socket).expect("admin socket is up");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let n = notify.recv(&mut buf).expect("keywardd sends STOPPING=1");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(child.wait().unwrap().success());
+    assert!(
+        !inst.agent_socket.exists(),
+        "sockets are removed on a clean stop"
+    );
+}

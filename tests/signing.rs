@@ -353,3 +353,45 @@ fn sigterm_finishes_cleanly_and_records_the_stop() {
     let again = rt().block_on(inst.client().get_intent("t1")).unwrap();
     assert!(again.signature.is_some());
 }
+
+#[test]
+fn sigterm_during_a_burst_lets_accepted_requests_finish() {
+    let mut inst = Instance::start_default();
+    let rt = rt();
+    let client = inst.client();
+    let reqs: Vec<_> = (0..24)
+        .map(|i| transfer(&format!("burst-{i}"), &random_pubkey(), "0.01"))
+        .collect();
+    let handles: Vec<_> = reqs
+        .iter()
+        .cloned()
+        .map(|req| {
+            let client = client.clone();
+            rt.spawn(async move { client.submit_intent(&req).await })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let status = inst.stop();
+    assert!(status.success(), "exit status {status}: {}", inst.log());
+    let mut signed_ids = Vec::new();
+    for h in handles {
+        match rt.block_on(h).unwrap() {
+            Ok(IntentOutcome::Signed(s)) => signed_ids.push((s.intent_id, s.signature)),
+            // Not accepted before the listener closed: refused cleanly.
+            Err(ClientError::Connect { .. }) => {}
+            // An accepted request cut off without an answer would show up here.
+            other => panic!("an in-flight request did not finish: {other:?}"),
+        }
+    }
+    eprintln!(
+        "{} of {} signed before the stop",
+        signed_ids.len(),
+        reqs.len()
+    );
+    assert!(inst.audit_verify().status.success());
+    inst.start();
+    for (id, sig) in &signed_ids {
+        let view = rt.block_on(inst.client().get_intent(id)).unwrap();
+        assert_eq!(view.signature.as_deref(), Some(sig.as_str()), "{id}");
+    }
+}
