@@ -171,7 +171,15 @@ pub struct LedgerConfig {
     /// Database path (default `<state_dir>/ledger.sqlite3`).
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// Microseconds the ledger writer waits for more intents to join a
+    /// durable commit (0, the default: commit at once; batches still form
+    /// under load). At most 100000.
+    #[serde(default)]
+    pub commit_delay_us: u64,
 }
+
+/// Largest accepted `ledger.commit_delay_us`.
+pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -274,8 +282,22 @@ impl Config {
                 ));
             }
         }
-        let ledger = raw.ledger.unwrap_or(LedgerConfig { path: None });
+        let ledger = raw.ledger.unwrap_or(LedgerConfig {
+            path: None,
+            commit_delay_us: 0,
+        });
+        if ledger.commit_delay_us > MAX_COMMIT_DELAY_US {
+            return Err(ConfigError::new(
+                file,
+                "ledger.commit_delay_us",
+                format!(
+                    "{} is too long; at most {MAX_COMMIT_DELAY_US} (0.1 s) is accepted",
+                    ledger.commit_delay_us
+                ),
+            ));
+        }
         let ledger = LedgerConfig {
+            commit_delay_us: ledger.commit_delay_us,
             path: Some(
                 ledger
                     .path
@@ -360,6 +382,20 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
         )
         .unwrap_err();
         assert_eq!(err.key, "hsm.env.HSM_PIN");
+    }
+
+    #[test]
+    fn commit_delay_is_bounded_and_type_errors_name_the_key() {
+        let text = format!("{GOOD}\n[ledger]\ncommit_delay_us = 2000\n");
+        let cfg = Config::parse(Path::new("k.toml"), &text).unwrap();
+        assert_eq!(cfg.ledger.commit_delay_us, 2000);
+        let text = format!("{GOOD}\n[ledger]\ncommit_delay_us = 100001\n");
+        let err = Config::parse(Path::new("k.toml"), &text).unwrap_err();
+        assert_eq!(err.key, "ledger.commit_delay_us");
+        let text = format!("{GOOD}\n[ledger]\ncommit_delay_us = \"soon\"\n");
+        let err = Config::parse(Path::new("k.toml"), &text).unwrap_err();
+        assert_eq!(err.key, "ledger.commit_delay_us");
+        assert!(err.position.is_some());
     }
 
     #[test]

@@ -94,6 +94,7 @@ pub fn open_ledger(cfg: &Config) -> Result<Ledger, DaemonError> {
         &cfg.ledger_path(),
         LedgerOptions {
             extra_schema: vec![crate::policy::counters::SCHEMA, crate::intents::SCHEMA],
+            commit_delay: std::time::Duration::from_micros(cfg.ledger.commit_delay_us),
         },
     )?)
 }

@@ -17,9 +17,40 @@ fn policy() -> String {
     )
 }
 
+/// An instance with the limit policy, optionally with a commit delay so
+/// that concurrent intents share durable commits.
+fn instance(commit_delay_us: Option<u64>) -> Instance {
+    let mut inst = Instance::init();
+    inst.write_policy(&policy());
+    if let Some(us) = commit_delay_us {
+        inst.set_commit_delay_us(us);
+    }
+    inst.start();
+    inst
+}
+
 #[test]
 fn sixteen_concurrent_intents_against_a_limit_for_ten_sign_exactly_ten_also_after_restart() {
-    let mut inst = Instance::with_policy(&policy());
+    limit_holds(None);
+}
+
+#[test]
+fn group_commit_sixteen_concurrent_intents_in_shared_commits_sign_exactly_ten() {
+    limit_holds(Some(20_000));
+}
+
+#[test]
+fn kill_9_mid_run_loses_no_returned_signature_and_never_overspends() {
+    kill_9_run(None);
+}
+
+#[test]
+fn group_commit_kill_9_during_a_batch_loses_no_returned_signature_and_never_overspends() {
+    kill_9_run(Some(50_000));
+}
+
+fn limit_holds(commit_delay_us: Option<u64>) {
+    let mut inst = instance(commit_delay_us);
     let rt = rt();
     let client = inst.client();
     let to = random_pubkey();
@@ -68,6 +99,14 @@ fn sixteen_concurrent_intents_against_a_limit_for_ten_sign_exactly_ten_also_afte
         10 * SPEND,
         "counter = 10 × (amount + fee)"
     );
+    if commit_delay_us.is_some() {
+        let health = rt.block_on(client.health()).unwrap();
+        assert!(
+            health.ledger.largest_batch >= 2,
+            "intents shared durable commits: {:?}",
+            health.ledger
+        );
+    }
     assert_eq!(budget.limits[0].remaining_24h, "0");
     let verify = inst.audit_verify();
     assert!(
@@ -101,9 +140,8 @@ fn sixteen_concurrent_intents_against_a_limit_for_ten_sign_exactly_ten_also_afte
     assert!(inst.audit_verify().status.success());
 }
 
-#[test]
-fn kill_9_mid_run_loses_no_returned_signature_and_never_overspends() {
-    let mut inst = Instance::with_policy(&policy());
+fn kill_9_run(commit_delay_us: Option<u64>) {
+    let mut inst = instance(commit_delay_us);
     let rt = rt();
     let to = random_pubkey();
     // The same requests are submitted again after the restart (same ids,

@@ -271,6 +271,13 @@ pub struct LedgerHealth {
     pub audit_breaker: String,
     /// Consecutive failed ledger writes.
     pub consecutive_failures: u32,
+    /// Durable commits since keywardd started (group commit: one commit
+    /// holds the entries of many intents).
+    #[serde(default)]
+    pub commits: u64,
+    /// Most write jobs one commit held.
+    #[serde(default)]
+    pub largest_batch: u64,
 }
 
 /// Admin API: body of `POST /v1/admin/breakers/{name}/reset` responses.

@@ -166,6 +166,8 @@ impl Signer {
                 head_seq: l.head_seq,
                 audit_breaker: if l.breaker_open { "open" } else { "closed" }.to_owned(),
                 consecutive_failures: l.consecutive_failures,
+                commits: l.commits,
+                largest_batch: l.largest_batch,
             },
         }
     }

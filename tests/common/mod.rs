@@ -94,6 +94,15 @@ impl Instance {
         inst
     }
 
+    /// Adds a `[ledger]` section with `commit_delay_us` to keyward.toml, so
+    /// that concurrent intents are committed together (group commit).
+    pub fn set_commit_delay_us(&self, us: u64) {
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        assert!(!text.contains("[ledger]"), "already set");
+        text.push_str(&format!("\n[ledger]\ncommit_delay_us = {us}\n"));
+        std::fs::write(&self.config, text).unwrap();
+    }
+
     /// Replaces policy.toml (`{UID}` → this process's uid).
     pub fn write_policy(&self, policy: &str) {
         std::fs::write(&self.policy, policy.replace("{UID}", &my_uid().to_string())).unwrap();
