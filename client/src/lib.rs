@@ -33,6 +33,7 @@ pub mod blocking;
 pub mod wire;
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -106,13 +107,20 @@ impl ClientError {
     }
 }
 
-/// Async client of the agent (or admin) socket. Cheap to clone; every
-/// request uses its own connection.
+/// Async client of the agent (or admin) socket. Cheap to clone; clones
+/// share a small pool of kept-alive connections, so a busy agent does not
+/// pay a new connection per request.
 #[derive(Clone, Debug)]
 pub struct Client {
     socket: PathBuf,
     timeout: Duration,
+    idle: Arc<Mutex<Vec<Sender>>>,
 }
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// Idle connections kept per client (and its clones).
+const MAX_IDLE: usize = 64;
 
 fn snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
@@ -165,6 +173,7 @@ impl Client {
         Client {
             socket: socket.as_ref().to_path_buf(),
             timeout: DEFAULT_TIMEOUT,
+            idle: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
@@ -242,12 +251,34 @@ impl Client {
             .map_err(|_| ClientError::Timeout)?
     }
 
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        payload: Option<Vec<u8>>,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+    /// An idle kept-alive connection that is ready, if there is one.
+    fn take_idle(&self) -> Option<Sender> {
+        let mut idle = match self.idle.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        while let Some(sender) = idle.pop() {
+            if sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = match self.idle.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
+    }
+
+    async fn connect(&self) -> Result<Sender, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect {
@@ -255,12 +286,23 @@ impl Client {
                 source,
             })?;
         let io = hyper_util::rt::TokioIo::new(stream);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(io)
+        let (sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(io)
             .await
             .map_err(|e| ClientError::Protocol(format!("HTTP handshake failed: {e}")))?;
-        let driver = tokio::spawn(async move {
+        // The connection's driver lives as long as the connection: until
+        // the server closes it or the last sender is dropped.
+        tokio::spawn(async move {
             let _ = conn.await;
         });
+        Ok(sender)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        payload: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let mut builder = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -268,25 +310,49 @@ impl Client {
         if payload.is_some() {
             builder = builder.header(CONTENT_TYPE, "application/json");
         }
-        let request = builder
+        let mut request = builder
             .body(Full::new(Bytes::from(payload.unwrap_or_default())))
             .map_err(|e| ClientError::Protocol(format!("invalid request: {e}")))?;
-        let result = async {
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| ClientError::Protocol(format!("request failed: {e}")))?;
-            let status = response.status();
-            let body = Limited::new(response.into_body(), MAX_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| ClientError::Protocol(format!("cannot read the answer: {e}")))?
-                .to_bytes();
-            Ok((status, body))
-        }
-        .await;
-        driver.abort();
-        result
+        // A kept-alive connection may have been closed by the daemon while
+        // idle; a request it did not send goes out again on a new one.
+        let mut sender = loop {
+            let Some(mut sender) = self.take_idle() else {
+                break self.connect().await?;
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => return self.finish(sender, response).await,
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => {
+                        return Err(ClientError::Protocol(format!(
+                            "request failed: {}",
+                            e.into_error()
+                        )));
+                    }
+                },
+            }
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("request failed: {e}")))?;
+        self.finish(sender, response).await
+    }
+
+    /// Reads the whole answer, then returns the connection to the pool.
+    async fn finish(
+        &self,
+        sender: Sender,
+        response: hyper::Response<hyper::body::Incoming>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("cannot read the answer: {e}")))?
+            .to_bytes();
+        self.put_idle(sender);
+        Ok((status, body))
     }
 }
 

@@ -198,3 +198,81 @@ fn get_intent_encodes_the_id_and_blocking_client_works_from_a_plain_thread() {
     assert_eq!(seen.path, "/v1/intents/pay%2F1");
     assert!(seen.body.is_empty());
 }
+
+/// A server that counts accepted connections; with `keep_alive` false it
+/// closes every connection after one answer.
+fn counting_server(
+    keep_alive: bool,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::runtime::Runtime,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.sock");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(async { tokio::net::UnixListener::bind(&path) })
+        .unwrap();
+    let count = Arc::clone(&accepted);
+    rt.spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(keep_alive)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (dir, path, accepted, rt)
+}
+
+#[test]
+fn sequential_requests_reuse_one_kept_alive_connection() {
+    let (_dir, path, accepted, _srv) = counting_server(true);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = Client::new(&path);
+    let clone = client.clone();
+    for i in 0..6 {
+        let c = if i % 2 == 0 { &client } else { &clone };
+        let (status, body) = rt
+            .block_on(c.request_json::<()>(keyward_client::Method::GET, "/x", None))
+            .unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(&body[..], b"{}");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_server_that_closes_connections_is_handled_transparently() {
+    let (_dir, path, accepted, _srv) = counting_server(false);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = Client::new(&path);
+    for _ in 0..5 {
+        let (status, _) = rt
+            .block_on(client.request_json::<()>(keyward_client::Method::GET, "/x", None))
+            .unwrap();
+        assert_eq!(status, 200);
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
+}

@@ -52,6 +52,30 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Measure keyward's cost against the HSM's: raw signing rate,
+    /// end-to-end intents per second with latency, latency at 80 % load and
+    /// ledger appends, on a scratch SoftHSM2 instance (no real instance is
+    /// touched).
+    Bench {
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Concurrent agent clients (default: 2 × cores).
+        #[arg(long)]
+        clients: Option<usize>,
+        /// Signing threads in the raw HSM phase (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Seconds of each end-to-end phase (the raw and ledger phases take half).
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// The keywardd binary (default: next to this program).
+        #[arg(long)]
+        keywardd: Option<PathBuf>,
+        /// PKCS#11 module of SoftHSM2 (default: the Debian location).
+        #[arg(long)]
+        module: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -148,8 +172,57 @@ fn db_path(cli_config: &Path, db: Option<PathBuf>) -> Result<PathBuf, Failure> {
     }
 }
 
+fn bench(
+    json: bool,
+    clients: Option<usize>,
+    threads: Option<usize>,
+    duration: f64,
+    keywardd: Option<PathBuf>,
+    module: Option<PathBuf>,
+) -> Result<(), Failure> {
+    if !(0.5..=3600.0).contains(&duration) {
+        return Err(Failure(
+            2,
+            anyhow!("--duration must be between 0.5 and 3600 seconds"),
+        ));
+    }
+    let keywardd = match keywardd {
+        Some(k) => k,
+        None => std::env::current_exe()
+            .context("cannot find this program's path")?
+            .with_file_name("keywardd"),
+    };
+    let mut opts = keyward::bench::BenchOptions::for_this_machine(keywardd);
+    opts.clients = clients.unwrap_or(opts.clients).max(1);
+    opts.threads = threads.unwrap_or(opts.threads).max(1);
+    opts.duration = std::time::Duration::from_secs_f64(duration);
+    opts.module = module;
+    opts.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let report = keyward::bench::run(&opts)?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    if report.errors > 0 {
+        return Err(Failure(
+            1,
+            anyhow!("{} requests were not signed", report.errors),
+        ));
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Bench {
+            json,
+            clients,
+            threads,
+            duration,
+            keywardd,
+            module,
+        } => bench(json, clients, threads, duration, keywardd, module),
         Command::Init { dev, module } => init_dev(&dev, module),
         Command::Audit { command } => match command {
             AuditCommand::Verify { db } => {

@@ -13,11 +13,12 @@
 //! ```
 //! The first entry has seq 1 and a prev_hash of 32 zero bytes.
 //!
-//! The database runs in WAL mode with `synchronous=FULL`; one thread owns the
-//! only writable connection ([`Ledger`]). Callers hand it closures that append
-//! entries and update the tables that live beside the chain (spend counters,
-//! intent records) in the same transaction, and get their result only once
-//! that transaction is durably committed.
+//! The database runs in WAL mode; one thread owns the only writable
+//! connection ([`Ledger`]). Callers hand it closures that append entries and
+//! update the tables that live beside the chain (spend counters, intent
+//! records) in the same transaction, and get their result only once that
+//! transaction is committed and the log synced to disk (group commit: one
+//! sync for every job waiting at the time).
 
 mod verify;
 mod writer;

@@ -4,9 +4,13 @@
 //! over a [`LedgerTxn`]; the writer takes every job that is waiting, runs
 //! each inside its own savepoint of one `BEGIN IMMEDIATE` transaction (so a
 //! failing job changes nothing, and later jobs in the batch see the effects
-//! of earlier ones), commits once with `synchronous=FULL`, and only then
-//! answers the callers. A caller therefore never holds a result, such as a
-//! signature, whose ledger entry is not durable.
+//! of earlier ones), commits once, syncs the write-ahead log once
+//! (`fdatasync`, what `synchronous=FULL` would do) when any job in the batch
+//! needs durability, and only then answers the callers. A caller therefore
+//! never holds a result, such as a signature, whose ledger entry is not
+//! durable. Only jobs that release nothing may opt out of the wait
+//! ([`LedgerTxn::skip_sync`]); the log is written in order, so the next sync
+//! covers them.
 //!
 //! Write failures are counted; after [`BREAKER_THRESHOLD`] in a row the audit
 //! breaker opens and every write is refused until an operator resets it.
@@ -54,6 +58,9 @@ pub struct LedgerHealthState {
     pub jobs_committed: u64,
     /// Most jobs one commit contained.
     pub largest_batch: u64,
+    /// Syncs of the write-ahead log (commits whose answers waited for the
+    /// disk).
+    pub syncs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +75,7 @@ pub struct LedgerTxn<'a> {
     conn: &'a Connection,
     head: Head,
     now_ms: i64,
+    sync: bool,
 }
 
 impl LedgerTxn<'_> {
@@ -119,6 +127,18 @@ impl LedgerTxn<'_> {
         self.conn
     }
 
+    /// Lets this job be answered once its transaction has committed,
+    /// without waiting for the write-ahead log to reach the disk. Only for
+    /// jobs whose outcome releases nothing to anyone (an allowed decision
+    /// before signing): the next synced commit, which any released
+    /// signature waits for, makes these entries durable too, because the
+    /// log is written in order. A crash before that loses only decisions
+    /// whose signatures were never released. Every other job is synced
+    /// before its answer (the default).
+    pub fn skip_sync(&mut self) {
+        self.sync = false;
+    }
+
     /// The transaction's clock (milliseconds since the Unix epoch), never
     /// earlier than the last entry's.
     pub fn now_ms(&self) -> i64 {
@@ -166,6 +186,7 @@ struct Shared {
     commits: AtomicU64,
     jobs_committed: AtomicU64,
     largest_batch: AtomicU64,
+    syncs: AtomicU64,
 }
 
 /// Handle of the ledger writer. Cheap to clone; all clones feed the same
@@ -267,8 +288,10 @@ impl Ledger {
                 format!("cannot switch to WAL mode (journal_mode is {mode})"),
             ));
         }
+        // Commits do not sync by themselves: the writer syncs the log after
+        // every commit whose answers need durability (see `skip_sync`).
         conn.execute_batch(
-            "PRAGMA synchronous = FULL;
+            "PRAGMA synchronous = NORMAL;
              PRAGMA foreign_keys = ON;
              PRAGMA busy_timeout = 5000;
              PRAGMA wal_autocheckpoint = 1000;",
@@ -277,10 +300,10 @@ impl Ledger {
         let sync: i64 = conn
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .map_err(|e| open_err(path, e))?;
-        if sync != 2 {
+        if sync != 1 {
             return Err(open_err(
                 path,
-                format!("synchronous is {sync}, expected FULL (2)"),
+                format!("synchronous is {sync}, expected NORMAL (1)"),
             ));
         }
         let mut schema = String::from(SCHEMA);
@@ -300,6 +323,7 @@ impl Ledger {
             commits: AtomicU64::new(0),
             jobs_committed: AtomicU64::new(0),
             largest_batch: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
@@ -382,6 +406,7 @@ impl Ledger {
             commits: self.shared.commits.load(Ordering::Relaxed),
             jobs_committed: self.shared.jobs_committed.load(Ordering::Relaxed),
             largest_batch: self.shared.largest_batch.load(Ordering::Relaxed),
+            syncs: self.shared.syncs.load(Ordering::Relaxed),
         }
     }
 
@@ -594,11 +619,43 @@ impl Writer {
         let now = now_ms();
         let mut head = self.head;
         let mut results: Vec<(AnyResult, Reply)> = Vec::with_capacity(runnable.len());
+        let mut need_sync = false;
         for (f, reply) in runnable {
-            let result = self.run_job(f, &mut head, now);
+            let (result, sync) = self.run_job(f, &mut head, now);
+            need_sync |= result.is_ok() && sync;
             results.push((result, reply));
         }
-        match self.conn.execute_batch("COMMIT") {
+        let committed = self.conn.execute_batch("COMMIT");
+        let synced = match &committed {
+            Ok(()) if need_sync => match self.sync_wal() {
+                Ok(()) => {
+                    self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(e) => Err(format!("cannot sync the ledger's write-ahead log: {e}")),
+            },
+            _ => Ok(()),
+        };
+        if let (Ok(()), Err(msg)) = (&committed, &synced) {
+            // The batch is committed but may not be on disk: nothing that
+            // waited for durability is answered with success, and the
+            // breaker opens at once, since the kernel may have dropped the
+            // unwritten pages (a later sync could succeed without them).
+            tracing::error!(error = %msg, "ledger sync failed; opening the audit breaker");
+            self.head = head;
+            self.shared.head_seq.store(head.seq, Ordering::SeqCst);
+            self.trip(msg);
+            for (result, reply) in results {
+                reply.send(result.and_then(|_| {
+                    Err(LedgerError::Sqlite(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
+                        Some(msg.clone()),
+                    )))
+                }));
+            }
+            return;
+        }
+        match committed {
             Ok(()) => {
                 self.head = head;
                 self.shared.head_seq.store(head.seq, Ordering::SeqCst);
@@ -633,12 +690,17 @@ impl Writer {
         }
     }
 
-    fn run_job(&self, f: JobFn, head: &mut Head, now: i64) -> AnyResult {
-        self.conn.execute_batch("SAVEPOINT job")?;
+    /// Runs one job in its own savepoint; returns its result and whether
+    /// its answer must wait for the log to be synced.
+    fn run_job(&self, f: JobFn, head: &mut Head, now: i64) -> (AnyResult, bool) {
+        if let Err(e) = self.conn.execute_batch("SAVEPOINT job") {
+            return (Err(e.into()), true);
+        }
         let mut txn = LedgerTxn {
             conn: &self.conn,
             head: *head,
             now_ms: now,
+            sync: true,
         };
         // A panicking job must not take the single writer down with it:
         // it fails like any other job and its savepoint is rolled back.
@@ -651,30 +713,55 @@ impl Writer {
                     .unwrap_or_else(|| "unknown panic".to_owned());
                 Err(LedgerError::JobPanicked(msg))
             });
-        match result {
-            Ok(v) => {
-                let new_head = txn.head;
-                match self.conn.execute_batch("RELEASE job") {
-                    Ok(()) => {
-                        *head = new_head;
-                        Ok(v)
-                    }
-                    Err(e) => {
-                        let _ = self.conn.execute_batch("ROLLBACK TO job; RELEASE job");
-                        Err(e.into())
-                    }
+        let sync = txn.sync;
+        let new_head = txn.head;
+        let result = match result {
+            Ok(v) => match self.conn.execute_batch("RELEASE job") {
+                Ok(()) => {
+                    *head = new_head;
+                    Ok(v)
                 }
-            }
+                Err(e) => {
+                    let _ = self.conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                    Err(e.into())
+                }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "ledger job failed; its changes were rolled back");
                 let _ = self.conn.execute_batch("ROLLBACK TO job; RELEASE job");
                 Err(e)
             }
-        }
+        };
+        (result, sync)
+    }
+
+    /// Makes every committed transaction durable: `fdatasync` of the
+    /// write-ahead log, which is what `synchronous=FULL` does at each
+    /// commit in WAL mode, done here only for batches that need it.
+    fn sync_wal(&self) -> std::io::Result<()> {
+        let mut wal = self.shared.path.clone().into_os_string();
+        wal.push("-wal");
+        std::fs::File::open(&wal)?.sync_data()
     }
 
     fn succeeded(&self) {
         self.shared.consecutive_failures.store(0, Ordering::SeqCst);
+    }
+
+    /// Opens the audit breaker at once (a failed sync).
+    fn trip(&self, msg: &str) {
+        self.shared
+            .consecutive_failures
+            .fetch_add(1, Ordering::SeqCst);
+        match self.shared.last_error.lock() {
+            Ok(mut g) => *g = msg.to_owned(),
+            Err(p) => *p.into_inner() = msg.to_owned(),
+        }
+        if !self.shared.breaker_open.swap(true, Ordering::SeqCst) {
+            self.shared
+                .tripped_at_ms
+                .store(u64::try_from(now_ms()).unwrap_or(0), Ordering::SeqCst);
+        }
     }
 
     fn failed(&self, msg: &str) {
@@ -855,6 +942,45 @@ mod tests {
         assert!(h.largest_batch >= 2, "jobs were committed together: {h:?}");
         assert!(h.commits < h.jobs_committed, "{h:?}");
         l.close_blocking().unwrap();
+    }
+
+    #[test]
+    fn only_jobs_that_need_durability_sync_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(&dir.path().join("l.sqlite3"), LedgerOptions::default()).unwrap();
+        let mode: i64 = l
+            .write_blocking(|t| Ok(t.conn().query_row("PRAGMA synchronous", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(mode, 1, "commits alone do not sync; the writer does");
+        let syncs0 = l.health().syncs;
+        l.write_blocking(|t| {
+            t.skip_sync();
+            t.append(EventType::IntentReceived, Some("a"), None, b"{}")
+        })
+        .unwrap();
+        assert_eq!(
+            l.health().syncs,
+            syncs0,
+            "a skip_sync job is answered after the commit alone"
+        );
+        l.write_blocking(|t| t.append(EventType::SignatureCreated, Some("a"), None, b"{}"))
+            .unwrap();
+        assert_eq!(
+            l.health().syncs,
+            syncs0 + 1,
+            "a default job waits for the sync"
+        );
+        // Both are committed and chained.
+        let (n, head): (i64, i64) = l
+            .reader()
+            .unwrap()
+            .query_row("SELECT count(*), max(seq) FROM ledger", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((n, head), (2, 2));
+        l.close_blocking().unwrap();
+        assert!(crate::ledger::verify_database(&dir.path().join("l.sqlite3")).is_ok());
     }
 
     #[test]

@@ -220,7 +220,7 @@ impl Signer {
                 }
                 let now = txn.now_ms();
                 let entry = txn.append(EventType::IntentReceived, Some(&intent_id), Some(agent_name), &received)?;
-                let spent = counters::spent_24h(txn.conn(), agent_name, SOL, now)?;
+                let spent = counters::spent_24h_advance(txn.conn(), agent_name, SOL, now)?;
                 let decision = match &effects {
                     Some(effects) if pre_reasons.is_empty() => evaluate(&agent, &key, effects, spent),
                     _ => Decision {
@@ -269,6 +269,9 @@ impl Signer {
                         now_ms: now,
                     },
                 )?;
+                // Nothing is released on this answer: the signature is, and its
+                // commit is synced, which makes these entries durable too.
+                txn.skip_sync();
                 Ok(Admission::Allowed {
                     sol_spend: decision.sol_spend,
                 })
