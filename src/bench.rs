@@ -47,6 +47,10 @@ pub struct BenchOptions {
     pub keywardd: PathBuf,
     /// PKCS#11 module of SoftHSM2 (default: the Debian location).
     pub module: Option<PathBuf>,
+    /// Ledger entries (with their intent and spend rows, older than the
+    /// 24-hour window) written before the run, to see how cost grows with
+    /// the size of the ledger.
+    pub prefill: u64,
     /// Show progress on stderr.
     pub progress: bool,
 }
@@ -62,6 +66,7 @@ impl BenchOptions {
             duration: Duration::from_secs(10),
             keywardd,
             module: None,
+            prefill: 0,
             progress: false,
         }
     }
@@ -122,6 +127,12 @@ pub struct BenchReport {
     pub commits_during_max: u64,
     /// Requests that did not end in a signature (must be 0).
     pub errors: u64,
+    /// Entries in the ledger before the run.
+    pub prefilled_entries: u64,
+    /// Entries in the ledger after the run.
+    pub ledger_entries: u64,
+    /// `keyward audit verify` speed over the whole ledger after the run.
+    pub audit_verify_entries_per_s: f64,
     /// Where the scratch instance was (removed after the run).
     pub scratch_dir: String,
 }
@@ -549,6 +560,61 @@ async fn ledger_phase(
     Ok((entries as f64 / elapsed.as_secs_f64(), largest))
 }
 
+/// Writes `n` old entries, each with its intent record and a spent
+/// reservation from two days ago, as a long-running signer would have.
+fn prefill(cfg: &Config, n: u64, progress_on: bool) -> Result<(), BenchError> {
+    let ledger = crate::daemon::open_ledger(cfg).map_err(setup)?;
+    let payload = vec![b'x'; 400];
+    let chunk = 5_000u64;
+    let mut done = 0u64;
+    while done < n {
+        let count = chunk.min(n - done);
+        let start = done;
+        let payload = payload.clone();
+        ledger
+            .write_blocking(move |t| {
+                let old = t.now_ms() - 2 * crate::policy::counters::DAY_MS;
+                for i in start..start + count {
+                    let id = format!("prefill-{i}");
+                    let entry = t.append(
+                        EventType::SignatureCreated,
+                        Some(&id),
+                        Some("bench"),
+                        &payload,
+                    )?;
+                    crate::intents::insert(
+                        t.conn(),
+                        &crate::intents::NewIntent {
+                            agent: "bench",
+                            intent_id: &id,
+                            content_hash: &[0; 32],
+                            status: "signed",
+                            reply: Some((200, b"{}")),
+                            received_seq: entry.seq.0,
+                            now_ms: old,
+                        },
+                    )?;
+                    crate::policy::counters::reserve(
+                        t.conn(),
+                        "bench",
+                        "SOL",
+                        &id,
+                        Lamports(1000),
+                        old,
+                    )?;
+                    crate::policy::counters::confirm(t.conn(), "bench", &id)?;
+                }
+                Ok(())
+            })
+            .map_err(setup)?;
+        done += count;
+        if progress_on && done.is_multiple_of(100_000) {
+            progress(true, &format!("prefilled {done} of {n} entries"));
+        }
+    }
+    ledger.close_blocking().map_err(setup)
+}
+
 /// Runs the benchmark. Call from `main` before any other thread exists:
 /// the scratch token's configuration path is put into the environment for
 /// the PKCS#11 module.
@@ -572,6 +638,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let inst = crate::dev::init_dev(&inst_dir, &module, uid).map_err(setup)?;
     std::fs::write(inst_dir.join("policy.toml"), bench_policy(uid)).map_err(setup)?;
     let cfg = Config::load(&inst.config).map_err(setup)?;
+    if opts.prefill > 0 {
+        progress(
+            opts.progress,
+            &format!("prefilling the ledger with {} entries", opts.prefill),
+        );
+        prefill(&cfg, opts.prefill, opts.progress)?;
+    }
 
     // (a) Raw HSM signing, before keywardd runs, so nothing competes.
     let raw_time = opts.duration / 2;
@@ -656,6 +729,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         ledger_time,
     ))?;
 
+    let verify_start = Instant::now();
+    let verified = crate::ledger::verify_database(&cfg.ledger_path()).map_err(setup)?;
+    let verify_time = verify_start.elapsed();
+
     let per_intent = |cpu: Duration| {
         if max.signed == 0 {
             0.0
@@ -694,6 +771,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         client_cpu_us_per_intent: per_intent(c_cpu),
         commits_during_max: commits,
         errors: warm.errors + max.errors + at80.errors,
+        prefilled_entries: opts.prefill,
+        ledger_entries: verified.entries,
+        audit_verify_entries_per_s: verified.entries as f64 / verify_time.as_secs_f64().max(1e-9),
         scratch_dir: scratch.0.display().to_string(),
     })
 }
@@ -786,6 +866,16 @@ impl BenchReport {
             "ledger commits in (b)",
             format!("{}", self.commits_during_max),
             "",
+        );
+        row(
+            "ledger entries before / after the run",
+            format!("{} / {}", self.prefilled_entries, self.ledger_entries),
+            "",
+        );
+        row(
+            "audit verify, entries per s",
+            format!("{:.0}", self.audit_verify_entries_per_s),
+            "target >= 100000",
         );
         row("errors", format!("{}", self.errors), "must be 0");
         t

@@ -75,6 +75,10 @@ enum Command {
         /// PKCS#11 module of SoftHSM2 (default: the Debian location).
         #[arg(long)]
         module: Option<PathBuf>,
+        /// Ledger entries to write before the run (to measure how cost grows
+        /// with the ledger's size).
+        #[arg(long, default_value_t = 0)]
+        prefill: u64,
     },
 }
 
@@ -179,6 +183,7 @@ fn bench(
     duration: f64,
     keywardd: Option<PathBuf>,
     module: Option<PathBuf>,
+    prefill: u64,
 ) -> Result<(), Failure> {
     if !(0.5..=3600.0).contains(&duration) {
         return Err(Failure(
@@ -197,6 +202,7 @@ fn bench(
     opts.threads = threads.unwrap_or(opts.threads).max(1);
     opts.duration = std::time::Duration::from_secs_f64(duration);
     opts.module = module;
+    opts.prefill = prefill;
     opts.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let report = keyward::bench::run(&opts)?;
     if json {
@@ -222,7 +228,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             duration,
             keywardd,
             module,
-        } => bench(json, clients, threads, duration, keywardd, module),
+            prefill,
+        } => bench(json, clients, threads, duration, keywardd, module, prefill),
         Command::Init { dev, module } => init_dev(&dev, module),
         Command::Audit { command } => match command {
             AuditCommand::Verify { db } => {

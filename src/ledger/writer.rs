@@ -187,6 +187,8 @@ struct Shared {
     jobs_committed: AtomicU64,
     largest_batch: AtomicU64,
     syncs: AtomicU64,
+    /// A sync failed: nothing durable can be promised until a restart.
+    sync_failed: AtomicBool,
 }
 
 /// Handle of the ledger writer. Cheap to clone; all clones feed the same
@@ -294,7 +296,7 @@ impl Ledger {
             "PRAGMA synchronous = NORMAL;
              PRAGMA foreign_keys = ON;
              PRAGMA busy_timeout = 5000;
-             PRAGMA wal_autocheckpoint = 1000;",
+             PRAGMA wal_autocheckpoint = 0;",
         )
         .map_err(|e| open_err(path, e))?;
         let sync: i64 = conn
@@ -324,8 +326,16 @@ impl Ledger {
             jobs_committed: AtomicU64::new(0),
             largest_batch: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
+            sync_failed: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel();
+        let checkpointer = Checkpointer::start(path).map_err(|e| open_err(path, e))?;
+        let (sync_tx, sync_rx) = mpsc::channel();
+        let syncer_shared = Arc::clone(&shared);
+        let syncer_thread = std::thread::Builder::new()
+            .name("keyward-ledger-sync".into())
+            .spawn(move || run_syncer(syncer_shared, sync_rx))
+            .map_err(|e| open_err(path, format!("cannot start the sync thread: {e}")))?;
         let thread_shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("keyward-ledger".into())
@@ -335,6 +345,9 @@ impl Ledger {
                     head,
                     shared: thread_shared,
                     commit_delay: options.commit_delay,
+                    syncer: Some(sync_tx),
+                    syncer_thread: Some(syncer_thread),
+                    checkpointer: Some(checkpointer),
                     _lock: lock,
                 }
                 .run(rx)
@@ -500,6 +513,11 @@ struct Writer {
     head: Head,
     shared: Arc<Shared>,
     commit_delay: std::time::Duration,
+    /// Hands committed answers that need durability to the syncer thread.
+    syncer: Option<mpsc::Sender<Durable>>,
+    syncer_thread: Option<std::thread::JoinHandle<()>>,
+    /// Copies the log into the database off the writer thread.
+    checkpointer: Option<Checkpointer>,
     /// Held until the writer thread ends: one writer per database.
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -579,6 +597,15 @@ impl Writer {
                 }
             }
         }
+        // Let the syncer answer everything committed before the log is
+        // checkpointed and the database closed.
+        drop(self.syncer.take());
+        if let Some(t) = self.syncer_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(c) = self.checkpointer.take() {
+            c.stop();
+        }
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
         let Writer {
             conn, _lock: lock, ..
@@ -618,44 +645,12 @@ impl Writer {
         }
         let now = now_ms();
         let mut head = self.head;
-        let mut results: Vec<(AnyResult, Reply)> = Vec::with_capacity(runnable.len());
-        let mut need_sync = false;
+        let mut results: Vec<(AnyResult, Reply, bool)> = Vec::with_capacity(runnable.len());
         for (f, reply) in runnable {
             let (result, sync) = self.run_job(f, &mut head, now);
-            need_sync |= result.is_ok() && sync;
-            results.push((result, reply));
+            results.push((result, reply, sync));
         }
-        let committed = self.conn.execute_batch("COMMIT");
-        let synced = match &committed {
-            Ok(()) if need_sync => match self.sync_wal() {
-                Ok(()) => {
-                    self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
-                }
-                Err(e) => Err(format!("cannot sync the ledger's write-ahead log: {e}")),
-            },
-            _ => Ok(()),
-        };
-        if let (Ok(()), Err(msg)) = (&committed, &synced) {
-            // The batch is committed but may not be on disk: nothing that
-            // waited for durability is answered with success, and the
-            // breaker opens at once, since the kernel may have dropped the
-            // unwritten pages (a later sync could succeed without them).
-            tracing::error!(error = %msg, "ledger sync failed; opening the audit breaker");
-            self.head = head;
-            self.shared.head_seq.store(head.seq, Ordering::SeqCst);
-            self.trip(msg);
-            for (result, reply) in results {
-                reply.send(result.and_then(|_| {
-                    Err(LedgerError::Sqlite(rusqlite::Error::SqliteFailure(
-                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
-                        Some(msg.clone()),
-                    )))
-                }));
-            }
-            return;
-        }
-        match committed {
+        match self.conn.execute_batch("COMMIT") {
             Ok(()) => {
                 self.head = head;
                 self.shared.head_seq.store(head.seq, Ordering::SeqCst);
@@ -665,12 +660,27 @@ impl Writer {
                     .jobs_committed
                     .fetch_add(jobs, Ordering::Relaxed);
                 self.shared.largest_batch.fetch_max(jobs, Ordering::Relaxed);
-                for (result, reply) in results {
+                // Answers that need durability wait for the syncer; the
+                // writer goes on with the next batch meanwhile.
+                let mut durable = Vec::new();
+                for (result, reply, sync) in results {
                     match &result {
                         Ok(_) => self.succeeded(),
                         Err(e) => self.failed(&e.to_string()),
                     }
-                    reply.send(result);
+                    if result.is_ok() && sync {
+                        durable.push((result, reply));
+                    } else {
+                        reply.send(result);
+                    }
+                }
+                if !durable.is_empty()
+                    && let Some(syncer) = &self.syncer
+                    && let Err(mpsc::SendError(lost)) = syncer.send(durable)
+                {
+                    for (_, reply) in lost {
+                        reply.send(Err(LedgerError::Closed));
+                    }
                 }
             }
             Err(e) => {
@@ -682,7 +692,7 @@ impl Writer {
                 if let Ok(h) = load_head(&self.conn) {
                     self.head = h;
                 }
-                for (_, reply) in results {
+                for (_, reply, _) in results {
                     self.failed(&msg);
                     reply.send(Err(LedgerError::Sqlite(clone_err(&e))));
                 }
@@ -735,33 +745,8 @@ impl Writer {
         (result, sync)
     }
 
-    /// Makes every committed transaction durable: `fdatasync` of the
-    /// write-ahead log, which is what `synchronous=FULL` does at each
-    /// commit in WAL mode, done here only for batches that need it.
-    fn sync_wal(&self) -> std::io::Result<()> {
-        let mut wal = self.shared.path.clone().into_os_string();
-        wal.push("-wal");
-        std::fs::File::open(&wal)?.sync_data()
-    }
-
     fn succeeded(&self) {
         self.shared.consecutive_failures.store(0, Ordering::SeqCst);
-    }
-
-    /// Opens the audit breaker at once (a failed sync).
-    fn trip(&self, msg: &str) {
-        self.shared
-            .consecutive_failures
-            .fetch_add(1, Ordering::SeqCst);
-        match self.shared.last_error.lock() {
-            Ok(mut g) => *g = msg.to_owned(),
-            Err(p) => *p.into_inner() = msg.to_owned(),
-        }
-        if !self.shared.breaker_open.swap(true, Ordering::SeqCst) {
-            self.shared
-                .tripped_at_ms
-                .store(u64::try_from(now_ms()).unwrap_or(0), Ordering::SeqCst);
-        }
     }
 
     fn failed(&self, msg: &str) {
@@ -783,6 +768,133 @@ impl Writer {
                 last_error = %msg,
                 "audit breaker OPEN: the ledger failed {n} times in a row; nothing will be signed until `keyward breaker reset audit`"
             );
+        }
+    }
+}
+
+/// Checkpoints the write-ahead log from its own connection and thread.
+///
+/// SQLite's automatic checkpoint would run inside the writer's commit and
+/// stall every intent behind it (tens of milliseconds with two syncs).
+/// Here a PASSIVE checkpoint runs every [`CHECKPOINT_EVERY`] next to the
+/// writer, which goes on appending; the log restarts from its beginning
+/// once a checkpoint has caught up. Only if the log still grows past
+/// [`CHECKPOINT_FORCE_FRAMES`] does a RESTART checkpoint make the writer
+/// wait for it, so the log cannot grow without bound.
+struct Checkpointer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// How often the checkpointer runs.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Log size (in frames of one page) above which writers wait for a
+/// checkpoint.
+const CHECKPOINT_FORCE_FRAMES: i64 = 65_536;
+
+impl Checkpointer {
+    fn start(db: &Path) -> Result<Checkpointer, String> {
+        let conn = Connection::open_with_flags(
+            db,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| format!("cannot open the checkpoint connection: {e}"))?;
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;")
+            .map_err(|e| format!("cannot set up the checkpoint connection: {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_t = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("keyward-ledger-ckpt".into())
+            .spawn(move || {
+                while !stop_t.load(Ordering::SeqCst) {
+                    std::thread::park_timeout(CHECKPOINT_EVERY);
+                    if stop_t.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let frames = conn
+                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+                    match frames {
+                        Ok(n) if n > CHECKPOINT_FORCE_FRAMES => {
+                            if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(RESTART)") {
+                                tracing::warn!(error = %e, "ledger checkpoint (restart) failed");
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ledger checkpoint failed; will retry")
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the checkpoint thread: {e}"))?;
+        Ok(Checkpointer { stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.thread().unpark();
+        let _ = self.thread.join();
+    }
+}
+
+/// Answers waiting for the write-ahead log to reach the disk.
+type Durable = Vec<(AnyResult, Reply)>;
+
+/// Makes every committed transaction durable: `fdatasync` of the
+/// write-ahead log, what `synchronous=FULL` does at each commit in WAL
+/// mode. The log is written in order, so one sync covers every commit made
+/// before it started.
+fn sync_wal(db: &Path) -> std::io::Result<()> {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    std::fs::File::open(&wal)?.sync_data()
+}
+
+/// The syncer thread: takes every batch of committed answers waiting, syncs
+/// the log once, and answers them. After a failed sync nothing is answered
+/// with success again until keywardd restarts: the kernel may have dropped
+/// the unwritten pages, so a later sync could succeed without them, and
+/// SQLite's recovery would then discard everything after the hole.
+fn run_syncer(shared: Arc<Shared>, rx: mpsc::Receiver<Durable>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = first;
+        while let Ok(more) = rx.try_recv() {
+            waiting.extend(more);
+        }
+        let outcome = if shared.sync_failed.load(Ordering::SeqCst) {
+            Err("an earlier sync of the ledger failed; restart keywardd".to_owned())
+        } else {
+            sync_wal(&shared.path)
+                .map_err(|e| format!("cannot sync the ledger's write-ahead log: {e}"))
+        };
+        match outcome {
+            Ok(()) => {
+                shared.syncs.fetch_add(1, Ordering::Relaxed);
+                for (result, reply) in waiting {
+                    reply.send(result);
+                }
+            }
+            Err(msg) => {
+                if !shared.sync_failed.swap(true, Ordering::SeqCst) {
+                    tracing::error!(error = %msg, "ledger sync failed; the audit breaker is open until keywardd restarts");
+                }
+                match shared.last_error.lock() {
+                    Ok(mut g) => *g = msg.clone(),
+                    Err(p) => *p.into_inner() = msg.clone(),
+                }
+                shared.consecutive_failures.fetch_add(1, Ordering::SeqCst);
+                if !shared.breaker_open.swap(true, Ordering::SeqCst) {
+                    shared
+                        .tripped_at_ms
+                        .store(u64::try_from(now_ms()).unwrap_or(0), Ordering::SeqCst);
+                }
+                for (_, reply) in waiting {
+                    reply.send(Err(LedgerError::Sqlite(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
+                        Some(msg.clone()),
+                    ))));
+                }
+            }
         }
     }
 }
@@ -981,6 +1093,42 @@ mod tests {
         assert_eq!((n, head), (2, 2));
         l.close_blocking().unwrap();
         assert!(crate::ledger::verify_database(&dir.path().join("l.sqlite3")).is_ok());
+    }
+
+    #[test]
+    fn the_checkpointer_copies_the_log_into_the_database_off_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("l.sqlite3");
+        let l = Ledger::open(&db, LedgerOptions::default()).unwrap();
+        let payload = vec![b'x'; 1000];
+        l.write_blocking(move |t| {
+            for i in 0..2000 {
+                t.append(
+                    EventType::IntentReceived,
+                    Some(&format!("i{i}")),
+                    None,
+                    &payload,
+                )?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        // No automatic checkpoint on the writer: the entries are in the log.
+        let before = std::fs::metadata(&db).unwrap().len();
+        assert!(
+            before < 200_000,
+            "the writer did not checkpoint: {before} bytes"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::metadata(&db).unwrap().len() < 2_000_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no checkpoint within 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        l.close_blocking().unwrap();
+        assert_eq!(crate::ledger::verify_database(&db).unwrap().entries, 2000);
     }
 
     #[test]
