@@ -6,7 +6,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use keyward::policy::{AgentPolicy, AssetLimits, evaluate};
+use keyward::policy::{AgentPolicy, Asset, AssetLimits, evaluate};
 use keyward::solana::{build_sol_transfer, decode_message, extract_effects, programs};
 use keyward::types::{AgentName, KeyName, Lamports, PublicKey};
 
@@ -17,10 +17,17 @@ fn agent(allow: usize) -> AgentPolicy {
         keys: vec![KeyName::new("hot").unwrap()],
         allow_recipients: Some((1..=allow).map(|i| PublicKey([i as u8; 32])).collect()),
         allow_programs: Default::default(),
-        sol: Some(AssetLimits {
-            per_tx: Lamports(u64::MAX / 4),
-            per_day: Lamports(u64::MAX / 2),
-        }),
+        limits: [(
+            Asset::Sol,
+            AssetLimits {
+                decimals: 9,
+                per_tx: u64::MAX / 4,
+                per_day: u64::MAX / 2,
+                token_program: None,
+            },
+        )]
+        .into_iter()
+        .collect(),
     }
 }
 
@@ -59,16 +66,17 @@ fn bench(c: &mut Criterion) {
     .unwrap();
     let worst = sixty_four_instructions(&us);
     let policy = agent(64);
+    let spent = std::collections::BTreeMap::new();
     for (name, msg) in [("typical transfer", &typical), ("64 instructions", &worst)] {
         // Every step once, so the benchmark measures an allowed path.
         let fx = extract_effects(&decode_message(msg).unwrap(), &us);
         assert!(fx.violations.is_empty(), "{:?}", fx.violations);
-        assert!(evaluate(&policy, &key, &fx, Lamports(0)).allowed());
+        assert!(evaluate(&policy, &key, &fx, &spent).allowed());
         c.bench_function(&format!("decode + effects + policy: {name}"), |b| {
             b.iter(|| {
                 let decoded = decode_message(black_box(msg)).unwrap();
                 let effects = extract_effects(&decoded, &us);
-                black_box(evaluate(&policy, &key, &effects, Lamports(0)))
+                black_box(evaluate(&policy, &key, &effects, &spent))
             })
         });
     }

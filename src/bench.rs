@@ -413,6 +413,7 @@ fn intent(id: String, blockhash: &str) -> IntentRequest {
             amount: "0.000001".to_owned(),
             recent_blockhash: blockhash.to_owned(),
             memo: None,
+            create_recipient_account: false,
         },
     }
 }

@@ -1,7 +1,9 @@
-//! A minimal keyward agent: asks the daemon to sign one SOL transfer.
+//! A minimal keyward agent: asks the daemon to sign one transfer of SOL
+//! (or of an SPL mint with `--asset`).
 //!
 //! ```text
-//! agent --socket PATH --intent-id ID --to ADDRESS --amount SOL --blockhash HASH [--key hot] [--memo TEXT]
+//! agent --socket PATH --intent-id ID --to ADDRESS --amount AMOUNT --blockhash HASH
+//!       [--asset SOL|MINT] [--create-account] [--key hot] [--memo TEXT]
 //! ```
 //! Exit status: 0 signed, 3 denied by policy, 1 any other error, 2 usage.
 
@@ -19,9 +21,11 @@ struct Args {
     blockhash: String,
     key: String,
     memo: Option<String>,
+    asset: String,
+    create_account: bool,
 }
 
-const USAGE: &str = "usage: agent --socket PATH --intent-id ID --to ADDRESS --amount SOL --blockhash HASH [--key NAME] [--memo TEXT]";
+const USAGE: &str = "usage: agent --socket PATH --intent-id ID --to ADDRESS --amount AMOUNT --blockhash HASH [--asset SOL|MINT] [--create-account] [--key NAME] [--memo TEXT]";
 
 fn parse_args() -> Result<Args, String> {
     let mut socket = None;
@@ -31,6 +35,8 @@ fn parse_args() -> Result<Args, String> {
     let mut blockhash = None;
     let mut key = "hot".to_owned();
     let mut memo = None;
+    let mut asset = "SOL".to_owned();
+    let mut create_account = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -42,6 +48,8 @@ fn parse_args() -> Result<Args, String> {
             "--blockhash" => blockhash = Some(value()?),
             "--key" => key = value()?,
             "--memo" => memo = Some(value()?),
+            "--asset" => asset = value()?,
+            "--create-account" => create_account = true,
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -55,6 +63,8 @@ fn parse_args() -> Result<Args, String> {
         blockhash: need(blockhash, "--blockhash")?,
         key,
         memo,
+        asset,
+        create_account,
     })
 }
 
@@ -77,11 +87,12 @@ fn main() -> ExitCode {
         intent_id: args.intent_id,
         key: args.key,
         action: Action::Transfer {
-            asset: "SOL".into(),
+            asset: args.asset,
             to: args.to,
             amount: args.amount,
             recent_blockhash: args.blockhash,
             memo: args.memo,
+            create_recipient_account: args.create_account,
         },
     };
     match client.submit_intent(&req) {

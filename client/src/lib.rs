@@ -16,6 +16,7 @@
 //!         amount: "0.25".into(),
 //!         recent_blockhash: "EkSnNWid2cvwEVnVx9aBqawnmiCNiDgp3gUdkDPTKN1N".into(),
 //!         memo: None,
+//!         create_recipient_account: false,
 //!     },
 //! };
 //! match client.submit_intent(&req).await? {

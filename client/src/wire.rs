@@ -37,6 +37,11 @@ pub enum Action {
         /// Optional memo attached with the SPL Memo program.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         memo: Option<String>,
+        /// SPL only: create the recipient's associated token account first
+        /// if it does not exist (idempotent; our key pays its rent, which
+        /// counts as SOL spend).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        create_recipient_account: bool,
     },
     /// keyward decodes a caller-built message and signs it if policy allows.
     SignTransaction {

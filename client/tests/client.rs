@@ -93,6 +93,7 @@ fn request() -> IntentRequest {
             amount: "0.25".into(),
             recent_blockhash: "EkSnNWid2cvwEVnVx9aBqawnmiCNiDgp3gUdkDPTKN1N".into(),
             memo: None,
+            create_recipient_account: false,
         },
     }
 }

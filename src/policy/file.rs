@@ -6,10 +6,11 @@ use std::path::Path;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::{AgentPolicy, AssetLimits, Policy};
+use super::{AgentPolicy, Asset, AssetLimits, Policy};
 use crate::amount::parse_units;
 use crate::config::{ConfigError, read_text};
-use crate::types::{AgentName, KeyName, Lamports, PublicKey};
+use crate::solana::programs;
+use crate::types::{AgentName, KeyName, PublicKey};
 
 /// Decimals of SOL.
 pub const SOL_DECIMALS: u8 = 9;
@@ -57,6 +58,9 @@ struct RawLimits {
     approval_above: Option<String>,
     #[serde(default)]
     approvers: Option<toml::Value>,
+    /// SPL only: `token` (default) or `token-2022`.
+    #[serde(default)]
+    token_program: Option<String>,
 }
 
 /// Resolves a user name to a uid (through the system user database).
@@ -164,17 +168,20 @@ impl Policy {
                 })?;
                 allow_programs.insert(pk);
             }
-            let mut sol = None;
-            for (asset, l) in a.limits {
-                let lkey = |k: &str| format!("agents.{name}.limits.{asset}.{k}");
-                if asset != "SOL" {
-                    return Err(err(
-                        format!("agents.{name}.limits.{asset}"),
-                        "limits for SPL assets are not supported by this version of keyward; \
-                         SPL outflows are denied"
-                            .into(),
-                    ));
-                }
+            let mut limits = BTreeMap::new();
+            for (asset_name, l) in a.limits {
+                let lkey = |k: &str| format!("agents.{name}.limits.{asset_name}.{k}");
+                let asset = if asset_name == "SOL" {
+                    Asset::Sol
+                } else {
+                    Asset::Mint(PublicKey::from_base58(&asset_name).ok_or_else(|| {
+                        err(
+                            format!("agents.{name}.limits.{asset_name}"),
+                            "an asset is \"SOL\" or an SPL mint address (base58 of 32 bytes)"
+                                .into(),
+                        )
+                    })?)
+                };
                 if l.approval_above.is_some() || l.approvers.is_some() {
                     return Err(err(
                         lkey(if l.approval_above.is_some() {
@@ -187,17 +194,54 @@ impl Policy {
                             .into(),
                     ));
                 }
-                if let Some(d) = l.decimals
-                    && d != SOL_DECIMALS
-                {
-                    return Err(err(
-                        lkey("decimals"),
-                        format!("SOL has {SOL_DECIMALS} decimals, not {d}"),
-                    ));
-                }
-                let per_tx = parse_units(&l.per_tx, SOL_DECIMALS)
+                let (decimals, token_program) = match asset {
+                    Asset::Sol => {
+                        if let Some(d) = l.decimals
+                            && d != SOL_DECIMALS
+                        {
+                            return Err(err(
+                                lkey("decimals"),
+                                format!("SOL has {SOL_DECIMALS} decimals, not {d}"),
+                            ));
+                        }
+                        if l.token_program.is_some() {
+                            return Err(err(
+                                lkey("token_program"),
+                                "SOL has no token program".into(),
+                            ));
+                        }
+                        (SOL_DECIMALS, None)
+                    }
+                    Asset::Mint(_) => {
+                        let d = l.decimals.ok_or_else(|| {
+                            err(
+                                lkey("decimals"),
+                                "SPL limits need the mint's decimals (they are checked on chain by TransferChecked)"
+                                    .into(),
+                            )
+                        })?;
+                        if d > 19 {
+                            return Err(err(
+                                lkey("decimals"),
+                                format!("{d} decimals cannot express a 64-bit amount"),
+                            ));
+                        }
+                        let program = match l.token_program.as_deref() {
+                            None | Some("token") => programs::TOKEN,
+                            Some("token-2022") => programs::TOKEN_2022,
+                            Some(other) => {
+                                return Err(err(
+                                    lkey("token_program"),
+                                    format!("{other:?} is not \"token\" or \"token-2022\""),
+                                ));
+                            }
+                        };
+                        (d, Some(program))
+                    }
+                };
+                let per_tx = parse_units(&l.per_tx, decimals)
                     .map_err(|e| err(lkey("per_tx"), e.to_string()))?;
-                let per_day = parse_units(&l.per_day, SOL_DECIMALS)
+                let per_day = parse_units(&l.per_day, decimals)
                     .map_err(|e| err(lkey("per_day"), e.to_string()))?;
                 if per_tx > per_day {
                     return Err(err(lkey("per_tx"), "per_tx is larger than per_day".into()));
@@ -205,10 +249,15 @@ impl Policy {
                 if per_day > i64::MAX as u64 {
                     return Err(err(lkey("per_day"), "too large".into()));
                 }
-                sol = Some(AssetLimits {
-                    per_tx: Lamports(per_tx),
-                    per_day: Lamports(per_day),
-                });
+                limits.insert(
+                    asset,
+                    AssetLimits {
+                        decimals,
+                        per_tx,
+                        per_day,
+                        token_program,
+                    },
+                );
             }
             agents.push(AgentPolicy {
                 name: agent_name,
@@ -216,7 +265,7 @@ impl Policy {
                 keys,
                 allow_recipients,
                 allow_programs,
-                sol,
+                limits,
             });
         }
         Ok(Policy {
@@ -257,12 +306,13 @@ keys = ["hot", "cold"]
         let p = parse(GOOD).unwrap();
         let trader = p.agent_for_uid(4242).unwrap();
         assert_eq!(trader.name.as_str(), "trader");
-        let sol = trader.sol.unwrap();
-        assert_eq!(sol.per_tx, Lamports(2_500_000_000));
-        assert_eq!(sol.per_day, Lamports(20_000_000_000));
+        let sol = trader.sol().unwrap();
+        assert_eq!(sol.per_tx, 2_500_000_000);
+        assert_eq!(sol.per_day, 20_000_000_000);
+        assert_eq!(sol.decimals, 9);
         assert_eq!(trader.allow_recipients.as_ref().map(|s| s.len()), Some(1));
         let bot = p.agent_for_uid(1000).unwrap();
-        assert!(bot.sol.is_none(), "no limits: SOL spend is denied");
+        assert!(bot.sol().is_none(), "no limits: SOL spend is denied");
         assert!(bot.allow_recipients.is_none());
         assert!(p.agent_for_uid(0).is_none());
     }
@@ -294,15 +344,55 @@ keys = ["hot", "cold"]
             parse(&text).unwrap_err().key,
             "agents.trader.limits.SOL.approval_above"
         );
+    }
+
+    const USDC: &str = "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v";
+
+    #[test]
+    fn spl_limits_are_per_mint_with_decimals_and_token_program() {
         let text = format!(
-            "{GOOD}\n[agents.bot.limits.EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v]\ndecimals = 6\nper_tx = \"1\"\nper_day = \"2\"\n"
+            "{GOOD}\n[agents.bot.limits.{USDC}]\ndecimals = 6\nper_tx = \"1.5\"\nper_day = \"2\"\n\
+             \n[agents.bot.limits.So11111111111111111111111111111111111111112]\ndecimals = 9\n\
+             token_program = \"token-2022\"\nper_tx = \"1\"\nper_day = \"1\"\n"
         );
+        let p = parse(&text).unwrap();
+        let bot = p.agent_for_uid(1000).unwrap();
+        let usdc = bot.limits[&Asset::Mint(PublicKey::from_base58(USDC).unwrap())];
+        assert_eq!(
+            (usdc.decimals, usdc.per_tx, usdc.per_day),
+            (6, 1_500_000, 2_000_000)
+        );
+        assert_eq!(usdc.token_program, Some(programs::TOKEN));
         assert!(
-            parse(&text)
-                .unwrap_err()
-                .key
-                .starts_with("agents.bot.limits.EPj")
+            bot.limits
+                .values()
+                .any(|l| l.token_program == Some(programs::TOKEN_2022))
         );
+        assert!(bot.sol().is_none());
+        let bad = [
+            // More decimals than the mint has.
+            (
+                text.replace("\"1.5\"", "\"1.5000001\""),
+                format!("agents.bot.limits.{USDC}.per_tx"),
+            ),
+            // Decimals are required for SPL.
+            (
+                text.replace("decimals = 6\n", ""),
+                format!("agents.bot.limits.{USDC}.decimals"),
+            ),
+            (
+                text.replace("\"token-2022\"", "\"token-2023\""),
+                "agents.bot.limits.So11111111111111111111111111111111111111112.token_program"
+                    .to_owned(),
+            ),
+            (
+                text.replace(USDC, "not-a-mint"),
+                "agents.bot.limits.not-a-mint".to_owned(),
+            ),
+        ];
+        for (t, key) in bad {
+            assert_eq!(parse(&t).unwrap_err().key, key);
+        }
     }
 
     #[test]

@@ -10,12 +10,12 @@ pub mod counters;
 mod evaluate;
 mod file;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-pub use evaluate::{Decision, evaluate};
+pub use evaluate::{Decision, evaluate, spend_by_asset};
 pub use file::{SOL_DECIMALS, UserResolver, system_user_uid};
 
-use crate::types::{AgentName, KeyName, Lamports, PublicKey};
+use crate::types::{AgentName, KeyName, PublicKey};
 
 /// Stable rule codes used in denial reasons.
 pub mod rules {
@@ -33,13 +33,43 @@ pub mod rules {
     pub const ASSET_NOT_ALLOWED: &str = "asset_not_allowed";
 }
 
-/// Limits of one asset, in base units.
+/// An asset limits apply to: SOL, or an SPL mint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Asset {
+    /// Native SOL (lamports), fees included.
+    Sol,
+    /// An SPL Token or Token-2022 mint.
+    Mint(PublicKey),
+}
+
+impl Asset {
+    /// The asset's name in policy files, counters and answers: `SOL` or
+    /// the mint's base58 address.
+    pub fn key(&self) -> String {
+        match self {
+            Asset::Sol => "SOL".to_owned(),
+            Asset::Mint(m) => m.to_base58(),
+        }
+    }
+}
+
+impl std::fmt::Display for Asset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key())
+    }
+}
+
+/// Limits of one asset, in base units (lamports for SOL).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AssetLimits {
-    /// Largest spend per transaction, fees included.
-    pub per_tx: Lamports,
-    /// Largest spend per rolling 24 hours, fees included.
-    pub per_day: Lamports,
+    /// Decimals of the UI unit (9 for SOL, the mint's for SPL).
+    pub decimals: u8,
+    /// Largest spend per transaction (fees included for SOL).
+    pub per_tx: u64,
+    /// Largest spend per rolling 24 hours (fees included for SOL).
+    pub per_day: u64,
+    /// SPL only: the token program that owns the mint (Token or Token-2022).
+    pub token_program: Option<PublicKey>,
 }
 
 /// One agent's effective policy.
@@ -51,12 +81,19 @@ pub struct AgentPolicy {
     pub uid: u32,
     /// Keys the agent may sign with.
     pub keys: Vec<KeyName>,
-    /// Recipient allowlist; `None` means any recipient.
+    /// Recipient allowlist (wallet addresses); `None` means any recipient.
     pub allow_recipients: Option<BTreeSet<PublicKey>>,
     /// Programs allowed in `sign_transaction` beyond the built-ins.
     pub allow_programs: BTreeSet<PublicKey>,
-    /// SOL limits; `None` means SOL spend is denied.
-    pub sol: Option<AssetLimits>,
+    /// Limits per asset; an asset without limits cannot be spent.
+    pub limits: BTreeMap<Asset, AssetLimits>,
+}
+
+impl AgentPolicy {
+    /// SOL limits, if SOL may be spent.
+    pub fn sol(&self) -> Option<&AssetLimits> {
+        self.limits.get(&Asset::Sol)
+    }
 }
 
 /// A loaded, validated policy.

@@ -9,8 +9,11 @@ use sha2::{Digest, Sha256};
 use super::SubmitError;
 use crate::amount::parse_units;
 use crate::hsm::HsmKey;
-use crate::policy::{SOL_DECIMALS, rules};
-use crate::solana::{DecodedMessage, Effects, build_sol_transfer, decode_message, extract_effects};
+use crate::policy::{AgentPolicy, Asset, SOL_DECIMALS, rules};
+use crate::solana::{
+    DecodedMessage, Effects, SplTransfer, build_sol_transfer, build_spl_transfer, decode_message,
+    extract_effects, programs,
+};
 use crate::types::{IntentId, KeyName, Lamports, PublicKey};
 
 /// A request parsed, built and decoded, ready for the policy decision.
@@ -49,6 +52,7 @@ fn parse_address(field: &str, value: &str) -> Result<PublicKey, SubmitError> {
 /// (the HSM key for `req.key`, or `None` if the agent may not use it).
 pub(crate) fn prepare(
     req: &IntentRequest,
+    agent: &AgentPolicy,
     allowed_key: Option<&HsmKey>,
 ) -> Result<Prepared, SubmitError> {
     let intent_id =
@@ -72,6 +76,7 @@ pub(crate) fn prepare(
             amount,
             recent_blockhash,
             memo,
+            create_recipient_account,
         } => {
             let to_key = parse_address("to", to)?;
             let blockhash = PublicKey::from_base58(recent_blockhash).ok_or_else(|| {
@@ -83,45 +88,83 @@ pub(crate) fn prepare(
             let summary = serde_json::json!({
                 "type": "transfer", "asset": asset, "to": to, "amount": amount,
                 "recent_blockhash": recent_blockhash, "memo": memo,
+                "create_recipient_account": create_recipient_account,
             });
-            if asset != "SOL" {
-                parse_address("asset", asset).map_err(|_| {
+            let asset_id = if asset == "SOL" {
+                Asset::Sol
+            } else {
+                Asset::Mint(parse_address("asset", asset).map_err(|_| {
                     bad(
                         codes::INVALID_REQUEST,
                         "asset must be \"SOL\" or an SPL mint address (base58)",
                     )
-                })?;
-                pre_reasons.push(DenialReason {
-                    rule: rules::ASSET_NOT_ALLOWED.to_owned(),
-                    detail: format!(
-                        "SPL transfers are not supported by this version; asset {asset} is denied"
-                    ),
-                });
-                (summary, None)
-            } else {
-                let lamports = parse_units(amount, SOL_DECIMALS)
-                    .map_err(|e| bad(codes::INVALID_AMOUNT, e.to_string()))?;
-                if lamports == 0 {
-                    return Err(bad(
-                        codes::INVALID_AMOUNT,
-                        "amount must be greater than zero",
-                    ));
-                }
-                match allowed_key {
-                    Some(k) => {
-                        let bytes = build_sol_transfer(
-                            &k.public_key,
-                            &to_key,
-                            Lamports(lamports),
-                            blockhash.0,
-                            memo.as_deref(),
-                        )
-                        .map_err(|e| bad(codes::INVALID_REQUEST, e.to_string()))?;
-                        (summary, Some(bytes))
-                    }
-                    None => (summary, None),
-                }
+                })?)
+            };
+            if asset_id == Asset::Sol && *create_recipient_account {
+                return Err(bad(
+                    codes::INVALID_REQUEST,
+                    "create_recipient_account applies to SPL transfers only",
+                ));
             }
+            let limits = agent.limits.get(&asset_id);
+            // The amount's precision comes from the policy: an asset
+            // without limits cannot be spent, whatever the amount says.
+            let decimals = match (asset_id, limits) {
+                (Asset::Sol, _) => SOL_DECIMALS,
+                (_, Some(l)) => l.decimals,
+                (Asset::Mint(_), None) => {
+                    pre_reasons.push(DenialReason {
+                        rule: rules::ASSET_NOT_ALLOWED.to_owned(),
+                        detail: format!("asset {asset} has no limits for agent {}", agent.name),
+                    });
+                    return finish(
+                        intent_id,
+                        key,
+                        allowed_key,
+                        content_hash,
+                        None,
+                        pre_reasons,
+                        summary,
+                    );
+                }
+            };
+            let base_units = parse_units(amount, decimals)
+                .map_err(|e| bad(codes::INVALID_AMOUNT, e.to_string()))?;
+            if base_units == 0 {
+                return Err(bad(
+                    codes::INVALID_AMOUNT,
+                    "amount must be greater than zero",
+                ));
+            }
+            let bytes = match (allowed_key, asset_id) {
+                (None, _) => None,
+                (Some(k), Asset::Sol) => Some(build_sol_transfer(
+                    &k.public_key,
+                    &to_key,
+                    Lamports(base_units),
+                    blockhash.0,
+                    memo.as_deref(),
+                )),
+                (Some(k), Asset::Mint(mint)) => Some(build_spl_transfer(
+                    &k.public_key,
+                    &to_key,
+                    &SplTransfer {
+                        mint,
+                        token_program: limits
+                            .and_then(|l| l.token_program)
+                            .unwrap_or(programs::TOKEN),
+                        amount: base_units,
+                        decimals,
+                        create_recipient_account: *create_recipient_account,
+                    },
+                    blockhash.0,
+                    memo.as_deref(),
+                )),
+            };
+            let bytes = bytes
+                .transpose()
+                .map_err(|e| bad(codes::INVALID_REQUEST, format!("{}: {e}", e.code())))?;
+            (summary, bytes)
         }
         Action::SignTransaction { message } => {
             let bytes = base64::engine::general_purpose::STANDARD
@@ -137,6 +180,27 @@ pub(crate) fn prepare(
         }
     };
 
+    finish(
+        intent_id,
+        key,
+        allowed_key,
+        content_hash,
+        message_bytes,
+        pre_reasons,
+        summary,
+    )
+}
+
+/// Decodes the bytes to sign (if any) and derives their effects.
+fn finish(
+    intent_id: IntentId,
+    key: KeyName,
+    allowed_key: Option<&HsmKey>,
+    content_hash: [u8; 32],
+    message_bytes: Option<Vec<u8>>,
+    pre_reasons: Vec<DenialReason>,
+    summary: serde_json::Value,
+) -> Result<Prepared, SubmitError> {
     let message = match message_bytes {
         Some(bytes) => {
             // Decode, don't trust: even messages keyward built itself are

@@ -1,5 +1,6 @@
 //! `POST /v1/intents`: decide, reserve, sign, record, release.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -14,12 +15,9 @@ use super::{Signer, SubmitError, SubmitOutcome};
 use crate::hsm::sign_verified;
 use crate::intents;
 use crate::ledger::{EventType, LedgerError};
-use crate::policy::{AgentPolicy, Decision, counters, evaluate};
+use crate::policy::{AgentPolicy, Asset, Decision, counters, evaluate, spend_by_asset};
 use crate::solana::assemble_transaction;
 use crate::types::Lamports;
-
-/// Asset name of the SOL counters.
-const SOL: &str = "SOL";
 
 /// What ledger transaction A decided.
 enum Admission {
@@ -62,7 +60,7 @@ impl Signer {
             .iter()
             .find(|n| n.as_str() == req.key)
             .and_then(|n| self.keys.get(n));
-        let prepared = prepare(&req, allowed_key)?;
+        let prepared = prepare(&req, agent, allowed_key)?;
         let agent_name = agent.name.to_string();
         let intent_id = prepared.intent_id.to_string();
         let _flight = self.begin_flight(&agent_name, &intent_id);
@@ -220,19 +218,28 @@ impl Signer {
                 }
                 let now = txn.now_ms();
                 let entry = txn.append(EventType::IntentReceived, Some(&intent_id), Some(agent_name), &received)?;
-                let spent = counters::spent_24h_advance(txn.conn(), agent_name, SOL, now)?;
+                // What was spent in the window, for every asset this
+                // message spends (or all limited assets if it cannot be
+                // counted).
+                let mut spent = BTreeMap::new();
+                let assets: Vec<Asset> = match effects.as_ref().map(spend_by_asset) {
+                    Some(Ok(spend)) => spend.into_keys().collect(),
+                    _ => Vec::new(),
+                };
+                for asset in assets {
+                    let s = counters::spent_24h_advance(txn.conn(), agent_name, &asset.key(), now)?;
+                    spent.insert(asset, s.0);
+                }
                 let decision = match &effects {
-                    Some(effects) if pre_reasons.is_empty() => evaluate(&agent, &key, effects, spent),
-                    _ => Decision {
-                        reasons: pre_reasons,
-                        sol_spend: Lamports::ZERO,
-                    },
+                    Some(effects) if pre_reasons.is_empty() => evaluate(&agent, &key, effects, &spent),
+                    _ => Decision::denied(pre_reasons),
                 };
                 let evaluated = json(&serde_json::json!({
                     "decision": if decision.allowed() { "allow" } else { "deny" },
                     "reasons": decision.reasons,
-                    "sol_spend_lamports": decision.sol_spend.0,
-                    "sol_spent_24h_before_lamports": spent.0,
+                    "spend": decision.spend.iter().map(|(a, v)| (a.key(), *v)).collect::<BTreeMap<_, _>>(),
+                    "spent_24h_before": spent.iter().map(|(a, v)| (a.key(), *v)).collect::<BTreeMap<_, _>>(),
+                    "sol_spend_lamports": decision.sol_spend().0,
                     "policy_sha256": policy_hash,
                 }));
                 txn.append(EventType::PolicyEvaluated, Some(&intent_id), Some(agent_name), &evaluated)?;
@@ -254,8 +261,8 @@ impl Signer {
                     )?;
                     return Ok(Admission::Denied(decision.reasons));
                 }
-                if decision.sol_spend > Lamports::ZERO {
-                    counters::reserve(txn.conn(), agent_name, SOL, &intent_id, decision.sol_spend, now)?;
+                for (asset, amount) in &decision.spend {
+                    counters::reserve(txn.conn(), agent_name, &asset.key(), &intent_id, Lamports(*amount), now)?;
                 }
                 intents::insert(
                     txn.conn(),
@@ -273,7 +280,7 @@ impl Signer {
                 // commit is synced, which makes these entries durable too.
                 txn.skip_sync();
                 Ok(Admission::Allowed {
-                    sol_spend: decision.sol_spend,
+                    sol_spend: decision.sol_spend(),
                 })
             })
             .await

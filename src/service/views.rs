@@ -9,7 +9,7 @@ use keyward_client::wire::{
 
 use super::{Signer, SubmitError};
 use crate::amount::format_units;
-use crate::policy::{AgentPolicy, SOL_DECIMALS, counters};
+use crate::policy::{AgentPolicy, AssetLimits, counters};
 use crate::types::IntentId;
 
 fn now_ms() -> i64 {
@@ -106,25 +106,32 @@ impl Signer {
     ) -> Result<PolicyView, SubmitError> {
         let policy = self.policy();
         let agent_name = agent.name.to_string();
-        let spent = self
-            .read(move |c| counters::spent_24h(c, &agent_name, "SOL", now_ms()))
-            .await?;
-        let limits = agent
-            .sol
-            .map(|l| AssetBudget {
-                asset: "SOL".to_owned(),
-                decimals: SOL_DECIMALS,
-                per_tx: format_units(u128::from(l.per_tx.0), SOL_DECIMALS),
-                per_day: format_units(u128::from(l.per_day.0), SOL_DECIMALS),
-                spent_24h: format_units(u128::from(spent.0), SOL_DECIMALS),
-                spent_24h_base_units: spent.0,
-                remaining_24h: format_units(
-                    u128::from(l.per_day.0.saturating_sub(spent.0)),
-                    SOL_DECIMALS,
-                ),
+        let assets: Vec<(String, AssetLimits)> =
+            agent.limits.iter().map(|(a, l)| (a.key(), *l)).collect();
+        let limits = self
+            .read(move |c| {
+                let now = now_ms();
+                assets
+                    .into_iter()
+                    .map(|(asset, l)| {
+                        let spent = counters::spent_24h(c, &agent_name, &asset, now)?.0;
+                        let d = l.decimals;
+                        Ok(AssetBudget {
+                            asset,
+                            decimals: d,
+                            per_tx: format_units(u128::from(l.per_tx), d),
+                            per_day: format_units(u128::from(l.per_day), d),
+                            spent_24h: format_units(u128::from(spent), d),
+                            spent_24h_base_units: spent,
+                            remaining_24h: format_units(
+                                u128::from(l.per_day.saturating_sub(spent)),
+                                d,
+                            ),
+                        })
+                    })
+                    .collect::<rusqlite::Result<Vec<_>>>()
             })
-            .into_iter()
-            .collect();
+            .await?;
         Ok(PolicyView {
             agent: agent.name.to_string(),
             policy_hash: policy.hash_hex(),

@@ -37,6 +37,111 @@ impl BuildError {
     }
 }
 
+/// One account of an instruction being built.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    key: PublicKey,
+    writable: bool,
+}
+
+/// An instruction being built: program, accounts (none of which signs
+/// except the fee payer), data.
+struct Ix {
+    program: PublicKey,
+    accounts: Vec<Meta>,
+    data: Vec<u8>,
+}
+
+fn w(key: PublicKey) -> Meta {
+    Meta {
+        key,
+        writable: true,
+    }
+}
+
+fn r(key: PublicKey) -> Meta {
+    Meta {
+        key,
+        writable: false,
+    }
+}
+
+/// Compiles a legacy message with `payer` as the only signer (and fee
+/// payer): payer, writable accounts, then read-only accounts and programs,
+/// each in order of first use. A program may not also be a writable
+/// account.
+fn compile(
+    payer: &PublicKey,
+    ixs: &[Ix],
+    recent_blockhash: [u8; 32],
+) -> Result<Vec<u8>, BuildError> {
+    let mut writable: Vec<PublicKey> = Vec::new();
+    let mut readonly: Vec<PublicKey> = Vec::new();
+    let programs: Vec<PublicKey> = ixs.iter().map(|ix| ix.program).collect();
+    for ix in ixs {
+        for m in &ix.accounts {
+            if m.key == *payer {
+                continue;
+            }
+            if m.writable {
+                if programs.contains(&m.key) {
+                    return Err(BuildError::RecipientIsProgram(m.key));
+                }
+                readonly.retain(|k| *k != m.key);
+                if !writable.contains(&m.key) {
+                    writable.push(m.key);
+                }
+            } else if !writable.contains(&m.key) && !readonly.contains(&m.key) {
+                readonly.push(m.key);
+            }
+        }
+        if ix.program == *payer {
+            return Err(BuildError::RecipientIsProgram(ix.program));
+        }
+        if !writable.contains(&ix.program) && !readonly.contains(&ix.program) {
+            readonly.push(ix.program);
+        }
+    }
+    let mut keys = vec![*payer];
+    keys.extend(writable);
+    let first_readonly = keys.len();
+    keys.extend(readonly);
+    let index = |k: &PublicKey| keys.iter().position(|x| x == k).map(|i| i as u8);
+    let mut m = Vec::with_capacity(512);
+    m.extend_from_slice(&[1, 0, (keys.len() - first_readonly) as u8]);
+    push_compact_len(&mut m, keys.len());
+    for k in &keys {
+        m.extend_from_slice(&k.0);
+    }
+    m.extend_from_slice(&recent_blockhash);
+    push_compact_len(&mut m, ixs.len());
+    for ix in ixs {
+        m.push(index(&ix.program).unwrap_or(0));
+        push_compact_len(&mut m, ix.accounts.len());
+        for a in &ix.accounts {
+            m.push(index(&a.key).unwrap_or(0));
+        }
+        push_compact_len(&mut m, ix.data.len());
+        m.extend_from_slice(&ix.data);
+    }
+    let size = 1 + 64 + m.len();
+    if size > PACKET_DATA_SIZE {
+        return Err(BuildError::TooLarge {
+            size,
+            max: PACKET_DATA_SIZE,
+        });
+    }
+    Ok(m)
+}
+
+fn memo_ix(memo: Option<&str>) -> Option<Ix> {
+    memo.map(|text| Ix {
+        program: programs::MEMO,
+        accounts: vec![],
+        data: text.as_bytes().to_vec(),
+    })
+}
+
 /// Builds the legacy message of a System transfer of `lamports` from `from`
 /// (fee payer and only signer) to `to`, bound to `recent_blockhash`, with an
 /// optional SPL Memo (no signer accounts) after the transfer.
@@ -50,43 +155,94 @@ pub fn build_sol_transfer(
     if from == to {
         return Err(BuildError::SelfTransfer);
     }
-    if *to == programs::SYSTEM || (memo.is_some() && *to == programs::MEMO) {
-        return Err(BuildError::RecipientIsProgram(*to));
-    }
-    // Keys: payer (signer, writable), recipient (writable), then the
-    // read-only programs.
-    let mut keys = vec![*from, *to, programs::SYSTEM];
-    if memo.is_some() {
-        keys.push(programs::MEMO);
-    }
-    let readonly_unsigned = (keys.len() - 2) as u8;
-    let mut m = Vec::with_capacity(256);
-    m.extend_from_slice(&[1, 0, readonly_unsigned]);
-    push_compact_len(&mut m, keys.len());
-    for k in &keys {
-        m.extend_from_slice(&k.0);
-    }
-    m.extend_from_slice(&recent_blockhash);
-    push_compact_len(&mut m, if memo.is_some() { 2 } else { 1 });
+    let mut data = Vec::with_capacity(12);
     // System Transfer: u32 tag 2, u64 lamports (bincode, little endian).
-    m.extend_from_slice(&[2, 2, 0, 1]);
-    push_compact_len(&mut m, 12);
-    m.extend_from_slice(&2u32.to_le_bytes());
-    m.extend_from_slice(&lamports.0.to_le_bytes());
-    if let Some(text) = memo {
-        m.push(3);
-        push_compact_len(&mut m, 0);
-        push_compact_len(&mut m, text.len());
-        m.extend_from_slice(text.as_bytes());
+    data.extend_from_slice(&2u32.to_le_bytes());
+    data.extend_from_slice(&lamports.0.to_le_bytes());
+    let mut ixs = vec![Ix {
+        program: programs::SYSTEM,
+        accounts: vec![w(*from), w(*to)],
+        data,
+    }];
+    ixs.extend(memo_ix(memo));
+    compile(from, &ixs, recent_blockhash)
+}
+
+/// The associated token account of `wallet` for `mint` under
+/// `token_program` (the address the Associated Token Account program
+/// derives).
+pub fn associated_token_address(
+    wallet: &PublicKey,
+    mint: &PublicKey,
+    token_program: &PublicKey,
+) -> PublicKey {
+    let (address, _bump) = solana_pubkey::Pubkey::find_program_address(
+        &[&wallet.0, &token_program.0, &mint.0],
+        &solana_pubkey::Pubkey::new_from_array(programs::ASSOCIATED_TOKEN.0),
+    );
+    PublicKey(address.to_bytes())
+}
+
+/// What an SPL transfer moves.
+#[derive(Debug, Clone, Copy)]
+pub struct SplTransfer {
+    /// The mint.
+    pub mint: PublicKey,
+    /// SPL Token or Token-2022.
+    pub token_program: PublicKey,
+    /// Amount in base units.
+    pub amount: u64,
+    /// The mint's decimals (checked on chain by TransferChecked).
+    pub decimals: u8,
+    /// Create the recipient's associated token account first
+    /// (CreateIdempotent, funded by `from`).
+    pub create_recipient_account: bool,
+}
+
+/// Builds a TransferChecked of `t` from `from`'s associated token account
+/// to `to`'s (the recipient wallet), optionally creating the recipient's
+/// account first, with an optional memo. `from` signs and pays the fees.
+pub fn build_spl_transfer(
+    from: &PublicKey,
+    to: &PublicKey,
+    t: &SplTransfer,
+    recent_blockhash: [u8; 32],
+    memo: Option<&str>,
+) -> Result<Vec<u8>, BuildError> {
+    if from == to {
+        return Err(BuildError::SelfTransfer);
     }
-    let size = 1 + 64 + m.len();
-    if size > PACKET_DATA_SIZE {
-        return Err(BuildError::TooLarge {
-            size,
-            max: PACKET_DATA_SIZE,
+    if t.token_program != programs::TOKEN && t.token_program != programs::TOKEN_2022 {
+        return Err(BuildError::RecipientIsProgram(t.token_program));
+    }
+    let source = associated_token_address(from, &t.mint, &t.token_program);
+    let destination = associated_token_address(to, &t.mint, &t.token_program);
+    let mut ixs = Vec::new();
+    if t.create_recipient_account {
+        ixs.push(Ix {
+            program: programs::ASSOCIATED_TOKEN,
+            accounts: vec![
+                w(*from),
+                w(destination),
+                r(*to),
+                r(t.mint),
+                r(programs::SYSTEM),
+                r(t.token_program),
+            ],
+            data: vec![1],
         });
     }
-    Ok(m)
+    let mut data = Vec::with_capacity(10);
+    data.push(12);
+    data.extend_from_slice(&t.amount.to_le_bytes());
+    data.push(t.decimals);
+    ixs.push(Ix {
+        program: t.token_program,
+        accounts: vec![w(source), r(t.mint), w(destination), r(*from)],
+        data,
+    });
+    ixs.extend(memo_ix(memo));
+    compile(from, &ixs, recent_blockhash)
 }
 
 /// The wire transaction: the signature count, one 64-byte slot per required

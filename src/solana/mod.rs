@@ -10,7 +10,10 @@ mod build;
 mod decode;
 mod effects;
 
-pub use build::{BuildError, assemble_transaction, build_sol_transfer};
+pub use build::{
+    BuildError, SplTransfer, assemble_transaction, associated_token_address, build_sol_transfer,
+    build_spl_transfer,
+};
 pub use decode::{
     AddressTableLookup, CompiledInstruction, DecodeError, DecodedMessage, MessageVersion,
     decode_message,

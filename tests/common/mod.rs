@@ -263,6 +263,7 @@ pub fn transfer(id: &str, to: &Pubkey, amount: &str) -> IntentRequest {
             amount: amount.to_owned(),
             recent_blockhash: blockhash(),
             memo: None,
+            create_recipient_account: false,
         },
     }
 }
