@@ -28,6 +28,9 @@ fn agent(allow: usize) -> AgentPolicy {
         )]
         .into_iter()
         .collect(),
+        rate_limit: Default::default(),
+        active_hours: None,
+        breaker: Default::default(),
     }
 }
 

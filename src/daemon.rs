@@ -93,7 +93,11 @@ pub fn open_ledger(cfg: &Config) -> Result<Ledger, DaemonError> {
     Ok(Ledger::open(
         &cfg.ledger_path(),
         LedgerOptions {
-            extra_schema: vec![crate::policy::counters::SCHEMA, crate::intents::SCHEMA],
+            extra_schema: vec![
+                crate::policy::counters::SCHEMA,
+                crate::policy::engine::SCHEMA,
+                crate::intents::SCHEMA,
+            ],
             commit_delay: std::time::Duration::from_micros(cfg.ledger.commit_delay_us),
         },
     )?)

@@ -12,7 +12,7 @@ const SPEND: u64 = 100_000_000 + FEE;
 fn policy() -> String {
     // per_day admits exactly 10 transfers of 0.1 SOL with their fees.
     format!(
-        "[agents.dev]\nuid = {{UID}}\nkeys = [\"hot\"]\n\n[agents.dev.limits.SOL]\nper_tx = \"1\"\nper_day = \"{}\"\n",
+        "[agents.dev]\nuid = {{UID}}\nkeys = [\"hot\"]\n# Many denials in a row are the point of these tests.\nbreaker = {{ max_consecutive_denials = 1000 }}\n\n[agents.dev.limits.SOL]\nper_tx = \"1\"\nper_day = \"{}\"\n",
         keyward::amount::format_units(u128::from(10 * SPEND), 9)
     )
 }

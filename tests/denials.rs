@@ -27,7 +27,7 @@ fn allowed() -> Pubkey {
 
 fn policy() -> String {
     format!(
-        "[agents.dev]\nuid = {{UID}}\nkeys = [\"hot\"]\nallow_recipients = [\"{}\"]\n\
+        "[agents.dev]\nuid = {{UID}}\nkeys = [\"hot\"]\nbreaker = {{ max_consecutive_denials = 1000 }}\nallow_recipients = [\"{}\"]\n\
          [agents.dev.limits.SOL]\nper_tx = \"1\"\nper_day = \"1.5\"\n",
         allowed()
     )

@@ -44,7 +44,7 @@ const MINT_2022: Pubkey = Pubkey::new_from_array([43; 32]);
 
 fn policy(per_day: &str) -> String {
     format!(
-        "[agents.dev]\nuid = {{UID}}\nkeys = [\"hot\"]\n\
+        "[agents.dev]\nuid = {{UID}}\nkeys = [\"hot\"]\nbreaker = {{ max_consecutive_denials = 1000 }}\n\
          [agents.dev.limits.SOL]\nper_tx = \"1\"\nper_day = \"10\"\n\
          [agents.dev.limits.{MINT}]\ndecimals = 6\nper_tx = \"5\"\nper_day = \"{per_day}\"\n\
          [agents.dev.limits.{MINT_2022}]\ndecimals = 2\ntoken_program = \"token-2022\"\nper_tx = \"5\"\nper_day = \"{per_day}\"\n"

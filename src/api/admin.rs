@@ -43,11 +43,39 @@ async fn reset_breaker(
 ) -> Result<Response, ApiError> {
     let uid = operator(peer)?;
     if name != "audit" {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_breaker",
-            format!("no breaker named {name:?}; this version has the `audit` breaker"),
-        ));
+        let agent_known = state
+            .signer
+            .policy()
+            .agents
+            .iter()
+            .any(|a| a.name.as_str() == name);
+        if !agent_known {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_breaker",
+                format!(
+                    "no breaker named {name:?}: give `audit` or the name of an agent in the policy"
+                ),
+            ));
+        }
+        let seq = state
+            .signer
+            .reset_agent_breaker(&name, &format!("uid:{uid}"))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    codes::AUDIT_UNAVAILABLE,
+                    e.to_string(),
+                )
+            })?;
+        tracing::warn!(uid, agent = %name, seq, "agent breaker reset by operator");
+        return Ok(axum::Json(BreakerResetView {
+            breaker: name,
+            state: "closed".to_owned(),
+            ledger_seq: seq,
+        })
+        .into_response());
     }
     let entry = state
         .signer

@@ -81,6 +81,25 @@ async fn submit_intent(
         SubmitOutcome::Denied(reasons) => {
             ApiError::from_body(StatusCode::FORBIDDEN, denial_body(&reasons)).into_response()
         }
+        SubmitOutcome::Locked { retry_after_s } => {
+            let body = keyward_client::wire::ErrorBody {
+                error: keyward_client::wire::ErrorDetail {
+                    code: keyward_client::wire::codes::AGENT_LOCKED.to_owned(),
+                    message: format!(
+                        "this agent is locked after repeated denials; retry in {retry_after_s} s or ask an operator to run `keyward breaker reset`"
+                    ),
+                    reasons: Vec::new(),
+                    retry_after: Some(retry_after_s),
+                },
+            };
+            let mut response = ApiError::from_body(StatusCode::LOCKED, body).into_response();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&retry_after_s.to_string()) {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, v);
+            }
+            response
+        }
         SubmitOutcome::Replayed { status, body } => json_response(
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             body,

@@ -284,6 +284,9 @@ mod tests {
             ]
             .into_iter()
             .collect(),
+            rate_limit: Default::default(),
+            active_hours: None,
+            breaker: Default::default(),
         }
     }
 

@@ -6,7 +6,8 @@ use std::path::Path;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::{AgentPolicy, Asset, AssetLimits, Policy};
+use super::hours::ActiveHours;
+use super::{AgentPolicy, Asset, AssetLimits, BreakerConfig, Policy, RateLimit};
 use crate::amount::parse_units;
 use crate::config::{ConfigError, read_text};
 use crate::solana::programs;
@@ -36,15 +37,37 @@ struct RawAgent {
     allow_programs: Vec<String>,
     #[serde(default)]
     limits: BTreeMap<String, RawLimits>,
-    // Parsed so that their presence can be refused with a clear message
-    // instead of a generic "unknown field": these rules are not enforced by
-    // this version, and a signer must not accept rules it does not enforce.
     #[serde(default)]
-    rate_limit: Option<toml::Value>,
+    rate_limit: Option<RawRate>,
     #[serde(default)]
-    active_hours: Option<toml::Value>,
+    active_hours: Option<RawHours>,
     #[serde(default)]
-    breaker: Option<toml::Value>,
+    breaker: Option<RawBreaker>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    #[serde(default)]
+    per_minute: Option<u32>,
+    #[serde(default)]
+    per_hour: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHours {
+    tz: String,
+    windows: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    #[serde(default)]
+    max_consecutive_denials: Option<u32>,
+    #[serde(default)]
+    cooldown_s: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -98,18 +121,62 @@ impl Policy {
             let key = |k: &str| format!("agents.{name}.{k}");
             let agent_name =
                 AgentName::new(&name).map_err(|e| err(format!("agents.{name}"), e.to_string()))?;
-            for (field, present) in [
-                ("rate_limit", a.rate_limit.is_some()),
-                ("active_hours", a.active_hours.is_some()),
-                ("breaker", a.breaker.is_some()),
-            ] {
-                if present {
-                    return Err(err(
-                        key(field),
-                        "not supported by this version of keyward (it would not be enforced); remove it".into(),
-                    ));
+            let rate_limit = match a.rate_limit {
+                None => RateLimit::default(),
+                Some(r) => {
+                    if r.per_minute.is_none() && r.per_hour.is_none() {
+                        return Err(err(
+                            key("rate_limit"),
+                            "give per_minute, per_hour or both".into(),
+                        ));
+                    }
+                    for (k, v) in [("per_minute", r.per_minute), ("per_hour", r.per_hour)] {
+                        if v == Some(0) {
+                            return Err(err(
+                                key(&format!("rate_limit.{k}")),
+                                "0 would deny everything; remove the agent's keys instead".into(),
+                            ));
+                        }
+                    }
+                    RateLimit {
+                        per_minute: r.per_minute,
+                        per_hour: r.per_hour,
+                    }
                 }
-            }
+            };
+            let active_hours = match a.active_hours {
+                None => None,
+                Some(h) => Some(
+                    ActiveHours::parse(&h.tz, &h.windows)
+                        .map_err(|e| err(key("active_hours"), e))?,
+                ),
+            };
+            let breaker = match a.breaker {
+                None => BreakerConfig::default(),
+                Some(b) => {
+                    let d = BreakerConfig::default();
+                    let max = b
+                        .max_consecutive_denials
+                        .unwrap_or(d.max_consecutive_denials);
+                    let cooldown = b.cooldown_s.unwrap_or(d.cooldown_s);
+                    if !(1..=100_000).contains(&max) {
+                        return Err(err(
+                            key("breaker.max_consecutive_denials"),
+                            "must be between 1 and 100000".into(),
+                        ));
+                    }
+                    if !(1..=7 * 86_400).contains(&cooldown) {
+                        return Err(err(
+                            key("breaker.cooldown_s"),
+                            "must be between 1 s and 7 days".into(),
+                        ));
+                    }
+                    BreakerConfig {
+                        max_consecutive_denials: max,
+                        cooldown_s: cooldown,
+                    }
+                }
+            };
             let uid = match (a.uid, a.user.as_deref()) {
                 (Some(uid), None) => uid,
                 (None, Some(user)) => resolve_user(user)
@@ -266,6 +333,9 @@ impl Policy {
                 allow_recipients,
                 allow_programs,
                 limits,
+                rate_limit,
+                active_hours,
+                breaker,
             });
         }
         Ok(Policy {
@@ -326,16 +396,6 @@ keys = ["hot", "cold"]
 
     #[test]
     fn refuses_rules_it_would_not_enforce() {
-        for (extra, key) in [
-            ("rate_limit = { per_minute = 3 }", "agents.bot.rate_limit"),
-            (
-                "breaker = { max_consecutive_denials = 5 }",
-                "agents.bot.breaker",
-            ),
-        ] {
-            let text = GOOD.replace("uid = 1000\n", &format!("uid = 1000\n{extra}\n"));
-            assert_eq!(parse(&text).unwrap_err().key, key);
-        }
         let text = GOOD.replace(
             "per_day = \"20\"",
             "per_day = \"20\"\napproval_above = \"1\"",
@@ -347,6 +407,75 @@ keys = ["hot", "cold"]
     }
 
     const USDC: &str = "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v";
+
+    #[test]
+    fn rates_hours_and_breakers_parse_with_defaults_and_bounds() {
+        let p = parse(GOOD).unwrap();
+        let bot = p.agent_for_uid(1000).unwrap();
+        assert_eq!(
+            bot.breaker,
+            BreakerConfig::default(),
+            "the breaker is on by default"
+        );
+        assert_eq!(bot.rate_limit, RateLimit::default());
+        assert!(bot.active_hours.is_none());
+        let text = GOOD.replace(
+            "uid = 1000\n",
+            "uid = 1000\nrate_limit = { per_minute = 3 }\nbreaker = { cooldown_s = 60 }\n\
+             active_hours = { tz = \"Europe/Berlin\", windows = [\"Mon-Fri 08:00-20:00\"] }\n",
+        );
+        let p = parse(&text).unwrap();
+        let bot = p.agent_for_uid(1000).unwrap();
+        assert_eq!(
+            bot.rate_limit,
+            RateLimit {
+                per_minute: Some(3),
+                per_hour: None
+            }
+        );
+        assert_eq!(
+            bot.breaker,
+            BreakerConfig {
+                max_consecutive_denials: 5,
+                cooldown_s: 60
+            }
+        );
+        assert!(
+            bot.active_hours
+                .as_ref()
+                .unwrap()
+                .describe()
+                .contains("Europe/Berlin")
+        );
+        for (extra, key) in [
+            ("rate_limit = {}", "agents.bot.rate_limit"),
+            (
+                "rate_limit = { per_hour = 0 }",
+                "agents.bot.rate_limit.per_hour",
+            ),
+            (
+                "breaker = { max_consecutive_denials = 0 }",
+                "agents.bot.breaker.max_consecutive_denials",
+            ),
+            (
+                "breaker = { cooldown_s = 0 }",
+                "agents.bot.breaker.cooldown_s",
+            ),
+            (
+                "active_hours = { tz = \"Nowhere/Land\", windows = [\"daily 00:00-01:00\"] }",
+                "agents.bot.active_hours",
+            ),
+            (
+                "active_hours = { tz = \"UTC\", windows = [\"Mon 9-10\"] }",
+                "agents.bot.active_hours",
+            ),
+            ("rate_limit = { per_second = 1 }", "agents.bot.rate_limit"),
+        ] {
+            let text = GOOD.replace("uid = 1000\n", &format!("uid = 1000\n{extra}\n"));
+            let e = parse(&text).unwrap_err();
+            assert!(e.key.starts_with(key), "{extra}: {e}");
+        }
+    }
 
     #[test]
     fn spl_limits_are_per_mint_with_decimals_and_token_program() {

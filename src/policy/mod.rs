@@ -7,8 +7,10 @@
 //! transaction as the decision, so concurrency and restarts cannot overspend.
 
 pub mod counters;
+pub mod engine;
 mod evaluate;
 mod file;
+pub mod hours;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -31,6 +33,38 @@ pub mod rules {
     pub const PROGRAM_NOT_ALLOWED: &str = "program_not_allowed";
     /// The asset has no limits for this agent (or is not supported yet).
     pub const ASSET_NOT_ALLOWED: &str = "asset_not_allowed";
+    /// The agent is outside its active hours.
+    pub const OUTSIDE_ACTIVE_HOURS: &str = "outside_active_hours";
+    /// The agent reached its per-minute or per-hour rate.
+    pub const RATE_LIMITED: &str = "rate_limited";
+}
+
+/// Signed-intent rates: at most this many allowed intents per rolling
+/// minute and hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateLimit {
+    /// Per rolling 60 seconds.
+    pub per_minute: Option<u32>,
+    /// Per rolling 3600 seconds.
+    pub per_hour: Option<u32>,
+}
+
+/// The denial circuit breaker of an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive denials that lock the agent.
+    pub max_consecutive_denials: u32,
+    /// How long the lock lasts, in seconds.
+    pub cooldown_s: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            max_consecutive_denials: 5,
+            cooldown_s: 300,
+        }
+    }
 }
 
 /// An asset limits apply to: SOL, or an SPL mint.
@@ -87,6 +121,12 @@ pub struct AgentPolicy {
     pub allow_programs: BTreeSet<PublicKey>,
     /// Limits per asset; an asset without limits cannot be spent.
     pub limits: BTreeMap<Asset, AssetLimits>,
+    /// Rates of allowed intents.
+    pub rate_limit: RateLimit,
+    /// When the agent may sign; `None` means always.
+    pub active_hours: Option<hours::ActiveHours>,
+    /// The denial circuit breaker (on by default: 5 denials, 300 s).
+    pub breaker: BreakerConfig,
 }
 
 impl AgentPolicy {

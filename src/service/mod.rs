@@ -92,6 +92,11 @@ pub enum SubmitOutcome {
     Signed(SignedIntent),
     /// Denied by policy and recorded.
     Denied(Vec<DenialReason>),
+    /// The agent's denial breaker is open: 423 `agent_locked`.
+    Locked {
+        /// Seconds until the lock lifts.
+        retry_after_s: u64,
+    },
     /// The same intent was submitted before: its original response.
     Replayed {
         /// HTTP status of the original response.
@@ -109,6 +114,30 @@ pub struct Signer {
     policy: RwLock<Arc<Policy>>,
     in_flight: Mutex<HashMap<(String, String), usize>>,
     needs_recovery: AtomicBool,
+}
+
+impl Signer {
+    /// Clears an agent's denial breaker on an operator's request and
+    /// records `breaker_reset` with the state before; returns its sequence.
+    pub async fn reset_agent_breaker(&self, agent: &str, actor: &str) -> Result<u64, LedgerError> {
+        let agent = agent.to_owned();
+        let actor = actor.to_owned();
+        self.ledger
+            .write(move |txn| {
+                let (denials, locked_until) =
+                    crate::policy::engine::reset_breaker(txn.conn(), &agent)?;
+                let payload = serde_json::to_vec(&serde_json::json!({
+                    "breaker": agent,
+                    "by": actor,
+                    "consecutive_denials_before": denials,
+                    "was_locked": locked_until > txn.now_ms(),
+                }))
+                .unwrap_or_default();
+                let entry = txn.append(EventType::BreakerReset, None, Some(&agent), &payload)?;
+                Ok(entry.seq.0)
+            })
+            .await
+    }
 }
 
 impl Signer {
@@ -181,7 +210,7 @@ impl Signer {
                     }))
                     .unwrap_or_default();
                     txn.append(EventType::SigningDenied, Some(intent_id), Some(agent), &payload)?;
-                    crate::policy::counters::release(txn.conn(), agent, intent_id)?;
+                    crate::policy::engine::release(txn.conn(), agent, intent_id)?;
                     crate::intents::forget(txn.conn(), agent, intent_id)?;
                 }
                 Ok(stale.len())

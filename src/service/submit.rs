@@ -15,7 +15,7 @@ use super::{Signer, SubmitError, SubmitOutcome};
 use crate::hsm::sign_verified;
 use crate::intents;
 use crate::ledger::{EventType, LedgerError};
-use crate::policy::{AgentPolicy, Asset, Decision, counters, evaluate, spend_by_asset};
+use crate::policy::{AgentPolicy, counters, engine};
 use crate::solana::assemble_transaction;
 use crate::types::Lamports;
 
@@ -25,6 +25,7 @@ enum Admission {
     Conflict,
     InProgress,
     Denied(Vec<DenialReason>),
+    Locked { retry_after_s: u64 },
     Allowed { sol_spend: Lamports },
 }
 
@@ -73,6 +74,9 @@ impl Signer {
             Admission::Conflict => return Err(SubmitError::Conflict),
             Admission::InProgress => return Err(SubmitError::InProgress),
             Admission::Denied(reasons) => return Ok(SubmitOutcome::Denied(reasons)),
+            Admission::Locked { retry_after_s } => {
+                return Ok(SubmitOutcome::Locked { retry_after_s });
+            }
             Admission::Allowed { sol_spend } => sol_spend,
         };
         let (Some(key), Some((message, decoded, effects))) =
@@ -169,7 +173,7 @@ impl Signer {
                             Some(&agent_c),
                             &payload,
                         )?;
-                        counters::release(txn.conn(), &agent_c, &id_c)?;
+                        engine::release(txn.conn(), &agent_c, &id_c)?;
                         intents::forget(txn.conn(), &agent_c, &id_c)?;
                         Ok(())
                     })
@@ -218,31 +222,51 @@ impl Signer {
                 }
                 let now = txn.now_ms();
                 let entry = txn.append(EventType::IntentReceived, Some(&intent_id), Some(agent_name), &received)?;
-                // What was spent in the window, for every asset this
-                // message spends (or all limited assets if it cannot be
-                // counted).
-                let mut spent = BTreeMap::new();
-                let assets: Vec<Asset> = match effects.as_ref().map(spend_by_asset) {
-                    Some(Ok(spend)) => spend.into_keys().collect(),
-                    _ => Vec::new(),
-                };
-                for asset in assets {
-                    let s = counters::spent_24h_advance(txn.conn(), agent_name, &asset.key(), now)?;
-                    spent.insert(asset, s.0);
+                let verdict = engine::decide(
+                    txn.conn(),
+                    &agent,
+                    &key,
+                    effects.as_ref(),
+                    pre_reasons,
+                    &intent_id,
+                    now,
+                    engine::Mode::Commit,
+                )?;
+                if verdict.cooled_down {
+                    let reset = json(&serde_json::json!({
+                        "breaker": agent_name, "by": "cooldown",
+                    }));
+                    txn.append(EventType::BreakerReset, None, Some(agent_name), &reset)?;
                 }
-                let decision = match &effects {
-                    Some(effects) if pre_reasons.is_empty() => evaluate(&agent, &key, effects, &spent),
-                    _ => Decision::denied(pre_reasons),
-                };
+                if let Some(ms) = verdict.locked_for_ms {
+                    // The lock is transient: no intent record, so the same id
+                    // can be sent again once the agent is unlocked.
+                    let retry_after_s = u64::try_from((ms + 999) / 1000).unwrap_or(1);
+                    let denied = json(&serde_json::json!({
+                        "code": codes::AGENT_LOCKED, "retry_after_s": retry_after_s,
+                    }));
+                    txn.append(EventType::SigningDenied, Some(&intent_id), Some(agent_name), &denied)?;
+                    return Ok(Admission::Locked { retry_after_s });
+                }
+                let decision = verdict.decision;
                 let evaluated = json(&serde_json::json!({
                     "decision": if decision.allowed() { "allow" } else { "deny" },
                     "reasons": decision.reasons,
                     "spend": decision.spend.iter().map(|(a, v)| (a.key(), *v)).collect::<BTreeMap<_, _>>(),
-                    "spent_24h_before": spent.iter().map(|(a, v)| (a.key(), *v)).collect::<BTreeMap<_, _>>(),
+                    "spent_24h_before": verdict.spent_before.iter().map(|(a, v)| (a.key(), *v)).collect::<BTreeMap<_, _>>(),
                     "sol_spend_lamports": decision.sol_spend().0,
                     "policy_sha256": policy_hash,
                 }));
                 txn.append(EventType::PolicyEvaluated, Some(&intent_id), Some(agent_name), &evaluated)?;
+                if let Some(trip) = verdict.tripped {
+                    let tripped = json(&serde_json::json!({
+                        "breaker": agent_name,
+                        "consecutive_denials": trip.denials,
+                        "locked_until": crate::ledger::format_utc(trip.until_ms),
+                        "locked_until_ms": trip.until_ms,
+                    }));
+                    txn.append(EventType::BreakerTripped, Some(&intent_id), Some(agent_name), &tripped)?;
+                }
                 if !decision.allowed() {
                     let body = json(&denial_body(&decision.reasons));
                     let denied = json(&serde_json::json!({ "code": codes::POLICY_DENIED, "reasons": decision.reasons }));
@@ -260,9 +284,6 @@ impl Signer {
                         },
                     )?;
                     return Ok(Admission::Denied(decision.reasons));
-                }
-                for (asset, amount) in &decision.spend {
-                    counters::reserve(txn.conn(), agent_name, &asset.key(), &intent_id, Lamports(*amount), now)?;
                 }
                 intents::insert(
                     txn.conn(),

@@ -1,0 +1,182 @@
+//! The stateful policy rules end to end: the denial breaker (423, survives
+//! a restart, lifts after the cooldown and on an operator reset, all
+//! recorded), rate limits and active hours.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use keyward_client::{ClientError, IntentOutcome};
+
+fn policy(extra: &str) -> String {
+    format!(
+        "[agents.dev]\nuid = {{UID}}\nkeys = [\"hot\"]\n{extra}\n\
+         [agents.dev.limits.SOL]\nper_tx = \"0.1\"\nper_day = \"100\"\n"
+    )
+}
+
+fn submit(inst: &Instance, id: &str, amount: &str) -> Result<IntentOutcome, ClientError> {
+    rt().block_on(
+        inst.client()
+            .submit_intent(&transfer(id, &random_pubkey(), amount)),
+    )
+}
+
+fn expect_rule(r: Result<IntentOutcome, ClientError>, rule: &str) {
+    match r {
+        Err(ClientError::Api {
+            status: 403,
+            reasons,
+            ..
+        }) => {
+            assert!(
+                reasons.iter().any(|x| x.rule == rule),
+                "expected {rule}: {reasons:?}"
+            )
+        }
+        other => panic!("expected a 403 {rule}, got {other:?}"),
+    }
+}
+
+fn expect_locked(r: Result<IntentOutcome, ClientError>) -> u64 {
+    match r {
+        Err(ClientError::Api {
+            status: 423,
+            code,
+            retry_after,
+            ..
+        }) => {
+            assert_eq!(code, "agent_locked");
+            retry_after.expect("423 carries retry_after")
+        }
+        other => panic!("expected 423 agent_locked, got {other:?}"),
+    }
+}
+
+fn events(inst: &Instance, name: &str) -> Vec<String> {
+    let out = inst.keyward(&["audit", "export", "--db", inst.db.to_str().unwrap()]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("\"event\":\"{name}\"")))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn five_denials_lock_the_agent_across_restarts_until_cooldown_or_reset() {
+    let mut inst = Instance::with_policy(&policy(
+        "breaker = { max_consecutive_denials = 5, cooldown_s = 3 }",
+    ));
+    for i in 0..5 {
+        expect_rule(submit(&inst, &format!("big-{i}"), "1"), "per_tx_limit");
+    }
+    // Now even an allowed intent is refused while the lock lasts.
+    let retry = expect_locked(submit(&inst, "small-1", "0.01"));
+    assert!((1..=3).contains(&retry), "retry_after {retry}");
+    assert_eq!(events(&inst, "breaker_tripped").len(), 1);
+
+    // The lock is in the ledger database: a restart keeps it.
+    assert!(inst.stop().success());
+    inst.start();
+    expect_locked(submit(&inst, "small-1", "0.01"));
+
+    // An operator reset lifts it at once, and is recorded.
+    let out = inst.keyward(&["breaker", "reset", "dev"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(matches!(
+        submit(&inst, "small-1", "0.01"),
+        Ok(IntentOutcome::Signed(_))
+    ));
+    let resets = events(&inst, "breaker_reset");
+    assert_eq!(resets.len(), 1);
+    assert!(resets[0].contains("\"by\":\"uid:"), "{}", resets[0]);
+
+    // An allowed intent resets the count: four denials do not lock.
+    for i in 0..4 {
+        expect_rule(submit(&inst, &format!("again-{i}"), "1"), "per_tx_limit");
+    }
+    assert!(matches!(
+        submit(&inst, "small-2", "0.01"),
+        Ok(IntentOutcome::Signed(_))
+    ));
+    for i in 0..5 {
+        expect_rule(submit(&inst, &format!("third-{i}"), "1"), "per_tx_limit");
+    }
+    expect_locked(submit(&inst, "small-3", "0.01"));
+    // After the cooldown the lock lifts by itself, recorded as a reset.
+    std::thread::sleep(std::time::Duration::from_millis(3_100));
+    assert!(matches!(
+        submit(&inst, "small-3", "0.01"),
+        Ok(IntentOutcome::Signed(_))
+    ));
+    let resets = events(&inst, "breaker_reset");
+    assert_eq!(resets.len(), 2);
+    assert!(resets[1].contains("\"by\":\"cooldown\""), "{}", resets[1]);
+    assert_eq!(events(&inst, "breaker_tripped").len(), 2);
+    assert!(inst.audit_verify().status.success());
+
+    // Unknown breakers are refused by name.
+    let out = inst.keyward(&["breaker", "reset", "nobody"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown_breaker")
+            || String::from_utf8_lossy(&out.stderr).contains("no breaker")
+    );
+}
+
+#[test]
+fn rate_limits_count_allowed_intents_per_minute() {
+    let inst = Instance::with_policy(&policy("rate_limit = { per_minute = 3, per_hour = 100 }"));
+    for i in 0..3 {
+        assert!(matches!(
+            submit(&inst, &format!("r-{i}"), "0.01"),
+            Ok(IntentOutcome::Signed(_))
+        ));
+    }
+    expect_rule(submit(&inst, "r-3", "0.01"), "rate_limited");
+    // Denials do not count toward the rate: still limited, not more so.
+    expect_rule(submit(&inst, "r-4", "0.01"), "rate_limited");
+    let spent = rt().block_on(inst.client().policy()).unwrap().limits[0].spent_24h_base_units;
+    assert_eq!(
+        spent,
+        3 * (10_000_000 + FEE),
+        "denied intents spent nothing"
+    );
+}
+
+/// A daily window in UTC from `from` to `to` hours after the current hour.
+fn window(from: i64, to: i64) -> String {
+    let hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        / 3600
+        % 24;
+    let h = |d: i64| (hour + d).rem_euclid(24);
+    format!("daily {:02}:00-{:02}:00", h(from), h(to))
+}
+
+#[test]
+fn active_hours_deny_outside_the_window_and_allow_inside() {
+    let outside = policy(&format!(
+        "active_hours = {{ tz = \"UTC\", windows = [\"{}\"] }}",
+        window(3, 5)
+    ));
+    let inst = Instance::with_policy(&outside);
+    expect_rule(submit(&inst, "late", "0.01"), "outside_active_hours");
+    drop(inst);
+    // This window started an hour ago and ends in two (it may cross midnight).
+    let inside = policy(&format!(
+        "active_hours = {{ tz = \"UTC\", windows = [\"{}\"] }}",
+        window(-1, 2)
+    ));
+    let inst = Instance::with_policy(&inside);
+    assert!(matches!(
+        submit(&inst, "on-time", "0.01"),
+        Ok(IntentOutcome::Signed(_))
+    ));
+}
