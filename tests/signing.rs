@@ -306,16 +306,21 @@ fn keys_and_health_and_unknown_routes() {
     );
     assert_eq!(status, 405);
     assert!(body.contains("\"method_not_allowed\""), "{body}");
-    // dry_run is not implemented: it must not silently sign.
-    let body = serde_json::to_vec(&transfer("dry", &random_pubkey(), "0.1")).unwrap();
-    let mut req = format!(
-        "POST /v1/intents?dry_run=true HTTP/1.1\r\nHost: keyward\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    req.extend_from_slice(&body);
-    let (status, _) = raw_request(&inst.agent_socket, &req);
-    assert_eq!(status, 400);
+    // A query parameter keyward does not understand (a typo of dry_run)
+    // must never lead to a real signature.
+    for query in ["dryrun=true", "dry_run=yes", "dry_run=true&x=1"] {
+        let body = serde_json::to_vec(&transfer(&format!("dry-{query}"), &random_pubkey(), "0.1"))
+            .unwrap();
+        let mut req = format!(
+            "POST /v1/intents?{query} HTTP/1.1\r\nHost: keyward\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&body);
+        let (status, body) = raw_request(&inst.agent_socket, &req);
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains("invalid_request"), "{body}");
+    }
 }
 
 #[test]

@@ -202,6 +202,15 @@ impl Client {
         }
     }
 
+    /// `POST /v1/intents?dry_run=true`: what keyward would decide for
+    /// `req` now, without signing, counting or recording anything.
+    pub async fn dry_run(&self, req: &IntentRequest) -> Result<wire::DryRunResult, ClientError> {
+        let (status, body) = self
+            .request_json(Method::POST, "/v1/intents?dry_run=true", Some(req))
+            .await?;
+        parse(status, &body)
+    }
+
     /// `GET /v1/intents/{id}`: the state of one of this agent's intents.
     pub async fn get_intent(&self, intent_id: &str) -> Result<IntentView, ClientError> {
         let path = format!("/v1/intents/{}", encode_segment(intent_id));

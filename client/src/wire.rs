@@ -50,6 +50,27 @@ pub enum Action {
     },
 }
 
+/// `200 OK` body of `POST /v1/intents?dry_run=true`: what keyward would
+/// decide now. Nothing is signed, counted, recorded or made pending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DryRunResult {
+    /// The intent id of the request.
+    pub intent_id: String,
+    /// Always true.
+    pub dry_run: bool,
+    /// `allow`, `deny` or `locked` (the agent's denial breaker is open).
+    pub decision: String,
+    /// Every rule the intent would break.
+    #[serde(default)]
+    pub reasons: Vec<DenialReason>,
+    /// What it would spend per asset (`SOL` or mint), in base units.
+    #[serde(default)]
+    pub spend: std::collections::BTreeMap<String, u64>,
+    /// When `decision` is `locked`: seconds until the lock lifts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+}
+
 /// Status of an intent as reported by the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -54,16 +54,25 @@ async fn submit_intent(
     body: Body,
 ) -> Result<Response, ApiError> {
     let agent = agent_of(&state, peer)?;
-    if query.is_some_and(|q| !q.is_empty()) {
-        // In particular `dry_run` is not implemented by this version: an
-        // agent must never get a real signature when it asked for a dry run.
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            codes::INVALID_REQUEST,
-            "query parameters are not supported on this endpoint by this version",
-        ));
-    }
+    let dry_run = match query.as_deref() {
+        None | Some("") => false,
+        Some("dry_run=true") => true,
+        Some("dry_run=false") => false,
+        Some(other) => {
+            // Anything else is refused: an agent must never get a real
+            // signature because a parameter it meant was not understood.
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                codes::INVALID_REQUEST,
+                format!("unsupported query {other:?}; the only parameter is dry_run=true"),
+            ));
+        }
+    };
     let req: IntentRequest = read_json(&headers, body, state.max_body).await?;
+    if dry_run {
+        let result = state.signer.dry_run(&agent, &req).await?;
+        return Ok((StatusCode::OK, axum::Json(result)).into_response());
+    }
     // The submission runs to completion in its own task even if the client
     // goes away, so a decision is never left half recorded.
     let signer = Arc::clone(&state.signer);

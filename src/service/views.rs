@@ -9,7 +9,7 @@ use keyward_client::wire::{
 
 use super::{Signer, SubmitError};
 use crate::amount::format_units;
-use crate::policy::{AgentPolicy, AssetLimits, counters};
+use crate::policy::{AgentPolicy, AssetLimits, counters, engine};
 use crate::types::IntentId;
 
 fn now_ms() -> i64 {
@@ -33,6 +33,63 @@ impl Signer {
         })
         .await
         .map_err(|e| SubmitError::Internal(e.to_string()))?
+    }
+
+    /// What keyward would decide for `req` now: the request is prepared
+    /// and decided on a read-only connection, so nothing can be signed,
+    /// counted, recorded or made pending.
+    pub async fn dry_run(
+        self: &Arc<Self>,
+        agent: &AgentPolicy,
+        req: &keyward_client::wire::IntentRequest,
+    ) -> Result<keyward_client::wire::DryRunResult, SubmitError> {
+        let allowed_key = agent
+            .keys
+            .iter()
+            .find(|n| n.as_str() == req.key)
+            .and_then(|n| self.keys.get(n));
+        let p = super::prepare::prepare(req, agent, allowed_key)?;
+        let agent_c = agent.clone();
+        let intent_id = p.intent_id.to_string();
+        let key = p.key.clone();
+        let effects = p.message.as_ref().map(|(_, _, e)| e.clone());
+        let pre = p.pre_reasons.clone();
+        let id = intent_id.clone();
+        let verdict = self
+            .read(move |c| {
+                engine::decide(
+                    c,
+                    &agent_c,
+                    &key,
+                    effects.as_ref(),
+                    pre,
+                    &id,
+                    now_ms(),
+                    engine::Mode::DryRun,
+                )
+            })
+            .await?;
+        let (decision, retry_after) = match verdict.locked_for_ms {
+            Some(ms) => (
+                "locked",
+                Some(u64::try_from((ms + 999) / 1000).unwrap_or(1)),
+            ),
+            None if verdict.decision.allowed() => ("allow", None),
+            None => ("deny", None),
+        };
+        Ok(keyward_client::wire::DryRunResult {
+            intent_id,
+            dry_run: true,
+            decision: decision.to_owned(),
+            spend: verdict
+                .decision
+                .spend
+                .iter()
+                .map(|(a, v)| (a.key(), *v))
+                .collect(),
+            reasons: verdict.decision.reasons,
+            retry_after,
+        })
     }
 
     /// Status of one of the agent's intents; `None` if there is none.
