@@ -154,7 +154,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             Ok(())
         })
         .await?;
-    let signer = Signer::new(ledger.clone(), hsm, keys, policy);
+    let signer = Signer::new(ledger.clone(), hsm, keys, policy, cfg.daemon.policy.clone());
     let recovered = signer.recover().await?;
     if recovered > 0 {
         tracing::warn!(
@@ -239,9 +239,27 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         let (a, b) = tokio::join!(agent_srv, admin_srv);
         a.and(b)
     });
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
-        _ = sigint.recv() => tracing::info!("SIGINT: finishing in-flight requests"),
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(io("cannot install SIGHUP handler"))?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM: finishing in-flight requests");
+                break;
+            }
+            _ = sigint.recv() => {
+                tracing::info!("SIGINT: finishing in-flight requests");
+                break;
+            }
+            _ = sighup.recv() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+                match signer.reload_policy("SIGHUP").await {
+                    Ok(r) => tracing::info!(policy_sha256 = %r.policy_sha256, seq = r.ledger_seq, "SIGHUP: policy reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: policy reload refused; the old policy stays in force"),
+                }
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            }
+        }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);

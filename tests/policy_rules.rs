@@ -240,3 +240,101 @@ fn dry_runs_decide_without_signing_counting_or_recording() {
     assert!(rt().block_on(client.get_intent("d-ok-0")).is_err());
     assert!(inst.audit_verify().status.success());
 }
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[test]
+fn reload_keeps_the_old_policy_when_invalid_and_applies_a_valid_one_at_once() {
+    let inst = Instance::with_policy(&policy(""));
+    let old_hash = rt().block_on(inst.client().policy()).unwrap().policy_hash;
+    expect_rule(submit(&inst, "big-before", "0.5"), "per_tx_limit");
+
+    // Invalid: line 3 is not TOML. The old policy stays in force.
+    std::fs::write(&inst.policy, "[agents.dev]\nuid = 0\nkeys = [\"hot\"\n").unwrap();
+    let out = inst.keyward(&["policy", "reload"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:3:", inst.policy.display())),
+        "names file:line:column: {err}"
+    );
+    assert!(err.contains("old policy stays in force"), "{err}");
+    assert_eq!(
+        rt().block_on(inst.client().policy()).unwrap().policy_hash,
+        old_hash
+    );
+    expect_rule(submit(&inst, "big-invalid", "0.5"), "per_tx_limit");
+    // A policy naming a key the HSM does not have is refused too.
+    inst.write_policy(&policy("").replace("keys = [\"hot\"]", "keys = [\"hot\", \"cold\"]"));
+    let out = inst.keyward(&["policy", "reload"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cold"));
+
+    // Valid: a larger per_tx applies to the very next intent.
+    let text = policy("")
+        .replace("per_tx = \"0.1\"", "per_tx = \"1\"")
+        .replace("{UID}", &my_uid().to_string());
+    std::fs::write(&inst.policy, &text).unwrap();
+    let out = inst.keyward(&["policy", "reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_hash = sha256_hex(text.as_bytes());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&new_hash));
+    assert!(matches!(
+        submit(&inst, "big-after", "0.5"),
+        Ok(IntentOutcome::Signed(_))
+    ));
+    let loaded = events(&inst, "policy_loaded");
+    assert!(loaded.last().unwrap().contains(&new_hash), "{loaded:?}");
+    assert!(
+        loaded.last().unwrap().contains(&old_hash),
+        "records what it replaced"
+    );
+    let evaluated = events(&inst, "policy_evaluated");
+    assert!(
+        evaluated.last().unwrap().contains(&new_hash),
+        "decisions name the policy they used"
+    );
+
+    // SIGHUP does the same.
+    let text2 = text.replace("per_tx = \"1\"", "per_tx = \"0.3\"");
+    std::fs::write(&inst.policy, &text2).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(inst.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let hash2 = sha256_hex(text2.as_bytes());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while rt().block_on(inst.client().policy()).unwrap().policy_hash != hash2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not reload"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    expect_rule(submit(&inst, "big-hup", "0.5"), "per_tx_limit");
+    // An invalid file on SIGHUP changes nothing.
+    std::fs::write(&inst.policy, "garbage = [").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(inst.pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        rt().block_on(inst.client().policy()).unwrap().policy_hash,
+        hash2
+    );
+    assert!(matches!(
+        submit(&inst, "small-hup", "0.2"),
+        Ok(IntentOutcome::Signed(_))
+    ));
+    assert!(inst.audit_verify().status.success());
+}

@@ -317,6 +317,17 @@ pub struct BreakerResetView {
     pub ledger_seq: u64,
 }
 
+/// Admin API: body of `POST /v1/admin/policy/reload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyReloadView {
+    /// SHA-256 (hex) of the policy now in force.
+    pub policy_sha256: String,
+    /// SHA-256 (hex) of the policy it replaced.
+    pub previous_sha256: String,
+    /// Ledger sequence of the `policy_loaded` entry.
+    pub ledger_seq: u64,
+}
+
 /// Admin API: one key in `GET /v1/admin/keys`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminKeyInfo {

@@ -16,6 +16,7 @@ pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/v1/admin/breakers/{name}/reset", post(reset_breaker))
         .route("/v1/admin/keys", get(keys))
+        .route("/v1/admin/policy/reload", post(reload_policy))
         .route("/v1/admin/health", get(health))
         .fallback(fallback)
         .method_not_allowed_fallback(method_fallback)
@@ -99,6 +100,35 @@ async fn reset_breaker(
         ledger_seq: entry.seq.0,
     })
     .into_response())
+}
+
+async fn reload_policy(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+) -> Result<Response, ApiError> {
+    let uid = operator(peer)?;
+    match state.signer.reload_policy(&format!("uid:{uid}")).await {
+        Ok(r) => Ok(axum::Json(keyward_client::wire::PolicyReloadView {
+            policy_sha256: r.policy_sha256,
+            previous_sha256: r.previous_sha256,
+            ledger_seq: r.ledger_seq,
+        })
+        .into_response()),
+        Err(e) => {
+            tracing::warn!(uid, error = %e, "policy reload refused; the old policy stays in force");
+            let status = match &e {
+                crate::service::ReloadError::Invalid(_)
+                | crate::service::ReloadError::MissingKey { .. } => StatusCode::BAD_REQUEST,
+                crate::service::ReloadError::Ledger(_) => StatusCode::SERVICE_UNAVAILABLE,
+                crate::service::ReloadError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Err(ApiError::new(
+                status,
+                e.code(),
+                format!("{e}; the old policy stays in force"),
+            ))
+        }
+    }
 }
 
 async fn keys(

@@ -143,6 +143,9 @@ enum PolicyCommand {
         /// The policy file.
         file: PathBuf,
     },
+    /// Make the running daemon load its policy file again (admin socket);
+    /// an invalid file keeps the old policy in force.
+    Reload,
 }
 
 /// A failure with the exit status it maps to.
@@ -325,6 +328,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Err(e) => Err(Failure(1, anyhow!("{e}"))),
         },
+        Command::Policy {
+            command: PolicyCommand::Reload,
+        } => {
+            let cfg = Config::load(&cli.config)?;
+            let view: keyward_client::wire::PolicyReloadView =
+                admin_post(&cfg, "/v1/admin/policy/reload")?;
+            println!(
+                "policy {} in force (was {}), ledger seq {}",
+                view.policy_sha256, view.previous_sha256, view.ledger_seq
+            );
+            Ok(())
+        }
     }
 }
 

@@ -106,12 +106,59 @@ pub enum SubmitOutcome {
     },
 }
 
+/// A policy put in force by [`Signer::reload_policy`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// SHA-256 (hex) of the new policy file.
+    pub policy_sha256: String,
+    /// SHA-256 (hex) of the policy it replaced.
+    pub previous_sha256: String,
+    /// Sequence number of its `policy_loaded` entry.
+    pub ledger_seq: u64,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file is invalid: file, line, column and what is wrong.
+    #[error("{0}")]
+    Invalid(crate::config::ConfigError),
+    /// The policy names a key the HSM does not have.
+    #[error("the policy names key {key:?}, which the HSM does not have: {detail}")]
+    MissingKey {
+        /// The key name.
+        key: String,
+        /// What the HSM said.
+        detail: String,
+    },
+    /// The `policy_loaded` entry could not be recorded.
+    #[error("the ledger cannot record the new policy: {0}")]
+    Ledger(LedgerError),
+    /// Anything else.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ReloadError {
+    /// Stable snake_case code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ReloadError::Invalid(_) => "invalid_policy",
+            ReloadError::MissingKey { .. } => "key_not_found",
+            ReloadError::Ledger(_) => codes::AUDIT_UNAVAILABLE,
+            ReloadError::Internal(_) => codes::INTERNAL,
+        }
+    }
+}
+
 /// The signing service shared by all API handlers.
 pub struct Signer {
     ledger: Ledger,
     hsm: Arc<dyn Hsm>,
-    keys: HashMap<KeyName, HsmKey>,
+    keys: RwLock<Arc<HashMap<KeyName, HsmKey>>>,
     policy: RwLock<Arc<Policy>>,
+    policy_path: std::path::PathBuf,
+    reload_lock: tokio::sync::Mutex<()>,
     in_flight: Mutex<HashMap<(String, String), usize>>,
     needs_recovery: AtomicBool,
 }
@@ -147,12 +194,15 @@ impl Signer {
         hsm: Arc<dyn Hsm>,
         keys: HashMap<KeyName, HsmKey>,
         policy: Policy,
+        policy_path: std::path::PathBuf,
     ) -> Arc<Signer> {
         Arc::new(Signer {
             ledger,
             hsm,
-            keys,
+            keys: RwLock::new(Arc::new(keys)),
             policy: RwLock::new(Arc::new(policy)),
+            policy_path,
+            reload_lock: tokio::sync::Mutex::new(()),
             in_flight: Mutex::new(HashMap::new()),
             needs_recovery: AtomicBool::new(false),
         })
@@ -182,8 +232,75 @@ impl Signer {
     }
 
     /// The HSM keys the policy refers to.
-    pub fn keys(&self) -> &HashMap<KeyName, HsmKey> {
-        &self.keys
+    pub fn keys(&self) -> Arc<HashMap<KeyName, HsmKey>> {
+        match self.keys.read() {
+            Ok(k) => Arc::clone(&k),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Loads the policy file again and, if it is valid and every key it
+    /// names is in the HSM, records `policy_loaded` and puts it in force at
+    /// once (decisions already past their admission keep the policy they
+    /// were decided under). An invalid file changes nothing.
+    pub async fn reload_policy(&self, by: &str) -> Result<ReloadOutcome, ReloadError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let path = self.policy_path.clone();
+        let policy = tokio::task::spawn_blocking(move || Policy::load(&path))
+            .await
+            .map_err(|e| ReloadError::Internal(e.to_string()))?
+            .map_err(ReloadError::Invalid)?;
+        let current = self.keys();
+        let mut keys = (*current).clone();
+        for name in policy.all_keys() {
+            if keys.contains_key(&name) {
+                continue;
+            }
+            let hsm = Arc::clone(&self.hsm);
+            let lookup = name.clone();
+            let key = tokio::task::spawn_blocking(move || hsm.find_ed25519(&lookup))
+                .await
+                .map_err(|e| ReloadError::Internal(e.to_string()))?
+                .map_err(|e| ReloadError::MissingKey {
+                    key: name.to_string(),
+                    detail: e.to_string(),
+                })?;
+            keys.insert(name, key);
+        }
+        let previous = self.policy().hash_hex();
+        let hash = policy.hash_hex();
+        let payload = serde_json::to_vec(&serde_json::json!({
+            "policy_sha256": hash,
+            "previous_sha256": previous,
+            "path": self.policy_path.display().to_string(),
+            "by": by,
+            "agents": policy.agents.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+        }))
+        .unwrap_or_default();
+        let seq = self
+            .ledger
+            .write(move |txn| {
+                Ok(txn
+                    .append(EventType::PolicyLoaded, None, None, &payload)?
+                    .seq
+                    .0)
+            })
+            .await
+            .map_err(ReloadError::Ledger)?;
+        match self.keys.write() {
+            Ok(mut k) => *k = Arc::new(keys),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(keys),
+        }
+        match self.policy.write() {
+            Ok(mut p) => *p = Arc::new(policy),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(policy),
+        }
+        tracing::info!(policy_sha256 = %hash, previous = %previous, by, "policy reloaded");
+        Ok(ReloadOutcome {
+            policy_sha256: hash,
+            previous_sha256: previous,
+            ledger_seq: seq,
+        })
     }
 
     /// Whether an interrupted intent waits for [`Signer::recover`].

@@ -56,11 +56,12 @@ impl Signer {
         agent: &AgentPolicy,
         req: IntentRequest,
     ) -> Result<SubmitOutcome, SubmitError> {
+        let keys = self.keys();
         let allowed_key = agent
             .keys
             .iter()
             .find(|n| n.as_str() == req.key)
-            .and_then(|n| self.keys.get(n));
+            .and_then(|n| keys.get(n));
         let prepared = prepare(&req, agent, allowed_key)?;
         let agent_name = agent.name.to_string();
         let intent_id = prepared.intent_id.to_string();

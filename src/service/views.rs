@@ -43,11 +43,12 @@ impl Signer {
         agent: &AgentPolicy,
         req: &keyward_client::wire::IntentRequest,
     ) -> Result<keyward_client::wire::DryRunResult, SubmitError> {
+        let keys = self.keys();
         let allowed_key = agent
             .keys
             .iter()
             .find(|n| n.as_str() == req.key)
-            .and_then(|n| self.keys.get(n));
+            .and_then(|n| keys.get(n));
         let p = super::prepare::prepare(req, agent, allowed_key)?;
         let agent_c = agent.clone();
         let intent_id = p.intent_id.to_string();
@@ -142,11 +143,12 @@ impl Signer {
 
     /// Keys the agent may use.
     pub fn keys_view(&self, agent: &AgentPolicy) -> KeysView {
+        let keys = self.keys();
         KeysView {
             keys: agent
                 .keys
                 .iter()
-                .filter_map(|n| self.keys.get(n))
+                .filter_map(|n| keys.get(n))
                 .map(|k| KeyInfo {
                     name: k.name.to_string(),
                     public_key: k.public_key.to_base58(),
