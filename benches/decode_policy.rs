@@ -24,6 +24,8 @@ fn agent(allow: usize) -> AgentPolicy {
                 per_tx: u64::MAX / 4,
                 per_day: u64::MAX / 2,
                 token_program: None,
+                approval_above: None,
+                approvers: None,
             },
         )]
         .into_iter()

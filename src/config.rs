@@ -132,6 +132,14 @@ pub struct DaemonConfig {
     /// Per-request time limit in seconds (default 30).
     #[serde(default = "default_request_timeout")]
     pub request_timeout_s: u64,
+    /// How long an intent waits for approvals before it expires, in
+    /// seconds (default 900).
+    #[serde(default = "default_approval_ttl")]
+    pub approval_ttl_s: u64,
+}
+
+fn default_approval_ttl() -> u64 {
+    900
 }
 
 fn default_body_limit() -> usize {
@@ -237,6 +245,13 @@ impl Config {
                 file,
                 "daemon.max_body_bytes",
                 "must be between 1024 and 1048576",
+            ));
+        }
+        if daemon.approval_ttl_s == 0 || daemon.approval_ttl_s > 7 * 86_400 {
+            return Err(ConfigError::new(
+                file,
+                "daemon.approval_ttl_s",
+                "must be between 1 second and 7 days",
             ));
         }
         if daemon.request_timeout_s == 0 || daemon.request_timeout_s > 600 {

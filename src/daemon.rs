@@ -154,7 +154,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             Ok(())
         })
         .await?;
-    let signer = Signer::new(ledger.clone(), hsm, keys, policy, cfg.daemon.policy.clone());
+    let signer = Signer::new(
+        ledger.clone(),
+        hsm,
+        keys,
+        policy,
+        cfg.daemon.policy.clone(),
+        Duration::from_secs(cfg.daemon.approval_ttl_s),
+    );
     let recovered = signer.recover().await?;
     if recovered > 0 {
         tracing::warn!(
@@ -206,6 +213,25 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         admin_router(state).into_make_service_with_connect_info::<PeerCred>(),
     )
     .with_graceful_shutdown(shutdown_signal(stop_rx.clone()));
+
+    // Expire pending intents whose approval window has ended.
+    let expiry_signer = Arc::clone(&signer);
+    let expiry_stop = stop_rx.clone();
+    let expiry = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown_signal(expiry_stop.clone()) => return,
+            }
+            match expiry_signer.expire_due().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(expired = n, "pending intents expired"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "recording expired intents failed; will retry")
+                }
+            }
+        }
+    });
 
     // Retry recording interrupted intents while the ledger was failing.
     let recovery_signer = Arc::clone(&signer);
@@ -265,6 +291,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = stop_tx.send(true);
     let served = servers.await;
     let _ = recovery.await;
+    let _ = expiry.await;
     // Requests run their submissions in their own tasks; give any still
     // running a moment to finish recording before the ledger closes.
     for _ in 0..100 {

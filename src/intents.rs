@@ -10,7 +10,7 @@ CREATE TABLE IF NOT EXISTS intents (
     agent TEXT NOT NULL,
     intent_id TEXT NOT NULL,
     content_hash BLOB NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('in_progress', 'signed', 'denied')),
+    status TEXT NOT NULL CHECK (status IN ('in_progress', 'signed', 'denied', 'pending_approval', 'expired')),
     http_status INTEGER,
     response BLOB,
     received_seq INTEGER NOT NULL,
@@ -18,7 +18,88 @@ CREATE TABLE IF NOT EXISTS intents (
     PRIMARY KEY (agent, intent_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS intents_in_progress ON intents(status) WHERE status = 'in_progress';
+CREATE TABLE IF NOT EXISTS pending_approvals (
+    agent TEXT NOT NULL,
+    intent_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    message BLOB NOT NULL,
+    intent_hash BLOB NOT NULL,
+    approval TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent, intent_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pending_expiry ON pending_approvals(expires_ms);
 ";
+
+/// An intent waiting for approvals: the exact message to sign and the
+/// approval request shown to approvers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Key name to sign with.
+    pub key: String,
+    /// The exact message bytes that approvals bind to.
+    pub message: Vec<u8>,
+    /// SHA-256 over the message and its derived effects.
+    pub intent_hash: [u8; 32],
+    /// The approval request (JSON object).
+    pub approval: String,
+    /// When the approval window ends (Unix ms).
+    pub expires_ms: i64,
+}
+
+/// Records the pending part of an intent whose record says
+/// `pending_approval`.
+pub fn insert_pending(
+    conn: &Connection,
+    agent: &str,
+    intent_id: &str,
+    p: &Pending,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO pending_approvals (agent, intent_id, key, message, intent_hash, approval, expires_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![agent, intent_id, p.key, p.message, &p.intent_hash[..], p.approval, p.expires_ms])?;
+    Ok(())
+}
+
+/// The pending part of an intent, if it has one.
+pub fn pending(
+    conn: &Connection,
+    agent: &str,
+    intent_id: &str,
+) -> rusqlite::Result<Option<Pending>> {
+    conn.prepare_cached(
+        "SELECT key, message, intent_hash, approval, expires_ms FROM pending_approvals WHERE agent = ?1 AND intent_id = ?2",
+    )?
+    .query_row(params![agent, intent_id], |r| {
+        let hash: Vec<u8> = r.get(2)?;
+        let mut intent_hash = [0u8; 32];
+        if hash.len() == 32 {
+            intent_hash.copy_from_slice(&hash);
+        }
+        Ok(Pending {
+            key: r.get(0)?,
+            message: r.get(1)?,
+            intent_hash,
+            approval: r.get(3)?,
+            expires_ms: r.get(4)?,
+        })
+    })
+    .optional()
+}
+
+/// Intents still `pending_approval` whose window ended at or before
+/// `now_ms`: (agent, intent_id).
+pub fn due_to_expire(conn: &Connection, now_ms: i64) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT p.agent, p.intent_id FROM pending_approvals p
+         JOIN intents i ON i.agent = p.agent AND i.intent_id = p.intent_id
+         WHERE p.expires_ms <= ?1 AND i.status = 'pending_approval'",
+    )?;
+    let rows = stmt.query_map(params![now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
 
 /// Stored state of an intent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +148,7 @@ pub struct NewIntent<'a> {
     pub intent_id: &'a str,
     /// SHA-256 of the intent's canonical content.
     pub content_hash: &'a [u8; 32],
-    /// `in_progress`, `signed` or `denied`.
+    /// `in_progress`, `signed`, `denied` or `pending_approval`.
     pub status: &'a str,
     /// Final HTTP status and body, when the intent is already decided.
     pub reply: Option<(u16, &'a [u8])>,

@@ -338,3 +338,93 @@ fn reload_keeps_the_old_policy_when_invalid_and_applies_a_valid_one_at_once() {
     ));
     assert!(inst.audit_verify().status.success());
 }
+
+#[test]
+fn intents_above_the_approval_threshold_wait_reserve_nothing_and_expire() {
+    let mut inst = Instance::init();
+    let cfg = std::fs::read_to_string(&inst.config).unwrap();
+    std::fs::write(
+        &inst.config,
+        cfg.replace("[daemon]\n", "[daemon]\napproval_ttl_s = 2\n"),
+    )
+    .unwrap();
+    inst.write_policy(&policy("").replace(
+        "per_day = \"100\"\n",
+        "per_day = \"100\"\napproval_above = \"0.05\"\napprovers = { required = 2, of = [\"alice\", \"bob\", \"carol\"] }\n",
+    ));
+    inst.start();
+    let client = inst.client();
+    let to = random_pubkey();
+    let req = transfer("big", &to, "0.08");
+    let body = match rt().block_on(client.submit_intent(&req)).unwrap() {
+        IntentOutcome::Pending(b) => b,
+        other => panic!("expected 202 pending, got {other:?}"),
+    };
+    assert_eq!(body["status"], "pending_approval");
+    assert_eq!(body["intent_id"], "big");
+    let approval = &body["approval"];
+    let hash = approval["intent_hash"].as_str().unwrap();
+    assert_eq!(hash.len(), 64);
+    assert_eq!(approval["required"], 2);
+    assert_eq!(approval["received"], 0);
+    assert!(approval["expires_at"].as_str().unwrap().ends_with('Z'));
+    let summary = approval["summary"].as_str().unwrap();
+    assert!(
+        summary.contains(&to.to_string()) && summary.contains("0.08"),
+        "{summary}"
+    );
+
+    // It reserves nothing, and is what GET and a replay show.
+    let spent = |inst: &Instance| {
+        rt().block_on(inst.client().policy()).unwrap().limits[0].spent_24h_base_units
+    };
+    assert_eq!(spent(&inst), 0);
+    let view = rt().block_on(client.get_intent("big")).unwrap();
+    assert_eq!(
+        view.status,
+        keyward_client::wire::IntentStatus::PendingApproval
+    );
+    assert_eq!(view.approval.as_ref().unwrap()["intent_hash"], hash);
+    match rt().block_on(client.submit_intent(&req)).unwrap() {
+        IntentOutcome::Pending(again) => assert_eq!(again, body),
+        other => panic!("a replay is the same 202, got {other:?}"),
+    }
+    let dry = rt()
+        .block_on(client.dry_run(&transfer("big-dry", &to, "0.08")))
+        .unwrap();
+    assert_eq!(dry.decision, "approval_required");
+    // Below the threshold signs as usual.
+    assert!(matches!(
+        submit(&inst, "small", "0.01"),
+        Ok(IntentOutcome::Signed(_))
+    ));
+    assert_eq!(spent(&inst), 10_000_000 + FEE);
+    let requested = events(&inst, "approval_requested");
+    assert_eq!(requested.len(), 1);
+    assert!(requested[0].contains(hash));
+
+    // The window runs out: expired, recorded, and the id is answered 410.
+    std::thread::sleep(std::time::Duration::from_millis(2_200));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while events(&inst, "intent_expired").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expiry was not recorded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let view = rt().block_on(client.get_intent("big")).unwrap();
+    assert_eq!(view.status, keyward_client::wire::IntentStatus::Expired);
+    match rt().block_on(client.submit_intent(&req)) {
+        Err(ClientError::Api {
+            status: 410, code, ..
+        }) => assert_eq!(code, "intent_expired"),
+        other => panic!("expected 410 intent_expired, got {other:?}"),
+    }
+    assert_eq!(
+        spent(&inst),
+        10_000_000 + FEE,
+        "nothing was ever reserved for it"
+    );
+    assert!(inst.audit_verify().status.success());
+}

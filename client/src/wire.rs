@@ -58,7 +58,8 @@ pub struct DryRunResult {
     pub intent_id: String,
     /// Always true.
     pub dry_run: bool,
-    /// `allow`, `deny` or `locked` (the agent's denial breaker is open).
+    /// `allow`, `approval_required`, `deny` or `locked` (the agent's denial
+    /// breaker is open).
     pub decision: String,
     /// Every rule the intent would break.
     #[serde(default)]
@@ -140,6 +141,10 @@ pub struct IntentView {
     /// Present when denied by policy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<DenialReason>,
+    /// Present when pending approval or expired: the approval request
+    /// (`intent_hash`, `required`, `received`, `expires_at`, `summary`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<serde_json::Value>,
 }
 
 /// Every error body: `{"error": {...}}`.
@@ -197,6 +202,8 @@ pub mod codes {
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
     /// 423: the agent's denial circuit breaker is open.
     pub const AGENT_LOCKED: &str = "agent_locked";
+    /// The intent waited for approvals longer than the approval window.
+    pub const INTENT_EXPIRED: &str = "intent_expired";
     /// 503: the ledger could not record the decision; nothing was signed.
     pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
     /// 503: the HSM could not sign; nothing was released.

@@ -109,6 +109,13 @@ async fn submit_intent(
             }
             response
         }
+        SubmitOutcome::Pending(body) => json_response(StatusCode::ACCEPTED, body),
+        SubmitOutcome::Expired => ApiError::new(
+            StatusCode::GONE,
+            codes::INTENT_EXPIRED,
+            "this intent waited for approvals longer than the approval window and expired; submit a new intent",
+        )
+        .into_response(),
         SubmitOutcome::Replayed { status, body } => json_response(
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             body,

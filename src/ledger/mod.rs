@@ -98,6 +98,8 @@ event_types! {
     ApprovalGranted => "approval_granted",
     /// An approver rejected.
     ApprovalRejected => "approval_rejected",
+    /// A pending intent's approval window ran out.
+    IntentExpired => "intent_expired",
     /// The HSM signed and the signature verified; it is released after this entry commits.
     SignatureCreated => "signature_created",
     /// Nothing was signed, with the reason.

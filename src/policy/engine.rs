@@ -50,6 +50,18 @@ pub struct Trip {
     pub until_ms: i64,
 }
 
+/// An allowed intent that needs human approval before it is signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalNeed {
+    /// Distinct approvals needed: the largest quorum of the assets that
+    /// crossed their threshold.
+    pub required: u32,
+    /// Who may approve (the union of those assets' approvers).
+    pub of: Vec<String>,
+    /// Why, per asset: `2.5 SOL is above 1`.
+    pub because: Vec<String>,
+}
+
 /// Outcome of [`decide`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
@@ -64,6 +76,9 @@ pub struct Verdict {
     pub tripped: Option<Trip>,
     /// An expired lock was cleared by this decision.
     pub cooled_down: bool,
+    /// Allowed, but above an approval threshold: nothing was reserved or
+    /// counted; the intent waits for approvals.
+    pub approval: Option<ApprovalNeed>,
 }
 
 /// Breaker state of an agent: consecutive denials and lock end (0: none).
@@ -161,6 +176,7 @@ pub fn decide(
             locked_for_ms: Some(locked_until - now_ms),
             tripped: None,
             cooled_down: false,
+            approval: None,
         });
     }
     let mut consecutive = consecutive;
@@ -224,9 +240,39 @@ pub fn decide(
         }
     }
 
+    let mut approval: Option<ApprovalNeed> = None;
+    if decision.allowed() {
+        for (asset, &amount) in &decision.spend {
+            let Some(l) = agent.limits.get(asset) else {
+                continue;
+            };
+            if let (Some(threshold), Some(approvers)) = (l.approval_above, &l.approvers)
+                && amount > threshold
+            {
+                let need = approval.get_or_insert_with(|| ApprovalNeed {
+                    required: 0,
+                    of: Vec::new(),
+                    because: Vec::new(),
+                });
+                need.required = need.required.max(approvers.required);
+                for n in &approvers.of {
+                    if !need.of.contains(n) {
+                        need.of.push(n.clone());
+                    }
+                }
+                let units = |v: u64| crate::amount::format_units(u128::from(v), l.decimals);
+                need.because.push(format!(
+                    "{} {asset} is above {}",
+                    units(amount),
+                    units(threshold)
+                ));
+            }
+        }
+    }
+
     let mut tripped = None;
     if commit {
-        if decision.allowed() {
+        if decision.allowed() && approval.is_none() {
             for (asset, amount) in &decision.spend {
                 counters::reserve(
                     conn,
@@ -248,6 +294,9 @@ pub fn decide(
             if consecutive != 0 {
                 set_breaker(conn, name, 0, 0)?;
             }
+        } else if decision.allowed() {
+            // Waiting for approval: nothing reserved or counted until it is
+            // approved and signed; not a denial either.
         } else {
             let denials = consecutive.saturating_add(1);
             if denials >= agent.breaker.max_consecutive_denials {
@@ -267,5 +316,6 @@ pub fn decide(
         locked_for_ms: None,
         tripped,
         cooled_down,
+        approval,
     })
 }

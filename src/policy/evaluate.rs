@@ -270,6 +270,8 @@ mod tests {
                         per_tx: 1_000_000,
                         per_day: 2_000_000,
                         token_program: None,
+                        approval_above: None,
+                        approvers: None,
                     },
                 ),
                 (
@@ -279,6 +281,8 @@ mod tests {
                         per_tx: 100,
                         per_day: 150,
                         token_program: Some(programs::TOKEN),
+                        approval_above: None,
+                        approvers: None,
                     },
                 ),
             ]

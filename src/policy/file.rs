@@ -7,7 +7,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::hours::ActiveHours;
-use super::{AgentPolicy, Asset, AssetLimits, BreakerConfig, Policy, RateLimit};
+use super::{AgentPolicy, Approvers, Asset, AssetLimits, BreakerConfig, Policy, RateLimit};
 use crate::amount::parse_units;
 use crate::config::{ConfigError, read_text};
 use crate::solana::programs;
@@ -47,6 +47,13 @@ struct RawAgent {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawApprovers {
+    required: u32,
+    of: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRate {
     #[serde(default)]
     per_minute: Option<u32>,
@@ -80,7 +87,7 @@ struct RawLimits {
     #[serde(default)]
     approval_above: Option<String>,
     #[serde(default)]
-    approvers: Option<toml::Value>,
+    approvers: Option<RawApprovers>,
     /// SPL only: `token` (default) or `token-2022`.
     #[serde(default)]
     token_program: Option<String>,
@@ -249,18 +256,6 @@ impl Policy {
                         )
                     })?)
                 };
-                if l.approval_above.is_some() || l.approvers.is_some() {
-                    return Err(err(
-                        lkey(if l.approval_above.is_some() {
-                            "approval_above"
-                        } else {
-                            "approvers"
-                        }),
-                        "approval thresholds are not supported by this version of keyward \
-                         (they would not be enforced); remove them"
-                            .into(),
-                    ));
-                }
                 let (decimals, token_program) = match asset {
                     Asset::Sol => {
                         if let Some(d) = l.decimals
@@ -316,6 +311,59 @@ impl Policy {
                 if per_day > i64::MAX as u64 {
                     return Err(err(lkey("per_day"), "too large".into()));
                 }
+                let approval_above = match &l.approval_above {
+                    None => None,
+                    Some(a) => Some(
+                        parse_units(a, decimals)
+                            .map_err(|e| err(lkey("approval_above"), e.to_string()))?,
+                    ),
+                };
+                let approvers = match l.approvers {
+                    None => None,
+                    Some(a) => {
+                        let mut of: Vec<String> = Vec::new();
+                        for n in &a.of {
+                            AgentName::new(n).map_err(|e| {
+                                err(
+                                    lkey("approvers.of"),
+                                    e.to_string().replace("agent name", "approver name"),
+                                )
+                            })?;
+                            if of.contains(n) {
+                                return Err(err(
+                                    lkey("approvers.of"),
+                                    format!("{n:?} is listed twice"),
+                                ));
+                            }
+                            of.push(n.clone());
+                        }
+                        if a.required == 0 || a.required as usize > of.len() {
+                            return Err(err(
+                                lkey("approvers.required"),
+                                format!("must be between 1 and the {} approvers listed", of.len()),
+                            ));
+                        }
+                        Some(Approvers {
+                            required: a.required,
+                            of,
+                        })
+                    }
+                };
+                match (approval_above.is_some(), approvers.is_some()) {
+                    (true, false) => {
+                        return Err(err(
+                            lkey("approvers"),
+                            "approval_above needs approvers = { required = M, of = [...] }".into(),
+                        ));
+                    }
+                    (false, true) => {
+                        return Err(err(
+                            lkey("approval_above"),
+                            "approvers without approval_above would never be asked".into(),
+                        ));
+                    }
+                    _ => {}
+                }
                 limits.insert(
                     asset,
                     AssetLimits {
@@ -323,6 +371,8 @@ impl Policy {
                         per_tx,
                         per_day,
                         token_program,
+                        approval_above,
+                        approvers,
                     },
                 );
             }
@@ -396,14 +446,41 @@ keys = ["hot", "cold"]
 
     #[test]
     fn refuses_rules_it_would_not_enforce() {
+        // approval_above needs approvers, and the reverse.
         let text = GOOD.replace(
             "per_day = \"20\"",
             "per_day = \"20\"\napproval_above = \"1\"",
         );
         assert_eq!(
             parse(&text).unwrap_err().key,
-            "agents.trader.limits.SOL.approval_above"
+            "agents.trader.limits.SOL.approvers"
         );
+        let with =
+            |extra: &str| GOOD.replace("per_day = \"20\"", &format!("per_day = \"20\"\n{extra}"));
+        let p = parse(&with("approval_above = \"1\"\napprovers = { required = 2, of = [\"alice\", \"bob\", \"carol\"] }")).unwrap();
+        let sol = p.agent_for_uid(4242).unwrap().sol().unwrap().clone();
+        assert_eq!(sol.approval_above, Some(1_000_000_000));
+        assert_eq!(sol.approvers.unwrap().of.len(), 3);
+        for (extra, key) in [
+            (
+                "approvers = { required = 1, of = [\"alice\"] }",
+                "agents.trader.limits.SOL.approval_above",
+            ),
+            (
+                "approval_above = \"1\"\napprovers = { required = 3, of = [\"alice\", \"bob\"] }",
+                "agents.trader.limits.SOL.approvers.required",
+            ),
+            (
+                "approval_above = \"1\"\napprovers = { required = 1, of = [\"alice\", \"alice\"] }",
+                "agents.trader.limits.SOL.approvers.of",
+            ),
+            (
+                "approval_above = \"1.0000000001\"\napprovers = { required = 1, of = [\"a\"] }",
+                "agents.trader.limits.SOL.approval_above",
+            ),
+        ] {
+            assert_eq!(parse(&with(extra)).unwrap_err().key, key, "{extra}");
+        }
     }
 
     const USDC: &str = "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v";
@@ -486,7 +563,7 @@ keys = ["hot", "cold"]
         );
         let p = parse(&text).unwrap();
         let bot = p.agent_for_uid(1000).unwrap();
-        let usdc = bot.limits[&Asset::Mint(PublicKey::from_base58(USDC).unwrap())];
+        let usdc = &bot.limits[&Asset::Mint(PublicKey::from_base58(USDC).unwrap())];
         assert_eq!(
             (usdc.decimals, usdc.per_tx, usdc.per_day),
             (6, 1_500_000, 2_000_000)

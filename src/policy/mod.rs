@@ -94,7 +94,7 @@ impl std::fmt::Display for Asset {
 }
 
 /// Limits of one asset, in base units (lamports for SOL).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AssetLimits {
     /// Decimals of the UI unit (9 for SOL, the mint's for SPL).
     pub decimals: u8,
@@ -104,6 +104,19 @@ pub struct AssetLimits {
     pub per_day: u64,
     /// SPL only: the token program that owns the mint (Token or Token-2022).
     pub token_program: Option<PublicKey>,
+    /// Transactions spending more than this (base units) need approval.
+    pub approval_above: Option<u64>,
+    /// Who approves them, when `approval_above` is set.
+    pub approvers: Option<Approvers>,
+}
+
+/// An M-of-N quorum of named approvers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approvers {
+    /// Distinct approvals needed (M).
+    pub required: u32,
+    /// Who may approve (N names).
+    pub of: Vec<String>,
 }
 
 /// One agent's effective policy.

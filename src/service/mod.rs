@@ -97,6 +97,10 @@ pub enum SubmitOutcome {
         /// Seconds until the lock lifts.
         retry_after_s: u64,
     },
+    /// Allowed but above an approval threshold: 202 with this body.
+    Pending(Vec<u8>),
+    /// The intent's approval window ran out: 410 `intent_expired`.
+    Expired,
     /// The same intent was submitted before: its original response.
     Replayed {
         /// HTTP status of the original response.
@@ -159,6 +163,7 @@ pub struct Signer {
     policy: RwLock<Arc<Policy>>,
     policy_path: std::path::PathBuf,
     reload_lock: tokio::sync::Mutex<()>,
+    approval_ttl_ms: i64,
     in_flight: Mutex<HashMap<(String, String), usize>>,
     needs_recovery: AtomicBool,
 }
@@ -195,6 +200,7 @@ impl Signer {
         keys: HashMap<KeyName, HsmKey>,
         policy: Policy,
         policy_path: std::path::PathBuf,
+        approval_ttl: std::time::Duration,
     ) -> Arc<Signer> {
         Arc::new(Signer {
             ledger,
@@ -203,6 +209,7 @@ impl Signer {
             policy: RwLock::new(Arc::new(policy)),
             policy_path,
             reload_lock: tokio::sync::Mutex::new(()),
+            approval_ttl_ms: i64::try_from(approval_ttl.as_millis()).unwrap_or(i64::MAX / 2),
             in_flight: Mutex::new(HashMap::new()),
             needs_recovery: AtomicBool::new(false),
         })
@@ -237,6 +244,65 @@ impl Signer {
             Ok(k) => Arc::clone(&k),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         }
+    }
+
+    /// Records every pending intent whose approval window has ended as
+    /// `intent_expired` and marks it expired. Returns how many.
+    pub async fn expire_due(&self) -> Result<usize, LedgerError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        // A cheap read first: the writer is only bothered when there is work.
+        let reader = self.ledger.reader()?;
+        let due = crate::intents::due_to_expire(&reader, now).map_err(LedgerError::Sqlite)?;
+        drop(reader);
+        if due.is_empty() {
+            return Ok(0);
+        }
+        self.ledger
+            .write(move |txn| {
+                let now = txn.now_ms();
+                let mut n = 0;
+                for (agent, intent_id) in crate::intents::due_to_expire(txn.conn(), now)? {
+                    let Some(p) = crate::intents::pending(txn.conn(), &agent, &intent_id)? else {
+                        continue;
+                    };
+                    let body = serde_json::to_vec(&keyward_client::wire::ErrorBody {
+                        error: keyward_client::wire::ErrorDetail {
+                            code: codes::INTENT_EXPIRED.to_owned(),
+                            message:
+                                "this intent waited for approvals longer than the approval window"
+                                    .into(),
+                            reasons: Vec::new(),
+                            retry_after: None,
+                        },
+                    })
+                    .unwrap_or_default();
+                    crate::intents::finish(
+                        txn.conn(),
+                        &agent,
+                        &intent_id,
+                        "expired",
+                        410,
+                        &body,
+                        now,
+                    )?;
+                    let payload = serde_json::to_vec(&serde_json::json!({
+                        "intent_hash": hex::encode(p.intent_hash),
+                        "expired_at": crate::ledger::format_utc(p.expires_ms),
+                    }))
+                    .unwrap_or_default();
+                    txn.append(
+                        EventType::IntentExpired,
+                        Some(&intent_id),
+                        Some(&agent),
+                        &payload,
+                    )?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+            .await
     }
 
     /// Loads the policy file again and, if it is valid and every key it

@@ -26,6 +26,8 @@ enum Admission {
     InProgress,
     Denied(Vec<DenialReason>),
     Locked { retry_after_s: u64 },
+    Pending(Vec<u8>),
+    Expired,
     Allowed { sol_spend: Lamports },
 }
 
@@ -78,6 +80,8 @@ impl Signer {
             Admission::Locked { retry_after_s } => {
                 return Ok(SubmitOutcome::Locked { retry_after_s });
             }
+            Admission::Pending(body) => return Ok(SubmitOutcome::Pending(body)),
+            Admission::Expired => return Ok(SubmitOutcome::Expired),
             Admission::Allowed { sol_spend } => sol_spend,
         };
         let (Some(key), Some((message, decoded, effects))) =
@@ -198,6 +202,16 @@ impl Signer {
         let content_hash = p.content_hash;
         let pre_reasons = p.pre_reasons.clone();
         let effects = p.message.as_ref().map(|(_, _, e)| e.clone());
+        let message = p.message.as_ref().map(|(m, _, _)| m.clone());
+        let effects_json = effects
+            .as_ref()
+            .map(|e| json(&effects_summary(e)))
+            .unwrap_or_default();
+        let summary = effects
+            .as_ref()
+            .map(|e| human_summary(&agent, &p.key, e))
+            .unwrap_or_default();
+        let approval_ttl_ms = self.approval_ttl_ms;
         let received = json(&serde_json::json!({
             "key": p.key.as_str(),
             "action": p.summary,
@@ -210,10 +224,18 @@ impl Signer {
             .write(move |txn| {
                 let agent_name = agent.name.as_str();
                 if let Some(rec) = intents::get(txn.conn(), agent_name, &intent_id)? {
+                    let expired = match rec.status.as_str() {
+                        "expired" => true,
+                        "pending_approval" => intents::pending(txn.conn(), agent_name, &intent_id)?
+                            .is_none_or(|p| p.expires_ms <= txn.now_ms()),
+                        _ => false,
+                    };
                     return Ok(if rec.content_hash != content_hash {
                         Admission::Conflict
                     } else if rec.status == "in_progress" {
                         Admission::InProgress
+                    } else if expired {
+                        Admission::Expired
                     } else {
                         Admission::Replay {
                             status: rec.http_status.unwrap_or(500),
@@ -286,6 +308,48 @@ impl Signer {
                     )?;
                     return Ok(Admission::Denied(decision.reasons));
                 }
+                if let (Some(need), Some(message)) = (&verdict.approval, &message) {
+                    let expires_ms = now.saturating_add(approval_ttl_ms);
+                    let intent_hash = intent_hash(message, &effects_json);
+                    let approval = serde_json::json!({
+                        "intent_hash": hex::encode(intent_hash),
+                        "required": need.required,
+                        "received": 0,
+                        "approvers": need.of,
+                        "expires_at": crate::ledger::format_utc(expires_ms),
+                        "summary": summary,
+                        "because": need.because,
+                    });
+                    let body = json(&serde_json::json!({
+                        "intent_id": intent_id, "status": "pending_approval", "approval": approval,
+                    }));
+                    txn.append(EventType::ApprovalRequested, Some(&intent_id), Some(agent_name), &json(&approval))?;
+                    intents::insert(
+                        txn.conn(),
+                        &intents::NewIntent {
+                            agent: agent_name,
+                            intent_id: &intent_id,
+                            content_hash: &content_hash,
+                            status: "pending_approval",
+                            reply: Some((202, &body)),
+                            received_seq: entry.seq.0,
+                            now_ms: now,
+                        },
+                    )?;
+                    intents::insert_pending(
+                        txn.conn(),
+                        agent_name,
+                        &intent_id,
+                        &intents::Pending {
+                            key: key.to_string(),
+                            message: message.clone(),
+                            intent_hash,
+                            approval: String::from_utf8_lossy(&json(&approval)).into_owned(),
+                            expires_ms,
+                        },
+                    )?;
+                    return Ok(Admission::Pending(body));
+                }
                 intents::insert(
                     txn.conn(),
                     &intents::NewIntent {
@@ -307,6 +371,57 @@ impl Signer {
             })
             .await
     }
+}
+
+/// SHA-256 binding an approval to the exact message and what keyward
+/// derived from it: domain, message length, message, effects JSON.
+pub fn intent_hash(message: &[u8], effects_json: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"keyward:intent:v1\0");
+    h.update((message.len() as u64).to_be_bytes());
+    h.update(message);
+    h.update(effects_json);
+    h.finalize().into()
+}
+
+/// What the transaction does, in one line for approvers.
+fn human_summary(
+    agent: &AgentPolicy,
+    key: &crate::types::KeyName,
+    e: &crate::solana::Effects,
+) -> String {
+    use crate::amount::format_units;
+    use crate::policy::Asset;
+    let mut parts = Vec::new();
+    for o in &e.sol_outflows {
+        parts.push(format!("{} SOL to {} ({})", o.lamports, o.to, o.kind));
+    }
+    for o in &e.spl_outflows {
+        let amount = match o.mint.and_then(|m| agent.limits.get(&Asset::Mint(m))) {
+            Some(l) => format_units(u128::from(o.amount), l.decimals),
+            None => format!("{} base units", o.amount),
+        };
+        let mint = o
+            .mint
+            .map_or_else(|| "an unnamed mint".to_owned(), |m| m.to_base58());
+        parts.push(format!(
+            "{amount} of {mint} to token account {}",
+            o.destination
+        ));
+    }
+    if parts.is_empty() {
+        parts.push("no transfers".to_owned());
+    }
+    format!(
+        "key {key} sends {}; fees {} SOL; programs {}",
+        parts.join(", "),
+        e.fees,
+        e.programs
+            .iter()
+            .map(|p| p.to_base58())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// A compact, human-checkable record of what the message does.

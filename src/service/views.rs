@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use keyward_client::wire::{
     AssetBudget, ComponentHealth, ErrorBody, HealthView, IntentStatus, IntentView, KeyInfo,
-    KeysView, LedgerHealth, PolicyView, SignedIntent,
+    KeysView, LedgerHealth, PolicyView, SignedIntent, codes,
 };
 
 use super::{Signer, SubmitError};
@@ -75,6 +75,7 @@ impl Signer {
                 "locked",
                 Some(u64::try_from((ms + 999) / 1000).unwrap_or(1)),
             ),
+            None if verdict.approval.is_some() => ("approval_required", None),
             None if verdict.decision.allowed() => ("allow", None),
             None => ("deny", None),
         };
@@ -105,9 +106,20 @@ impl Signer {
         })?;
         let agent_name = agent.name.to_string();
         let rec = self
-            .read(move |c| crate::intents::get(c, &agent_name, id.as_str()))
+            .read(move |c| {
+                let rec = crate::intents::get(c, &agent_name, id.as_str())?;
+                let pending = match &rec {
+                    Some(r) if r.status == "pending_approval" || r.status == "expired" => {
+                        crate::intents::pending(c, &agent_name, id.as_str())?
+                    }
+                    _ => None,
+                };
+                Ok(rec.map(|r| (r, pending)))
+            })
             .await?;
-        let Some(rec) = rec else { return Ok(None) };
+        let Some((rec, pending)) = rec else {
+            return Ok(None);
+        };
         let mut view = IntentView {
             intent_id: intent_id.to_owned(),
             status: IntentStatus::InProgress,
@@ -117,6 +129,7 @@ impl Signer {
             entry_hash: None,
             error_code: None,
             reasons: Vec::new(),
+            approval: None,
         };
         let body = rec.response.unwrap_or_default();
         match rec.status.as_str() {
@@ -135,6 +148,19 @@ impl Signer {
                 view.status = IntentStatus::Denied;
                 view.error_code = Some(e.error.code);
                 view.reasons = e.error.reasons;
+            }
+            "pending_approval" | "expired" => {
+                // A window that has run out reads as expired at once, before
+                // the sweeper records it.
+                let expired = rec.status == "expired"
+                    || pending.as_ref().is_none_or(|p| p.expires_ms <= now_ms());
+                view.status = if expired {
+                    view.error_code = Some(codes::INTENT_EXPIRED.to_owned());
+                    IntentStatus::Expired
+                } else {
+                    IntentStatus::PendingApproval
+                };
+                view.approval = pending.and_then(|p| serde_json::from_str(&p.approval).ok());
             }
             _ => {}
         }
@@ -165,8 +191,11 @@ impl Signer {
     ) -> Result<PolicyView, SubmitError> {
         let policy = self.policy();
         let agent_name = agent.name.to_string();
-        let assets: Vec<(String, AssetLimits)> =
-            agent.limits.iter().map(|(a, l)| (a.key(), *l)).collect();
+        let assets: Vec<(String, AssetLimits)> = agent
+            .limits
+            .iter()
+            .map(|(a, l)| (a.key(), l.clone()))
+            .collect();
         let limits = self
             .read(move |c| {
                 let now = now_ms();
