@@ -73,6 +73,19 @@ fn five_denials_lock_the_agent_across_restarts_until_cooldown_or_reset() {
     // Now even an allowed intent is refused while the lock lasts.
     let retry = expect_locked(submit(&inst, "small-1", "0.01"));
     assert!((1..=3).contains(&retry), "retry_after {retry}");
+    let breaker = rt()
+        .block_on(inst.client().policy())
+        .unwrap()
+        .breaker
+        .unwrap();
+    assert_eq!(
+        (breaker.max_consecutive_denials, breaker.consecutive_denials),
+        (5, 5)
+    );
+    assert!(
+        breaker.locked_until.is_some(),
+        "GET /v1/policy shows the lock"
+    );
     assert_eq!(events(&inst, "breaker_tripped").len(), 1);
 
     // The lock is in the ledger database: a restart keeps it.
@@ -138,6 +151,12 @@ fn rate_limits_count_allowed_intents_per_minute() {
         ));
     }
     expect_rule(submit(&inst, "r-3", "0.01"), "rate_limited");
+    let view = rt().block_on(inst.client().policy()).unwrap();
+    let rate = view.rate_limit.unwrap();
+    assert_eq!(
+        (rate.per_minute, rate.used_last_minute, rate.used_last_hour),
+        (Some(3), 3, 3)
+    );
     // Denials do not count toward the rate: still limited, not more so.
     expect_rule(submit(&inst, "r-4", "0.01"), "rate_limited");
     let spent = rt().block_on(inst.client().policy()).unwrap().limits[0].spent_24h_base_units;

@@ -249,6 +249,39 @@ pub struct AssetBudget {
     pub spent_24h_base_units: u64,
     /// What is left of `per_day` (UI units).
     pub remaining_24h: String,
+    /// Larger transactions wait for approvals (UI units).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_above: Option<String>,
+    /// Approvals they need.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvals_required: Option<u32>,
+}
+
+/// Rate limits of an agent and how much of them is used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateView {
+    /// Allowed intents per rolling minute, if limited.
+    pub per_minute: Option<u32>,
+    /// Allowed intents per rolling hour, if limited.
+    pub per_hour: Option<u32>,
+    /// Allowed intents in the last minute.
+    pub used_last_minute: u32,
+    /// Allowed intents in the last hour.
+    pub used_last_hour: u32,
+}
+
+/// An agent's denial breaker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerView {
+    /// Consecutive denials that lock the agent.
+    pub max_consecutive_denials: u32,
+    /// Length of the lock in seconds.
+    pub cooldown_s: u64,
+    /// Denials in a row so far.
+    pub consecutive_denials: u32,
+    /// When the current lock ends (RFC 3339 UTC), if locked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<String>,
 }
 
 /// Body of `GET /v1/policy`: the caller's effective policy.
@@ -266,6 +299,15 @@ pub struct PolicyView {
     pub allow_programs: Vec<String>,
     /// Per-asset limits and remaining budgets.
     pub limits: Vec<AssetBudget>,
+    /// Rate limits and their use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateView>,
+    /// Active hours, e.g. `Mon-Fri 08:00-20:00 (Europe/Berlin)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_hours: Option<String>,
+    /// The denial breaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<BreakerView>,
 }
 
 /// Body of `GET /v1/health`.

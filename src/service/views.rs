@@ -196,10 +196,11 @@ impl Signer {
             .iter()
             .map(|(a, l)| (a.key(), l.clone()))
             .collect();
-        let limits = self
+        let rl = agent.rate_limit;
+        let (limits, (used_minute, used_hour), (denials, locked_until)) = self
             .read(move |c| {
                 let now = now_ms();
-                assets
+                let limits = assets
                     .into_iter()
                     .map(|(asset, l)| {
                         let spent = counters::spent_24h(c, &agent_name, &asset, now)?.0;
@@ -215,9 +216,20 @@ impl Signer {
                                 u128::from(l.per_day.saturating_sub(spent)),
                                 d,
                             ),
+                            approval_above: l
+                                .approval_above
+                                .map(|a| format_units(u128::from(a), d)),
+                            approvals_required: l.approvers.as_ref().map(|a| a.required),
                         })
                     })
-                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let rates = engine::rate_counts(c, &agent_name, now)?;
+                let (denials, until) = engine::breaker_state(c, &agent_name)?;
+                Ok((
+                    limits,
+                    rates,
+                    (denials, if until > now { Some(until) } else { None }),
+                ))
             })
             .await?;
         Ok(PolicyView {
@@ -230,6 +242,21 @@ impl Signer {
                 .map(|s| s.iter().map(|k| k.to_base58()).collect()),
             allow_programs: agent.allow_programs.iter().map(|k| k.to_base58()).collect(),
             limits,
+            rate_limit: (rl.per_minute.is_some() || rl.per_hour.is_some()).then_some(
+                keyward_client::wire::RateView {
+                    per_minute: rl.per_minute,
+                    per_hour: rl.per_hour,
+                    used_last_minute: used_minute,
+                    used_last_hour: used_hour,
+                },
+            ),
+            active_hours: agent.active_hours.as_ref().map(|h| h.describe()),
+            breaker: Some(keyward_client::wire::BreakerView {
+                max_consecutive_denials: agent.breaker.max_consecutive_denials,
+                cooldown_s: agent.breaker.cooldown_s,
+                consecutive_denials: denials,
+                locked_until: locked_until.map(crate::ledger::format_utc),
+            }),
         })
     }
 
