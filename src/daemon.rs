@@ -97,6 +97,7 @@ pub fn open_ledger(cfg: &Config) -> Result<Ledger, DaemonError> {
                 crate::policy::counters::SCHEMA,
                 crate::policy::engine::SCHEMA,
                 crate::intents::SCHEMA,
+                crate::approval::store::SCHEMA,
             ],
             commit_delay: std::time::Duration::from_micros(cfg.ledger.commit_delay_us),
         },

@@ -193,6 +193,21 @@ pub fn finish(
     .execute(params![agent, intent_id, status, http_status, response, now_ms])
 }
 
+/// Changes an intent's status (e.g. a pending intent whose quorum was
+/// reached becomes `in_progress`).
+pub fn set_status(
+    conn: &Connection,
+    agent: &str,
+    intent_id: &str,
+    status: &str,
+    now_ms: i64,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(
+        "UPDATE intents SET status = ?3, updated_ms = ?4 WHERE agent = ?1 AND intent_id = ?2",
+    )?
+    .execute(params![agent, intent_id, status, now_ms])
+}
+
 /// Forgets an intent whose signing failed before anything was released, so
 /// the agent may submit it again.
 pub fn forget(conn: &Connection, agent: &str, intent_id: &str) -> rusqlite::Result<usize> {

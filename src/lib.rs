@@ -9,6 +9,7 @@
 
 pub mod amount;
 pub mod api;
+pub mod approval;
 pub mod bench;
 pub mod config;
 pub mod daemon;

@@ -202,6 +202,28 @@ impl Client {
         }
     }
 
+    /// `POST /v1/intents/{id}/approvals`: hands an approval token to the
+    /// daemon. 200 signed when it completed the quorum, 202 pending with the
+    /// new count otherwise; refusals are [`ClientError::Api`] with their
+    /// codes.
+    pub async fn add_approval(
+        &self,
+        intent_id: &str,
+        token: &str,
+    ) -> Result<IntentOutcome, ClientError> {
+        let path = format!("/v1/intents/{}/approvals", encode_segment(intent_id));
+        let body = wire::ApprovalSubmission {
+            token: token.to_owned(),
+        };
+        let (status, body) = self.request_json(Method::POST, &path, Some(&body)).await?;
+        match status {
+            StatusCode::OK => parse(status, &body).map(IntentOutcome::Signed),
+            StatusCode::ACCEPTED => parse(status, &body).map(IntentOutcome::Pending),
+            s if s.is_success() => Err(ClientError::Protocol(format!("unexpected status {s}"))),
+            s => Err(api_error(s, &body)),
+        }
+    }
+
     /// `POST /v1/intents?dry_run=true`: what keyward would decide for
     /// `req` now, without signing, counting or recording anything.
     pub async fn dry_run(&self, req: &IntentRequest) -> Result<wire::DryRunResult, ClientError> {

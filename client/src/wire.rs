@@ -366,6 +366,47 @@ pub struct BreakerResetView {
     pub ledger_seq: u64,
 }
 
+/// Body of `POST /v1/intents/{id}/approvals`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalSubmission {
+    /// A `kwa1.…` approval token made by `keyward approve`.
+    pub token: String,
+}
+
+/// Admin API: answer of `POST /v1/admin/approvers/{name}`: the approver's
+/// key, given out this once.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApproverCreated {
+    /// Approver name.
+    pub approver: String,
+    /// The 32-byte HMAC key, base64url without padding.
+    pub key: String,
+}
+
+impl std::fmt::Debug for ApproverCreated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApproverCreated")
+            .field("approver", &self.approver)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Admin API: one approver in `GET /v1/admin/approvers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApproverInfo {
+    /// Name.
+    pub name: String,
+    /// `active` or `removed`.
+    pub state: String,
+    /// When enrolled (RFC 3339 UTC).
+    pub added_at: String,
+    /// When removed, if removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed_at: Option<String>,
+}
+
 /// Admin API: body of `POST /v1/admin/policy/reload`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyReloadView {

@@ -17,6 +17,11 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/v1/admin/breakers/{name}/reset", post(reset_breaker))
         .route("/v1/admin/keys", get(keys))
         .route("/v1/admin/policy/reload", post(reload_policy))
+        .route("/v1/admin/approvers", get(list_approvers))
+        .route(
+            "/v1/admin/approvers/{name}",
+            post(add_approver).delete(remove_approver),
+        )
         .route("/v1/admin/health", get(health))
         .fallback(fallback)
         .method_not_allowed_fallback(method_fallback)
@@ -100,6 +105,75 @@ async fn reset_breaker(
         ledger_seq: entry.seq.0,
     })
     .into_response())
+}
+
+async fn add_approver(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let uid = operator(peer)?;
+    let key = state
+        .signer
+        .add_approver(&name, &format!("uid:{uid}"))
+        .await?;
+    // The key leaves keywardd this once, to the operator; it is never logged.
+    tracing::warn!(uid, approver = %name, "approver enrolled");
+    let encoded = crate::service::encode_key(&key);
+    Ok(axum::Json(keyward_client::wire::ApproverCreated {
+        approver: name,
+        key: encoded.to_string(),
+    })
+    .into_response())
+}
+
+async fn remove_approver(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let uid = operator(peer)?;
+    let seq = state
+        .signer
+        .remove_approver(&name, &format!("uid:{uid}"))
+        .await
+        .map_err(|e| match e {
+            crate::service::SubmitError::NotFound => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_approver",
+                format!("no active approver named {name:?}"),
+            ),
+            other => other.into(),
+        })?;
+    tracing::warn!(uid, approver = %name, seq, "approver removed");
+    Ok(
+        axum::Json(serde_json::json!({ "approver": name, "state": "removed", "ledger_seq": seq }))
+            .into_response(),
+    )
+}
+
+async fn list_approvers(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+) -> Result<Response, ApiError> {
+    operator(peer)?;
+    let list: Vec<keyward_client::wire::ApproverInfo> = state
+        .signer
+        .approvers()?
+        .into_iter()
+        .map(|a| keyward_client::wire::ApproverInfo {
+            name: a.name,
+            state: if a.removed_ms.is_some() {
+                "removed"
+            } else {
+                "active"
+            }
+            .to_owned(),
+            added_at: crate::ledger::format_utc(a.added_ms),
+            removed_at: a.removed_ms.map(crate::ledger::format_utc),
+        })
+        .collect();
+    Ok(axum::Json(list).into_response())
 }
 
 async fn reload_policy(

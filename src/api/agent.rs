@@ -21,6 +21,7 @@ pub fn agent_router(state: AppState) -> Router {
     Router::new()
         .route("/v1/intents", post(submit_intent))
         .route("/v1/intents/{intent_id}", get(get_intent))
+        .route("/v1/intents/{intent_id}/approvals", post(add_approval))
         .route("/v1/keys", get(keys))
         .route("/v1/policy", get(policy))
         .route("/v1/health", get(health))
@@ -120,6 +121,52 @@ async fn submit_intent(
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             body,
         ),
+    })
+}
+
+async fn add_approval(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    Path(intent_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let agent = agent_of(&state, peer)?;
+    let sub: keyward_client::wire::ApprovalSubmission =
+        read_json(&headers, body, state.max_body).await?;
+    let signer = Arc::clone(&state.signer);
+    let outcome =
+        tokio::spawn(async move { signer.add_approval(&agent, &intent_id, &sub.token).await })
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    codes::INTERNAL,
+                    e.to_string(),
+                )
+            })??;
+    use crate::approval::ApprovalError as E;
+    use crate::service::ApprovalOutcome as O;
+    Ok(match outcome {
+        O::Signed(s) => (StatusCode::OK, axum::Json(s)).into_response(),
+        O::Counted(body) => (StatusCode::ACCEPTED, axum::Json(body)).into_response(),
+        O::Denied(reasons) => {
+            ApiError::from_body(StatusCode::FORBIDDEN, denial_body(&reasons)).into_response()
+        }
+        O::Rejected => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "approval_rejected",
+            "an approver rejected this intent; it will not be signed",
+        )
+        .into_response(),
+        O::Refused(e) => {
+            let status = match &e {
+                E::InvalidToken(_) | E::Expired(_) | E::OtherIntent => StatusCode::BAD_REQUEST,
+                E::ApproverNotAllowed(_) => StatusCode::FORBIDDEN,
+                E::Replayed | E::DuplicateApprover(_) | E::NotPending(_) => StatusCode::CONFLICT,
+            };
+            ApiError::new(status, e.code(), e.to_string()).into_response()
+        }
     })
 }
 

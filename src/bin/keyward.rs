@@ -52,6 +52,33 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Approvers of large intents (through the admin socket).
+    Approver {
+        #[command(subcommand)]
+        command: ApproverCommand,
+    },
+    /// On an approver's own machine: check an approval request against its
+    /// bytes, show what the transaction really does, and print a token.
+    Approve {
+        /// The approval request (the JSON of `GET /v1/intents/{id}`), a file or `-` for stdin.
+        #[arg(long)]
+        request: String,
+        /// Your approver name.
+        #[arg(long)]
+        approver: String,
+        /// Your key file (from `keyward approver add`).
+        #[arg(long)]
+        key_file: PathBuf,
+        /// Reject the intent instead of approving it.
+        #[arg(long)]
+        reject: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// Seconds the token stays valid (at most 86400).
+        #[arg(long, default_value_t = 600)]
+        valid_for: i64,
+    },
     /// Measure keyward's cost against the HSM's: raw signing rate,
     /// end-to-end intents per second with latency, latency at 80 % load and
     /// ledger appends, on a scratch SoftHSM2 instance (no real instance is
@@ -132,6 +159,25 @@ enum BreakerCommand {
     /// Close a breaker (`audit`) after fixing its cause; recorded in the ledger.
     Reset {
         /// Breaker name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApproverCommand {
+    /// Enroll an approver: a new HMAC key in the HSM, its only copy written to --out (mode 0400).
+    Add {
+        /// Approver name.
+        name: String,
+        /// Where to write the approver's key file (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List approvers.
+    List,
+    /// Remove an approver; their tokens stop counting at once.
+    Remove {
+        /// Approver name.
         name: String,
     },
 }
@@ -224,6 +270,15 @@ fn bench(
 
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Approver { command } => approver(&cli.config, command),
+        Command::Approve {
+            request,
+            approver,
+            key_file,
+            reject,
+            yes,
+            valid_for,
+        } => approve(&request, &approver, &key_file, reject, yes, valid_for),
         Command::Bench {
             json,
             clients,
@@ -409,6 +464,223 @@ fn admin_call<T: serde::de::DeserializeOwned>(
 
 fn admin_get<T: serde::de::DeserializeOwned>(cfg: &Config, path: &str) -> Result<T, Failure> {
     admin_call(cfg, "GET", path)
+}
+
+const KEY_FILE_HEADER: &str = "keyward-approver-key v1";
+
+fn approver(config: &Path, command: ApproverCommand) -> Result<(), Failure> {
+    use zeroize::Zeroize as _;
+    let cfg = Config::load(config)?;
+    match command {
+        ApproverCommand::Add { name, out } => {
+            if out.exists() {
+                return Err(Failure(
+                    2,
+                    anyhow!("{} exists; refusing to overwrite a key file", out.display()),
+                ));
+            }
+            let mut created: keyward_client::wire::ApproverCreated =
+                admin_post(&cfg, &format!("/v1/admin/approvers/{name}"))?;
+            let mut text = format!(
+                "{KEY_FILE_HEADER}\napprover: {}\nkey: {}\n",
+                created.approver, created.key
+            );
+            created.key.zeroize();
+            let written = (|| -> std::io::Result<()> {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o400)
+                    .open(&out)?;
+                f.write_all(text.as_bytes())?;
+                f.sync_all()
+            })();
+            text.zeroize();
+            written.with_context(|| {
+                format!(
+                    "cannot write the key file {} (the approver is enrolled; remove and add again)",
+                    out.display()
+                )
+            })?;
+            println!(
+                "approver {name} enrolled; their key is in {} (mode 0400): hand it over and delete your copy",
+                out.display()
+            );
+            Ok(())
+        }
+        ApproverCommand::List => {
+            let list: Vec<keyward_client::wire::ApproverInfo> =
+                admin_get(&cfg, "/v1/admin/approvers")?;
+            for a in list {
+                println!(
+                    "{}\t{}\tadded {}{}",
+                    a.name,
+                    a.state,
+                    a.added_at,
+                    a.removed_at
+                        .map(|r| format!(", removed {r}"))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        ApproverCommand::Remove { name } => {
+            let v: serde_json::Value =
+                admin_call(&cfg, "DELETE", &format!("/v1/admin/approvers/{name}"))?;
+            println!("approver {name} removed (ledger seq {})", v["ledger_seq"]);
+            Ok(())
+        }
+    }
+}
+
+fn read_key_file(path: &Path, approver: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, Failure> {
+    use base64::Engine as _;
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+    );
+    let mut lines = text.lines();
+    if lines.next() != Some(KEY_FILE_HEADER) {
+        return Err(Failure(
+            2,
+            anyhow!("{} is not a keyward approver key file", path.display()),
+        ));
+    }
+    let name = lines.next().and_then(|l| l.strip_prefix("approver: "));
+    if name != Some(approver) {
+        return Err(Failure(
+            2,
+            anyhow!(
+                "{} is the key of {:?}, not of {approver:?}",
+                path.display(),
+                name.unwrap_or("?")
+            ),
+        ));
+    }
+    let key = lines
+        .next()
+        .and_then(|l| l.strip_prefix("key: "))
+        .and_then(|k| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(k)
+                .ok()
+        })
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| Failure(2, anyhow!("{} has no valid key", path.display())))?;
+    Ok(zeroize::Zeroizing::new(key))
+}
+
+fn approve(
+    request: &str,
+    approver: &str,
+    key_file: &Path,
+    reject: bool,
+    yes: bool,
+    valid_for: i64,
+) -> Result<(), Failure> {
+    use keyward::approval::{self, request as req};
+    let text = if request == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("cannot read the request from stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(request).with_context(|| format!("cannot read {request}"))?
+    };
+    let value: serde_json::Value =
+        serde_json::from_str(&text).context("the request is not JSON")?;
+    let approval_obj = if value.get("intent_hash").is_some() {
+        value.clone()
+    } else {
+        value["approval"].clone()
+    };
+    if approval_obj.is_null() {
+        return Err(Failure(
+            2,
+            anyhow!("the request has no approval object (is the intent pending?)"),
+        ));
+    }
+    let checked = req::check(&approval_obj).map_err(|e| Failure(1, anyhow!(e)))?;
+    if !(1..=approval::MAX_TOKEN_VALIDITY_S).contains(&valid_for) {
+        return Err(Failure(
+            2,
+            anyhow!(
+                "--valid-for must be between 1 and {} seconds",
+                approval::MAX_TOKEN_VALIDITY_S
+            ),
+        ));
+    }
+    let key = read_key_file(key_file, approver)?;
+    let e = &checked.effects;
+    eprintln!("This transaction, decoded from its bytes:");
+    eprintln!("  signed by     {}", checked.signer);
+    for o in &e.sol_outflows {
+        eprintln!(
+            "  sends         {} SOL to {} ({})",
+            o.lamports, o.to, o.kind
+        );
+    }
+    for o in &e.spl_outflows {
+        let amount = o.decimals.map_or_else(
+            || format!("{} base units", o.amount),
+            |d| keyward::amount::format_units(u128::from(o.amount), d),
+        );
+        let mint = o
+            .mint
+            .map_or_else(|| "an unnamed mint".to_owned(), |m| m.to_base58());
+        eprintln!(
+            "  sends         {amount} of {mint} to token account {}",
+            o.destination
+        );
+    }
+    eprintln!(
+        "  fees          {} SOL (paid by the signer: {})",
+        e.fees, e.fee_payer_is_us
+    );
+    eprintln!(
+        "  programs      {}",
+        e.programs
+            .iter()
+            .map(|p| p.to_base58())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for v in &e.violations {
+        eprintln!("  WARNING       {}: {}", v.rule, v.detail);
+    }
+    eprintln!("  intent hash   {}", hex::encode(checked.intent_hash));
+    let verb = if reject { "REJECT" } else { "APPROVE" };
+    if !yes {
+        eprint!("{verb} this transaction as {approver}? Type yes: ");
+        let mut answer = String::new();
+        std::io::stdin()
+            .read_line(&mut answer)
+            .context("cannot read the answer")?;
+        if answer.trim() != "yes" {
+            return Err(Failure(1, anyhow!("not confirmed; no token made")));
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs() as i64;
+    let nonce: [u8; 16] = rand::random();
+    let payload = approval::TokenPayload {
+        intent_hash: hex::encode(checked.intent_hash),
+        approver: approver.to_owned(),
+        decision: if reject {
+            approval::Verdict::Reject
+        } else {
+            approval::Verdict::Approve
+        },
+        issued_at: now,
+        expires_at: now + valid_for,
+        nonce: hex::encode(nonce),
+    };
+    let token = approval::make(&key, &payload).map_err(|e| Failure(2, anyhow!("{e}")))?;
+    println!("{token}");
+    Ok(())
 }
 
 fn admin_post<T: serde::de::DeserializeOwned>(cfg: &Config, path: &str) -> Result<T, Failure> {

@@ -101,6 +101,19 @@ pub trait Hsm: Send + Sync {
     /// Callers use [`sign_verified`], which also checks the result.
     fn sign_ed25519(&self, key: &HsmKey, message: &[u8]) -> Result<[u8; 64], HsmError>;
 
+    /// `len` random bytes from the HSM's generator.
+    fn random(&self, len: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, HsmError>;
+
+    /// Stores `key` as a sensitive, non-extractable secret key (HMAC) named
+    /// `label`; refuses an existing label.
+    fn import_hmac_key(&self, label: &str, key: &[u8]) -> Result<(), HsmError>;
+
+    /// HMAC-SHA256 of `data` with the secret key `label`, inside the HSM.
+    fn hmac_sha256(&self, label: &str, data: &[u8]) -> Result<[u8; 32], HsmError>;
+
+    /// Destroys the secret key `label`; `false` if there was none.
+    fn delete_secret(&self, label: &str) -> Result<bool, HsmError>;
+
     /// Cheap liveness check of the device and login state.
     fn health(&self) -> Result<(), HsmError>;
 }

@@ -486,6 +486,105 @@ impl Pkcs11Hsm {
     }
 }
 
+/// Attributes of a secret (HMAC) key as the token reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretKeyAttributes {
+    /// CKA_TOKEN.
+    pub token: bool,
+    /// CKA_PRIVATE.
+    pub private: bool,
+    /// CKA_SENSITIVE.
+    pub sensitive: bool,
+    /// CKA_EXTRACTABLE.
+    pub extractable: bool,
+}
+
+impl SecretKeyAttributes {
+    /// Stored on the token, private, sensitive and not extractable.
+    pub fn is_protected(&self) -> bool {
+        self.token && self.private && self.sensitive && !self.extractable
+    }
+}
+
+impl Pkcs11Hsm {
+    fn find_secret(
+        &self,
+        session: &Session,
+        label: &str,
+    ) -> Result<Option<ObjectHandle>, HsmError> {
+        let found = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(device("C_FindObjects"))?;
+        match found.as_slice() {
+            [] => Ok(None),
+            [h] => Ok(Some(*h)),
+            _ => Err(HsmError::AmbiguousKey(label.to_owned())),
+        }
+    }
+
+    fn secret_attributes(
+        session: &Session,
+        h: ObjectHandle,
+    ) -> Result<SecretKeyAttributes, HsmError> {
+        let attrs = session
+            .get_attributes(
+                h,
+                &[
+                    AttributeType::Token,
+                    AttributeType::Private,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                ],
+            )
+            .map_err(device("C_GetAttributeValue"))?;
+        let mut a = SecretKeyAttributes {
+            token: false,
+            private: false,
+            sensitive: false,
+            extractable: true,
+        };
+        for attr in attrs {
+            match attr {
+                Attribute::Token(v) => a.token = v,
+                Attribute::Private(v) => a.private = v,
+                Attribute::Sensitive(v) => a.sensitive = v,
+                Attribute::Extractable(v) => a.extractable = v,
+                _ => {}
+            }
+        }
+        Ok(a)
+    }
+
+    /// The attributes of the secret key `label` (for tests and audits).
+    pub fn secret_key_attributes(&self, label: &str) -> Result<SecretKeyAttributes, HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        let h = self
+            .find_secret(session, label)?
+            .ok_or_else(|| HsmError::KeyNotFound(label.to_owned()))?;
+        Self::secret_attributes(session, h)
+    }
+
+    /// Tries to read a secret key's value; a sensitive key yields `None`.
+    pub fn try_read_secret_value(&self, label: &str) -> Result<Option<Vec<u8>>, HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        let h = self
+            .find_secret(session, label)?
+            .ok_or_else(|| HsmError::KeyNotFound(label.to_owned()))?;
+        match session.get_attributes(h, &[AttributeType::Value]) {
+            Ok(attrs) => Ok(attrs.into_iter().find_map(|a| match a {
+                Attribute::Value(v) => Some(v),
+                _ => None,
+            })),
+            Err(_) => Ok(None),
+        }
+    }
+}
+
 impl Hsm for Pkcs11Hsm {
     fn backend(&self) -> &'static str {
         "pkcs11"
@@ -599,6 +698,80 @@ impl Hsm for Pkcs11Hsm {
             }
         }
         Err(HsmError::KeyNotFound(key.name.to_string()))
+    }
+
+    fn random(&self, len: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, HsmError> {
+        let n = u32::try_from(len).map_err(|_| HsmError::Device {
+            op: "C_GenerateRandom",
+            detail: "too many bytes".into(),
+        })?;
+        self.with_session(|s| s.generate_random_vec(n))
+            .map(zeroize::Zeroizing::new)
+            .map_err(device("C_GenerateRandom"))
+    }
+
+    fn import_hmac_key(&self, label: &str, key: &[u8]) -> Result<(), HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        if self.find_secret(session, label)?.is_some() {
+            return Err(HsmError::KeyExists(label.to_owned()));
+        }
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Verify(true),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Value(key.to_vec()),
+        ];
+        let h = session
+            .create_object(&template)
+            .map_err(device("C_CreateObject"))?;
+        // Read back what the token made of it; refuse anything weaker.
+        let attrs = Self::secret_attributes(session, h)?;
+        if !attrs.is_protected() {
+            let _ = session.destroy_object(h);
+            return Err(HsmError::Device {
+                op: "C_CreateObject",
+                detail: format!(
+                    "the token stored {label:?} without protection: {attrs:?}; destroyed"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn hmac_sha256(&self, label: &str, data: &[u8]) -> Result<[u8; 32], HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        let h = self
+            .find_secret(session, label)?
+            .ok_or_else(|| HsmError::KeyNotFound(label.to_owned()))?;
+        let mac = session
+            .sign(&Mechanism::Sha256Hmac, h, data)
+            .map_err(device("C_Sign(HMAC)"))?;
+        mac.as_slice().try_into().map_err(|_| HsmError::Device {
+            op: "C_Sign(HMAC)",
+            detail: format!("MAC of {} bytes, expected 32", mac.len()),
+        })
+    }
+
+    fn delete_secret(&self, label: &str) -> Result<bool, HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        match self.find_secret(session, label)? {
+            Some(h) => {
+                session
+                    .destroy_object(h)
+                    .map_err(device("C_DestroyObject"))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     fn health(&self) -> Result<(), HsmError> {

@@ -100,6 +100,12 @@ event_types! {
     ApprovalRejected => "approval_rejected",
     /// A pending intent's approval window ran out.
     IntentExpired => "intent_expired",
+    /// An approval token was refused (with its code).
+    ApprovalRefused => "approval_refused",
+    /// An approver was enrolled (their key stored in the HSM).
+    ApproverAdded => "approver_added",
+    /// An approver was removed (their key destroyed).
+    ApproverRemoved => "approver_removed",
     /// The HSM signed and the signature verified; it is released after this entry commits.
     SignatureCreated => "signature_created",
     /// Nothing was signed, with the reason.

@@ -37,6 +37,9 @@ const HOUR_MS: i64 = 3_600_000;
 pub enum Mode {
     /// Reserve spend, count the rate, update the breaker.
     Commit,
+    /// Like `Commit` for an intent whose approvals reached their quorum:
+    /// the approval threshold no longer holds it back.
+    CommitApproved,
     /// Decide only; change nothing.
     DryRun,
 }
@@ -166,7 +169,7 @@ pub fn decide(
     mode: Mode,
 ) -> rusqlite::Result<Verdict> {
     let name = agent.name.as_str();
-    let commit = mode == Mode::Commit;
+    let commit = matches!(mode, Mode::Commit | Mode::CommitApproved);
     let (consecutive, locked_until) = breaker_state(conn, name)?;
     let mut cooled_down = false;
     if locked_until > now_ms {
@@ -241,7 +244,7 @@ pub fn decide(
     }
 
     let mut approval: Option<ApprovalNeed> = None;
-    if decision.allowed() {
+    if decision.allowed() && mode != Mode::CommitApproved {
         for (asset, &amount) in &decision.spend {
             let Some(l) = agent.limits.get(asset) else {
                 continue;

@@ -10,10 +10,12 @@
 //! between A and B, the reservation stays counted (fail closed) until
 //! [`Signer::recover`] records the interruption and releases it.
 
+mod approvals;
 mod prepare;
 mod submit;
 mod views;
 
+pub use approvals::{ApprovalOutcome, encode_key};
 pub use submit::denial_body;
 
 use std::collections::{HashMap, HashSet};
@@ -41,6 +43,9 @@ pub enum SubmitError {
     /// The intent id was used before with different content.
     #[error("intent id was already used with different content")]
     Conflict,
+    /// No such intent (or approver).
+    #[error("not found")]
+    NotFound,
     /// The intent id is being processed right now.
     #[error("this intent is being processed; ask again with GET /v1/intents/{{id}}")]
     InProgress,
@@ -61,6 +66,7 @@ impl SubmitError {
         match self {
             SubmitError::BadRequest { code, .. } => code,
             SubmitError::Conflict => codes::INTENT_CONFLICT,
+            SubmitError::NotFound => codes::INTENT_NOT_FOUND,
             SubmitError::InProgress => codes::INTENT_IN_PROGRESS,
             SubmitError::AuditUnavailable(_) => codes::AUDIT_UNAVAILABLE,
             SubmitError::HsmUnavailable(_) => codes::HSM_UNAVAILABLE,
@@ -73,6 +79,7 @@ impl SubmitError {
         match self {
             SubmitError::BadRequest { .. } => 400,
             SubmitError::Conflict | SubmitError::InProgress => 409,
+            SubmitError::NotFound => 404,
             SubmitError::AuditUnavailable(_) | SubmitError::HsmUnavailable(_) => 503,
             SubmitError::Internal(_) => 500,
         }

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::prepare::{Prepared, prepare};
 use super::{Signer, SubmitError, SubmitOutcome};
+use crate::approval::request;
 use crate::hsm::sign_verified;
 use crate::intents;
 use crate::ledger::{EventType, LedgerError};
@@ -94,6 +95,27 @@ impl Signer {
                 "allowed intent without key or message".into(),
             ));
         };
+        self.sign_admitted(
+            agent_name, intent_id, key, message, decoded, effects, sol_spend,
+        )
+        .await
+    }
+
+    /// Signs an admitted intent (its spend reserved, its record
+    /// `in_progress`) in the HSM with no lock held, verifies the signature,
+    /// records `signature_created` durably and only then returns it. On an
+    /// HSM failure the reservation is released and nothing is returned.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn sign_admitted(
+        &self,
+        agent_name: String,
+        intent_id: String,
+        key: crate::hsm::HsmKey,
+        message: &[u8],
+        decoded: &crate::solana::DecodedMessage,
+        effects: &crate::solana::Effects,
+        sol_spend: Lamports,
+    ) -> Result<SubmitOutcome, SubmitError> {
         let Some(signer_index) = effects.our_index else {
             self.needs_recovery.store(true, Ordering::SeqCst);
             return Err(SubmitError::Internal(
@@ -103,7 +125,7 @@ impl Signer {
 
         // Sign in the HSM with no lock held, then verify in software.
         let hsm = Arc::clone(&self.hsm);
-        let to_sign = message.clone();
+        let to_sign = message.to_vec();
         let sign_key = key.clone();
         let signed = tokio::task::spawn_blocking(move || sign_verified(&*hsm, &sign_key, &to_sign))
             .await
@@ -203,14 +225,12 @@ impl Signer {
         let pre_reasons = p.pre_reasons.clone();
         let effects = p.message.as_ref().map(|(_, _, e)| e.clone());
         let message = p.message.as_ref().map(|(m, _, _)| m.clone());
-        let effects_json = effects
-            .as_ref()
-            .map(|e| json(&effects_summary(e)))
-            .unwrap_or_default();
-        let summary = effects
-            .as_ref()
-            .map(|e| human_summary(&agent, &p.key, e))
-            .unwrap_or_default();
+
+        let signer_key = p.hsm_key.as_ref().map(|k| k.public_key);
+        let summary = match (&effects, &signer_key) {
+            (Some(e), Some(k)) => request::summary(k, e),
+            _ => String::new(),
+        };
         let approval_ttl_ms = self.approval_ttl_ms;
         let received = json(&serde_json::json!({
             "key": p.key.as_str(),
@@ -218,7 +238,7 @@ impl Signer {
             "content_sha256": hex::encode(p.content_hash),
             "message": p.message.as_ref().map(|(m, _, _)| base64::engine::general_purpose::STANDARD.encode(m)),
             "message_sha256": p.message.as_ref().map(|(m, _, _)| hex::encode(Sha256::digest(m))),
-            "effects": effects.as_ref().map(effects_summary),
+            "effects": effects.as_ref().map(request::effects_json),
         }));
         self.ledger
             .write(move |txn| {
@@ -308,11 +328,16 @@ impl Signer {
                     )?;
                     return Ok(Admission::Denied(decision.reasons));
                 }
-                if let (Some(need), Some(message)) = (&verdict.approval, &message) {
+                if let (Some(need), Some(message), Some(fx), Some(signer)) =
+                    (&verdict.approval, &message, &effects, &signer_key)
+                {
                     let expires_ms = now.saturating_add(approval_ttl_ms);
-                    let intent_hash = intent_hash(message, &effects_json);
+                    let intent_hash = request::intent_hash(message, fx);
                     let approval = serde_json::json!({
                         "intent_hash": hex::encode(intent_hash),
+                        "key": key.as_str(),
+                        "public_key": signer.to_base58(),
+                        "message": base64::engine::general_purpose::STANDARD.encode(message),
                         "required": need.required,
                         "received": 0,
                         "approvers": need.of,
@@ -371,75 +396,4 @@ impl Signer {
             })
             .await
     }
-}
-
-/// SHA-256 binding an approval to the exact message and what keyward
-/// derived from it: domain, message length, message, effects JSON.
-pub fn intent_hash(message: &[u8], effects_json: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"keyward:intent:v1\0");
-    h.update((message.len() as u64).to_be_bytes());
-    h.update(message);
-    h.update(effects_json);
-    h.finalize().into()
-}
-
-/// What the transaction does, in one line for approvers.
-fn human_summary(
-    agent: &AgentPolicy,
-    key: &crate::types::KeyName,
-    e: &crate::solana::Effects,
-) -> String {
-    use crate::amount::format_units;
-    use crate::policy::Asset;
-    let mut parts = Vec::new();
-    for o in &e.sol_outflows {
-        parts.push(format!("{} SOL to {} ({})", o.lamports, o.to, o.kind));
-    }
-    for o in &e.spl_outflows {
-        let amount = match o.mint.and_then(|m| agent.limits.get(&Asset::Mint(m))) {
-            Some(l) => format_units(u128::from(o.amount), l.decimals),
-            None => format!("{} base units", o.amount),
-        };
-        let mint = o
-            .mint
-            .map_or_else(|| "an unnamed mint".to_owned(), |m| m.to_base58());
-        parts.push(format!(
-            "{amount} of {mint} to token account {}",
-            o.destination
-        ));
-    }
-    if parts.is_empty() {
-        parts.push("no transfers".to_owned());
-    }
-    format!(
-        "key {key} sends {}; fees {} SOL; programs {}",
-        parts.join(", "),
-        e.fees,
-        e.programs
-            .iter()
-            .map(|p| p.to_base58())
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
-}
-
-/// A compact, human-checkable record of what the message does.
-fn effects_summary(e: &crate::solana::Effects) -> serde_json::Value {
-    serde_json::json!({
-        "fee_payer_is_us": e.fee_payer_is_us,
-        "fees_lamports": e.fees.0,
-        "sol_outflows": e.sol_outflows.iter().map(|o| serde_json::json!({
-            "instruction": o.instruction, "to": o.to.to_base58(), "lamports": o.lamports.0, "kind": o.kind,
-        })).collect::<Vec<_>>(),
-        "spl_outflows": e.spl_outflows.iter().map(|o| serde_json::json!({
-            "instruction": o.instruction, "token_program": o.token_program.to_base58(),
-            "mint": o.mint.map(|m| m.to_base58()), "source": o.source.to_base58(),
-            "destination": o.destination.to_base58(), "amount": o.amount,
-        })).collect::<Vec<_>>(),
-        "programs": e.programs.iter().map(|p| p.to_base58()).collect::<Vec<_>>(),
-        "violations": e.violations.iter().map(|v| serde_json::json!({
-            "rule": v.rule, "detail": v.detail, "instruction": v.instruction,
-        })).collect::<Vec<_>>(),
-    })
 }

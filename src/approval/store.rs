@@ -1,0 +1,136 @@
+//! Approver registry, used nonces and granted approvals, in the ledger
+//! database (changed in the same transactions as their ledger entries).
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Schema, created with the ledger.
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS approvers (
+    name TEXT NOT NULL PRIMARY KEY,
+    added_ms INTEGER NOT NULL,
+    removed_ms INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS approval_nonces (
+    nonce TEXT NOT NULL PRIMARY KEY,
+    approver TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    intent_id TEXT NOT NULL,
+    used_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS approvals (
+    agent TEXT NOT NULL,
+    intent_id TEXT NOT NULL,
+    approver TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent, intent_id, approver)
+) WITHOUT ROWID;
+";
+
+/// An enrolled approver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApproverRecord {
+    /// Name.
+    pub name: String,
+    /// When enrolled (Unix ms).
+    pub added_ms: i64,
+    /// When removed, if removed.
+    pub removed_ms: Option<i64>,
+}
+
+/// Looks an approver up.
+pub fn approver(conn: &Connection, name: &str) -> rusqlite::Result<Option<ApproverRecord>> {
+    conn.prepare_cached("SELECT name, added_ms, removed_ms FROM approvers WHERE name = ?1")?
+        .query_row(params![name], |r| {
+            Ok(ApproverRecord {
+                name: r.get(0)?,
+                added_ms: r.get(1)?,
+                removed_ms: r.get(2)?,
+            })
+        })
+        .optional()
+}
+
+/// Every approver, enrolled or removed.
+pub fn approvers(conn: &Connection) -> rusqlite::Result<Vec<ApproverRecord>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT name, added_ms, removed_ms FROM approvers ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(ApproverRecord {
+            name: r.get(0)?,
+            added_ms: r.get(1)?,
+            removed_ms: r.get(2)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Enrolls an approver (a removed name cannot come back: its tokens must
+/// never count again).
+pub fn add_approver(conn: &Connection, name: &str, now_ms: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT INTO approvers (name, added_ms) VALUES (?1, ?2)")?
+        .execute(params![name, now_ms])?;
+    Ok(())
+}
+
+/// Marks an approver removed; `false` if there was no active one.
+pub fn remove_approver(conn: &Connection, name: &str, now_ms: i64) -> rusqlite::Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE approvers SET removed_ms = ?2 WHERE name = ?1 AND removed_ms IS NULL",
+        )?
+        .execute(params![name, now_ms])?
+        == 1)
+}
+
+/// Whether a nonce was used.
+pub fn nonce_used(conn: &Connection, nonce: &str) -> rusqlite::Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM approval_nonces WHERE nonce = ?1")?
+        .query_row(params![nonce], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Records a nonce as used.
+pub fn use_nonce(
+    conn: &Connection,
+    nonce: &str,
+    approver: &str,
+    agent: &str,
+    intent_id: &str,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO approval_nonces (nonce, approver, agent, intent_id, used_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![nonce, approver, agent, intent_id, now_ms])?;
+    Ok(())
+}
+
+/// Approvers who approved an intent so far.
+pub fn granted(conn: &Connection, agent: &str, intent_id: &str) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT approver FROM approvals WHERE agent = ?1 AND intent_id = ?2 AND decision = 'approve' ORDER BY ts_ms",
+    )?;
+    let rows = stmt.query_map(params![agent, intent_id], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// Records an approver's decision on an intent.
+pub fn record(
+    conn: &Connection,
+    agent: &str,
+    intent_id: &str,
+    approver: &str,
+    decision: &str,
+    nonce: &str,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO approvals (agent, intent_id, approver, decision, nonce, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![agent, intent_id, approver, decision, nonce, now_ms])?;
+    Ok(())
+}
