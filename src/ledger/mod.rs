@@ -20,6 +20,7 @@
 //! transaction is committed and the log synced to disk (group commit: one
 //! sync for every job waiting at the time).
 
+pub mod merkle;
 mod verify;
 mod writer;
 
