@@ -184,6 +184,23 @@ pub struct LedgerConfig {
     /// under load). At most 100000.
     #[serde(default)]
     pub commit_delay_us: u64,
+    /// A signed checkpoint after this many new entries (default 1000).
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// ... or after this many seconds with new entries (default 60).
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval_s: u64,
+    /// Origin line of checkpoints (default `keyward/<token label>`).
+    #[serde(default)]
+    pub origin: Option<String>,
+}
+
+fn default_checkpoint_every() -> u64 {
+    1000
+}
+
+fn default_checkpoint_interval() -> u64 {
+    60
 }
 
 /// Largest accepted `ledger.commit_delay_us`.
@@ -300,7 +317,30 @@ impl Config {
         let ledger = raw.ledger.unwrap_or(LedgerConfig {
             path: None,
             commit_delay_us: 0,
+            checkpoint_every: default_checkpoint_every(),
+            checkpoint_interval_s: default_checkpoint_interval(),
+            origin: None,
         });
+        if ledger.checkpoint_every == 0 || ledger.checkpoint_interval_s == 0 {
+            return Err(ConfigError::new(
+                file,
+                if ledger.checkpoint_every == 0 {
+                    "ledger.checkpoint_every"
+                } else {
+                    "ledger.checkpoint_interval_s"
+                },
+                "must be at least 1",
+            ));
+        }
+        if let Some(o) = &ledger.origin
+            && (o.is_empty() || o.contains('\n') || o.chars().any(char::is_control))
+        {
+            return Err(ConfigError::new(
+                file,
+                "ledger.origin",
+                "must be one non-empty line of text",
+            ));
+        }
         if ledger.commit_delay_us > MAX_COMMIT_DELAY_US {
             return Err(ConfigError::new(
                 file,
@@ -313,6 +353,9 @@ impl Config {
         }
         let ledger = LedgerConfig {
             commit_delay_us: ledger.commit_delay_us,
+            checkpoint_every: ledger.checkpoint_every,
+            checkpoint_interval_s: ledger.checkpoint_interval_s,
+            origin: ledger.origin.clone(),
             path: Some(
                 ledger
                     .path

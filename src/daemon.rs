@@ -15,6 +15,7 @@ use crate::hsm::{Hsm, HsmError};
 use crate::ledger::{EventType, Ledger, LedgerError, LedgerOptions};
 use crate::policy::Policy;
 use crate::service::Signer;
+use crate::types::KeyName;
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +135,47 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         keys.insert(name, key);
     }
     let ledger = open_ledger(&cfg)?;
+    // The audit key signs checkpoints; it is made in the HSM on first start.
+    let audit_name =
+        KeyName::new(crate::ledger::checkpoint::AUDIT_KEY).map_err(|e| DaemonError::Io {
+            what: "audit key name".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    let audit_hsm = Arc::clone(&hsm);
+    let audit_lookup = audit_name.clone();
+    let (audit_key, audit_generated) =
+        tokio::task::spawn_blocking(move || match audit_hsm.find_ed25519(&audit_lookup) {
+            Ok(k) => Ok((k, false)),
+            Err(crate::hsm::HsmError::KeyNotFound(_)) => {
+                audit_hsm.generate_ed25519(&audit_lookup).map(|k| (k, true))
+            }
+            Err(e) => Err(e),
+        })
+        .await
+        .map_err(|e| DaemonError::Io {
+            what: "audit key task".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(|source| DaemonError::MissingKey {
+            policy: cfg.daemon.policy.clone(),
+            key: audit_name.to_string(),
+            source,
+        })?;
+    if audit_generated {
+        let payload = serde_json::to_vec(&serde_json::json!({
+            "key": audit_key.name.as_str(),
+            "public_key": audit_key.public_key.to_base58(),
+            "purpose": "checkpoints",
+            "verifier_key": crate::ledger::checkpoint::verifier_key(crate::ledger::checkpoint::AUDIT_KEY, &audit_key.public_key),
+        }))
+        .unwrap_or_default();
+        ledger
+            .write(move |txn| {
+                txn.append(EventType::KeyGenerated, None, None, &payload)
+                    .map(|_| ())
+            })
+            .await?;
+    }
     let started = serde_json::to_vec(&serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
@@ -155,6 +197,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             Ok(())
         })
         .await?;
+    let hsm_for_checkpoints = Arc::clone(&hsm);
     let signer = Signer::new(
         ledger.clone(),
         hsm,
@@ -202,6 +245,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let state = AppState {
         signer: Arc::clone(&signer),
         max_body: cfg.daemon.max_body_bytes,
+        audit_key: Some((
+            audit_key.public_key.to_base58(),
+            crate::ledger::checkpoint::verifier_key(
+                crate::ledger::checkpoint::AUDIT_KEY,
+                &audit_key.public_key,
+            ),
+        )),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let agent_srv = axum::serve(
@@ -214,6 +264,39 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         admin_router(state).into_make_service_with_connect_info::<PeerCred>(),
     )
     .with_graceful_shutdown(shutdown_signal(stop_rx.clone()));
+
+    // Signed checkpoints of the Merkle tree.
+    let origin = cfg
+        .ledger
+        .origin
+        .clone()
+        .unwrap_or_else(|| format!("keyward/{}", cfg.hsm.token_label));
+    let checkpointer = Arc::new(
+        crate::service::checkpoints::Checkpointer::new(
+            Arc::clone(&hsm_for_checkpoints),
+            ledger.clone(),
+            audit_key.clone(),
+            origin,
+        )
+        .map_err(DaemonError::from)?,
+    );
+    let every = cfg.ledger.checkpoint_every;
+    let interval = Duration::from_secs(cfg.ledger.checkpoint_interval_s);
+    let cp = Arc::clone(&checkpointer);
+    let cp_stop = stop_rx.clone();
+    let checkpoints = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown_signal(cp_stop.clone()) => return,
+            }
+            match cp.maybe(every, interval, false).await {
+                Ok(Some(m)) => tracing::info!(size = m.size, seq = m.seq, "checkpoint recorded"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "checkpoint failed; will retry"),
+            }
+        }
+    });
 
     // Expire pending intents whose approval window has ended.
     let expiry_signer = Arc::clone(&signer);
@@ -293,6 +376,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let served = servers.await;
     let _ = recovery.await;
     let _ = expiry.await;
+    let _ = checkpoints.await;
     // Requests run their submissions in their own tasks; give any still
     // running a moment to finish recording before the ledger closes.
     for _ in 0..100 {
@@ -303,6 +387,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     let _ = std::fs::remove_file(&cfg.daemon.agent_socket);
     let _ = std::fs::remove_file(&cfg.daemon.admin_socket);
+    // A last checkpoint covers everything up to the stop.
+    match checkpointer.maybe(every, interval, true).await {
+        Ok(Some(m)) => tracing::info!(size = m.size, seq = m.seq, "final checkpoint recorded"),
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "final checkpoint failed"),
+    }
     let stopped =
         serde_json::to_vec(&serde_json::json!({ "pid": std::process::id() })).unwrap_or_default();
     let result = ledger

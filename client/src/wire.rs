@@ -429,4 +429,7 @@ pub struct AdminKeyInfo {
     pub state: String,
     /// Agents whose policy lets them use the key.
     pub agents: Vec<String>,
+    /// For the audit key: the signed-note verifier key of checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifier_key: Option<String>,
 }

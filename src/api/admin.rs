@@ -225,8 +225,18 @@ async fn keys(
                 .filter(|a| a.keys.contains(&k.name))
                 .map(|a| a.name.to_string())
                 .collect(),
+            verifier_key: None,
         })
         .collect();
+    if let Some((public_key, vkey)) = &state.audit_key {
+        keys.push(AdminKeyInfo {
+            name: crate::ledger::checkpoint::AUDIT_KEY.to_owned(),
+            public_key: public_key.clone(),
+            state: "audit".to_owned(),
+            agents: Vec::new(),
+            verifier_key: Some(vkey.clone()),
+        });
+    }
     keys.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(axum::Json(keys).into_response())
 }

@@ -26,6 +26,8 @@ pub struct AppState {
     pub signer: Arc<Signer>,
     /// Largest request body in bytes.
     pub max_body: usize,
+    /// The audit key that signs checkpoints: (public key, verifier key).
+    pub audit_key: Option<(String, String)>,
 }
 
 /// Binds a Unix socket at `path` with `mode`, refusing to take over a socket

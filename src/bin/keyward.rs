@@ -140,6 +140,23 @@ enum AuditCommand {
         #[arg(long)]
         db: Option<PathBuf>,
     },
+    /// Print an inclusion proof of entry SEQ under the latest signed checkpoint that covers it (JSON).
+    Prove {
+        /// The entry's sequence number.
+        seq: u64,
+        /// Ledger database (default: from the config).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+    /// Check an inclusion proof offline against a trusted audit verifier key.
+    VerifyProof {
+        /// The proof (JSON from `audit prove` or GET /v1/intents/{id}), a file or `-`.
+        #[arg(long)]
+        proof: String,
+        /// The audit verifier key you trust (from `keyward key list`).
+        #[arg(long)]
+        vkey: String,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -330,6 +347,53 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 Ok(())
             }
+            AuditCommand::Prove { seq, db } => {
+                let db = db_path(&cli.config, db)?;
+                let conn = keyward::ledger::open_read_only(&db)?;
+                match keyward::ledger::prove(&conn, seq)? {
+                    Some(p) => {
+                        println!("{}", serde_json::to_string_pretty(&p)?);
+                        Ok(())
+                    }
+                    None => Err(Failure(
+                        1,
+                        anyhow!("no signed checkpoint covers entry {seq} yet"),
+                    )),
+                }
+            }
+            AuditCommand::VerifyProof { proof, vkey } => {
+                let text = if proof == "-" {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                    s
+                } else {
+                    std::fs::read_to_string(&proof)
+                        .with_context(|| format!("cannot read {proof}"))?
+                };
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).context("the proof is not JSON")?;
+                // Accept a bare proof or an intent view that carries one.
+                let p: keyward::ledger::InclusionProof =
+                    serde_json::from_value(if v.get("proof").is_some_and(|p| p.is_object()) {
+                        v["proof"].clone()
+                    } else {
+                        v
+                    })
+                    .context("not an inclusion proof")?;
+                match keyward::ledger::verify_proof(&p, &vkey) {
+                    Ok(()) => {
+                        println!(
+                            "ok: entry {} (hash {}) is in the tree of {} entries signed by {}",
+                            p.seq,
+                            p.entry_hash,
+                            p.tree_size,
+                            vkey.split('+').next().unwrap_or("")
+                        );
+                        Ok(())
+                    }
+                    Err(e) => Err(Failure(1, anyhow!("proof does not verify: {e}"))),
+                }
+            }
             AuditCommand::Export {
                 format: ExportFormat::Jsonl,
                 since,
@@ -351,7 +415,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let cfg = Config::load(&cli.config)?;
             let keys: Vec<keyward_client::wire::AdminKeyInfo> = admin_get(&cfg, "/v1/admin/keys")?;
             println!("{:<20} {:<46} {:<8} agents", "name", "public key", "state");
-            for k in keys {
+            for k in &keys {
                 println!(
                     "{:<20} {:<46} {:<8} {}",
                     k.name,
@@ -359,6 +423,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     k.state,
                     k.agents.join(",")
                 );
+            }
+            for k in keys.iter().filter_map(|k| k.verifier_key.as_ref()) {
+                println!("\ncheckpoint verifier key: {k}");
             }
             Ok(())
         }

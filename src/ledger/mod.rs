@@ -20,13 +20,17 @@
 //! transaction is committed and the log synced to disk (group commit: one
 //! sync for every job waiting at the time).
 
+pub mod checkpoint;
 pub mod merkle;
 mod verify;
 mod writer;
 
 use sha2::{Digest, Sha256};
 
-pub use verify::{VerifyError, VerifyReport, export_jsonl, open_read_only, trail, verify_database};
+pub use verify::{
+    InclusionProof, VerifyError, VerifyReport, export_jsonl, open_read_only, prove, trail,
+    verify_database, verify_proof,
+};
 pub use writer::{Ledger, LedgerHealthState, LedgerOptions, LedgerTxn};
 
 use crate::types::LedgerSeq;

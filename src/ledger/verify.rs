@@ -143,6 +143,10 @@ pub fn verify_database(path: &Path) -> Result<VerifyReport, VerifyError> {
     // next entry's link tells whether the content or the stored hash changed.
     let mut pending: Option<(Entry, [u8; 32])> = None;
     let broken = |seq: u64, problem: String| VerifyError::Broken { seq, problem };
+    // The Merkle tree as far as the last checkpoint, and the leaves after it.
+    let mut frontier = super::merkle::Frontier::default();
+    let mut unpushed = std::collections::VecDeque::new();
+    let mut pinned_key: Option<String> = None;
     while let Some(row) = rows.next()? {
         let entry =
             to_entry(raw(row)?).map_err(|(seq, p)| broken(u64::try_from(seq).unwrap_or(0), p))?;
@@ -197,6 +201,11 @@ pub fn verify_database(path: &Path) -> Result<VerifyReport, VerifyError> {
             expected_seq += 1;
             continue;
         }
+        if entry.event == EventType::Checkpoint.as_str() {
+            check_checkpoint(&entry, &mut frontier, &mut unpushed, &mut pinned_key)
+                .map_err(|p| broken(entry.seq, p))?;
+        }
+        unpushed.push_back(super::merkle::leaf_hash(&entry.hash));
         prev_hash = entry.hash;
         prev_ts = entry.ts_ms;
         expected_seq += 1;
@@ -214,6 +223,59 @@ pub fn verify_database(path: &Path) -> Result<VerifyReport, VerifyError> {
         head_seq: entries,
         head_hash: prev_hash,
     })
+}
+
+/// Checks a `checkpoint` entry: its size covers only earlier entries and
+/// never shrinks, its root is the Merkle root of those entries, its note is
+/// signed by its verifier key, and every checkpoint uses the same key.
+fn check_checkpoint(
+    entry: &Entry,
+    frontier: &mut super::merkle::Frontier,
+    unpushed: &mut std::collections::VecDeque<[u8; 32]>,
+    pinned_key: &mut Option<String>,
+) -> Result<(), String> {
+    let v: serde_json::Value = serde_json::from_slice(&entry.payload)
+        .map_err(|_| "checkpoint payload is not JSON".to_owned())?;
+    let size = v["size"].as_u64().ok_or("checkpoint without a size")?;
+    if size >= entry.seq {
+        return Err(format!(
+            "checkpoint claims {size} entries, more than precede it"
+        ));
+    }
+    if size < frontier.size() {
+        return Err(format!(
+            "checkpoint of {size} entries after one of {}: a checkpoint never shrinks",
+            frontier.size()
+        ));
+    }
+    while frontier.size() < size {
+        let leaf = unpushed
+            .pop_front()
+            .ok_or("checkpoint beyond the entries read")?;
+        frontier.push(leaf);
+    }
+    let root = hex::encode(frontier.root());
+    if v["root"].as_str() != Some(root.as_str()) {
+        return Err(format!(
+            "checkpoint root does not match the Merkle root of entries 1..{size}"
+        ));
+    }
+    let vkey = v["verifier_key"]
+        .as_str()
+        .ok_or("checkpoint without a verifier key")?;
+    let note = v["note"].as_str().ok_or("checkpoint without a note")?;
+    let cp = super::checkpoint::verify(note, vkey).map_err(|e| format!("checkpoint note: {e}"))?;
+    if cp.size != size || hex::encode(cp.root) != root {
+        return Err("the signed note says another size or root than the checkpoint".into());
+    }
+    match pinned_key {
+        Some(k) if k != vkey => {
+            return Err("checkpoint signed by another key than the earlier ones".into());
+        }
+        Some(_) => {}
+        None => *pinned_key = Some(vkey.to_owned()),
+    }
+    Ok(())
 }
 
 fn collect(rows: rusqlite::Rows<'_>) -> Result<Vec<Entry>, LedgerError> {
@@ -393,5 +455,112 @@ mod tests {
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].seq, 2);
         assert!(trail(&c, "i1", Some("other")).unwrap().is_empty());
+    }
+}
+
+/// An inclusion proof of one entry under a signed checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InclusionProof {
+    /// The entry's sequence number.
+    pub seq: u64,
+    /// Its leaf index (seq − 1).
+    pub leaf_index: u64,
+    /// The entry's hash (hex); the leaf is SHA-256(0x00 ‖ entry hash).
+    pub entry_hash: String,
+    /// Size of the checkpointed tree.
+    pub tree_size: u64,
+    /// Its root (hex).
+    pub root: String,
+    /// Audit path (hex hashes), RFC 9162 order.
+    pub proof: Vec<String>,
+    /// The signed checkpoint note.
+    pub checkpoint: String,
+    /// The verifier key the note is signed with (check it against the one
+    /// you trust, e.g. from `keyward key list`).
+    pub verifier_key: String,
+}
+
+/// Proves entry `seq` is in the tree of the latest checkpoint that covers
+/// it. `Ok(None)` when no checkpoint covers it yet.
+pub fn prove(conn: &Connection, seq: u64) -> Result<Option<InclusionProof>, LedgerError> {
+    let cp: Option<Vec<u8>> = conn
+        .prepare("SELECT payload FROM ledger WHERE event = 'checkpoint' ORDER BY seq DESC")?
+        .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+        .filter_map(Result::ok)
+        .find(|p| {
+            serde_json::from_slice::<serde_json::Value>(p)
+                .ok()
+                .and_then(|v| v["size"].as_u64())
+                .is_some_and(|size| size >= seq)
+        });
+    let Some(cp) = cp else { return Ok(None) };
+    let v: serde_json::Value = serde_json::from_slice(&cp)
+        .map_err(|e| LedgerError::Corrupt(format!("checkpoint payload: {e}")))?;
+    let size = v["size"].as_u64().unwrap_or(0);
+    if seq == 0 {
+        return Ok(None);
+    }
+    let mut stmt = conn.prepare("SELECT hash FROM ledger WHERE seq <= ?1 ORDER BY seq")?;
+    let hashes: Vec<[u8; 32]> = stmt
+        .query_map([i64::try_from(size).unwrap_or(i64::MAX)], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })?
+        .map(|h| {
+            h.map_err(LedgerError::from).and_then(|h| {
+                <[u8; 32]>::try_from(h.as_slice())
+                    .map_err(|_| LedgerError::Corrupt("hash of the wrong length".into()))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let leaves: Vec<[u8; 32]> = hashes.iter().map(super::merkle::leaf_hash).collect();
+    let index = usize::try_from(seq - 1).unwrap_or(usize::MAX);
+    let Some(path) = super::merkle::inclusion_proof(&leaves, index) else {
+        return Ok(None);
+    };
+    Ok(Some(InclusionProof {
+        seq,
+        leaf_index: seq - 1,
+        entry_hash: hex::encode(hashes[index]),
+        tree_size: size,
+        root: hex::encode(super::merkle::root(&leaves)),
+        proof: path.iter().map(hex::encode).collect(),
+        checkpoint: v["note"].as_str().unwrap_or_default().to_owned(),
+        verifier_key: v["verifier_key"].as_str().unwrap_or_default().to_owned(),
+    }))
+}
+
+/// Verifies an inclusion proof offline with a trusted verifier key: the
+/// note's signature, that it names the proof's size and root, and the
+/// audit path from the entry to that root.
+pub fn verify_proof(p: &InclusionProof, trusted_vkey: &str) -> Result<(), String> {
+    let cp = super::checkpoint::verify(&p.checkpoint, trusted_vkey)?;
+    if cp.size != p.tree_size || hex::encode(cp.root) != p.root {
+        return Err("the proof's size or root is not the signed checkpoint's".into());
+    }
+    let hex32 = |s: &str| -> Result<[u8; 32], String> {
+        hex::decode(s)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .ok_or_else(|| format!("{s:?} is not a 32-byte hex hash"))
+    };
+    let entry = hex32(&p.entry_hash)?;
+    let path = p
+        .proof
+        .iter()
+        .map(|h| hex32(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    if p.leaf_index + 1 != p.seq {
+        return Err("leaf index and sequence number disagree".into());
+    }
+    if super::merkle::verify_inclusion(
+        &super::merkle::leaf_hash(&entry),
+        p.leaf_index,
+        p.tree_size,
+        &path,
+        &cp.root,
+    ) {
+        Ok(())
+    } else {
+        Err("the audit path does not lead from the entry to the checkpoint's root".into())
     }
 }

@@ -211,6 +211,12 @@ impl Policy {
             let mut keys = Vec::new();
             for k in &a.keys {
                 let kn = KeyName::new(k).map_err(|e| err(key("keys"), e.to_string()))?;
+                if k == crate::ledger::checkpoint::AUDIT_KEY {
+                    return Err(err(
+                        key("keys"),
+                        format!("{k:?} is reserved for signing checkpoints"),
+                    ));
+                }
                 if keys.contains(&kn) {
                     return Err(err(key("keys"), format!("key {k:?} listed twice")));
                 }

@@ -11,6 +11,7 @@
 //! [`Signer::recover`] records the interruption and releases it.
 
 mod approvals;
+pub mod checkpoints;
 mod prepare;
 mod submit;
 mod views;
