@@ -173,6 +173,26 @@ fn checkpoints_notes_and_proofs_verify_independently_and_tampering_is_found() {
         .find_map(|l| l.strip_prefix("checkpoint verifier key: "))
         .unwrap_or_else(|| panic!("key list prints the verifier key: {listing}"))
         .to_owned();
+    // GET /v1/intents/{id} carries the proof once a checkpoint covers it.
+    let view = rt().block_on(inst.client().get_intent("c0")).unwrap();
+    assert_eq!(view.leaf_index, view.ledger_seq.map(|s| s - 1));
+    let proof = view.proof.clone().expect("a checkpoint covers c0 by now");
+    assert_eq!(proof["seq"].as_u64(), view.ledger_seq);
+    let file = inst.dir.path().join("view.json");
+    std::fs::write(&file, serde_json::to_vec(&view).unwrap()).unwrap();
+    let ok = inst.keyward(&[
+        "audit",
+        "verify-proof",
+        "--proof",
+        file.to_str().unwrap(),
+        "--vkey",
+        &vkey,
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(inst.stop().success());
 
     let all = entries(&inst);

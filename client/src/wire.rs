@@ -145,6 +145,15 @@ pub struct IntentView {
     /// (`intent_hash`, `required`, `received`, `expires_at`, `summary`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<serde_json::Value>,
+    /// Present when signed: the leaf index of the `signature_created`
+    /// entry in the ledger's Merkle tree (its sequence number − 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaf_index: Option<u64>,
+    /// Present once a signed checkpoint covers that entry: the inclusion
+    /// proof with the checkpoint note (check it with
+    /// `keyward audit verify-proof`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<serde_json::Value>,
 }
 
 /// Every error body: `{"error": {...}}`.

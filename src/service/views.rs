@@ -130,6 +130,8 @@ impl Signer {
             error_code: None,
             reasons: Vec::new(),
             approval: None,
+            leaf_index: None,
+            proof: None,
         };
         let body = rec.response.unwrap_or_default();
         match rec.status.as_str() {
@@ -141,6 +143,18 @@ impl Signer {
                 view.transaction = Some(s.transaction);
                 view.ledger_seq = Some(s.ledger_seq);
                 view.entry_hash = Some(s.entry_hash);
+                view.leaf_index = s.ledger_seq.checked_sub(1);
+                let seq = s.ledger_seq;
+                view.proof = self
+                    .read(move |c| {
+                        crate::ledger::prove(c, seq).map_err(|e| {
+                            rusqlite::Error::ToSqlConversionFailure(Box::new(
+                                std::io::Error::other(e.to_string()),
+                            ))
+                        })
+                    })
+                    .await?
+                    .and_then(|p| serde_json::to_value(p).ok());
             }
             "denied" => {
                 let e: ErrorBody = serde_json::from_slice(&body)
