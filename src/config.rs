@@ -109,6 +109,38 @@ pub struct Config {
     pub hsm: HsmConfig,
     /// `[ledger]`.
     pub ledger: LedgerConfig,
+    /// `[mirror]`, when entries are shipped to an external copy.
+    pub mirror: Option<MirrorConfig>,
+}
+
+/// `[mirror]` section: where `keyward mirror` ships entries, and how far it
+/// may fall behind before keywardd stops signing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// Append-only JSON-lines file (a separate mount, or a file a syslog
+    /// pipeline reads).
+    pub file: PathBuf,
+    /// keywardd refuses to sign with more unmirrored entries than this
+    /// (default 1000).
+    #[serde(default = "default_unmirrored_entries")]
+    pub max_unmirrored_entries: u64,
+    /// ... or when the oldest unmirrored entry is older than this, in
+    /// seconds (default 300).
+    #[serde(default = "default_unmirrored_age")]
+    pub max_unmirrored_age_s: u64,
+    /// Where the mirror records what each sink acknowledged (default
+    /// `<state_dir>/mirror`).
+    #[serde(default)]
+    pub ack_dir: Option<PathBuf>,
+}
+
+fn default_unmirrored_entries() -> u64 {
+    1000
+}
+
+fn default_unmirrored_age() -> u64 {
+    300
 }
 
 /// `[daemon]` section.
@@ -214,7 +246,7 @@ struct RawConfig {
     #[serde(default)]
     ledger: Option<LedgerConfig>,
     #[serde(default)]
-    mirror: Option<toml::Value>,
+    mirror: Option<MirrorConfig>,
 }
 
 impl Config {
@@ -229,14 +261,6 @@ impl Config {
     /// Parses config text as if it had been read from `file`.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = from_toml_str(file, text)?;
-        if raw.mirror.is_some() {
-            return Err(ConfigError::new(
-                file,
-                "mirror",
-                "mirroring is not supported by this version of keyward; remove the [mirror] \
-                 section (it would not be enforced, and a signer must not pretend)",
-            ));
-        }
         let base = file.parent().unwrap_or(Path::new("."));
         let abs = |p: &Path| {
             if p.is_absolute() {
@@ -363,7 +387,32 @@ impl Config {
                     .unwrap_or_else(|| daemon.state_dir.join("ledger.sqlite3")),
             ),
         };
+        let mirror = match raw.mirror {
+            None => None,
+            Some(m) => {
+                if m.max_unmirrored_entries == 0 || m.max_unmirrored_age_s == 0 {
+                    return Err(ConfigError::new(
+                        file,
+                        if m.max_unmirrored_entries == 0 {
+                            "mirror.max_unmirrored_entries"
+                        } else {
+                            "mirror.max_unmirrored_age_s"
+                        },
+                        "must be at least 1",
+                    ));
+                }
+                Some(MirrorConfig {
+                    file: abs(&m.file),
+                    ack_dir: Some(abs(&m
+                        .ack_dir
+                        .clone()
+                        .unwrap_or_else(|| daemon.state_dir.join("mirror")))),
+                    ..m
+                })
+            }
+        };
         Ok(Config {
+            mirror,
             file: file.to_path_buf(),
             daemon,
             hsm,
@@ -457,10 +506,25 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
     }
 
     #[test]
-    fn mirror_section_is_refused_rather_than_ignored() {
-        let text = format!("{GOOD}\n[mirror]\nmax_unmirrored_entries = 5\n");
-        let err = Config::parse(Path::new("k.toml"), &text).unwrap_err();
-        assert_eq!(err.key, "mirror");
+    fn mirror_section_parses_with_defaults() {
+        let text =
+            format!("{GOOD}\n[mirror]\nfile = \"m/ledger.jsonl\"\nmax_unmirrored_entries = 5\n");
+        let cfg = Config::parse(Path::new("/etc/kw/k.toml"), &text).unwrap();
+        let m = cfg.mirror.unwrap();
+        assert_eq!(m.file, Path::new("/etc/kw/m/ledger.jsonl"));
+        assert_eq!((m.max_unmirrored_entries, m.max_unmirrored_age_s), (5, 300));
+        let err = Config::parse(
+            Path::new("k.toml"),
+            &format!("{GOOD}\n[mirror]\nfile = \"x\"\nmax_unmirrored_age_s = 0\n"),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "mirror.max_unmirrored_age_s");
+        let err = Config::parse(
+            Path::new("k.toml"),
+            &format!("{GOOD}\n[mirror]\nfile = \"x\"\nurl = 1\n"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("url"), "{err}");
     }
 
     #[test]

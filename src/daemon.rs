@@ -265,6 +265,31 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     )
     .with_graceful_shutdown(shutdown_signal(stop_rx.clone()));
 
+    // The mirror gate: signing stops while the external copy lags.
+    let mirror_task = cfg.mirror.clone().map(|m| {
+        let gate = Arc::new(crate::service::MirrorGate::new(
+            m.ack_dir
+                .clone()
+                .unwrap_or_else(|| cfg.daemon.state_dir.join("mirror")),
+            m.max_unmirrored_entries,
+            Duration::from_secs(m.max_unmirrored_age_s),
+        ));
+        signer.set_mirror_gate(Arc::clone(&gate));
+        let ledger = ledger.clone();
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let g = Arc::clone(&gate);
+                let l = ledger.clone();
+                let _ = tokio::task::spawn_blocking(move || g.refresh(&l)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = shutdown_signal(stop.clone()) => return,
+                }
+            }
+        })
+    });
+
     // Signed checkpoints of the Merkle tree.
     let origin = cfg
         .ledger
@@ -377,6 +402,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = recovery.await;
     let _ = expiry.await;
     let _ = checkpoints.await;
+    if let Some(t) = mirror_task {
+        let _ = t.await;
+    }
     // Requests run their submissions in their own tasks; give any still
     // running a moment to finish recording before the ledger closes.
     for _ in 0..100 {

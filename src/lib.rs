@@ -19,6 +19,7 @@ pub mod hsm;
 pub mod intents;
 pub mod ledger;
 pub mod logging;
+pub mod mirror;
 pub mod policy;
 pub mod process;
 pub mod service;

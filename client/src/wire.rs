@@ -330,6 +330,23 @@ pub struct HealthView {
     pub hsm: ComponentHealth,
     /// Ledger state.
     pub ledger: LedgerHealth,
+    /// The external copy of the ledger, when a mirror is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorHealth>,
+}
+
+/// Lag of the ledger's external copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorHealth {
+    /// Whether signing is allowed (the lag is within its limits).
+    pub ok: bool,
+    /// Entries not yet acknowledged by the mirror.
+    pub unmirrored_entries: u64,
+    /// Age of the oldest of them, in seconds.
+    pub oldest_unmirrored_age_s: u64,
+    /// Why signing is stopped, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// Health of one component.

@@ -52,6 +52,9 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Ship ledger entries to the mirror configured in [mirror], in order and
+    /// exactly once, until SIGTERM (run as its own service and user).
+    Mirror,
     /// Approvers of large intents (through the admin socket).
     Approver {
         #[command(subcommand)]
@@ -116,6 +119,13 @@ enum AuditCommand {
         /// Ledger database (default: from the config).
         #[arg(long)]
         db: Option<PathBuf>,
+        /// Also compare with the mirror's copy (`file:///path` or a path):
+        /// a missing tail, a truncated local ledger, an edited entry or a fork.
+        #[arg(long)]
+        mirror: Option<String>,
+        /// With --mirror: how many of the newest entries the copy may lack.
+        #[arg(long, default_value_t = 0)]
+        allowed_lag: u64,
     },
     /// Every ledger entry of one intent, in order.
     Trail {
@@ -288,6 +298,7 @@ fn bench(
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Approver { command } => approver(&cli.config, command),
+        Command::Mirror => mirror(&cli.config),
         Command::Approve {
             request,
             approver,
@@ -307,7 +318,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => bench(json, clients, threads, duration, keywardd, module, prefill),
         Command::Init { dev, module } => init_dev(&dev, module),
         Command::Audit { command } => match command {
-            AuditCommand::Verify { db } => {
+            AuditCommand::Verify {
+                db,
+                mirror,
+                allowed_lag,
+            } => {
                 let db = db_path(&cli.config, db)?;
                 match keyward::ledger::verify_database(&db) {
                     Ok(report) => {
@@ -317,6 +332,27 @@ fn run(cli: Cli) -> Result<(), Failure> {
                             report.head_seq,
                             hex::encode(report.head_hash)
                         );
+                        if let Some(m) = mirror {
+                            let path = PathBuf::from(m.strip_prefix("file://").unwrap_or(&m));
+                            match keyward::mirror::compare(&db, &path, allowed_lag) {
+                                Ok(n) => println!(
+                                    "ok: the mirror {} agrees on {n} entries",
+                                    path.display()
+                                ),
+                                Err(Ok(d)) => {
+                                    return Err(Failure(
+                                        1,
+                                        anyhow!("mirror {} DIVERGES: {d}", path.display()),
+                                    ));
+                                }
+                                Err(Err(e)) => {
+                                    return Err(Failure(
+                                        2,
+                                        anyhow!("cannot compare with {}: {e}", path.display()),
+                                    ));
+                                }
+                            }
+                        }
                         Ok(())
                     }
                     Err(e) if e.is_finding() => Err(Failure(
@@ -531,6 +567,37 @@ fn admin_call<T: serde::de::DeserializeOwned>(
 
 fn admin_get<T: serde::de::DeserializeOwned>(cfg: &Config, path: &str) -> Result<T, Failure> {
     admin_call(cfg, "GET", path)
+}
+
+fn mirror(config: &Path) -> Result<(), Failure> {
+    let cfg = Config::load(config)?;
+    let m = cfg
+        .mirror
+        .clone()
+        .ok_or_else(|| Failure(2, anyhow!("{} has no [mirror] section", config.display())))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&stop);
+    ctrl_stop(flag)?;
+    let ack_dir = m
+        .ack_dir
+        .clone()
+        .unwrap_or_else(|| cfg.daemon.state_dir.join("mirror"));
+    keyward::mirror::run(&cfg.ledger_path(), &m.file, &ack_dir, &stop)
+        .map_err(|e| Failure(1, anyhow!("mirror stopped: {e}")))
+}
+
+/// Sets `flag` on SIGTERM or SIGINT (a small thread waiting on a signal set).
+fn ctrl_stop(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<(), Failure> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block().context("cannot block SIGTERM")?;
+    std::thread::spawn(move || {
+        let _ = set.wait();
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    Ok(())
 }
 
 const KEY_FILE_HEADER: &str = "keyward-approver-key v1";

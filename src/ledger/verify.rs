@@ -564,3 +564,13 @@ pub fn verify_proof(p: &InclusionProof, trusted_vkey: &str) -> Result<(), String
         Err("the audit path does not lead from the entry to the checkpoint's root".into())
     }
 }
+
+/// Up to `max` entries after sequence number `after`, in order.
+pub fn entries_after(conn: &Connection, after: u64, max: usize) -> Result<Vec<Entry>, LedgerError> {
+    let mut stmt = conn.prepare(&format!("{SELECT} WHERE seq > ?1 ORDER BY seq LIMIT ?2"))?;
+    let rows = stmt.query(params![
+        i64::try_from(after).unwrap_or(i64::MAX),
+        i64::try_from(max).unwrap_or(i64::MAX)
+    ])?;
+    collect(rows)
+}

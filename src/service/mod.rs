@@ -56,6 +56,10 @@ pub enum SubmitError {
     /// The HSM could not sign; nothing was released.
     #[error("the HSM could not sign: {0}")]
     HsmUnavailable(String),
+    /// The external copy of the ledger is too far behind: nothing is
+    /// signed until it catches up.
+    #[error("the ledger mirror is behind ({0}); nothing is signed until it catches up")]
+    MirrorLagging(String),
     /// An internal error; nothing was released.
     #[error("internal error: {0}")]
     Internal(String),
@@ -71,6 +75,7 @@ impl SubmitError {
             SubmitError::InProgress => codes::INTENT_IN_PROGRESS,
             SubmitError::AuditUnavailable(_) => codes::AUDIT_UNAVAILABLE,
             SubmitError::HsmUnavailable(_) => codes::HSM_UNAVAILABLE,
+            SubmitError::MirrorLagging(_) => codes::MIRROR_LAGGING,
             SubmitError::Internal(_) => codes::INTERNAL,
         }
     }
@@ -81,7 +86,9 @@ impl SubmitError {
             SubmitError::BadRequest { .. } => 400,
             SubmitError::Conflict | SubmitError::InProgress => 409,
             SubmitError::NotFound => 404,
-            SubmitError::AuditUnavailable(_) | SubmitError::HsmUnavailable(_) => 503,
+            SubmitError::AuditUnavailable(_)
+            | SubmitError::HsmUnavailable(_)
+            | SubmitError::MirrorLagging(_) => 503,
             SubmitError::Internal(_) => 500,
         }
     }
@@ -116,6 +123,86 @@ pub enum SubmitOutcome {
         /// Original JSON body.
         body: Vec<u8>,
     },
+}
+
+/// How far the external copy of the ledger may fall behind.
+#[derive(Debug)]
+pub struct MirrorGate {
+    ack_dir: std::path::PathBuf,
+    max_entries: u64,
+    max_age_ms: i64,
+    /// Age of the oldest unacknowledged entry, kept by [`MirrorGate::refresh`].
+    oldest_unacked_age_ms: std::sync::atomic::AtomicI64,
+}
+
+impl MirrorGate {
+    /// A gate over the acknowledgements in `ack_dir`.
+    pub fn new(
+        ack_dir: std::path::PathBuf,
+        max_entries: u64,
+        max_age: std::time::Duration,
+    ) -> MirrorGate {
+        MirrorGate {
+            ack_dir,
+            max_entries,
+            max_age_ms: i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX),
+            oldest_unacked_age_ms: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// (unacknowledged entries, age of the oldest in ms) now.
+    pub fn lag(&self, head_seq: u64) -> (u64, i64) {
+        let acked = crate::mirror::read_ack(&self.ack_dir);
+        let entries = head_seq.saturating_sub(acked);
+        let age = if entries == 0 {
+            0
+        } else {
+            self.oldest_unacked_age_ms.load(Ordering::SeqCst)
+        };
+        (entries, age)
+    }
+
+    /// Recomputes the age of the oldest unacknowledged entry.
+    pub fn refresh(&self, ledger: &Ledger) {
+        let acked = crate::mirror::read_ack(&self.ack_dir);
+        let age = ledger
+            .reader()
+            .ok()
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT ts_ms FROM ledger WHERE seq = ?1",
+                    [i64::try_from(acked + 1).unwrap_or(i64::MAX)],
+                    |r| r.get::<_, i64>(0),
+                )
+                .ok()
+            })
+            .map_or(0, |ts| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                (now - ts).max(0)
+            });
+        self.oldest_unacked_age_ms.store(age, Ordering::SeqCst);
+    }
+
+    /// `Err` with what is wrong when signing must stop.
+    pub fn check(&self, head_seq: u64) -> Result<(), String> {
+        let (entries, age) = self.lag(head_seq);
+        if entries > self.max_entries {
+            return Err(format!(
+                "{entries} entries unmirrored, at most {} allowed",
+                self.max_entries
+            ));
+        }
+        if age > self.max_age_ms {
+            return Err(format!(
+                "the oldest unmirrored entry is {} s old, at most {} s allowed",
+                age / 1000,
+                self.max_age_ms / 1000
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A policy put in force by [`Signer::reload_policy`].
@@ -172,6 +259,7 @@ pub struct Signer {
     policy_path: std::path::PathBuf,
     reload_lock: tokio::sync::Mutex<()>,
     approval_ttl_ms: i64,
+    mirror_gate: std::sync::OnceLock<Arc<MirrorGate>>,
     in_flight: Mutex<HashMap<(String, String), usize>>,
     needs_recovery: AtomicBool,
 }
@@ -218,6 +306,7 @@ impl Signer {
             policy_path,
             reload_lock: tokio::sync::Mutex::new(()),
             approval_ttl_ms: i64::try_from(approval_ttl.as_millis()).unwrap_or(i64::MAX / 2),
+            mirror_gate: std::sync::OnceLock::new(),
             in_flight: Mutex::new(HashMap::new()),
             needs_recovery: AtomicBool::new(false),
         })
@@ -375,6 +464,16 @@ impl Signer {
             previous_sha256: previous,
             ledger_seq: seq,
         })
+    }
+
+    /// Makes signing depend on the mirror keeping up.
+    pub fn set_mirror_gate(&self, gate: Arc<MirrorGate>) {
+        let _ = self.mirror_gate.set(gate);
+    }
+
+    /// The mirror gate, when a mirror is configured.
+    pub fn mirror_gate(&self) -> Option<&Arc<MirrorGate>> {
+        self.mirror_gate.get()
     }
 
     /// Whether an interrupted intent waits for [`Signer::recover`].

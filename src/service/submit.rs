@@ -59,6 +59,11 @@ impl Signer {
         agent: &AgentPolicy,
         req: IntentRequest,
     ) -> Result<SubmitOutcome, SubmitError> {
+        // Fail closed while the external copy of the ledger lags.
+        if let Some(gate) = self.mirror_gate() {
+            gate.check(self.ledger.health().head_seq)
+                .map_err(SubmitError::MirrorLagging)?;
+        }
         let keys = self.keys();
         let allowed_key = agent
             .keys

@@ -284,8 +284,19 @@ impl Signer {
             .and_then(|r| r.map_err(|e| e.to_string()));
         let l = self.ledger.health();
         let ledger_ok = !l.breaker_open;
+        let mirror = self.mirror_gate().map(|g| {
+            let (entries, age_ms) = g.lag(l.head_seq);
+            let check = g.check(l.head_seq);
+            keyward_client::wire::MirrorHealth {
+                ok: check.is_ok(),
+                unmirrored_entries: entries,
+                oldest_unmirrored_age_s: u64::try_from(age_ms / 1000).unwrap_or(0),
+                detail: check.err(),
+            }
+        });
+        let mirror_ok = mirror.as_ref().is_none_or(|m| m.ok);
         HealthView {
-            status: if hsm_state.is_ok() && ledger_ok {
+            status: if hsm_state.is_ok() && ledger_ok && mirror_ok {
                 "ok"
             } else {
                 "degraded"
@@ -305,6 +316,7 @@ impl Signer {
                 commits: l.commits,
                 largest_batch: l.largest_batch,
             },
+            mirror,
         }
     }
 }

@@ -1,0 +1,240 @@
+//! The mirror to an append-only file, end to end: keywardd signs until the
+//! unmirrored lag reaches its limit, then answers 503 `mirror_lagging`, and
+//! resumes by itself when `keyward mirror` catches up; every entry is in the
+//! copy exactly once and in order, also after the mirror is killed with
+//! SIGKILL and restarted; `keyward audit verify --mirror` names each kind
+//! of divergence.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use keyward::mirror::{Divergence, compare, read_copy};
+use keyward_client::{ClientError, IntentOutcome};
+
+fn start_mirror(inst: &Instance) -> Child {
+    Command::new(KEYWARD)
+        .args(["--config", inst.config.to_str().unwrap(), "mirror"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn head(inst: &Instance) -> u64 {
+    rt().block_on(inst.client().health())
+        .unwrap()
+        .ledger
+        .head_seq
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// compare() with read errors turned into panics.
+fn cmp(db: &std::path::Path, copy: &std::path::Path) -> Result<u64, Divergence> {
+    match compare(db, copy, 0) {
+        Ok(n) => Ok(n),
+        Err(Ok(d)) => Err(d),
+        Err(Err(e)) => panic!("cannot compare: {e}"),
+    }
+}
+
+fn submit(inst: &Instance, id: &str) -> Result<IntentOutcome, ClientError> {
+    rt().block_on(
+        inst.client()
+            .submit_intent(&transfer(id, &random_pubkey(), "0.01")),
+    )
+}
+
+#[test]
+fn mirror_lag_fails_closed_and_the_copy_is_exact() {
+    let mut inst = Instance::init();
+    let copy = inst.dir.path().join("copy").join("ledger.jsonl");
+    let ack_dir = inst.inst_dir().join("state").join("mirror");
+    let cfg = std::fs::read_to_string(&inst.config).unwrap();
+    std::fs::write(
+        &inst.config,
+        format!(
+            "{cfg}\n[mirror]\nfile = \"{}\"\nmax_unmirrored_entries = 12\nmax_unmirrored_age_s = 3600\n",
+            copy.display()
+        ),
+    )
+    .unwrap();
+    inst.start();
+
+    // No mirror running: signing goes on until more than 12 entries wait.
+    let mut signed = 0;
+    let refused = loop {
+        match submit(&inst, &format!("pre-{signed}")) {
+            Ok(IntentOutcome::Signed(_)) => signed += 1,
+            Err(ClientError::Api {
+                status: 503, code, ..
+            }) => break code,
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(signed < 10, "the lag limit never stopped signing");
+    };
+    assert_eq!(refused, "mirror_lagging");
+    assert!(signed >= 2, "{signed} signed before the limit");
+    assert!(head(&inst) > 12);
+    let health = rt().block_on(inst.client().health()).unwrap();
+    let m = health.mirror.unwrap();
+    assert!(!m.ok && m.unmirrored_entries > 12, "{m:?}");
+    assert_eq!(health.status, "degraded");
+    let before = head(&inst);
+    assert!(matches!(
+        submit(&inst, "while-lagging"),
+        Err(ClientError::Api { status: 503, .. })
+    ));
+    assert_eq!(head(&inst), before, "a refused intent writes nothing");
+
+    // The mirror catches up; signing resumes without restarting keywardd.
+    let mut mirror = start_mirror(&inst);
+    wait_until("the mirror to catch up", || {
+        keyward::mirror::read_ack(&ack_dir) >= head(&inst)
+    });
+    assert!(matches!(
+        submit(&inst, "after-catch-up").unwrap(),
+        IntentOutcome::Signed(_)
+    ));
+
+    // Kill -9 the mirror in the middle of a burst, restart it.
+    let client = inst.client();
+    let rt = rt();
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let c = client.clone();
+            rt.spawn(async move {
+                c.submit_intent(&transfer(&format!("burst-{i}"), &random_pubkey(), "0.01"))
+                    .await
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(10));
+    mirror.kill().unwrap();
+    mirror.wait().unwrap();
+    for h in handles {
+        let _ = rt.block_on(h).unwrap();
+    }
+    let mut mirror = start_mirror(&inst);
+    assert!(inst.stop().success());
+    let last = keyward::ledger::verify_database(&inst.db).unwrap().head_seq;
+    wait_until("the mirror to ship the last entries", || {
+        keyward::mirror::read_ack(&ack_dir) >= last
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(mirror.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(mirror.wait().unwrap().success());
+
+    // Every entry exactly once, in order; the CLI agrees.
+    let (lines, _) = read_copy(&copy).unwrap();
+    let seqs: Vec<u64> = lines.iter().map(|l| l.seq).collect();
+    assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+    assert_eq!(cmp(&inst.db, &copy), Ok(last));
+    let url = format!("file://{}", copy.display());
+    let out = inst.keyward(&[
+        "audit",
+        "verify",
+        "--db",
+        inst.db.to_str().unwrap(),
+        "--mirror",
+        &url,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Each kind of divergence is named.
+    let work = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&copy).unwrap();
+    let all: Vec<&str> = text.lines().collect();
+    let write_copy = |name: &str, lines: &[String]| {
+        let p = work.path().join(name);
+        std::fs::write(
+            &p,
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
+        p
+    };
+    let verify_with = |db: &std::path::Path, copy: &std::path::Path| {
+        let o = inst.keyward(&[
+            "audit",
+            "verify",
+            "--db",
+            db.to_str().unwrap(),
+            "--mirror",
+            copy.to_str().unwrap(),
+        ]);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    // The mirror misses a tail.
+    let short = write_copy(
+        "short.jsonl",
+        &all[..all.len() - 3]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        cmp(&inst.db, &short),
+        Err(Divergence::MirrorMissingTail {
+            mirror_last: last - 3,
+            local_last: last
+        })
+    );
+    let (code, err) = verify_with(&inst.db, &short);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("missing a tail"), "{err}");
+    // The local ledger lost its tail (rolled back).
+    let db = work.path().join("truncated.sqlite3");
+    std::fs::copy(&inst.db, &db).unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(&format!(
+        "DROP TRIGGER ledger_no_delete; DELETE FROM ledger WHERE seq > {};",
+        last - 2
+    ))
+    .unwrap();
+    drop(conn);
+    let (code, err) = verify_with(&db, &copy);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("truncated"), "{err}");
+    // An entry edited locally (same hash, other content).
+    let db = work.path().join("edited.sqlite3");
+    std::fs::copy(&inst.db, &db).unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "DROP TRIGGER ledger_no_update; UPDATE ledger SET payload = CAST('{\"edited\":true}' AS BLOB) WHERE seq = 5;",
+    )
+    .unwrap();
+    drop(conn);
+    assert_eq!(cmp(&db, &copy), Err(Divergence::Modified { seq: 5 }));
+    // A forked history: the mirror has another entry 7.
+    let mut forked: Vec<String> = all.iter().map(|s| s.to_string()).collect();
+    let mut v: serde_json::Value = serde_json::from_str(&forked[6]).unwrap();
+    v["hash"] = serde_json::json!(hex::encode([3u8; 32]));
+    forked[6] = v.to_string();
+    let forked = write_copy("forked.jsonl", &forked);
+    assert_eq!(cmp(&inst.db, &forked), Err(Divergence::Fork { seq: 7 }));
+    let (code, err) = verify_with(&inst.db, &forked);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("fork at entry 7"), "{err}");
+}
