@@ -5,6 +5,7 @@ set -euo pipefail
 need=()
 command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
 command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
+command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 if ((${#need[@]})); then

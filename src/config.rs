@@ -120,7 +120,11 @@ pub struct Config {
 pub struct MirrorConfig {
     /// Append-only JSON-lines file (a separate mount, or a file a syslog
     /// pipeline reads).
-    pub file: PathBuf,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// A NATS JetStream stream.
+    #[serde(default)]
+    pub nats: Option<NatsSinkConfig>,
     /// keywardd refuses to sign with more unmirrored entries than this
     /// (default 1000).
     #[serde(default = "default_unmirrored_entries")]
@@ -133,6 +137,35 @@ pub struct MirrorConfig {
     /// `<state_dir>/mirror`).
     #[serde(default)]
     pub ack_dir: Option<PathBuf>,
+}
+
+/// `[mirror.nats]`: a JetStream stream created with deny-delete and
+/// deny-purge, written with the mirror's own restricted user.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSinkConfig {
+    /// Server URL, e.g. `nats://10.0.0.5:4222`.
+    pub url: String,
+    /// Stream name (default `KEYWARD`).
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// Subject the entries are published on (default `keyward.ledger`).
+    #[serde(default = "default_subject")]
+    pub subject: String,
+    /// User name on the server.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// File holding the user's password (never the password itself).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+fn default_stream() -> String {
+    "KEYWARD".to_owned()
+}
+
+fn default_subject() -> String {
+    "keyward.ledger".to_owned()
 }
 
 fn default_unmirrored_entries() -> u64 {
@@ -401,8 +434,29 @@ impl Config {
                         "must be at least 1",
                     ));
                 }
+                if m.file.is_none() && m.nats.is_none() {
+                    return Err(ConfigError::new(
+                        file,
+                        "mirror",
+                        "name at least one sink: file = \"...\" and/or [mirror.nats]",
+                    ));
+                }
+                if let Some(n) = &m.nats
+                    && n.user.is_some() != n.password_file.is_some()
+                {
+                    return Err(ConfigError::new(
+                        file,
+                        "mirror.nats.password_file",
+                        "give user and password_file together",
+                    ));
+                }
+                let nats = m.nats.clone().map(|n| NatsSinkConfig {
+                    password_file: n.password_file.as_deref().map(abs),
+                    ..n
+                });
                 Some(MirrorConfig {
-                    file: abs(&m.file),
+                    file: m.file.as_deref().map(abs),
+                    nats,
                     ack_dir: Some(abs(&m
                         .ack_dir
                         .clone()
@@ -511,7 +565,7 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
             format!("{GOOD}\n[mirror]\nfile = \"m/ledger.jsonl\"\nmax_unmirrored_entries = 5\n");
         let cfg = Config::parse(Path::new("/etc/kw/k.toml"), &text).unwrap();
         let m = cfg.mirror.unwrap();
-        assert_eq!(m.file, Path::new("/etc/kw/m/ledger.jsonl"));
+        assert_eq!(m.file.as_deref(), Some(Path::new("/etc/kw/m/ledger.jsonl")));
         assert_eq!((m.max_unmirrored_entries, m.max_unmirrored_age_s), (5, 300));
         let err = Config::parse(
             Path::new("k.toml"),

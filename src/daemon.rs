@@ -271,6 +271,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             m.ack_dir
                 .clone()
                 .unwrap_or_else(|| cfg.daemon.state_dir.join("mirror")),
+            crate::mirror::sinks(&m),
             m.max_unmirrored_entries,
             Duration::from_secs(m.max_unmirrored_age_s),
         ));

@@ -101,7 +101,7 @@ fn mirror_lag_fails_closed_and_the_copy_is_exact() {
     // The mirror catches up; signing resumes without restarting keywardd.
     let mut mirror = start_mirror(&inst);
     wait_until("the mirror to catch up", || {
-        keyward::mirror::read_ack(&ack_dir) >= head(&inst)
+        keyward::mirror::read_ack(&ack_dir, "file") >= head(&inst)
     });
     assert!(matches!(
         submit(&inst, "after-catch-up").unwrap(),
@@ -130,7 +130,7 @@ fn mirror_lag_fails_closed_and_the_copy_is_exact() {
     assert!(inst.stop().success());
     let last = keyward::ledger::verify_database(&inst.db).unwrap().head_seq;
     wait_until("the mirror to ship the last entries", || {
-        keyward::mirror::read_ack(&ack_dir) >= last
+        keyward::mirror::read_ack(&ack_dir, "file") >= last
     });
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(mirror.id() as i32),

@@ -333,22 +333,40 @@ fn run(cli: Cli) -> Result<(), Failure> {
                             hex::encode(report.head_hash)
                         );
                         if let Some(m) = mirror {
-                            let path = PathBuf::from(m.strip_prefix("file://").unwrap_or(&m));
-                            match keyward::mirror::compare(&db, &path, allowed_lag) {
-                                Ok(n) => println!(
-                                    "ok: the mirror {} agrees on {n} entries",
-                                    path.display()
-                                ),
+                            let (name, result) = if m == "nats" {
+                                let cfg = Config::load(&cli.config)?;
+                                let n = cfg.mirror.and_then(|m| m.nats).ok_or_else(|| {
+                                    Failure(
+                                        2,
+                                        anyhow!("no [mirror.nats] in {}", cli.config.display()),
+                                    )
+                                })?;
+                                let rt = admin_runtime()?;
+                                let copy = rt
+                                    .block_on(keyward::mirror::nats::fetch_copy(&n))
+                                    .map_err(|e| {
+                                        Failure(2, anyhow!("cannot read stream {}: {e}", n.stream))
+                                    })?;
+                                (
+                                    format!("stream {}", n.stream),
+                                    keyward::mirror::compare_entries(&db, &copy, allowed_lag),
+                                )
+                            } else {
+                                let path = PathBuf::from(m.strip_prefix("file://").unwrap_or(&m));
+                                (
+                                    path.display().to_string(),
+                                    keyward::mirror::compare(&db, &path, allowed_lag),
+                                )
+                            };
+                            match result {
+                                Ok(n) => println!("ok: the mirror {name} agrees on {n} entries"),
                                 Err(Ok(d)) => {
-                                    return Err(Failure(
-                                        1,
-                                        anyhow!("mirror {} DIVERGES: {d}", path.display()),
-                                    ));
+                                    return Err(Failure(1, anyhow!("mirror {name} DIVERGES: {d}")));
                                 }
                                 Err(Err(e)) => {
                                     return Err(Failure(
                                         2,
-                                        anyhow!("cannot compare with {}: {e}", path.display()),
+                                        anyhow!("cannot compare with {name}: {e}"),
                                     ));
                                 }
                             }
@@ -571,19 +589,15 @@ fn admin_get<T: serde::de::DeserializeOwned>(cfg: &Config, path: &str) -> Result
 
 fn mirror(config: &Path) -> Result<(), Failure> {
     let cfg = Config::load(config)?;
-    let m = cfg
-        .mirror
-        .clone()
-        .ok_or_else(|| Failure(2, anyhow!("{} has no [mirror] section", config.display())))?;
+    if cfg.mirror.is_none() {
+        return Err(Failure(
+            2,
+            anyhow!("{} has no [mirror] section", config.display()),
+        ));
+    }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = std::sync::Arc::clone(&stop);
-    ctrl_stop(flag)?;
-    let ack_dir = m
-        .ack_dir
-        .clone()
-        .unwrap_or_else(|| cfg.daemon.state_dir.join("mirror"));
-    keyward::mirror::run(&cfg.ledger_path(), &m.file, &ack_dir, &stop)
-        .map_err(|e| Failure(1, anyhow!("mirror stopped: {e}")))
+    ctrl_stop(std::sync::Arc::clone(&stop))?;
+    keyward::mirror::run(&cfg, &stop).map_err(|e| Failure(1, anyhow!("mirror stopped: {e}")))
 }
 
 /// Sets `flag` on SIGTERM or SIGINT (a small thread waiting on a signal set).

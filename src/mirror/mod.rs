@@ -3,9 +3,12 @@
 //! sign when the copy falls too far behind. `keyward audit verify --mirror`
 //! compares the two.
 //!
-//! This version has one sink: an append-only JSON-lines file (`O_APPEND`,
-//! `fsync` per batch), each line the entry as `keyward audit export` prints
-//! it, so the copy can be verified on its own.
+//! Sinks: an append-only JSON-lines file (`O_APPEND`, `fsync` per batch),
+//! and a NATS JetStream stream ([`nats`]). Each copy holds every entry as
+//! the JSON line `keyward audit export` prints, so it can be verified on
+//! its own.
+
+pub mod nats;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
@@ -39,26 +42,47 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MirrorError {
     move |source| MirrorError::Io { what, source }
 }
 
-/// The acknowledgement file of the file sink in `ack_dir`.
-pub fn ack_path(ack_dir: &Path) -> PathBuf {
-    ack_dir.join("file.ack")
+/// The acknowledgement file of `sink` (`file`, `nats`) in `ack_dir`.
+pub fn ack_path(ack_dir: &Path, sink: &str) -> PathBuf {
+    ack_dir.join(format!("{sink}.ack"))
 }
 
-/// The sequence number the sink acknowledged (0 when none).
-pub fn read_ack(ack_dir: &Path) -> u64 {
-    std::fs::read_to_string(ack_path(ack_dir))
+/// The sequence number `sink` acknowledged (0 when none).
+pub fn read_ack(ack_dir: &Path, sink: &str) -> u64 {
+    std::fs::read_to_string(ack_path(ack_dir, sink))
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
 }
 
-fn write_ack(ack_dir: &Path, seq: u64) -> Result<(), MirrorError> {
+/// The sinks a mirror configuration names.
+pub fn sinks(cfg: &crate::config::MirrorConfig) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if cfg.file.is_some() {
+        out.push("file");
+    }
+    if cfg.nats.is_some() {
+        out.push("nats");
+    }
+    out
+}
+
+/// What every configured sink has acknowledged: the smallest of their acks.
+pub fn min_ack(ack_dir: &Path, sinks: &[&str]) -> u64 {
+    sinks
+        .iter()
+        .map(|s| read_ack(ack_dir, s))
+        .min()
+        .unwrap_or(0)
+}
+
+fn write_ack(ack_dir: &Path, sink: &str, seq: u64) -> Result<(), MirrorError> {
     std::fs::create_dir_all(ack_dir).map_err(io(format!("cannot create {}", ack_dir.display())))?;
-    let tmp = ack_dir.join("file.ack.tmp");
+    let tmp = ack_dir.join(format!("{sink}.ack.tmp"));
     let mut f = File::create(&tmp).map_err(io("cannot write the ack file"))?;
     writeln!(f, "{seq}").map_err(io("cannot write the ack file"))?;
     f.sync_all().map_err(io("cannot sync the ack file"))?;
-    std::fs::rename(&tmp, ack_path(ack_dir)).map_err(io("cannot replace the ack file"))?;
+    std::fs::rename(&tmp, ack_path(ack_dir, sink)).map_err(io("cannot replace the ack file"))?;
     File::open(ack_dir)
         .and_then(|d| d.sync_all())
         .map_err(io("cannot sync the ack directory"))
@@ -194,16 +218,77 @@ impl FileSink {
     }
 }
 
-/// Runs the mirror until `stop`: ships every new entry to the file sink in
-/// order, then records its sequence number as acknowledged.
-pub fn run(db: &Path, copy: &Path, ack_dir: &Path, stop: &AtomicBool) -> Result<(), MirrorError> {
-    let mut sink = FileSink::open(copy)?;
-    write_ack(ack_dir, sink.last)?;
+/// Runs the mirror until `stop`: ships every new entry to each configured
+/// sink in order, then records that sink's acknowledged sequence number. A
+/// sink that fails (a NATS server down) is retried; the others go on.
+pub fn run(cfg: &crate::config::Config, stop: &AtomicBool) -> Result<(), MirrorError> {
+    let m = cfg
+        .mirror
+        .clone()
+        .ok_or_else(|| MirrorError::Diverged("no [mirror] section".into()))?;
+    let db = cfg.ledger_path();
+    let ack_dir = m
+        .ack_dir
+        .clone()
+        .unwrap_or_else(|| cfg.daemon.state_dir.join("mirror"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io("cannot start the mirror runtime"))?;
+    let mut file = match &m.file {
+        Some(path) => {
+            let sink = FileSink::open(path)?;
+            write_ack(&ack_dir, "file", sink.last)?;
+            Some(sink)
+        }
+        None => None,
+    };
+    let mut nats: Option<nats::NatsSink> = None;
+    let mut nats_wait = std::time::Instant::now();
     while !stop.load(Ordering::SeqCst) {
-        let shipped = ship_once(db, &mut sink, 1000)?;
-        if shipped > 0 {
-            write_ack(ack_dir, sink.last)?;
-        } else {
+        let mut shipped = 0;
+        if let Some(sink) = file.as_mut() {
+            let n = ship_once(&db, sink, 1000)?;
+            if n > 0 {
+                write_ack(&ack_dir, "file", sink.last)?;
+            }
+            shipped += n;
+        }
+        if let Some(ncfg) = &m.nats {
+            if nats.is_none() && std::time::Instant::now() >= nats_wait {
+                match rt.block_on(nats::NatsSink::connect(ncfg, &db)) {
+                    Ok(sink) => {
+                        write_ack(&ack_dir, "nats", sink.last)?;
+                        nats = Some(sink);
+                    }
+                    Err(MirrorError::Diverged(d)) => return Err(MirrorError::Diverged(d)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NATS sink unavailable; will retry");
+                        nats_wait = std::time::Instant::now() + Duration::from_millis(500);
+                    }
+                }
+            }
+            if let Some(sink) = nats.as_mut() {
+                let conn = open_read_only(&db)?;
+                let entries = crate::ledger::entries_after(&conn, sink.last, 256)?;
+                drop(conn);
+                if !entries.is_empty() {
+                    match rt.block_on(sink.ship(&entries)) {
+                        Ok(()) => {
+                            write_ack(&ack_dir, "nats", sink.last)?;
+                            shipped += entries.len();
+                        }
+                        Err(MirrorError::Diverged(d)) => return Err(MirrorError::Diverged(d)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "shipping to NATS failed; reconnecting");
+                            nats = None;
+                            nats_wait = std::time::Instant::now() + Duration::from_millis(500);
+                        }
+                    }
+                }
+            }
+        }
+        if shipped == 0 {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -279,16 +364,25 @@ impl std::fmt::Display for Divergence {
     }
 }
 
-/// Compares the local ledger with the copy. `Ok(n)`: they agree on `n`
-/// entries (the copy may lag by at most `allowed_lag`).
+/// Compares the local ledger with the file copy at `copy`. `Ok(n)`: they
+/// agree on `n` entries (the copy may lag by at most `allowed_lag`).
 pub fn compare(
     db: &Path,
     copy: &Path,
     allowed_lag: u64,
 ) -> Result<u64, Result<Divergence, MirrorError>> {
+    let (copied, _) = read_copy(copy).map_err(Err)?;
+    compare_entries(db, &copied, allowed_lag)
+}
+
+/// Compares the local ledger with a copy read from any sink.
+pub fn compare_entries(
+    db: &Path,
+    copied: &[CopiedEntry],
+    allowed_lag: u64,
+) -> Result<u64, Result<Divergence, MirrorError>> {
     let conn = open_read_only(db).map_err(|e| Err(e.into()))?;
     let local = crate::ledger::entries_after(&conn, 0, usize::MAX).map_err(|e| Err(e.into()))?;
-    let (copied, _) = read_copy(copy).map_err(Err)?;
     for (i, c) in copied.iter().enumerate() {
         let Some(l) = local.get(i) else {
             return Err(Ok(Divergence::LocalTruncated {
@@ -296,10 +390,7 @@ pub fn compare(
                 mirror_last: copied.last().map_or(0, |e| e.seq),
             }));
         };
-        if c.seq != l.seq {
-            return Err(Ok(Divergence::Fork { seq: l.seq }));
-        }
-        if c.hash != hex::encode(l.hash) {
+        if c.seq != l.seq || c.hash != hex::encode(l.hash) {
             return Err(Ok(Divergence::Fork { seq: l.seq }));
         }
         if c.line != l.to_json_line() {
@@ -315,4 +406,9 @@ pub fn compare(
         }));
     }
     Ok(mirror_last)
+}
+
+/// Parses a line of a copy (for sinks other than the file).
+pub fn parse_copied(line: &str) -> Option<CopiedEntry> {
+    parse_line(line)
 }

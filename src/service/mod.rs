@@ -129,6 +129,7 @@ pub enum SubmitOutcome {
 #[derive(Debug)]
 pub struct MirrorGate {
     ack_dir: std::path::PathBuf,
+    sinks: Vec<&'static str>,
     max_entries: u64,
     max_age_ms: i64,
     /// Age of the oldest unacknowledged entry, kept by [`MirrorGate::refresh`].
@@ -139,11 +140,13 @@ impl MirrorGate {
     /// A gate over the acknowledgements in `ack_dir`.
     pub fn new(
         ack_dir: std::path::PathBuf,
+        sinks: Vec<&'static str>,
         max_entries: u64,
         max_age: std::time::Duration,
     ) -> MirrorGate {
         MirrorGate {
             ack_dir,
+            sinks,
             max_entries,
             max_age_ms: i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX),
             oldest_unacked_age_ms: std::sync::atomic::AtomicI64::new(0),
@@ -152,7 +155,7 @@ impl MirrorGate {
 
     /// (unacknowledged entries, age of the oldest in ms) now.
     pub fn lag(&self, head_seq: u64) -> (u64, i64) {
-        let acked = crate::mirror::read_ack(&self.ack_dir);
+        let acked = crate::mirror::min_ack(&self.ack_dir, &self.sinks);
         let entries = head_seq.saturating_sub(acked);
         let age = if entries == 0 {
             0
@@ -164,7 +167,7 @@ impl MirrorGate {
 
     /// Recomputes the age of the oldest unacknowledged entry.
     pub fn refresh(&self, ledger: &Ledger) {
-        let acked = crate::mirror::read_ack(&self.ack_dir);
+        let acked = crate::mirror::min_ack(&self.ack_dir, &self.sinks);
         let age = ledger
             .reader()
             .ok()
