@@ -347,6 +347,20 @@ pub struct MirrorHealth {
     /// Why signing is stopped, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Each sink: name, last acknowledged entry and its lag in entries.
+    #[serde(default)]
+    pub sinks: Vec<SinkHealth>,
+}
+
+/// One mirror sink.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinkHealth {
+    /// `file` or `nats`.
+    pub name: String,
+    /// Last entry it acknowledged.
+    pub acked_seq: u64,
+    /// Entries it has not acknowledged yet.
+    pub lag_entries: u64,
 }
 
 /// Health of one component.

@@ -188,6 +188,11 @@ impl MirrorGate {
         self.oldest_unacked_age_ms.store(age, Ordering::SeqCst);
     }
 
+    /// Each sink's acknowledged sequence number.
+    pub fn sink_acks(&self) -> Vec<(&'static str, u64)> {
+        self.sinks.iter().map(|s| (*s, crate::mirror::read_ack(&self.ack_dir, s))).collect()
+    }
+
     /// `Err` with what is wrong when signing must stop.
     pub fn check(&self, head_seq: u64) -> Result<(), String> {
         let (entries, age) = self.lag(head_seq);

@@ -292,6 +292,15 @@ impl Signer {
                 unmirrored_entries: entries,
                 oldest_unmirrored_age_s: u64::try_from(age_ms / 1000).unwrap_or(0),
                 detail: check.err(),
+                sinks: g
+                    .sink_acks()
+                    .into_iter()
+                    .map(|(name, acked)| keyward_client::wire::SinkHealth {
+                        name: name.to_owned(),
+                        acked_seq: acked,
+                        lag_entries: l.head_seq.saturating_sub(acked),
+                    })
+                    .collect(),
             }
         });
         let mirror_ok = mirror.as_ref().is_none_or(|m| m.ok);
