@@ -195,6 +195,40 @@ fn checkpoints_notes_and_proofs_verify_independently_and_tampering_is_found() {
     );
     assert!(inst.stop().success());
 
+    // keyward audit checkpoint prints the latest note, verified with --vkey.
+    let out = inst.keyward(&[
+        "audit",
+        "checkpoint",
+        "--db",
+        inst.db.to_str().unwrap(),
+        "--vkey",
+        &vkey,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let latest = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        latest.starts_with("keyward.test/ckpt\n") && latest.contains("\u{2014} keyward-audit "),
+        "{latest}"
+    );
+    let wrong = vkey.replacen("keyward-audit", "someone-else", 1);
+    let out = inst.keyward(&[
+        "audit",
+        "checkpoint",
+        "--db",
+        inst.db.to_str().unwrap(),
+        "--vkey",
+        &wrong,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a wrong verifier key is refused"
+    );
+
     let all = entries(&inst);
     let hashes: Vec<H> = all
         .iter()

@@ -91,7 +91,10 @@ fn mirror_lag_fails_closed_and_the_copy_is_exact() {
     let m = health.mirror.unwrap();
     assert!(!m.ok && m.unmirrored_entries > 12, "{m:?}");
     assert_eq!(m.sinks.len(), 1);
-    assert_eq!((m.sinks[0].name.as_str(), m.sinks[0].acked_seq), ("file", 0));
+    assert_eq!(
+        (m.sinks[0].name.as_str(), m.sinks[0].acked_seq),
+        ("file", 0)
+    );
     assert_eq!(health.status, "degraded");
     let before = head(&inst);
     assert!(matches!(

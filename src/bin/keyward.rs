@@ -150,6 +150,15 @@ enum AuditCommand {
         #[arg(long)]
         db: Option<PathBuf>,
     },
+    /// Print the latest signed checkpoint (a C2SP signed note); with --vkey, verify it first.
+    Checkpoint {
+        /// The audit verifier key you trust (from `keyward key list`).
+        #[arg(long)]
+        vkey: Option<String>,
+        /// Ledger database (default: from the config).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
     /// Print an inclusion proof of entry SEQ under the latest signed checkpoint that covers it (JSON).
     Prove {
         /// The entry's sequence number.
@@ -399,6 +408,38 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     use std::io::Write;
                     writeln!(out, "{}", e.to_json_line())?;
                 }
+                Ok(())
+            }
+            AuditCommand::Checkpoint { vkey, db } => {
+                let db = db_path(&cli.config, db)?;
+                let conn = keyward::ledger::open_read_only(&db)?;
+                let payload: Option<Vec<u8>> = conn
+                    .query_row(
+                        "SELECT payload FROM ledger WHERE event = 'checkpoint' ORDER BY seq DESC LIMIT 1",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map(Some)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                        e => Err(e),
+                    })
+                    .context("cannot read the ledger")?;
+                let v: serde_json::Value = payload
+                    .and_then(|p| serde_json::from_slice(&p).ok())
+                    .ok_or_else(|| Failure(1, anyhow!("the ledger has no checkpoint yet")))?;
+                let note = v["note"].as_str().unwrap_or_default();
+                if let Some(vkey) = vkey {
+                    let cp = keyward::ledger::checkpoint::verify(note, &vkey).map_err(|e| {
+                        Failure(1, anyhow!("the latest checkpoint does not verify: {e}"))
+                    })?;
+                    eprintln!(
+                        "verified: {} entries, signed by {}",
+                        cp.size,
+                        vkey.split('+').next().unwrap_or("")
+                    );
+                }
+                print!("{note}");
                 Ok(())
             }
             AuditCommand::Prove { seq, db } => {

@@ -190,7 +190,10 @@ impl MirrorGate {
 
     /// Each sink's acknowledged sequence number.
     pub fn sink_acks(&self) -> Vec<(&'static str, u64)> {
-        self.sinks.iter().map(|s| (*s, crate::mirror::read_ack(&self.ack_dir, s))).collect()
+        self.sinks
+            .iter()
+            .map(|s| (*s, crate::mirror::read_ack(&self.ack_dir, s)))
+            .collect()
     }
 
     /// `Err` with what is wrong when signing must stop.
