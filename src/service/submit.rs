@@ -270,6 +270,15 @@ impl Signer {
                 }
                 let now = txn.now_ms();
                 let entry = txn.append(EventType::IntentReceived, Some(&intent_id), Some(agent_name), &received)?;
+                let base = intents::NewIntent {
+                    agent: agent_name,
+                    intent_id: &intent_id,
+                    content_hash: &content_hash,
+                    status: "in_progress",
+                    reply: None,
+                    received_seq: entry.seq.0,
+                    now_ms: now,
+                };
                 let verdict = engine::decide(
                     txn.conn(),
                     &agent,
@@ -319,18 +328,7 @@ impl Signer {
                     let body = json(&denial_body(&decision.reasons));
                     let denied = json(&serde_json::json!({ "code": codes::POLICY_DENIED, "reasons": decision.reasons }));
                     txn.append(EventType::SigningDenied, Some(&intent_id), Some(agent_name), &denied)?;
-                    intents::insert(
-                        txn.conn(),
-                        &intents::NewIntent {
-                            agent: agent_name,
-                            intent_id: &intent_id,
-                            content_hash: &content_hash,
-                            status: "denied",
-                            reply: Some((403, &body)),
-                            received_seq: entry.seq.0,
-                            now_ms: now,
-                        },
-                    )?;
+                    intents::insert(txn.conn(), &intents::NewIntent { status: "denied", reply: Some((403, &body)), ..base })?;
                     return Ok(Admission::Denied(decision.reasons));
                 }
                 if let (Some(need), Some(message), Some(fx), Some(signer)) =
@@ -354,18 +352,7 @@ impl Signer {
                         "intent_id": intent_id, "status": "pending_approval", "approval": approval,
                     }));
                     txn.append(EventType::ApprovalRequested, Some(&intent_id), Some(agent_name), &json(&approval))?;
-                    intents::insert(
-                        txn.conn(),
-                        &intents::NewIntent {
-                            agent: agent_name,
-                            intent_id: &intent_id,
-                            content_hash: &content_hash,
-                            status: "pending_approval",
-                            reply: Some((202, &body)),
-                            received_seq: entry.seq.0,
-                            now_ms: now,
-                        },
-                    )?;
+                    intents::insert(txn.conn(), &intents::NewIntent { status: "pending_approval", reply: Some((202, &body)), ..base })?;
                     intents::insert_pending(
                         txn.conn(),
                         agent_name,
@@ -380,18 +367,7 @@ impl Signer {
                     )?;
                     return Ok(Admission::Pending(body));
                 }
-                intents::insert(
-                    txn.conn(),
-                    &intents::NewIntent {
-                        agent: agent_name,
-                        intent_id: &intent_id,
-                        content_hash: &content_hash,
-                        status: "in_progress",
-                        reply: None,
-                        received_seq: entry.seq.0,
-                        now_ms: now,
-                    },
-                )?;
+                intents::insert(txn.conn(), &base)?;
                 // Nothing is released on this answer: the signature is, and its
                 // commit is synced, which makes these entries durable too.
                 txn.skip_sync();
