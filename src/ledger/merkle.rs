@@ -185,6 +185,57 @@ pub fn verify_consistency(
     snode == 0 && fr == *root1 && sr == *root2
 }
 
+/// MTH of leaves `start .. start + len` through `perfect(height, index)`,
+/// which returns the root of an aligned perfect subtree (height 0: a leaf
+/// hash). O(log n) calls.
+pub fn subtree_root<E>(
+    start: u64,
+    len: u64,
+    perfect: &mut impl FnMut(u32, u64) -> Result<Hash, E>,
+) -> Result<Hash, E> {
+    if len.is_power_of_two() {
+        let h = len.trailing_zeros();
+        return perfect(h, start >> h);
+    }
+    let k = split(usize::try_from(len).unwrap_or(usize::MAX)) as u64;
+    let left = subtree_root(start, k, perfect)?;
+    let right = subtree_root(start + k, len - k, perfect)?;
+    Ok(node_hash(&left, &right))
+}
+
+/// Inclusion proof of leaf `index` in the tree of `size` leaves, through
+/// `perfect` (see [`subtree_root`]): O(log² n) calls instead of reading
+/// every leaf.
+pub fn inclusion_proof_with<E>(
+    index: u64,
+    size: u64,
+    perfect: &mut impl FnMut(u32, u64) -> Result<Hash, E>,
+) -> Result<Option<Vec<Hash>>, E> {
+    if index >= size {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    // Walk down from the whole tree, collecting sibling roots bottom-up.
+    let (mut start, mut len, mut m) = (0u64, size, index);
+    let mut stack = Vec::new();
+    while len > 1 {
+        let k = split(usize::try_from(len).unwrap_or(usize::MAX)) as u64;
+        if m < k {
+            stack.push((start + k, len - k));
+            len = k;
+        } else {
+            stack.push((start, k));
+            start += k;
+            len -= k;
+            m -= k;
+        }
+    }
+    while let Some((s, l)) = stack.pop() {
+        out.push(subtree_root(s, l, perfect)?);
+    }
+    Ok(Some(out))
+}
+
 /// The roots of the perfect subtrees of the tree so far, largest first:
 /// appending is amortized O(1) and the root O(log n).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -200,8 +251,12 @@ impl Frontier {
         self.size
     }
 
-    /// Appends a leaf (already leaf-hashed).
-    pub fn push(&mut self, leaf: Hash) {
+    /// Appends a leaf (already leaf-hashed). Returns the perfect subtrees
+    /// it completed, as (height ≥ 1, index at that height, hash), so they
+    /// can be stored for O(log² n) proofs.
+    pub fn push(&mut self, leaf: Hash) -> Vec<(u32, u64, Hash)> {
+        let index = self.size;
+        let mut made = Vec::new();
         let mut node = (0u32, leaf);
         while let Some(&(h, left)) = self.nodes.last() {
             if h != node.0 {
@@ -209,9 +264,11 @@ impl Frontier {
             }
             self.nodes.pop();
             node = (h + 1, node_hash(&left, &node.1));
+            made.push((h + 1, index >> (h + 1), node.1));
         }
         self.nodes.push(node);
         self.size += 1;
+        made
     }
 
     /// The root of the tree so far.
@@ -271,6 +328,40 @@ mod tests {
                 assert!(!verify_inclusion(&all[i], i as u64, n as u64, &p, &other));
             }
             assert!(inclusion_proof(&all, n).is_none());
+        }
+    }
+
+    #[test]
+    fn proofs_from_stored_perfect_subtrees_equal_proofs_from_all_leaves() {
+        use std::collections::HashMap;
+        let all = leaves(77);
+        let mut f = Frontier::default();
+        let mut stored: HashMap<(u32, u64), Hash> = HashMap::new();
+        for l in &all {
+            for (h, i, hash) in f.push(*l) {
+                stored.insert((h, i), hash);
+            }
+        }
+        let mut perfect = |h: u32, i: u64| -> Result<Hash, ()> {
+            if h == 0 {
+                Ok(all[i as usize])
+            } else {
+                stored.get(&(h, i)).copied().ok_or(())
+            }
+        };
+        for n in 1..=77u64 {
+            assert_eq!(
+                subtree_root(0, n, &mut perfect).unwrap(),
+                root(&all[..n as usize])
+            );
+            for i in 0..n {
+                let p = inclusion_proof_with(i, n, &mut perfect).unwrap().unwrap();
+                assert_eq!(
+                    p,
+                    inclusion_proof(&all[..n as usize], i as usize).unwrap(),
+                    "n {n} i {i}"
+                );
+            }
         }
     }
 

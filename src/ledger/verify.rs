@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::{Entry, EventType, LedgerError};
 
@@ -497,32 +497,49 @@ pub fn prove(conn: &Connection, seq: u64) -> Result<Option<InclusionProof>, Ledg
     let v: serde_json::Value = serde_json::from_slice(&cp)
         .map_err(|e| LedgerError::Corrupt(format!("checkpoint payload: {e}")))?;
     let size = v["size"].as_u64().unwrap_or(0);
-    if seq == 0 {
+    if seq == 0 || seq > size {
         return Ok(None);
     }
-    let mut stmt = conn.prepare("SELECT hash FROM ledger WHERE seq <= ?1 ORDER BY seq")?;
-    let hashes: Vec<[u8; 32]> = stmt
-        .query_map([i64::try_from(size).unwrap_or(i64::MAX)], |r| {
-            r.get::<_, Vec<u8>>(0)
-        })?
-        .map(|h| {
-            h.map_err(LedgerError::from).and_then(|h| {
-                <[u8; 32]>::try_from(h.as_slice())
-                    .map_err(|_| LedgerError::Corrupt("hash of the wrong length".into()))
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    let leaves: Vec<[u8; 32]> = hashes.iter().map(super::merkle::leaf_hash).collect();
-    let index = usize::try_from(seq - 1).unwrap_or(usize::MAX);
-    let Some(path) = super::merkle::inclusion_proof(&leaves, index) else {
+    let hash_at = |s: u64| -> Result<[u8; 32], LedgerError> {
+        let h: Vec<u8> = conn
+            .prepare_cached("SELECT hash FROM ledger WHERE seq = ?1")?
+            .query_row([i64::try_from(s).unwrap_or(i64::MAX)], |r| r.get(0))?;
+        <[u8; 32]>::try_from(h.as_slice())
+            .map_err(|_| LedgerError::Corrupt(format!("entry {s}: hash of the wrong length")))
+    };
+    // Perfect subtrees from the stored nodes (written with each
+    // checkpoint); a missing one is computed from its leaves.
+    let mut perfect = |level: u32, idx: u64| -> Result<[u8; 32], LedgerError> {
+        if level == 0 {
+            return Ok(super::merkle::leaf_hash(&hash_at(idx + 1)?));
+        }
+        let stored: Option<Vec<u8>> = conn
+            .prepare_cached("SELECT hash FROM merkle_nodes WHERE level = ?1 AND idx = ?2")?
+            .query_row(
+                rusqlite::params![level, i64::try_from(idx).unwrap_or(i64::MAX)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(h) = stored.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()) {
+            return Ok(h);
+        }
+        let width = 1u64 << level;
+        let leaves = (idx * width..(idx + 1) * width)
+            .map(|i| hash_at(i + 1).map(|h| super::merkle::leaf_hash(&h)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(super::merkle::root(&leaves))
+    };
+    let Some(path) = super::merkle::inclusion_proof_with(seq - 1, size, &mut perfect)? else {
         return Ok(None);
     };
+    let root = super::merkle::subtree_root(0, size, &mut perfect)?;
+    let entry_hash = hash_at(seq)?;
     Ok(Some(InclusionProof {
         seq,
         leaf_index: seq - 1,
-        entry_hash: hex::encode(hashes[index]),
+        entry_hash: hex::encode(entry_hash),
         tree_size: size,
-        root: hex::encode(super::merkle::root(&leaves)),
+        root: hex::encode(root),
         proof: path.iter().map(hex::encode).collect(),
         checkpoint: v["note"].as_str().unwrap_or_default().to_owned(),
         verifier_key: v["verifier_key"].as_str().unwrap_or_default().to_owned(),

@@ -19,6 +19,9 @@ pub struct Checkpointer {
 
 struct State {
     frontier: Frontier,
+    /// Perfect subtrees completed since the last recorded checkpoint, stored
+    /// with the next one (they make proofs O(log² n)).
+    pending_nodes: Vec<(u32, u64, [u8; 32])>,
     /// Size of the last checkpoint made.
     last_size: u64,
     last_at: Instant,
@@ -52,7 +55,11 @@ fn read_hashes(ledger: &Ledger, after: u64) -> Result<Vec<(u64, [u8; 32])>, Ledg
     Ok(out)
 }
 
-fn append(frontier: &mut Frontier, hashes: &[(u64, [u8; 32])]) -> Result<(), LedgerError> {
+fn append(
+    frontier: &mut Frontier,
+    hashes: &[(u64, [u8; 32])],
+    mut nodes: Option<&mut Vec<(u32, u64, [u8; 32])>>,
+) -> Result<(), LedgerError> {
     for (seq, h) in hashes {
         if *seq != frontier.size() + 1 {
             return Err(LedgerError::Corrupt(format!(
@@ -60,7 +67,10 @@ fn append(frontier: &mut Frontier, hashes: &[(u64, [u8; 32])]) -> Result<(), Led
                 frontier.size()
             )));
         }
-        frontier.push(leaf_hash(h));
+        let made = frontier.push(leaf_hash(h));
+        if let Some(n) = nodes.as_deref_mut() {
+            n.extend(made);
+        }
     }
     Ok(())
 }
@@ -74,8 +84,12 @@ impl Checkpointer {
         origin: String,
     ) -> Result<Checkpointer, LedgerError> {
         let mut frontier = Frontier::default();
-        append(&mut frontier, &read_hashes(&ledger, 0)?)?;
+        let mut nodes = Vec::new();
+        append(&mut frontier, &read_hashes(&ledger, 0)?, Some(&mut nodes))?;
         let last_size = last_checkpoint_size(&ledger)?;
+        // Nodes completed after the last checkpoint were never stored: they
+        // go with the next one.
+        nodes.retain(|(level, idx, _)| (idx + 1) << level > last_size);
         Ok(Checkpointer {
             hsm,
             ledger,
@@ -83,6 +97,7 @@ impl Checkpointer {
             origin,
             state: tokio::sync::Mutex::new(State {
                 frontier,
+                pending_nodes: nodes,
                 last_size,
                 last_at: Instant::now(),
             }),
@@ -112,7 +127,9 @@ impl Checkpointer {
         }
         let size0 = st.frontier.size();
         let hashes = read_hashes(&self.ledger, size0).map_err(|e| e.to_string())?;
-        append(&mut st.frontier, &hashes).map_err(|e| e.to_string())?;
+        let st = &mut *st;
+        append(&mut st.frontier, &hashes, Some(&mut st.pending_nodes))
+            .map_err(|e| e.to_string())?;
         let size = st.frontier.size();
         let root = st.frontier.root();
         let body = checkpoint::body(&self.origin, size, &root);
@@ -134,9 +151,21 @@ impl Checkpointer {
             "verifier_key": self.verifier_key(),
         }))
         .map_err(|e| e.to_string())?;
+        let nodes = st.pending_nodes.clone();
         let seq = self
             .ledger
             .write(move |txn| {
+                let mut stmt = txn.conn().prepare_cached(
+                    "INSERT OR IGNORE INTO merkle_nodes (level, idx, hash) VALUES (?1, ?2, ?3)",
+                )?;
+                for (level, idx, hash) in &nodes {
+                    stmt.execute(rusqlite::params![
+                        level,
+                        i64::try_from(*idx).unwrap_or(i64::MAX),
+                        &hash[..]
+                    ])?;
+                }
+                drop(stmt);
                 Ok(txn
                     .append(EventType::Checkpoint, None, None, &payload)?
                     .seq
@@ -144,6 +173,7 @@ impl Checkpointer {
             })
             .await
             .map_err(|e| e.to_string())?;
+        st.pending_nodes.clear();
         st.last_size = size;
         st.last_at = Instant::now();
         Ok(Some(Made { size, seq }))
