@@ -513,6 +513,7 @@ impl Signer {
                     txn.append(EventType::SigningDenied, Some(intent_id), Some(agent), &payload)?;
                     crate::policy::engine::release(txn.conn(), agent, intent_id)?;
                     crate::intents::forget(txn.conn(), agent, intent_id)?;
+                    crate::approval::store::forget_intent(txn.conn(), agent, intent_id)?;
                 }
                 Ok(stale.len())
             })

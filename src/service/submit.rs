@@ -207,6 +207,7 @@ impl Signer {
                         )?;
                         engine::release(txn.conn(), &agent_c, &id_c)?;
                         intents::forget(txn.conn(), &agent_c, &id_c)?;
+                        crate::approval::store::forget_intent(txn.conn(), &agent_c, &id_c)?;
                         Ok(())
                     })
                     .await;
