@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # keyward demo: creates a development instance on a SoftHSM2 token in
 # ./demo-instance, starts keywardd, lets an agent sign a SOL transfer, shows a
-# denial, and verifies the audit chain. Installs what it needs.
+# denial, enrolls two approvers and gets a large transfer approved by both,
+# and verifies the audit chain. Installs what it needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -48,6 +49,26 @@ if "$bin/examples/agent" --socket "$dir/agent.sock" --intent-id demo-2 --to "$re
   echo "unexpected: the over-limit transfer was signed" >&2
   exit 1
 fi
+
+echo
+echo "==> the operator requires 2 approvals (alice, bob) above 0.3 SOL and reloads the policy"
+"$bin/keyward" --config "$dir/keyward.toml" approver add alice --out "$dir/alice.key"
+"$bin/keyward" --config "$dir/keyward.toml" approver add bob --out "$dir/bob.key"
+cat >>"$dir/policy.toml" <<'POLICY'
+approval_above = "0.3"
+approvers = { required = 2, of = ["alice", "bob"] }
+POLICY
+"$bin/keyward" --config "$dir/keyward.toml" policy reload
+
+echo
+echo "==> the agent asks for 0.5 SOL: it waits for approvals"
+"$bin/examples/agent" --socket "$dir/agent.sock" --intent-id demo-3 --to "$recipient" --amount 0.5 --blockhash "$blockhash" --request-out "$dir/demo-3.request.json"
+for who in alice bob; do
+  echo
+  echo "==> $who checks what the transaction really does and approves it"
+  token=$("$bin/keyward" approve --request "$dir/demo-3.request.json" --approver "$who" --key-file "$dir/$who.key" --yes)
+  "$bin/examples/agent" --socket "$dir/agent.sock" --intent-id demo-3 --approval "$token"
+done
 
 echo
 echo "==> keyward audit trail demo-1"

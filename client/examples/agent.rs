@@ -3,8 +3,12 @@
 //!
 //! ```text
 //! agent --socket PATH --intent-id ID --to ADDRESS --amount AMOUNT --blockhash HASH
-//!       [--asset SOL|MINT] [--create-account] [--key hot] [--memo TEXT]
+//!       [--asset SOL|MINT] [--create-account] [--key hot] [--memo TEXT] [--request-out PATH]
+//! agent --socket PATH --intent-id ID --approval TOKEN
 //! ```
+//! A transfer above an approval threshold is answered 202: `--request-out`
+//! writes the approval request for `keyward approve`; `--approval` hands an
+//! approver's token in.
 //! Exit status: 0 signed, 3 denied by policy, 1 any other error, 2 usage.
 
 use std::process::ExitCode;
@@ -23,9 +27,11 @@ struct Args {
     memo: Option<String>,
     asset: String,
     create_account: bool,
+    request_out: Option<String>,
+    approval: Option<String>,
 }
 
-const USAGE: &str = "usage: agent --socket PATH --intent-id ID --to ADDRESS --amount AMOUNT --blockhash HASH [--asset SOL|MINT] [--create-account] [--key NAME] [--memo TEXT]";
+const USAGE: &str = "usage: agent --socket PATH --intent-id ID (--to ADDRESS --amount AMOUNT --blockhash HASH [--asset SOL|MINT] [--create-account] [--key NAME] [--memo TEXT] [--request-out PATH] | --approval TOKEN)";
 
 fn parse_args() -> Result<Args, String> {
     let mut socket = None;
@@ -37,6 +43,8 @@ fn parse_args() -> Result<Args, String> {
     let mut memo = None;
     let mut asset = "SOL".to_owned();
     let mut create_account = false;
+    let mut request_out = None;
+    let mut approval = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -50,21 +58,33 @@ fn parse_args() -> Result<Args, String> {
             "--memo" => memo = Some(value()?),
             "--asset" => asset = value()?,
             "--create-account" => create_account = true,
+            "--request-out" => request_out = Some(value()?),
+            "--approval" => approval = Some(value()?),
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
     let need = |v: Option<String>, name: &str| v.ok_or_else(|| format!("missing {name}\n{USAGE}"));
+    let transfer = approval.is_none();
+    let need_if = |v: Option<String>, name: &str| {
+        if transfer {
+            need(v, name)
+        } else {
+            Ok(v.unwrap_or_default())
+        }
+    };
     Ok(Args {
         socket: need(socket, "--socket")?,
         intent_id: need(intent_id, "--intent-id")?,
-        to: need(to, "--to")?,
-        amount: need(amount, "--amount")?,
-        blockhash: need(blockhash, "--blockhash")?,
+        to: need_if(to, "--to")?,
+        amount: need_if(amount, "--amount")?,
+        blockhash: need_if(blockhash, "--blockhash")?,
         key,
         memo,
         asset,
         create_account,
+        request_out,
+        approval,
     })
 }
 
@@ -83,26 +103,48 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let outcome = match &args.approval {
+        Some(token) => client.add_approval(&args.intent_id, token),
+        None => submit(&client, &args),
+    };
+    report(outcome, args.request_out.as_deref())
+}
+
+fn submit(client: &Client, args: &Args) -> Result<IntentOutcome, ClientError> {
     let req = IntentRequest {
-        intent_id: args.intent_id,
-        key: args.key,
+        intent_id: args.intent_id.clone(),
+        key: args.key.clone(),
         action: Action::Transfer {
-            asset: args.asset,
-            to: args.to,
-            amount: args.amount,
-            recent_blockhash: args.blockhash,
-            memo: args.memo,
+            asset: args.asset.clone(),
+            to: args.to.clone(),
+            amount: args.amount.clone(),
+            recent_blockhash: args.blockhash.clone(),
+            memo: args.memo.clone(),
             create_recipient_account: args.create_account,
         },
     };
-    match client.submit_intent(&req) {
+    client.submit_intent(&req)
+}
+
+fn report(outcome: Result<IntentOutcome, ClientError>, request_out: Option<&str>) -> ExitCode {
+    match outcome {
         Ok(IntentOutcome::Signed(s)) => {
             println!("signed: {}", s.signature);
             println!("ledger entry: seq {} hash {}", s.ledger_seq, s.entry_hash);
             ExitCode::SUCCESS
         }
         Ok(IntentOutcome::Pending(body)) => {
-            println!("waiting for approval: {body}");
+            let approval = &body["approval"];
+            println!(
+                "waiting for approval: {} of {} ({})",
+                approval["received"], approval["required"], approval["summary"]
+            );
+            if let Some(path) = request_out
+                && let Err(e) = std::fs::write(path, body.to_string())
+            {
+                eprintln!("agent: cannot write {path}: {e}");
+                return ExitCode::from(1);
+            }
             ExitCode::SUCCESS
         }
         Err(ClientError::Api {

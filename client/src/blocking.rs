@@ -44,6 +44,17 @@ impl Client {
         self.runtime.block_on(self.inner.submit_intent(req))
     }
 
+    /// `POST /v1/intents/{id}/approvals`.
+    pub fn add_approval(&self, intent_id: &str, token: &str) -> Result<IntentOutcome, ClientError> {
+        self.runtime
+            .block_on(self.inner.add_approval(intent_id, token))
+    }
+
+    /// `POST /v1/intents?dry_run=true`.
+    pub fn dry_run(&self, req: &IntentRequest) -> Result<crate::wire::DryRunResult, ClientError> {
+        self.runtime.block_on(self.inner.dry_run(req))
+    }
+
     /// `GET /v1/intents/{id}`.
     pub fn get_intent(&self, intent_id: &str) -> Result<IntentView, ClientError> {
         self.runtime.block_on(self.inner.get_intent(intent_id))
