@@ -413,20 +413,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             AuditCommand::Checkpoint { vkey, db } => {
                 let db = db_path(&cli.config, db)?;
                 let conn = keyward::ledger::open_read_only(&db)?;
-                let payload: Option<Vec<u8>> = conn
-                    .query_row(
-                        "SELECT payload FROM ledger WHERE event = 'checkpoint' ORDER BY seq DESC LIMIT 1",
-                        [],
-                        |r| r.get(0),
-                    )
-                    .map(Some)
-                    .or_else(|e| match e {
-                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                        e => Err(e),
-                    })
-                    .context("cannot read the ledger")?;
-                let v: serde_json::Value = payload
-                    .and_then(|p| serde_json::from_slice(&p).ok())
+                let v = keyward::ledger::latest_checkpoint(&conn)?
                     .ok_or_else(|| Failure(1, anyhow!("the ledger has no checkpoint yet")))?;
                 let note = v["note"].as_str().unwrap_or_default();
                 if let Some(vkey) = vkey {

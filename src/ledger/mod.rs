@@ -28,8 +28,8 @@ mod writer;
 use sha2::{Digest, Sha256};
 
 pub use verify::{
-    InclusionProof, VerifyError, VerifyReport, entries_after, export_jsonl, open_read_only, prove,
-    trail, verify_database, verify_proof,
+    InclusionProof, VerifyError, VerifyReport, entries_after, export_jsonl, latest_checkpoint,
+    open_read_only, prove, trail, verify_database, verify_proof,
 };
 pub use writer::{Ledger, LedgerHealthState, LedgerOptions, LedgerTxn};
 

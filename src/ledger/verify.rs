@@ -591,3 +591,15 @@ pub fn entries_after(conn: &Connection, after: u64, max: usize) -> Result<Vec<En
     ])?;
     collect(rows)
 }
+
+/// The payload of the latest `checkpoint` entry, if any.
+pub fn latest_checkpoint(conn: &Connection) -> Result<Option<serde_json::Value>, LedgerError> {
+    let payload: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT payload FROM ledger WHERE event = 'checkpoint' ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(payload.and_then(|p| serde_json::from_slice(&p).ok()))
+}

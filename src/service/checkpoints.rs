@@ -183,19 +183,7 @@ impl Checkpointer {
 /// Size of the last checkpoint in the ledger (0 if none).
 fn last_checkpoint_size(ledger: &Ledger) -> Result<u64, LedgerError> {
     let conn = ledger.reader()?;
-    let payload: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT payload FROM ledger WHERE event = 'checkpoint' ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .map(Some)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })?;
-    Ok(payload
-        .and_then(|p| serde_json::from_slice::<serde_json::Value>(&p).ok())
+    Ok(crate::ledger::latest_checkpoint(&conn)?
         .and_then(|v| v["size"].as_u64())
         .unwrap_or(0))
 }
