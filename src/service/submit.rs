@@ -233,10 +233,6 @@ impl Signer {
         let message = p.message.as_ref().map(|(m, _, _)| m.clone());
 
         let signer_key = p.hsm_key.as_ref().map(|k| k.public_key);
-        let summary = match (&effects, &signer_key) {
-            (Some(e), Some(k)) => request::summary(k, e),
-            _ => String::new(),
-        };
         let approval_ttl_ms = self.approval_ttl_ms;
         let received = json(&serde_json::json!({
             "key": p.key.as_str(),
@@ -346,7 +342,8 @@ impl Signer {
                         "received": 0,
                         "approvers": need.of,
                         "expires_at": crate::ledger::format_utc(expires_ms),
-                        "summary": summary,
+                        // Only approvers read it: built only when asked for.
+                        "summary": request::summary(signer, fx),
                         "because": need.because,
                     });
                     let body = json(&serde_json::json!({
