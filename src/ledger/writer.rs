@@ -635,7 +635,7 @@ impl Writer {
         if runnable.is_empty() {
             return;
         }
-        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = self.exec("BEGIN IMMEDIATE") {
             let msg = e.to_string();
             for (_, reply) in runnable {
                 self.failed(&msg);
@@ -650,7 +650,7 @@ impl Writer {
             let (result, sync) = self.run_job(f, &mut head, now);
             results.push((result, reply, sync));
         }
-        match self.conn.execute_batch("COMMIT") {
+        match self.exec("COMMIT") {
             Ok(()) => {
                 self.head = head;
                 self.shared.head_seq.store(head.seq, Ordering::SeqCst);
@@ -700,10 +700,16 @@ impl Writer {
         }
     }
 
+    /// Runs one transaction-control statement from the statement cache
+    /// (they run several times per intent; parsing them each time shows).
+    fn exec(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(sql)?.execute([]).map(|_| ())
+    }
+
     /// Runs one job in its own savepoint; returns its result and whether
     /// its answer must wait for the log to be synced.
     fn run_job(&self, f: JobFn, head: &mut Head, now: i64) -> (AnyResult, bool) {
-        if let Err(e) = self.conn.execute_batch("SAVEPOINT job") {
+        if let Err(e) = self.exec("SAVEPOINT job") {
             return (Err(e.into()), true);
         }
         let mut txn = LedgerTxn {
@@ -726,7 +732,7 @@ impl Writer {
         let sync = txn.sync;
         let new_head = txn.head;
         let result = match result {
-            Ok(v) => match self.conn.execute_batch("RELEASE job") {
+            Ok(v) => match self.exec("RELEASE job") {
                 Ok(()) => {
                     *head = new_head;
                     Ok(v)
