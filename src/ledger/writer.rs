@@ -189,6 +189,43 @@ struct Shared {
     syncs: AtomicU64,
     /// A sync failed: nothing durable can be promised until a restart.
     sync_failed: AtomicBool,
+    /// Idle read-only connections.
+    readers: Mutex<Vec<Connection>>,
+}
+
+/// Most idle read connections kept.
+const MAX_IDLE_READERS: usize = 8;
+
+/// A pooled read-only connection; it goes back to the pool when dropped.
+pub struct Reader {
+    conn: Option<Connection>,
+    shared: Arc<Shared>,
+}
+
+impl std::ops::Deref for Reader {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        // Present until drop.
+        self.conn
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("reader used after drop"))
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && conn.is_autocommit()
+        {
+            let mut pool = match self.shared.readers.lock() {
+                Ok(p) => p,
+                Err(p) => p.into_inner(),
+            };
+            if pool.len() < MAX_IDLE_READERS {
+                pool.push(conn);
+            }
+        }
+    }
 }
 
 /// Handle of the ledger writer. Cheap to clone; all clones feed the same
@@ -327,6 +364,7 @@ impl Ledger {
             largest_batch: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             sync_failed: AtomicBool::new(false),
+            readers: Mutex::new(Vec::new()),
         });
         let (tx, rx) = mpsc::channel();
         let checkpointer = Checkpointer::start(path).map_err(|e| open_err(path, e))?;
@@ -464,14 +502,36 @@ impl Ledger {
         Ok(entry)
     }
 
-    /// A new read-only connection to the database (for views and audits).
-    pub fn reader(&self) -> Result<Connection, LedgerError> {
-        let conn = Connection::open_with_flags(
-            &self.shared.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(conn)
+    /// A read-only connection to the database (for views and audits),
+    /// from a small pool: opening one costs more than most reads.
+    pub fn reader(&self) -> Result<Reader, LedgerError> {
+        let pooled = match self.shared.readers.lock() {
+            Ok(mut p) => p.pop(),
+            Err(p) => p.into_inner().pop(),
+        };
+        let conn = match pooled {
+            Some(c) => c,
+            None => {
+                let conn = Connection::open_with_flags(
+                    &self.shared.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                conn.busy_timeout(std::time::Duration::from_secs(5))?;
+                conn
+            }
+        };
+        Ok(Reader {
+            conn: Some(conn),
+            shared: Arc::clone(&self.shared),
+        })
+    }
+
+    /// Idle pooled read connections (for tests and diagnostics).
+    pub fn idle_readers(&self) -> usize {
+        match self.shared.readers.lock() {
+            Ok(p) => p.len(),
+            Err(p) => p.into_inner().len(),
+        }
     }
 
     /// Finishes every queued write, checkpoints the WAL and closes the
@@ -1135,6 +1195,29 @@ mod tests {
         }
         l.close_blocking().unwrap();
         assert_eq!(crate::ledger::verify_database(&db).unwrap().entries, 2000);
+    }
+
+    #[test]
+    fn pooled_readers_are_reused_and_see_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(&dir.path().join("l.sqlite3"), LedgerOptions::default()).unwrap();
+        let count = |l: &Ledger| -> i64 {
+            l.reader()
+                .unwrap()
+                .query_row("SELECT count(*) FROM ledger", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(count(&l), 0);
+        assert_eq!(l.idle_readers(), 1, "the reader went back to the pool");
+        for i in 1..=3 {
+            l.write_blocking(|t| t.append(EventType::IntentReceived, None, None, b"{}"))
+                .unwrap();
+            assert_eq!(count(&l), i, "a pooled reader sees the latest commit");
+        }
+        let (a, b) = (l.reader().unwrap(), l.reader().unwrap());
+        drop((a, b));
+        assert_eq!(l.idle_readers(), 2);
+        l.close_blocking().unwrap();
     }
 
     #[test]
