@@ -31,7 +31,7 @@ pub use verify::{
     InclusionProof, VerifyError, VerifyReport, entries_after, export_jsonl, latest_checkpoint,
     open_read_only, prove, trail, verify_database, verify_proof,
 };
-pub use writer::{Ledger, LedgerHealthState, LedgerOptions, LedgerTxn, Reader};
+pub use writer::{Ledger, LedgerHealthState, LedgerOptions, LedgerTxn, Reader, now_ms};
 
 use crate::types::LedgerSeq;
 

@@ -236,7 +236,8 @@ pub struct Ledger {
     shared: Arc<Shared>,
 }
 
-fn now_ms() -> i64 {
+/// The wall clock in Unix milliseconds (0 before 1970, saturating).
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

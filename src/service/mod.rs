@@ -179,12 +179,7 @@ impl MirrorGate {
                 )
                 .ok()
             })
-            .map_or(0, |ts| {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-                (now - ts).max(0)
-            });
+            .map_or(0, |ts| (crate::ledger::now_ms() - ts).max(0));
         self.oldest_unacked_age_ms.store(age, Ordering::SeqCst);
     }
 
@@ -357,9 +352,7 @@ impl Signer {
     /// Records every pending intent whose approval window has ended as
     /// `intent_expired` and marks it expired. Returns how many.
     pub async fn expire_due(&self) -> Result<usize, LedgerError> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let now = crate::ledger::now_ms();
         // A cheap read first: the writer is only bothered when there is work.
         let reader = self.ledger.reader()?;
         let due = crate::intents::due_to_expire(&reader, now).map_err(LedgerError::Sqlite)?;

@@ -12,11 +12,7 @@ use crate::amount::format_units;
 use crate::policy::{AgentPolicy, AssetLimits, counters, engine};
 use crate::types::IntentId;
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+use crate::ledger::now_ms;
 
 impl Signer {
     async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, SubmitError>
