@@ -40,11 +40,16 @@ enum Recorded {
     Counted(serde_json::Value),
     Rejected,
     Denied(Vec<DenialReason>),
-    Quorum {
-        key: String,
-        message: Vec<u8>,
-        sol_spend: crate::types::Lamports,
-    },
+    Quorum(Box<Quorum>),
+}
+
+/// An approved intent, decided again and ready to sign.
+struct Quorum {
+    key: crate::hsm::HsmKey,
+    message: Vec<u8>,
+    decoded: crate::solana::DecodedMessage,
+    effects: crate::solana::Effects,
+    sol_spend: crate::types::Lamports,
 }
 
 impl Signer {
@@ -99,7 +104,6 @@ impl Signer {
             }
         };
         let t = parsed.payload.clone();
-        let refuse = |e: ApprovalError| e;
 
         // Read-only checks first: nothing is written for an unknown intent.
         let reader = self.ledger.reader()?;
@@ -116,7 +120,7 @@ impl Signer {
                 .as_ref()
                 .filter(|_| rec.status == "pending_approval")
             else {
-                return Err(refuse(ApprovalError::NotPending(rec.status.clone())));
+                return Err(ApprovalError::NotPending(rec.status.clone()));
             };
             if p.expires_ms <= now_ms() {
                 return Err(ApprovalError::NotPending("expired".into()));
@@ -242,9 +246,9 @@ impl Signer {
                 let Some(hsm_key) = keys.get(&key_name) else {
                     return Err(LedgerError::Corrupt(format!("key {} is not served", p.key)));
                 };
-                let effects = decode_message(&p.message)
-                    .map(|d| extract_effects(&d, &hsm_key.public_key))
+                let decoded = decode_message(&p.message)
                     .map_err(|e| LedgerError::Corrupt(format!("stored message: {e}")))?;
+                let effects = extract_effects(&decoded, &hsm_key.public_key);
                 let verdict = engine::decide(
                     txn.conn(),
                     &agent_c,
@@ -281,11 +285,13 @@ impl Signer {
                     return Ok(Recorded::Denied(decision.reasons));
                 }
                 intents::set_status(txn.conn(), name, &id, "in_progress", now)?;
-                Ok(Recorded::Quorum {
-                    key: p.key,
+                Ok(Recorded::Quorum(Box::new(Quorum {
+                    key: hsm_key.clone(),
                     message: p.message,
+                    decoded,
+                    effects,
                     sol_spend: decision.sol_spend(),
-                })
+                })))
             })
             .await?;
         match recorded {
@@ -293,26 +299,19 @@ impl Signer {
             Recorded::Counted(body) => Ok(ApprovalOutcome::Counted(body)),
             Recorded::Rejected => Ok(ApprovalOutcome::Rejected),
             Recorded::Denied(r) => Ok(ApprovalOutcome::Denied(r)),
-            Recorded::Quorum {
-                key,
-                message,
-                sol_spend,
-            } => {
-                let keys = self.keys();
-                let key_name = crate::types::KeyName::new(&key)
-                    .map_err(|e| SubmitError::Internal(e.to_string()))?;
-                let hsm_key = keys
-                    .get(&key_name)
-                    .cloned()
-                    .ok_or_else(|| SubmitError::Internal(format!("key {key} is not served")))?;
-                let decoded =
-                    decode_message(&message).map_err(|e| SubmitError::Internal(e.to_string()))?;
-                let effects = extract_effects(&decoded, &hsm_key.public_key);
+            Recorded::Quorum(q) => {
+                let Quorum {
+                    key,
+                    message,
+                    decoded,
+                    effects,
+                    sol_spend,
+                } = *q;
                 match self
                     .sign_admitted(
                         agent_name,
                         intent_id.to_owned(),
-                        hsm_key,
+                        key,
                         &message,
                         &decoded,
                         &effects,
