@@ -8,36 +8,17 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use keyward::mirror::{Divergence, compare, read_copy};
 use keyward_client::{ClientError, IntentOutcome};
-
-fn start_mirror(inst: &Instance) -> Child {
-    Command::new(KEYWARD)
-        .args(["--config", inst.config.to_str().unwrap(), "mirror"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
 
 fn head(inst: &Instance) -> u64 {
     rt().block_on(inst.client().health())
         .unwrap()
         .ledger
         .head_seq
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// compare() with read errors turned into panics.
@@ -105,7 +86,7 @@ fn mirror_lag_fails_closed_and_the_copy_is_exact() {
 
     // The mirror catches up; signing resumes without restarting keywardd.
     let mut mirror = start_mirror(&inst);
-    wait_until("the mirror to catch up", || {
+    wait_until("the mirror to catch up", Duration::from_secs(20), || {
         keyward::mirror::read_ack(&ack_dir, "file") >= head(&inst)
     });
     assert!(matches!(
@@ -134,9 +115,11 @@ fn mirror_lag_fails_closed_and_the_copy_is_exact() {
     let mut mirror = start_mirror(&inst);
     assert!(inst.stop().success());
     let last = keyward::ledger::verify_database(&inst.db).unwrap().head_seq;
-    wait_until("the mirror to ship the last entries", || {
-        keyward::mirror::read_ack(&ack_dir, "file") >= last
-    });
+    wait_until(
+        "the mirror to ship the last entries",
+        Duration::from_secs(20),
+        || keyward::mirror::read_ack(&ack_dir, "file") >= last,
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(mirror.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

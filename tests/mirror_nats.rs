@@ -118,24 +118,6 @@ async fn js(port: u16, user: &str, pw: &str) -> jetstream::Context {
     ctx
 }
 
-fn start_mirror(inst: &Instance) -> Child {
-    Command::new(KEYWARD)
-        .args(["--config", inst.config.to_str().unwrap(), "mirror"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn jetstream_mirror_is_exact_fails_closed_and_cannot_be_rewritten() {
     let tmp = tempfile::tempdir().unwrap();
@@ -177,7 +159,9 @@ fn jetstream_mirror_is_exact_fails_closed_and_cannot_be_rewritten() {
     let head = |inst: &Instance| rt.block_on(inst.client().health()).unwrap().ledger.head_seq;
     let acked = || keyward::mirror::read_ack(&ack_dir, "nats");
     let mut mirror = start_mirror(&inst);
-    wait_until("the first catch-up", || acked() >= head(&inst));
+    wait_until("the first catch-up", Duration::from_secs(30), || {
+        acked() >= head(&inst)
+    });
     for i in 0..3 {
         let r = rt.block_on(inst.client().submit_intent(&transfer(
             &format!("a{i}"),
@@ -205,7 +189,9 @@ fn jetstream_mirror_is_exact_fails_closed_and_cannot_be_rewritten() {
         let _ = rt.block_on(h).unwrap();
     }
     let mut mirror = start_mirror(&inst);
-    wait_until("catch-up after SIGKILL", || acked() >= head(&inst));
+    wait_until("catch-up after SIGKILL", Duration::from_secs(30), || {
+        acked() >= head(&inst)
+    });
     let n = head(&inst);
     rt.block_on(async {
         let mut stream = js(port, "admin", &admin_pw)
@@ -249,9 +235,11 @@ fn jetstream_mirror_is_exact_fails_closed_and_cannot_be_rewritten() {
     assert!(refused, "signing stopped at the lag limit");
     // Back up: the mirror catches up and signing resumes, same keywardd.
     nats.restart();
-    wait_until("catch-up after the server came back", || {
-        acked() >= head(&inst)
-    });
+    wait_until(
+        "catch-up after the server came back",
+        Duration::from_secs(30),
+        || acked() >= head(&inst),
+    );
     let r = rt.block_on(
         inst.client()
             .submit_intent(&transfer("after", &random_pubkey(), "0.01")),
@@ -291,7 +279,9 @@ fn jetstream_mirror_is_exact_fails_closed_and_cannot_be_rewritten() {
     // Stop keywardd, let the mirror ship the last entries, compare.
     assert!(inst.stop().success());
     let last = keyward::ledger::verify_database(&inst.db).unwrap().head_seq;
-    wait_until("the final entries", || acked() >= last);
+    wait_until("the final entries", Duration::from_secs(30), || {
+        acked() >= last
+    });
     let out = inst.keyward(&[
         "audit",
         "verify",

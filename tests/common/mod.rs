@@ -321,3 +321,23 @@ pub fn raw_post(socket: &Path, content_type: &str, body: &[u8]) -> (u16, String)
     req.extend_from_slice(body);
     raw_request(socket, &req)
 }
+
+/// Starts `keyward mirror` for the instance's config.
+pub fn start_mirror(inst: &Instance) -> Child {
+    Command::new(KEYWARD)
+        .args(["--config", inst.config.to_str().unwrap(), "mirror"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Polls `f` every 50 ms until it holds; fails after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
