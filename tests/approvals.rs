@@ -128,6 +128,43 @@ fn events(inst: &Instance) -> Vec<serde_json::Value> {
 fn approvals_end_to_end() {
     let mut inst = Instance::with_policy(&policy());
     let ap = enroll(&inst, &["alice", "bob", "carol", "dave"]);
+    // Bad enrollments change nothing: a name is never enrolled twice, an
+    // unknown approver cannot be removed, an invalid name is refused.
+    let before = rt()
+        .block_on(inst.client().health())
+        .unwrap()
+        .ledger
+        .head_seq;
+    for (args, code) in [
+        (vec!["approver", "add", "alice"], "approver_exists"),
+        (
+            vec!["approver", "add", "bad name"],
+            "approver name \"bad name\" is invalid",
+        ),
+        (vec!["approver", "remove", "zoe"], "unknown_approver"),
+    ] {
+        let out_path = ap.dir.path().join("again.key");
+        let mut a = args.clone();
+        if a[1] == "add" {
+            a.extend(["--out", out_path.to_str().unwrap()]);
+        }
+        let o = inst.keyward(&a);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(code),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!out_path.exists(), "no key file for a refused enrollment");
+    }
+    assert_eq!(
+        rt().block_on(inst.client().health())
+            .unwrap()
+            .ledger
+            .head_seq,
+        before,
+        "nothing recorded"
+    );
     let work = tempfile::tempdir().unwrap();
     let client = inst.client();
 

@@ -514,6 +514,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Breaker {
             command: BreakerCommand::Reset { name },
         } => {
+            keyward::types::AgentName::new(&name).map_err(|_| {
+                Failure(
+                    2,
+                    anyhow!("{name:?} is not a breaker name: give `audit` or an agent's name"),
+                )
+            })?;
             let cfg = Config::load(&cli.config)?;
             let view: keyward_client::wire::BreakerResetView =
                 admin_post(&cfg, &format!("/v1/admin/breakers/{name}/reset"))?;
@@ -647,8 +653,19 @@ const KEY_FILE_HEADER: &str = "keyward-approver-key v1";
 fn approver(config: &Path, command: ApproverCommand) -> Result<(), Failure> {
     use zeroize::Zeroize as _;
     let cfg = Config::load(config)?;
+    let valid = |name: &str| {
+        keyward::types::AgentName::new(name)
+            .map(|_| ())
+            .map_err(|e| {
+                Failure(
+                    2,
+                    anyhow!("{}", e.to_string().replace("agent name", "approver name")),
+                )
+            })
+    };
     match command {
         ApproverCommand::Add { name, out } => {
+            valid(&name)?;
             if out.exists() {
                 return Err(Failure(
                     2,
@@ -703,6 +720,7 @@ fn approver(config: &Path, command: ApproverCommand) -> Result<(), Failure> {
             Ok(())
         }
         ApproverCommand::Remove { name } => {
+            valid(&name)?;
             let v: serde_json::Value =
                 admin_call(&cfg, "DELETE", &format!("/v1/admin/approvers/{name}"))?;
             println!("approver {name} removed (ledger seq {})", v["ledger_seq"]);
