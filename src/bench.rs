@@ -731,7 +731,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     ))?;
 
     let verify_start = Instant::now();
-    let verified = crate::ledger::verify_database(&cfg.ledger_path()).map_err(setup)?;
+    let verified = crate::ledger::verify_chain(&cfg.ledger_path()).map_err(setup)?;
     let verify_time = verify_start.elapsed();
 
     let per_intent = |cpu: Duration| {

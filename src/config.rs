@@ -258,6 +258,20 @@ pub struct LedgerConfig {
     /// Origin line of checkpoints (default `keyward/<token label>`).
     #[serde(default)]
     pub origin: Option<String>,
+    /// The audit key's verifier key, pinned outside the database at set-up
+    /// (default `audit.vkey` beside this file, i.e. `/etc/keyward/audit.vkey`).
+    /// keywardd refuses an HSM audit key that differs from it; `keyward
+    /// audit verify` trusts only it (or `--vkey`).
+    #[serde(default)]
+    pub audit_vkey: Option<PathBuf>,
+    /// Seconds between re-verifications of the entries written since the
+    /// last verified one (default 300). A break stops signing.
+    #[serde(default = "default_verify_interval")]
+    pub verify_interval_s: u64,
+}
+
+fn default_verify_interval() -> u64 {
+    300
 }
 
 fn default_checkpoint_every() -> u64 {
@@ -377,14 +391,21 @@ impl Config {
             checkpoint_every: default_checkpoint_every(),
             checkpoint_interval_s: default_checkpoint_interval(),
             origin: None,
+            audit_vkey: None,
+            verify_interval_s: default_verify_interval(),
         });
-        if ledger.checkpoint_every == 0 || ledger.checkpoint_interval_s == 0 {
+        if ledger.checkpoint_every == 0
+            || ledger.checkpoint_interval_s == 0
+            || ledger.verify_interval_s == 0
+        {
             return Err(ConfigError::new(
                 file,
                 if ledger.checkpoint_every == 0 {
                     "ledger.checkpoint_every"
-                } else {
+                } else if ledger.checkpoint_interval_s == 0 {
                     "ledger.checkpoint_interval_s"
+                } else {
+                    "ledger.verify_interval_s"
                 },
                 "must be at least 1",
             ));
@@ -413,6 +434,14 @@ impl Config {
             checkpoint_every: ledger.checkpoint_every,
             checkpoint_interval_s: ledger.checkpoint_interval_s,
             origin: ledger.origin.clone(),
+            audit_vkey: Some(
+                ledger
+                    .audit_vkey
+                    .as_deref()
+                    .map(abs)
+                    .unwrap_or_else(|| base.join("audit.vkey")),
+            ),
+            verify_interval_s: ledger.verify_interval_s,
             path: Some(
                 ledger
                     .path
@@ -471,6 +500,16 @@ impl Config {
             daemon,
             hsm,
             ledger,
+        })
+    }
+
+    /// Where the audit key's verifier key is pinned.
+    pub fn audit_vkey_path(&self) -> PathBuf {
+        self.ledger.audit_vkey.clone().unwrap_or_else(|| {
+            self.file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("audit.vkey")
         })
     }
 

@@ -15,7 +15,6 @@ use crate::hsm::{Hsm, HsmError};
 use crate::ledger::{EventType, Ledger, LedgerError, LedgerOptions};
 use crate::policy::Policy;
 use crate::service::Signer;
-use crate::types::KeyName;
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +38,9 @@ pub enum DaemonError {
         /// Lookup error.
         source: HsmError,
     },
+    /// The audit history does not verify, or its anchor is wrong.
+    #[error("{0}")]
+    History(#[from] crate::service::history::HistoryError),
     /// An I/O failure.
     #[error("{what}: {source}")]
     Io {
@@ -56,6 +58,7 @@ impl DaemonError {
             DaemonError::Config(_) | DaemonError::MissingKey { .. } => "invalid_config",
             DaemonError::Hsm(e) => e.code(),
             DaemonError::Ledger(e) => e.code(),
+            DaemonError::History(e) => e.code(),
             DaemonError::Io { .. } => "io_error",
         }
     }
@@ -113,8 +116,16 @@ async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
     }
 }
 
+/// Choices an operator makes for one start.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Start on a history that fails verification at exactly this sequence
+    /// number (recorded as `history_acknowledged`).
+    pub accept_broken_history: Option<u64>,
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
     let policy = Policy::load(&cfg.daemon.policy)?;
     let hsm_cfg = cfg.clone();
     let hsm = tokio::task::spawn_blocking(move || open_hsm(&hsm_cfg))
@@ -135,33 +146,41 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         keys.insert(name, key);
     }
     let ledger = open_ledger(&cfg)?;
-    // The audit key signs checkpoints; it is made in the HSM on first start.
-    let audit_name =
-        KeyName::new(crate::ledger::checkpoint::AUDIT_KEY).map_err(|e| DaemonError::Io {
-            what: "audit key name".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-    let audit_hsm = Arc::clone(&hsm);
-    let audit_lookup = audit_name.clone();
-    let (audit_key, audit_generated) =
-        tokio::task::spawn_blocking(move || match audit_hsm.find_ed25519(&audit_lookup) {
-            Ok(k) => Ok((k, false)),
-            Err(crate::hsm::HsmError::KeyNotFound(_)) => {
-                audit_hsm.generate_ed25519(&audit_lookup).map(|k| (k, true))
-            }
-            Err(e) => Err(e),
+    // The trust anchor: the whole history verified against the HSM's own
+    // audit key (made on a fresh install), the pinned key, the checkpoint
+    // kept in the HSM and what the mirror acknowledged.
+    let established = {
+        let (hsm, ledger, cfg) = (Arc::clone(&hsm), ledger.clone(), cfg.clone());
+        let accept = opts.accept_broken_history;
+        let verify_started = std::time::Instant::now();
+        let e = tokio::task::spawn_blocking(move || {
+            crate::service::history::establish(&*hsm, &ledger, &cfg, accept)
         })
         .await
         .map_err(|e| DaemonError::Io {
-            what: "audit key task".into(),
+            what: "history verification task".into(),
             source: std::io::Error::other(e.to_string()),
-        })?
-        .map_err(|source| DaemonError::MissingKey {
-            policy: cfg.daemon.policy.clone(),
-            key: audit_name.to_string(),
-            source,
-        })?;
-    if audit_generated {
+        })??;
+        if let Some(r) = &e.report {
+            tracing::info!(
+                entries = r.chain.entries,
+                checkpoints = r.checkpoints,
+                uncovered = r.uncovered(),
+                ms = verify_started.elapsed().as_millis() as u64,
+                "audit history verified against the HSM's audit key"
+            );
+        }
+        e
+    };
+    let audit_key = established.key.clone();
+    if let Some(path) = &established.unpinned {
+        tracing::warn!(
+            path = %path.display(),
+            verifier_key = %crate::service::history::audit_vkey(&audit_key),
+            "the audit key is not pinned: run `keyward audit pin` (as root) so auditors can verify checkpoints"
+        );
+    }
+    if established.generated {
         let payload = serde_json::to_vec(&serde_json::json!({
             "key": audit_key.name.as_str(),
             "public_key": audit_key.public_key.to_base58(),
@@ -172,6 +191,24 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         ledger
             .write(move |txn| {
                 txn.append(EventType::KeyGenerated, None, None, &payload)
+                    .map(|_| ())
+            })
+            .await?;
+    }
+    if let Some((seq, finding)) = &established.acknowledged {
+        let payload = serde_json::to_vec(&serde_json::json!({
+            "first_broken_seq": seq,
+            "finding": finding,
+            "by_uid": nix::unistd::getuid().as_raw(),
+            "pid": std::process::id(),
+        }))
+        .map_err(|e| DaemonError::Io {
+            what: "acknowledgement".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        ledger
+            .write(move |txn| {
+                txn.append(EventType::HistoryAcknowledged, None, None, &payload)
                     .map(|_| ())
             })
             .await?;
@@ -206,6 +243,33 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         cfg.daemon.policy.clone(),
         Duration::from_secs(cfg.daemon.approval_ttl_s),
     );
+    // Signed checkpoints of the Merkle tree, over verified entries only. The
+    // first covers this start before anything is recorded for an agent.
+    let origin = cfg
+        .ledger
+        .origin
+        .clone()
+        .unwrap_or_else(|| format!("keyward/{}", cfg.hsm.token_label));
+    let checkpointer = Arc::new(crate::service::checkpoints::Checkpointer::new(
+        Arc::clone(&hsm_for_checkpoints),
+        ledger.clone(),
+        audit_key.clone(),
+        origin,
+        established.walker,
+        Arc::clone(signer.history_gate()),
+    ));
+    let every = cfg.ledger.checkpoint_every;
+    let interval = Duration::from_secs(cfg.ledger.checkpoint_interval_s);
+    match checkpointer.maybe(every, interval, true).await {
+        Ok(Some(m)) => tracing::info!(size = m.size, seq = m.seq, "start checkpoint recorded"),
+        Ok(None) => {}
+        Err(e) => {
+            return Err(DaemonError::Io {
+                what: "the start checkpoint".into(),
+                source: std::io::Error::other(e),
+            });
+        }
+    }
     let recovered = signer.recover().await?;
     if recovered > 0 {
         tracing::warn!(
@@ -291,26 +355,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         })
     });
 
-    // Signed checkpoints of the Merkle tree.
-    let origin = cfg
-        .ledger
-        .origin
-        .clone()
-        .unwrap_or_else(|| format!("keyward/{}", cfg.hsm.token_label));
-    let checkpointer = Arc::new(
-        crate::service::checkpoints::Checkpointer::new(
-            Arc::clone(&hsm_for_checkpoints),
-            ledger.clone(),
-            audit_key.clone(),
-            origin,
-        )
-        .map_err(DaemonError::from)?,
-    );
-    let every = cfg.ledger.checkpoint_every;
-    let interval = Duration::from_secs(cfg.ledger.checkpoint_interval_s);
     let cp = Arc::clone(&checkpointer);
     let cp_stop = stop_rx.clone();
+    let verify_every = Duration::from_secs(cfg.ledger.verify_interval_s);
     let checkpoints = tokio::spawn(async move {
+        let mut last_verify = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -320,6 +369,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 Ok(Some(m)) => tracing::info!(size = m.size, seq = m.seq, "checkpoint recorded"),
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "checkpoint failed; will retry"),
+            }
+            if last_verify.elapsed() >= verify_every {
+                last_verify = std::time::Instant::now();
+                if let Err(e) = cp.verify_new().await {
+                    tracing::error!(error = %e, "re-verification of the audit history failed");
+                }
             }
         }
     });

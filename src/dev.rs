@@ -93,7 +93,8 @@ pub fn check_target(dir: &Path) -> Result<(), DevError> {
     }
 }
 
-fn write_new(path: &Path, mode: u32, text: &str) -> Result<(), DevError> {
+/// Writes a new file (never replacing one) with `mode`, synced.
+pub fn write_new(path: &Path, mode: u32, text: &str) -> Result<(), DevError> {
     let io = |source| DevError::Io {
         what: format!("cannot write {}", path.display()),
         source,
@@ -174,7 +175,25 @@ pub fn init_dev(dir: &Path, module: &Path, uid: u32) -> Result<DevInstance, DevE
     let hsm = crate::daemon::open_hsm(&cfg)?;
     let name = KeyName::new(DEV_KEY).map_err(|e| DevError::Config(e.to_string()))?;
     let key = hsm.generate_ed25519(&name)?;
+    // The audit key that signs checkpoints, pinned outside the database.
+    let audit_name = KeyName::new(crate::ledger::checkpoint::AUDIT_KEY)
+        .map_err(|e| DevError::Config(e.to_string()))?;
+    let audit = hsm.generate_ed25519(&audit_name)?;
+    let audit_vkey = crate::service::history::audit_vkey(&audit);
+    write_new(
+        &cfg.audit_vkey_path(),
+        0o444,
+        &crate::ledger::TrustedKey::file_text(&audit_vkey),
+    )?;
     let ledger = crate::daemon::open_ledger(&cfg).map_err(|e| DevError::Ledger(e.to_string()))?;
+    let audit_payload = serde_json::to_vec(&serde_json::json!({
+        "key": audit.name.as_str(),
+        "public_key": audit.public_key.to_base58(),
+        "purpose": "checkpoints",
+        "verifier_key": audit_vkey,
+        "pinned_in": cfg.audit_vkey_path().display().to_string(),
+    }))
+    .unwrap_or_default();
     let payload = serde_json::to_vec(&serde_json::json!({
         "key": key.name.as_str(),
         "public_key": key.public_key.to_base58(),
@@ -187,6 +206,7 @@ pub fn init_dev(dir: &Path, module: &Path, uid: u32) -> Result<DevInstance, DevE
     ledger
         .write_blocking(move |txn| {
             txn.append(EventType::KeyGenerated, None, None, &payload)?;
+            txn.append(EventType::KeyGenerated, None, None, &audit_payload)?;
             Ok(())
         })
         .map_err(|e| DevError::Ledger(e.to_string()))?;

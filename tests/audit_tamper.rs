@@ -10,9 +10,14 @@ use std::process::Command;
 
 use common::*;
 
-fn verify(db: &Path) -> (i32, String, String) {
+/// `keyward audit verify` trusting the audit key pinned at `init`.
+fn verify(vkey: &Path, db: &Path) -> (i32, String, String) {
     let out = Command::new(KEYWARD)
-        .args(["audit", "verify", "--db"])
+        .arg("audit")
+        .arg("verify")
+        .arg("--vkey-file")
+        .arg(vkey)
+        .arg("--db")
         .arg(db)
         .output()
         .unwrap();
@@ -41,8 +46,8 @@ fn tamper(db: &Path, sql: &str) {
     c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
 }
 
-fn expect_broken_at(db: &Path, seq: u64) -> String {
-    let (code, stdout, stderr) = verify(db);
+fn expect_broken_at(vkey: &Path, db: &Path, seq: u64) -> String {
+    let (code, stdout, stderr) = verify(vkey, db);
     assert_eq!(
         code, 1,
         "tampered ledger must fail verification: {stdout}{stderr}"
@@ -76,17 +81,18 @@ fn verify_detects_every_kind_of_tampering_and_names_the_first_broken_seq() {
     );
     assert_eq!(inst.stop().code(), Some(0));
 
-    let (code, stdout, stderr) = verify(&inst.db);
+    let vk = inst.audit_vkey_file();
+    let (code, stdout, stderr) = verify(&vk, &inst.db);
     assert_eq!(code, 0, "untouched ledger verifies: {stderr}");
     let n: u64 = stdout
         .split_whitespace()
         .nth(1)
         .and_then(|w| w.parse().ok())
         .unwrap_or_else(|| panic!("no count in {stdout:?}"));
-    // key_generated (hot), daemon_started, policy_loaded, key_generated
-    // (the audit key), 4 × 3, 3 for the denial, the final checkpoint,
-    // daemon_stopped
-    assert_eq!(n, 1 + 2 + 1 + 12 + 3 + 1 + 1, "{stdout}");
+    // key_generated (hot and the audit key, at init), daemon_started,
+    // policy_loaded, the start checkpoint, 4 × 3, 3 for the denial, the
+    // final checkpoint, daemon_stopped
+    assert_eq!(n, 2 + 3 + 12 + 3 + 1 + 1, "{stdout}");
 
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
@@ -109,13 +115,13 @@ fn verify_detects_every_kind_of_tampering_and_names_the_first_broken_seq() {
     c.execute("UPDATE ledger SET payload = ?1 WHERE seq = 7", [&edited])
         .unwrap();
     drop(c);
-    let msg = expect_broken_at(&db, 7);
+    let msg = expect_broken_at(&vk, &db, 7);
     assert!(msg.contains("edited"), "{msg}");
 
     // 2. A deleted row.
     let db = copy_of(&inst.db, w, "delete.sqlite3");
     tamper(&db, "DELETE FROM ledger WHERE seq = 5");
-    let msg = expect_broken_at(&db, 5);
+    let msg = expect_broken_at(&vk, &db, 5);
     assert!(msg.contains("missing"), "{msg}");
 
     // 3. Two rows swapped (their contents trade places).
@@ -124,7 +130,7 @@ fn verify_detects_every_kind_of_tampering_and_names_the_first_broken_seq() {
         &db,
         "UPDATE ledger SET seq = -1 WHERE seq = 4; UPDATE ledger SET seq = 4 WHERE seq = 9; UPDATE ledger SET seq = 9 WHERE seq = -1;",
     );
-    expect_broken_at(&db, 4);
+    expect_broken_at(&vk, &db, 4);
 
     // 4. A changed stored hash.
     let db = copy_of(&inst.db, w, "hash.sqlite3");
@@ -132,7 +138,7 @@ fn verify_detects_every_kind_of_tampering_and_names_the_first_broken_seq() {
         &db,
         "UPDATE ledger SET hash = randomblob(32) WHERE seq = 11",
     );
-    let msg = expect_broken_at(&db, 11);
+    let msg = expect_broken_at(&vk, &db, 11);
     assert!(msg.contains("hash"), "{msg}");
 
     // 5. The last entry edited (no successor to compare with).
@@ -141,12 +147,12 @@ fn verify_detects_every_kind_of_tampering_and_names_the_first_broken_seq() {
         &db,
         &format!("UPDATE ledger SET event = 'daemon_started' WHERE seq = {n}"),
     );
-    expect_broken_at(&db, n);
+    expect_broken_at(&vk, &db, n);
 
     // A missing database is an error of its own (exit 2), not "verified".
-    let (code, _, _) = verify(&w.join("absent.sqlite3"));
+    let (code, _, _) = verify(&vk, &w.join("absent.sqlite3"));
     assert_eq!(code, 2);
 
     // And the original still verifies.
-    assert_eq!(verify(&inst.db).0, 0);
+    assert_eq!(verify(&vk, &inst.db).0, 0);
 }

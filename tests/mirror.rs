@@ -114,7 +114,7 @@ fn mirror_lag_fails_closed_and_the_copy_is_exact() {
     }
     let mut mirror = start_mirror(&inst);
     assert!(inst.stop().success());
-    let last = keyward::ledger::verify_database(&inst.db).unwrap().head_seq;
+    let last = keyward::ledger::verify_chain(&inst.db).unwrap().head_seq;
     wait_until(
         "the mirror to ship the last entries",
         Duration::from_secs(20),

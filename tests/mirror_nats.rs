@@ -278,7 +278,7 @@ fn jetstream_mirror_is_exact_fails_closed_and_cannot_be_rewritten() {
 
     // Stop keywardd, let the mirror ship the last entries, compare.
     assert!(inst.stop().success());
-    let last = keyward::ledger::verify_database(&inst.db).unwrap().head_seq;
+    let last = keyward::ledger::verify_chain(&inst.db).unwrap().head_seq;
     wait_until("the final entries", Duration::from_secs(30), || {
         acked() >= last
     });

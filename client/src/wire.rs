@@ -219,6 +219,8 @@ pub mod codes {
     pub const HSM_UNAVAILABLE: &str = "hsm_unavailable";
     /// 503: the mirror is too far behind; nothing is signed until it catches up.
     pub const MIRROR_LAGGING: &str = "mirror_lagging";
+    /// 503: the audit history failed verification; nothing is signed.
+    pub const LEDGER_HISTORY_BROKEN: &str = "ledger_history_broken";
     /// 500: an internal error; nothing was released.
     pub const INTERNAL: &str = "internal_error";
 }
@@ -322,7 +324,9 @@ pub struct PolicyView {
 /// Body of `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthView {
-    /// `ok` when the daemon can sign, `degraded` otherwise.
+    /// `ok` when the daemon can sign, `degraded` while a component is
+    /// unavailable, `failed` when the audit history broke (signing stopped
+    /// until an operator acts).
     pub status: String,
     /// Daemon version.
     pub version: String,
@@ -393,6 +397,20 @@ pub struct LedgerHealth {
     /// Most write jobs one commit held.
     #[serde(default)]
     pub largest_batch: u64,
+    /// Whether the history verified against the HSM's audit key holds
+    /// (`false`: signing stopped, health `failed`).
+    #[serde(default = "yes")]
+    pub history_ok: bool,
+    /// The last entry verified against the HSM's audit key.
+    #[serde(default)]
+    pub verified_seq: u64,
+    /// What broke, when the history is broken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_detail: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Admin API: body of `POST /v1/admin/breakers/{name}/reset` responses.

@@ -114,11 +114,25 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Recompute the hash chain; exit 1 naming the first broken entry.
+    /// Verify the history: the hash chain, every checkpoint against a trusted
+    /// audit key (never one found in the database), the checkpoint kept in the
+    /// HSM (--hsm) and the mirror; exit 1 naming the first broken entry.
     Verify {
         /// Ledger database (default: from the config).
         #[arg(long)]
         db: Option<PathBuf>,
+        /// The audit verifier key you trust (default: the key pinned at
+        /// set-up, `ledger.audit_vkey` of the config, /etc/keyward/audit.vkey).
+        #[arg(long, conflicts_with = "vkey_file")]
+        vkey: Option<String>,
+        /// A file holding the audit verifier key you trust.
+        #[arg(long)]
+        vkey_file: Option<PathBuf>,
+        /// Also check that the history contains the checkpoint keyward keeps in
+        /// the HSM (opens the HSM with the config's PIN: run as root on the
+        /// signer box); this shows truncation and rollback.
+        #[arg(long)]
+        hsm: bool,
         /// Also compare with the mirror's copy (`file:///path` or a path):
         /// a missing tail, a truncated local ledger, an edited entry or a fork.
         #[arg(long)]
@@ -127,6 +141,10 @@ enum AuditCommand {
         #[arg(long, default_value_t = 0)]
         allowed_lag: u64,
     },
+    /// Pin the running daemon's audit verifier key in the file named by
+    /// `ledger.audit_vkey` (default /etc/keyward/audit.vkey), once, at set-up.
+    /// Refuses to replace a pinned key that differs.
+    Pin,
     /// Every ledger entry of one intent, in order.
     Trail {
         /// The intent id.
@@ -251,6 +269,121 @@ fn main() -> ExitCode {
     }
 }
 
+/// The audit key `audit verify` trusts: `--vkey`, `--vkey-file`, or the key
+/// pinned at set-up. Never a key found in the database.
+fn trusted_audit_key(
+    cli_config: &Path,
+    vkey: Option<String>,
+    vkey_file: Option<PathBuf>,
+) -> Result<keyward::ledger::TrustedKey, Failure> {
+    use keyward::ledger::TrustedKey;
+    if let Some(v) = vkey {
+        return TrustedKey::new(&v, "--vkey").map_err(|e| Failure(2, anyhow!("--vkey: {e}")));
+    }
+    if let Some(f) = vkey_file {
+        return TrustedKey::from_file(&f).map_err(|e| Failure(2, anyhow!(e)));
+    }
+    let pinned = match Config::load(cli_config) {
+        Ok(cfg) => cfg.audit_vkey_path(),
+        Err(_) => PathBuf::from(DEFAULT_AUDIT_VKEY),
+    };
+    if pinned.exists() {
+        return TrustedKey::from_file(&pinned).map_err(|e| Failure(2, anyhow!(e)));
+    }
+    Err(Failure(
+        2,
+        anyhow!(
+            "no trusted audit key: {} does not exist. Give --vkey KEY or --vkey-file FILE with the audit key pinned at set-up \
+             (`keyward audit pin`); a key found in the database itself proves nothing",
+            pinned.display()
+        ),
+    ))
+}
+
+/// What `audit verify` knows from outside the database: with `--hsm`, the
+/// checkpoint kept in the HSM; with a mirror in the config, what it
+/// acknowledged.
+fn history_expectations(
+    cli_config: &Path,
+    hsm: bool,
+    trusted: &keyward::ledger::TrustedKey,
+) -> Result<keyward::ledger::Expectations, Failure> {
+    let mut expect = keyward::ledger::Expectations::default();
+    let cfg = match Config::load(cli_config) {
+        Ok(cfg) => Some(cfg),
+        Err(e) if hsm => return Err(Failure(2, anyhow!("--hsm needs the config: {e}"))),
+        Err(_) => None,
+    };
+    let Some(cfg) = cfg else {
+        return Ok(expect);
+    };
+    if let Some(m) = &cfg.mirror {
+        let dir = m
+            .ack_dir
+            .clone()
+            .unwrap_or_else(|| cfg.daemon.state_dir.join("mirror"));
+        expect.mirror_acked = keyward::mirror::sinks(m)
+            .into_iter()
+            .map(|s| (keyward::mirror::read_ack(&dir, s), s.to_owned()))
+            .max()
+            .filter(|(acked, _)| *acked > 0);
+    }
+    if hsm {
+        // The module reads its environment when loaded; this process is
+        // still single-threaded here.
+        keyward::process::apply_module_env(&cfg);
+        let device = keyward::daemon::open_hsm(&cfg)
+            .map_err(|e| Failure(2, anyhow!("cannot open the HSM: {e}")))?;
+        let values = device
+            .load_data(keyward::ledger::checkpoint::MARK_LABEL)
+            .map_err(|e| Failure(2, anyhow!("cannot read the HSM's checkpoint mark: {e}")))?;
+        expect.mark = keyward::ledger::checkpoint::Mark::newest(&values, trusted.vkey())
+            .map_err(|e| Failure(1, anyhow!("{e} (with the trusted key {})", trusted.vkey())))?;
+        if expect.mark.is_none() {
+            println!("note: the HSM keeps no checkpoint yet");
+        }
+    }
+    Ok(expect)
+}
+
+/// `keyward audit pin`: writes the daemon's audit verifier key to the pin
+/// file (mode 0444), or checks that the pinned key is the same.
+fn audit_pin(cli_config: &Path) -> Result<(), Failure> {
+    let cfg = Config::load(cli_config)?;
+    let keys: Vec<keyward_client::wire::AdminKeyInfo> = admin_get(&cfg, "/v1/admin/keys")?;
+    let vkey = keys
+        .iter()
+        .find_map(|k| k.verifier_key.clone())
+        .ok_or_else(|| Failure(2, anyhow!("the daemon reported no audit verifier key")))?;
+    let path = cfg.audit_vkey_path();
+    if path.exists() {
+        let pinned =
+            keyward::ledger::TrustedKey::from_file(&path).map_err(|e| Failure(2, anyhow!(e)))?;
+        if pinned.vkey() == vkey {
+            println!("already pinned in {}: {vkey}", path.display());
+            return Ok(());
+        }
+        return Err(Failure(
+            1,
+            anyhow!(
+                "{} pins {}, but the daemon's audit key is {vkey}; not replaced. Find out why before you re-pin by hand",
+                path.display(),
+                pinned.vkey()
+            ),
+        ));
+    }
+    keyward::dev::write_new(&path, 0o444, &keyward::ledger::TrustedKey::file_text(&vkey))
+        .map_err(|e| Failure(2, anyhow!(e)))?;
+    println!(
+        "pinned the audit verifier key in {}: {vkey}",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Where the audit key is pinned when no config says otherwise.
+const DEFAULT_AUDIT_VKEY: &str = "/etc/keyward/audit.vkey";
+
 fn db_path(cli_config: &Path, db: Option<PathBuf>) -> Result<PathBuf, Failure> {
     match db {
         Some(db) => Ok(db),
@@ -329,18 +462,49 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Audit { command } => match command {
             AuditCommand::Verify {
                 db,
+                vkey,
+                vkey_file,
+                hsm,
                 mirror,
                 allowed_lag,
             } => {
                 let db = db_path(&cli.config, db)?;
-                match keyward::ledger::verify_database(&db) {
-                    Ok(report) => {
+                let trusted = trusted_audit_key(&cli.config, vkey, vkey_file)?;
+                let expect = history_expectations(&cli.config, hsm, &trusted)?;
+                match keyward::ledger::verify_history(&db, &trusted, &expect) {
+                    Ok(history) => {
+                        let report = &history.chain;
                         println!(
                             "ok: {} entries verified, head seq {} hash {}",
                             report.entries,
                             report.head_seq,
                             hex::encode(report.head_hash)
                         );
+                        println!(
+                            "ok: {} checkpoints signed by the trusted audit key {} (from {}); the newest covers entries 1..{}",
+                            history.checkpoints,
+                            trusted.vkey(),
+                            trusted.source(),
+                            history.checkpointed
+                        );
+                        if let Some(m) = &expect.mark {
+                            println!(
+                                "ok: the history contains the checkpoint kept in the HSM ({} entries, entry {})",
+                                m.size, m.seq
+                            );
+                        }
+                        if let Some((acked, sink)) = &expect.mirror_acked {
+                            println!(
+                                "ok: the history reaches entry {acked}, which the mirror {sink} acknowledged"
+                            );
+                        }
+                        if history.uncovered() > 0 {
+                            println!(
+                                "note: entries {}..{} are not covered by a signed checkpoint yet; only the mirror can vouch for them (--mirror)",
+                                history.checkpointed + 1,
+                                report.entries
+                            );
+                        }
                         if let Some(m) = mirror {
                             let (name, result) = if m == "nats" {
                                 let cfg = Config::load(&cli.config)?;
@@ -389,6 +553,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     Err(e) => Err(Failure(2, anyhow!("cannot verify {}: {e}", db.display()))),
                 }
             }
+            AuditCommand::Pin => audit_pin(&cli.config),
             AuditCommand::Trail {
                 intent_id,
                 agent,

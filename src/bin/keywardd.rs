@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use keyward::config::{Config, DEFAULT_CONFIG};
-use keyward::daemon::{DaemonError, run};
+use keyward::daemon::{DaemonError, StartOptions, run};
 
 /// The keyward signing daemon: serves the agent and admin sockets.
 #[derive(Parser)]
@@ -14,6 +14,11 @@ struct Args {
     /// keyward.toml
     #[arg(long, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
+    /// Start although the audit history fails verification at exactly this
+    /// sequence number (the number the refusal names). The acknowledgement
+    /// is recorded in the ledger; it holds for this start only.
+    #[arg(long, value_name = "SEQ")]
+    accept_broken_history: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -42,13 +47,19 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cfg)) {
+    match runtime.block_on(run(
+        cfg,
+        StartOptions {
+            accept_broken_history: args.accept_broken_history,
+        },
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("keywardd: {e}");
             tracing::error!(code = e.code(), "{e}");
             match e {
                 DaemonError::Config(_) | DaemonError::MissingKey { .. } => ExitCode::from(2),
+                DaemonError::History(_) => ExitCode::from(3),
                 _ => ExitCode::from(1),
             }
         }

@@ -114,6 +114,17 @@ pub trait Hsm: Send + Sync {
     /// Destroys the secret key `label`; `false` if there was none.
     fn delete_secret(&self, label: &str) -> Result<bool, HsmError>;
 
+    /// Stores `value` as a private, persistent data object named `label`
+    /// (readable and writable only after login with the daemon's
+    /// credentials), replacing every earlier object of that label. The new
+    /// object is created before the old ones are destroyed, so an
+    /// interruption leaves both, never neither.
+    fn store_data(&self, label: &str, value: &[u8]) -> Result<(), HsmError>;
+
+    /// The values of every data object named `label`: none, one, or two
+    /// after an interrupted [`Hsm::store_data`].
+    fn load_data(&self, label: &str) -> Result<Vec<Vec<u8>>, HsmError>;
+
     /// Cheap liveness check of the device and login state.
     fn health(&self) -> Result<(), HsmError>;
 }

@@ -585,6 +585,20 @@ impl Pkcs11Hsm {
     }
 }
 
+/// `CKA_APPLICATION` of keyward's data objects.
+const DATA_APPLICATION: &str = "keyward";
+
+impl Pkcs11Hsm {
+    fn find_data(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, HsmError> {
+        session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(device("C_FindObjects(data)"))
+    }
+}
+
 impl Hsm for Pkcs11Hsm {
     fn backend(&self) -> &'static str {
         "pkcs11"
@@ -772,6 +786,46 @@ impl Hsm for Pkcs11Hsm {
             }
             None => Ok(false),
         }
+    }
+
+    fn store_data(&self, label: &str, value: &[u8]) -> Result<(), HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        let old = Self::find_data(session, label)?;
+        let template = [
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Modifiable(false),
+            Attribute::Application(DATA_APPLICATION.as_bytes().to_vec()),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Value(value.to_vec()),
+        ];
+        session
+            .create_object(&template)
+            .map_err(device("C_CreateObject(data)"))?;
+        for h in old {
+            session
+                .destroy_object(h)
+                .map_err(device("C_DestroyObject(data)"))?;
+        }
+        Ok(())
+    }
+
+    fn load_data(&self, label: &str) -> Result<Vec<Vec<u8>>, HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        let mut out = Vec::new();
+        for h in Self::find_data(session, label)? {
+            let attrs = session
+                .get_attributes(h, &[AttributeType::Value])
+                .map_err(device("C_GetAttributeValue(data)"))?;
+            out.extend(attrs.into_iter().find_map(|a| match a {
+                Attribute::Value(v) => Some(v),
+                _ => None,
+            }));
+        }
+        Ok(out)
     }
 
     fn health(&self) -> Result<(), HsmError> {

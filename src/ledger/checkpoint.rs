@@ -54,6 +54,90 @@ pub fn note(body: &str, name: &str, key: &PublicKey, signature: &[u8; 64]) -> St
     format!("{body}\n\u{2014} {name} {}\n", STANDARD.encode(sig))
 }
 
+/// Label of the HSM data object that keeps the newest checkpoint outside
+/// the database (see [`Mark`]).
+pub const MARK_LABEL: &str = "keyward-checkpoint-mark";
+
+/// The payload of a `checkpoint` ledger entry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointRecord {
+    /// Log origin (first line of the note).
+    pub origin: String,
+    /// Number of entries covered (1..=size).
+    pub size: u64,
+    /// Merkle root of those entries (hex).
+    pub root: String,
+    /// The C2SP signed note.
+    pub note: String,
+    /// Name of the signing key.
+    pub key: String,
+    /// Its public key (base58).
+    pub public_key: String,
+    /// Its verifier key, for reading only: verification uses a trusted key,
+    /// never this field.
+    pub verifier_key: String,
+}
+
+/// The newest checkpoint, kept in the HSM as a private data object that
+/// only the daemon's credentials can write. A database whose history does
+/// not contain it (shorter, or another tree at that size) was truncated,
+/// rolled back or rewritten.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mark {
+    /// Number of entries covered.
+    pub size: u64,
+    /// Merkle root of those entries (hex).
+    pub root: String,
+    /// Sequence number of the `checkpoint` entry that recorded it.
+    pub seq: u64,
+    /// The signed note.
+    pub note: String,
+}
+
+impl Mark {
+    /// The mark of a recorded checkpoint.
+    pub fn of(record: &CheckpointRecord, seq: u64) -> Mark {
+        Mark {
+            size: record.size,
+            root: record.root.clone(),
+            seq,
+            note: record.note.clone(),
+        }
+    }
+
+    /// The bytes stored in the HSM.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads the stored bytes and checks that the note is signed by `vkey`
+    /// and says the same size and root.
+    pub fn decode_verified(bytes: &[u8], vkey: &str) -> Result<Mark, String> {
+        let mark: Mark = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the HSM's checkpoint mark is not readable: {e}"))?;
+        let cp = verify(&mark.note, vkey)
+            .map_err(|e| format!("the HSM's checkpoint mark does not verify: {e}"))?;
+        if cp.size != mark.size || hex::encode(cp.root) != mark.root {
+            return Err("the HSM's checkpoint mark says another size or root than its note".into());
+        }
+        Ok(mark)
+    }
+
+    /// The newest of the marks stored in the HSM (two exist after an
+    /// interrupted update), each verified with `vkey`.
+    pub fn newest(values: &[Vec<u8>], vkey: &str) -> Result<Option<Mark>, String> {
+        let mut newest: Option<Mark> = None;
+        for v in values {
+            let m = Mark::decode_verified(v, vkey)?;
+            if newest.as_ref().is_none_or(|n| m.size > n.size) {
+                newest = Some(m);
+            }
+        }
+        Ok(newest)
+    }
+}
+
 /// A checkpoint read from a verified note.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {

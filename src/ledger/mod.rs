@@ -2,7 +2,9 @@
 //!
 //! Every decision and signature is an entry. Entry `n` commits to entry
 //! `n - 1` through its hash, so editing, deleting or reordering any stored
-//! entry breaks the chain at that point and [`verify_database`] names it.
+//! entry breaks the chain at that point and [`verify_chain`] names it; who can
+//! rewrite the whole file is caught by checkpoints verified with a trusted key
+//! ([`verify_history`]).
 //!
 //! ```text
 //! hash(n) = SHA-256( "keyward:ledger:v1\0"
@@ -21,15 +23,20 @@
 //! sync for every job waiting at the time).
 
 pub mod checkpoint;
+mod history;
 pub mod merkle;
 mod verify;
 mod writer;
 
 use sha2::{Digest, Sha256};
 
+pub use history::{
+    Expectations, HistoryReport, TrustedKey, VerifyError, VerifyReport, Walker, verify_chain,
+    verify_history, verify_history_conn,
+};
 pub use verify::{
-    InclusionProof, VerifyError, VerifyReport, entries_after, export_jsonl, latest_checkpoint,
-    open_read_only, prove, trail, verify_database, verify_proof,
+    InclusionProof, entries_after, export_jsonl, latest_checkpoint, open_read_only, prove, trail,
+    verify_proof,
 };
 pub use writer::{Ledger, LedgerHealthState, LedgerOptions, LedgerTxn, Reader, now_ms};
 
@@ -139,6 +146,8 @@ event_types! {
     DaemonStarted => "daemon_started",
     /// The daemon stopped cleanly.
     DaemonStopped => "daemon_stopped",
+    /// An operator started keywardd on a history that failed verification.
+    HistoryAcknowledged => "history_acknowledged",
 }
 
 impl std::fmt::Display for EventType {

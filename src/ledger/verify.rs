@@ -5,57 +5,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use super::{Entry, EventType, LedgerError};
-
-/// Result of a successful verification.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifyReport {
-    /// Number of entries checked.
-    pub entries: u64,
-    /// Sequence number of the last entry.
-    pub head_seq: u64,
-    /// Hash of the last entry (all zeros for an empty ledger).
-    pub head_hash: [u8; 32],
-}
-
-/// Why verification failed: either a finding about the chain (the ledger is
-/// broken at `seq`) or a failure to read it.
-#[derive(Debug, thiserror::Error)]
-pub enum VerifyError {
-    /// The chain is broken; `seq` is the first bad sequence number.
-    #[error("first broken entry: seq {seq}: {problem}")]
-    Broken {
-        /// First broken sequence number.
-        seq: u64,
-        /// What is wrong.
-        problem: String,
-    },
-    /// The database could not be read.
-    #[error("{0}")]
-    Read(#[from] LedgerError),
-}
-
-impl VerifyError {
-    /// Whether this is a finding about the chain (exit 1) rather than a
-    /// failure to read it (exit 2).
-    pub fn is_finding(&self) -> bool {
-        matches!(self, VerifyError::Broken { .. })
-    }
-
-    /// The first broken sequence number, for findings.
-    pub fn broken_seq(&self) -> Option<u64> {
-        match self {
-            VerifyError::Broken { seq, .. } => Some(*seq),
-            VerifyError::Read(_) => None,
-        }
-    }
-}
-
-impl From<rusqlite::Error> for VerifyError {
-    fn from(e: rusqlite::Error) -> Self {
-        VerifyError::Read(LedgerError::Sqlite(e))
-    }
-}
+use super::{Entry, LedgerError};
 
 /// Opens a ledger database read-only. A missing file is an error (never
 /// created).
@@ -79,7 +29,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection, LedgerError> {
 }
 
 /// A row as stored, before its hashes are known to be 32 bytes.
-struct RawRow {
+pub(super) struct RawRow {
     seq: i64,
     ts_ms: i64,
     event: String,
@@ -90,10 +40,10 @@ struct RawRow {
     hash: Vec<u8>,
 }
 
-const SELECT: &str =
+pub(super) const SELECT: &str =
     "SELECT seq, ts_ms, event, intent_id, agent, payload, prev_hash, hash FROM ledger";
 
-fn raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+pub(super) fn raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
     Ok(RawRow {
         seq: r.get(0)?,
         ts_ms: r.get(1)?,
@@ -106,7 +56,7 @@ fn raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
     })
 }
 
-fn to_entry(r: RawRow) -> Result<Entry, (i64, String)> {
+pub(super) fn to_entry(r: RawRow) -> Result<Entry, (i64, String)> {
     let seq = u64::try_from(r.seq).map_err(|_| (r.seq, "negative sequence number".to_owned()))?;
     let prev_hash: [u8; 32] = r
         .prev_hash
@@ -126,156 +76,6 @@ fn to_entry(r: RawRow) -> Result<Entry, (i64, String)> {
         prev_hash,
         hash,
     })
-}
-
-/// Recomputes the whole chain of the database at `path`: sequence numbers
-/// contiguous from 1, every link equal to the previous entry's hash, every
-/// hash equal to the hash of the entry's content, known event types,
-/// non-decreasing timestamps. Names the first broken sequence number.
-pub fn verify_database(path: &Path) -> Result<VerifyReport, VerifyError> {
-    let conn = open_read_only(path)?;
-    let mut stmt = conn.prepare(&format!("{SELECT} ORDER BY seq"))?;
-    let mut rows = stmt.query([])?;
-    let mut expected_seq: u64 = 1;
-    let mut prev_hash = [0u8; 32];
-    let mut prev_ts = i64::MIN;
-    // The previous entry when its own hash did not match its content: the
-    // next entry's link tells whether the content or the stored hash changed.
-    let mut pending: Option<(Entry, [u8; 32])> = None;
-    let broken = |seq: u64, problem: String| VerifyError::Broken { seq, problem };
-    // The Merkle tree as far as the last checkpoint, and the leaves after it.
-    let mut frontier = super::merkle::Frontier::default();
-    let mut unpushed = std::collections::VecDeque::new();
-    let mut pinned_key: Option<String> = None;
-    while let Some(row) = rows.next()? {
-        let entry =
-            to_entry(raw(row)?).map_err(|(seq, p)| broken(u64::try_from(seq).unwrap_or(0), p))?;
-        if let Some((bad, computed)) = pending.take() {
-            let problem = if entry.prev_hash == bad.hash {
-                "the entry's content does not match its hash (payload or fields edited)"
-            } else if entry.prev_hash == computed {
-                "the stored hash was changed (the next entry links to the hash of the unchanged content)"
-            } else {
-                "the entry does not match its hash and the next entry does not link to it (entry replaced)"
-            };
-            return Err(broken(bad.seq, problem.to_owned()));
-        }
-        if entry.seq != expected_seq {
-            return Err(broken(
-                expected_seq,
-                if entry.seq > expected_seq {
-                    format!(
-                        "entries {expected_seq}..{} are missing (rows deleted); the next stored entry is seq {}",
-                        entry.seq - 1,
-                        entry.seq
-                    )
-                } else {
-                    format!("sequence number {} appears out of order", entry.seq)
-                },
-            ));
-        }
-        if entry.prev_hash != prev_hash {
-            return Err(broken(
-                entry.seq,
-                format!(
-                    "the link to entry {} is broken (rows reordered, replaced, or the link edited)",
-                    entry.seq - 1
-                ),
-            ));
-        }
-        if EventType::parse(&entry.event).is_none() {
-            return Err(broken(
-                entry.seq,
-                format!("unknown event type {:?}", entry.event),
-            ));
-        }
-        if entry.ts_ms < prev_ts {
-            return Err(broken(
-                entry.seq,
-                "timestamp earlier than the previous entry's".to_owned(),
-            ));
-        }
-        let computed = entry.computed_hash();
-        if computed != entry.hash {
-            pending = Some((entry, computed));
-            expected_seq += 1;
-            continue;
-        }
-        if entry.event == EventType::Checkpoint.as_str() {
-            check_checkpoint(&entry, &mut frontier, &mut unpushed, &mut pinned_key)
-                .map_err(|p| broken(entry.seq, p))?;
-        }
-        unpushed.push_back(super::merkle::leaf_hash(&entry.hash));
-        prev_hash = entry.hash;
-        prev_ts = entry.ts_ms;
-        expected_seq += 1;
-    }
-    if let Some((bad, _)) = pending {
-        return Err(broken(
-            bad.seq,
-            "the last entry's content does not match its hash (payload, fields or hash edited)"
-                .to_owned(),
-        ));
-    }
-    let entries = expected_seq - 1;
-    Ok(VerifyReport {
-        entries,
-        head_seq: entries,
-        head_hash: prev_hash,
-    })
-}
-
-/// Checks a `checkpoint` entry: its size covers only earlier entries and
-/// never shrinks, its root is the Merkle root of those entries, its note is
-/// signed by its verifier key, and every checkpoint uses the same key.
-fn check_checkpoint(
-    entry: &Entry,
-    frontier: &mut super::merkle::Frontier,
-    unpushed: &mut std::collections::VecDeque<[u8; 32]>,
-    pinned_key: &mut Option<String>,
-) -> Result<(), String> {
-    let v: serde_json::Value = serde_json::from_slice(&entry.payload)
-        .map_err(|_| "checkpoint payload is not JSON".to_owned())?;
-    let size = v["size"].as_u64().ok_or("checkpoint without a size")?;
-    if size >= entry.seq {
-        return Err(format!(
-            "checkpoint claims {size} entries, more than precede it"
-        ));
-    }
-    if size < frontier.size() {
-        return Err(format!(
-            "checkpoint of {size} entries after one of {}: a checkpoint never shrinks",
-            frontier.size()
-        ));
-    }
-    while frontier.size() < size {
-        let leaf = unpushed
-            .pop_front()
-            .ok_or("checkpoint beyond the entries read")?;
-        frontier.push(leaf);
-    }
-    let root = hex::encode(frontier.root());
-    if v["root"].as_str() != Some(root.as_str()) {
-        return Err(format!(
-            "checkpoint root does not match the Merkle root of entries 1..{size}"
-        ));
-    }
-    let vkey = v["verifier_key"]
-        .as_str()
-        .ok_or("checkpoint without a verifier key")?;
-    let note = v["note"].as_str().ok_or("checkpoint without a note")?;
-    let cp = super::checkpoint::verify(note, vkey).map_err(|e| format!("checkpoint note: {e}"))?;
-    if cp.size != size || hex::encode(cp.root) != root {
-        return Err("the signed note says another size or root than the checkpoint".into());
-    }
-    match pinned_key {
-        Some(k) if k != vkey => {
-            return Err("checkpoint signed by another key than the earlier ones".into());
-        }
-        Some(_) => {}
-        None => *pinned_key = Some(vkey.to_owned()),
-    }
-    Ok(())
 }
 
 fn collect(rows: rusqlite::Rows<'_>) -> Result<Vec<Entry>, LedgerError> {
@@ -327,7 +127,7 @@ pub fn export_jsonl(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{Ledger, LedgerOptions};
+    use crate::ledger::{EventType, Ledger, LedgerOptions};
 
     fn ledger_with(n: usize) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -359,8 +159,8 @@ mod tests {
     }
 
     fn broken_at(path: &Path) -> (u64, String) {
-        match verify_database(path) {
-            Err(VerifyError::Broken { seq, problem }) => (seq, problem),
+        match crate::ledger::verify_chain(path) {
+            Err(crate::ledger::VerifyError::Broken { seq, problem }) => (seq, problem),
             other => panic!("expected a finding, got {other:?}"),
         }
     }
@@ -368,15 +168,15 @@ mod tests {
     #[test]
     fn untouched_ledger_verifies() {
         let (_d, path) = ledger_with(5);
-        let r = verify_database(&path).unwrap();
+        let r = crate::ledger::verify_chain(&path).unwrap();
         assert_eq!((r.entries, r.head_seq), (5, 5));
     }
 
     #[test]
     fn empty_ledger_verifies_and_missing_file_is_not_a_finding() {
         let (d, path) = ledger_with(0);
-        assert_eq!(verify_database(&path).unwrap().entries, 0);
-        let e = verify_database(&d.path().join("nope")).unwrap_err();
+        assert_eq!(crate::ledger::verify_chain(&path).unwrap().entries, 0);
+        let e = crate::ledger::verify_chain(&d.path().join("nope")).unwrap_err();
         assert!(!e.is_finding());
     }
 

@@ -1018,7 +1018,7 @@ mod tests {
             .unwrap();
         assert_eq!(c.seq.0, 3);
         l.close_blocking().unwrap();
-        let report = super::super::verify_database(&dir.path().join("l.sqlite3")).unwrap();
+        let report = super::super::verify_chain(&dir.path().join("l.sqlite3")).unwrap();
         assert_eq!(report.entries, 3);
         assert_eq!(report.head_hash, c.hash);
     }
@@ -1159,7 +1159,7 @@ mod tests {
             .unwrap();
         assert_eq!((n, head), (2, 2));
         l.close_blocking().unwrap();
-        assert!(crate::ledger::verify_database(&dir.path().join("l.sqlite3")).is_ok());
+        assert!(crate::ledger::verify_chain(&dir.path().join("l.sqlite3")).is_ok());
     }
 
     #[test]
@@ -1195,7 +1195,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         l.close_blocking().unwrap();
-        assert_eq!(crate::ledger::verify_database(&db).unwrap().entries, 2000);
+        assert_eq!(crate::ledger::verify_chain(&db).unwrap().entries, 2000);
     }
 
     #[test]
@@ -1341,7 +1341,7 @@ mod tests {
         assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
         l.close_blocking().unwrap();
         assert_eq!(
-            super::super::verify_database(&dir.path().join("l.sqlite3"))
+            super::super::verify_chain(&dir.path().join("l.sqlite3"))
                 .unwrap()
                 .entries,
             400

@@ -1,27 +1,36 @@
-//! Signed checkpoints of the ledger's Merkle tree.
+//! Signed checkpoints of the ledger's Merkle tree, made only over entries
+//! verified against the HSM's own audit key.
+//!
+//! The checkpointer keeps a [`Walker`] positioned at the last verified
+//! entry. Before each checkpoint, and every `verify_interval` in between,
+//! it verifies what was written since (links, hashes, that the entry
+//! verified last is unchanged, and its own earlier checkpoints). The new
+//! tree extends the verified one leaf by leaf, so each checkpoint is
+//! consistent with the previous by construction. After the checkpoint is
+//! recorded, it is kept in the HSM as the mark a later start must find.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::history::HistoryGate;
 use crate::hsm::{Hsm, HsmKey, sign_verified};
-use crate::ledger::checkpoint::{self, AUDIT_KEY};
-use crate::ledger::merkle::{Frontier, leaf_hash};
-use crate::ledger::{EventType, Ledger, LedgerError};
+use crate::ledger::checkpoint::{self, AUDIT_KEY, CheckpointRecord, MARK_LABEL, Mark};
+use crate::ledger::{EventType, Ledger, Walker};
 
-/// Makes checkpoints: keeps the tree's frontier, signs with the audit key.
+/// Makes checkpoints and re-verifies the history while keywardd runs.
 pub struct Checkpointer {
     hsm: Arc<dyn Hsm>,
     ledger: Ledger,
     key: HsmKey,
     origin: String,
+    gate: Arc<HistoryGate>,
     state: tokio::sync::Mutex<State>,
 }
 
 struct State {
-    frontier: Frontier,
-    /// Perfect subtrees completed since the last recorded checkpoint, stored
-    /// with the next one (they make proofs O(log² n)).
-    pending_nodes: Vec<(u32, u64, [u8; 32])>,
+    /// Positioned at the last verified entry; `None` only while a
+    /// verification runs on a blocking thread.
+    walker: Option<Walker>,
     /// Size of the last checkpoint made.
     last_size: u64,
     last_at: Instant,
@@ -36,72 +45,30 @@ pub struct Made {
     pub seq: u64,
 }
 
-fn read_hashes(ledger: &Ledger, after: u64) -> Result<Vec<(u64, [u8; 32])>, LedgerError> {
-    let conn = ledger.reader()?;
-    let mut stmt = conn.prepare("SELECT seq, hash FROM ledger WHERE seq > ?1 ORDER BY seq")?;
-    let rows = stmt.query_map([i64::try_from(after).unwrap_or(i64::MAX)], |r| {
-        let seq: i64 = r.get(0)?;
-        let h: Vec<u8> = r.get(1)?;
-        Ok((seq, h))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (seq, h) = row?;
-        let hash: [u8; 32] = h.as_slice().try_into().map_err(|_| {
-            LedgerError::Corrupt(format!("entry {seq} has a hash of {} bytes", h.len()))
-        })?;
-        out.push((u64::try_from(seq).unwrap_or(0), hash));
-    }
-    Ok(out)
-}
-
-fn append(
-    frontier: &mut Frontier,
-    hashes: &[(u64, [u8; 32])],
-    mut nodes: Option<&mut Vec<(u32, u64, [u8; 32])>>,
-) -> Result<(), LedgerError> {
-    for (seq, h) in hashes {
-        if *seq != frontier.size() + 1 {
-            return Err(LedgerError::Corrupt(format!(
-                "entry {seq} follows {}: the ledger has a gap",
-                frontier.size()
-            )));
-        }
-        let made = frontier.push(leaf_hash(h));
-        if let Some(n) = nodes.as_deref_mut() {
-            n.extend(made);
-        }
-    }
-    Ok(())
-}
-
 impl Checkpointer {
-    /// Builds the tree over every entry so far (once, at start).
+    /// A checkpointer over the history `walker` verified (through its head).
     pub fn new(
         hsm: Arc<dyn Hsm>,
         ledger: Ledger,
         key: HsmKey,
         origin: String,
-    ) -> Result<Checkpointer, LedgerError> {
-        let mut frontier = Frontier::default();
-        let mut nodes = Vec::new();
-        append(&mut frontier, &read_hashes(&ledger, 0)?, Some(&mut nodes))?;
-        let last_size = last_checkpoint_size(&ledger)?;
-        // Nodes completed after the last checkpoint were never stored: they
-        // go with the next one.
-        nodes.retain(|(level, idx, _)| (idx + 1) << level > last_size);
-        Ok(Checkpointer {
+        walker: Walker,
+        gate: Arc<HistoryGate>,
+    ) -> Checkpointer {
+        gate.verified_through(walker.head().0);
+        let last_size = walker.checkpointed();
+        Checkpointer {
             hsm,
             ledger,
             key,
             origin,
+            gate,
             state: tokio::sync::Mutex::new(State {
-                frontier,
-                pending_nodes: nodes,
+                walker: Some(walker),
                 last_size,
                 last_at: Instant::now(),
             }),
-        })
+        }
     }
 
     /// The verifier key of the audit key.
@@ -109,29 +76,86 @@ impl Checkpointer {
         checkpoint::verifier_key(AUDIT_KEY, &self.key.public_key)
     }
 
+    /// Verifies the entries written since the last verified one. A break
+    /// stops signing (the gate trips) and is returned.
+    pub async fn verify_new(&self) -> Result<u64, String> {
+        let mut st = self.state.lock().await;
+        self.verify_locked(&mut st).await
+    }
+
+    async fn verify_locked(&self, st: &mut State) -> Result<u64, String> {
+        self.gate.check()?;
+        let Some(mut walker) = st.walker.take() else {
+            let problem =
+                "an earlier verification did not finish; the history is not verified".to_owned();
+            self.gate.trip(problem.clone());
+            return Err(problem);
+        };
+        let ledger = self.ledger.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let r = ledger
+                .reader()
+                .map_err(crate::ledger::VerifyError::Read)
+                .and_then(|conn| walker.walk(&conn));
+            (walker, r)
+        })
+        .await;
+        let (walker, r) = match result {
+            Ok(pair) => pair,
+            Err(e) => {
+                let problem = format!("the verification task failed: {e}");
+                self.gate.trip(problem.clone());
+                return Err(problem);
+            }
+        };
+        let head = walker.head().0;
+        st.walker = Some(walker);
+        match r {
+            Ok(n) => {
+                self.gate.verified_through(head);
+                Ok(n)
+            }
+            Err(crate::ledger::VerifyError::Read(e)) => {
+                // Not a finding: the ledger could not be read this time.
+                Err(format!("cannot read the ledger to verify it: {e}"))
+            }
+            Err(e) => {
+                let problem = e.to_string();
+                self.gate.trip(problem.clone());
+                Err(problem)
+            }
+        }
+    }
+
     /// Makes a checkpoint if `every` entries were added since the last one,
     /// or `interval` passed with any new entry (`force`: whenever there is a
-    /// new entry, as at shutdown).
+    /// new entry, as at start and at shutdown). Verifies the new entries
+    /// first; never signs over a broken history.
     pub async fn maybe(
         &self,
         every: u64,
         interval: Duration,
         force: bool,
     ) -> Result<Option<Made>, String> {
-        let mut st = self.state.lock().await;
+        let mut guard = self.state.lock().await;
         let head = self.ledger.health().head_seq;
-        let new = head.saturating_sub(st.last_size);
-        let due = new > 0 && (force || new >= every || st.last_at.elapsed() >= interval);
+        let new = head.saturating_sub(guard.last_size);
+        let due = new > 0 && (force || new >= every || guard.last_at.elapsed() >= interval);
         if !due {
             return Ok(None);
         }
-        let size0 = st.frontier.size();
-        let hashes = read_hashes(&self.ledger, size0).map_err(|e| e.to_string())?;
-        let st = &mut *st;
-        append(&mut st.frontier, &hashes, Some(&mut st.pending_nodes))
-            .map_err(|e| e.to_string())?;
-        let size = st.frontier.size();
-        let root = st.frontier.root();
+        self.verify_locked(&mut guard).await?;
+        let st = &mut *guard;
+        let Some(walker) = st.walker.as_mut() else {
+            return Err("the history is not verified".into());
+        };
+        let (frontier, nodes) = walker.tree();
+        let size = frontier.size();
+        if size <= st.last_size {
+            return Ok(None);
+        }
+        let root = frontier.root();
+        let nodes = nodes.to_vec();
         let body = checkpoint::body(&self.origin, size, &root);
         let hsm = Arc::clone(&self.hsm);
         let key = self.key.clone();
@@ -140,18 +164,16 @@ impl Checkpointer {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("the audit key could not sign: {e}"))?;
-        let note = checkpoint::note(&body, AUDIT_KEY, &self.key.public_key, &sig);
-        let payload = serde_json::to_vec(&serde_json::json!({
-            "origin": self.origin,
-            "size": size,
-            "root": hex::encode(root),
-            "note": note,
-            "key": AUDIT_KEY,
-            "public_key": self.key.public_key.to_base58(),
-            "verifier_key": self.verifier_key(),
-        }))
-        .map_err(|e| e.to_string())?;
-        let nodes = st.pending_nodes.clone();
+        let record = CheckpointRecord {
+            origin: self.origin.clone(),
+            size,
+            root: hex::encode(root),
+            note: checkpoint::note(&body, AUDIT_KEY, &self.key.public_key, &sig),
+            key: AUDIT_KEY.to_owned(),
+            public_key: self.key.public_key.to_base58(),
+            verifier_key: self.verifier_key(),
+        };
+        let payload = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
         let seq = self
             .ledger
             .write(move |txn| {
@@ -173,17 +195,20 @@ impl Checkpointer {
             })
             .await
             .map_err(|e| e.to_string())?;
-        st.pending_nodes.clear();
+        walker.nodes_stored(size);
         st.last_size = size;
         st.last_at = Instant::now();
+        // Only a recorded checkpoint becomes the mark, so the mark is never
+        // ahead of the database.
+        let hsm = Arc::clone(&self.hsm);
+        let mark = Mark::of(&record, seq).encode();
+        match tokio::task::spawn_blocking(move || hsm.store_data(MARK_LABEL, &mark)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, size, "cannot keep the checkpoint in the HSM; the previous mark stays")
+            }
+            Err(e) => tracing::error!(error = %e, "the HSM mark task failed"),
+        }
         Ok(Some(Made { size, seq }))
     }
-}
-
-/// Size of the last checkpoint in the ledger (0 if none).
-fn last_checkpoint_size(ledger: &Ledger) -> Result<u64, LedgerError> {
-    let conn = ledger.reader()?;
-    Ok(crate::ledger::latest_checkpoint(&conn)?
-        .and_then(|v| v["size"].as_u64())
-        .unwrap_or(0))
 }

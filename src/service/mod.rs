@@ -12,6 +12,7 @@
 
 mod approvals;
 pub mod checkpoints;
+pub mod history;
 mod prepare;
 mod submit;
 mod views;
@@ -60,6 +61,10 @@ pub enum SubmitError {
     /// signed until it catches up.
     #[error("the ledger mirror is behind ({0}); nothing is signed until it catches up")]
     MirrorLagging(String),
+    /// The audit history failed verification while running: nothing is
+    /// signed until an operator restarts keywardd on a verified history.
+    #[error("the audit history is broken ({0}); nothing is signed")]
+    HistoryBroken(String),
     /// An internal error; nothing was released.
     #[error("internal error: {0}")]
     Internal(String),
@@ -76,6 +81,7 @@ impl SubmitError {
             SubmitError::AuditUnavailable(_) => codes::AUDIT_UNAVAILABLE,
             SubmitError::HsmUnavailable(_) => codes::HSM_UNAVAILABLE,
             SubmitError::MirrorLagging(_) => codes::MIRROR_LAGGING,
+            SubmitError::HistoryBroken(_) => codes::LEDGER_HISTORY_BROKEN,
             SubmitError::Internal(_) => codes::INTERNAL,
         }
     }
@@ -88,7 +94,8 @@ impl SubmitError {
             SubmitError::NotFound => 404,
             SubmitError::AuditUnavailable(_)
             | SubmitError::HsmUnavailable(_)
-            | SubmitError::MirrorLagging(_) => 503,
+            | SubmitError::MirrorLagging(_)
+            | SubmitError::HistoryBroken(_) => 503,
             SubmitError::Internal(_) => 500,
         }
     }
@@ -266,6 +273,7 @@ pub struct Signer {
     reload_lock: tokio::sync::Mutex<()>,
     approval_ttl_ms: i64,
     mirror_gate: std::sync::OnceLock<Arc<MirrorGate>>,
+    history: Arc<history::HistoryGate>,
     in_flight: Mutex<HashMap<(String, String), usize>>,
     needs_recovery: AtomicBool,
 }
@@ -313,6 +321,7 @@ impl Signer {
             reload_lock: tokio::sync::Mutex::new(()),
             approval_ttl_ms: i64::try_from(approval_ttl.as_millis()).unwrap_or(i64::MAX / 2),
             mirror_gate: std::sync::OnceLock::new(),
+            history: Arc::new(history::HistoryGate::default()),
             in_flight: Mutex::new(HashMap::new()),
             needs_recovery: AtomicBool::new(false),
         })
@@ -473,6 +482,16 @@ impl Signer {
     /// Makes signing depend on the mirror keeping up.
     pub fn set_mirror_gate(&self, gate: Arc<MirrorGate>) {
         let _ = self.mirror_gate.set(gate);
+    }
+
+    /// Whether the audit history verified so far holds.
+    pub fn history_gate(&self) -> &Arc<history::HistoryGate> {
+        &self.history
+    }
+
+    /// `Err` when signing must stop because the history is broken.
+    fn check_history(&self) -> Result<(), SubmitError> {
+        self.history.check().map_err(SubmitError::HistoryBroken)
     }
 
     /// The mirror gate, when a mirror is configured.

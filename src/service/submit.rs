@@ -59,7 +59,9 @@ impl Signer {
         agent: &AgentPolicy,
         req: IntentRequest,
     ) -> Result<SubmitOutcome, SubmitError> {
-        // Fail closed while the external copy of the ledger lags.
+        // Fail closed on a broken history and while the external copy of
+        // the ledger lags.
+        self.check_history()?;
         if let Some(gate) = self.mirror_gate() {
             gate.check(self.ledger.health().head_seq)
                 .map_err(SubmitError::MirrorLagging)?;
@@ -128,6 +130,12 @@ impl Signer {
             ));
         };
 
+        // Never sign on a history found broken since admission; the
+        // reservation is released by recovery.
+        if let Err(e) = self.check_history() {
+            self.needs_recovery.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
         // Sign in the HSM with no lock held, then verify in software.
         let hsm = Arc::clone(&self.hsm);
         let to_sign = message.to_vec();

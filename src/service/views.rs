@@ -300,8 +300,11 @@ impl Signer {
             }
         });
         let mirror_ok = mirror.as_ref().is_none_or(|m| m.ok);
+        let history = self.history_gate().check();
         HealthView {
-            status: if hsm_state.is_ok() && ledger_ok && mirror_ok {
+            status: if history.is_err() {
+                "failed"
+            } else if hsm_state.is_ok() && ledger_ok && mirror_ok {
                 "ok"
             } else {
                 "degraded"
@@ -320,6 +323,9 @@ impl Signer {
                 consecutive_failures: l.consecutive_failures,
                 commits: l.commits,
                 largest_batch: l.largest_batch,
+                history_ok: history.is_ok(),
+                verified_seq: self.history_gate().verified_seq(),
+                history_detail: history.err(),
             },
             mirror,
         }

@@ -120,12 +120,18 @@ impl Instance {
 
     /// Starts keywardd and waits until the agent socket answers.
     pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    /// [`Instance::start`] with extra arguments for keywardd.
+    pub fn start_with(&mut self, args: &[&str]) {
         assert!(self.child.is_none(), "already running");
         self.log_count += 1;
         let log = std::fs::File::create(self.log_path(self.log_count)).unwrap();
         let child = Command::new(KEYWARDD)
             .arg("--config")
             .arg(&self.config)
+            .args(args)
             .env("KEYWARD_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -218,13 +224,51 @@ impl Instance {
             .unwrap()
     }
 
-    /// `keyward audit verify --db` on this instance's ledger.
+    /// `keyward audit verify --db` on this instance's ledger, trusting the
+    /// audit key pinned at `init` (found through `--config`).
     pub fn audit_verify(&self) -> Output {
         Command::new(KEYWARD)
+            .arg("--config")
+            .arg(&self.config)
             .args(["audit", "verify", "--db"])
             .arg(&self.db)
             .output()
             .unwrap()
+    }
+
+    /// The audit key pinned by `keyward init --dev`.
+    pub fn audit_vkey_file(&self) -> PathBuf {
+        self.inst_dir().join("audit.vkey")
+    }
+
+    /// Starts keywardd with extra arguments and waits for it to exit
+    /// (for start-ups that must be refused). Returns (exit code, log).
+    pub fn start_refused(&mut self, args: &[&str]) -> (i32, String) {
+        assert!(self.child.is_none(), "already running");
+        self.log_count += 1;
+        let log = std::fs::File::create(self.log_path(self.log_count)).unwrap();
+        let mut child = Command::new(KEYWARDD)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("KEYWARD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status.code().unwrap_or(-1), self.log());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("keywardd did not exit: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
