@@ -565,6 +565,36 @@ async fn ledger_phase(
 /// reservation from two days ago, as a long-running signer would have.
 fn prefill(cfg: &Config, n: u64, progress_on: bool) -> Result<(), BenchError> {
     let ledger = crate::daemon::open_ledger(cfg).map_err(setup)?;
+    // A history keywardd accepts: a start, a checkpoint covering it signed
+    // by the audit key, then the old entries, then a stop.
+    {
+        let hsm = crate::daemon::open_hsm(cfg).map_err(setup)?;
+        let est = crate::service::history::establish(&*hsm, &ledger, cfg, None).map_err(setup)?;
+        ledger
+            .write_blocking(|t| {
+                t.append(
+                    EventType::DaemonStarted,
+                    None,
+                    None,
+                    b"{\"bench\":\"prefill\"}",
+                )
+                .map(|_| ())
+            })
+            .map_err(setup)?;
+        let checkpointer = crate::service::checkpoints::Checkpointer::new(
+            hsm,
+            ledger.clone(),
+            est.key,
+            "keyward/bench".into(),
+            est.walker,
+            std::sync::Arc::default(),
+        );
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(setup)?
+            .block_on(checkpointer.maybe(1, Duration::from_secs(1), true))
+            .map_err(setup)?;
+    }
     let payload = vec![b'x'; 400];
     let chunk = 5_000u64;
     let mut done = 0u64;
@@ -613,6 +643,12 @@ fn prefill(cfg: &Config, n: u64, progress_on: bool) -> Result<(), BenchError> {
             progress(true, &format!("prefilled {done} of {n} entries"));
         }
     }
+    ledger
+        .write_blocking(|t| {
+            t.append(EventType::DaemonStopped, None, None, b"{}")
+                .map(|_| ())
+        })
+        .map_err(setup)?;
     ledger.close_blocking().map_err(setup)
 }
 
@@ -731,7 +767,16 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     ))?;
 
     let verify_start = Instant::now();
-    let verified = crate::ledger::verify_chain(&cfg.ledger_path()).map_err(setup)?;
+    // What keywardd does at every start: the whole history against the
+    // audit key.
+    let trusted = crate::ledger::TrustedKey::from_file(&cfg.audit_vkey_path()).map_err(setup)?;
+    let verified = crate::ledger::verify_history(
+        &cfg.ledger_path(),
+        &trusted,
+        &crate::ledger::Expectations::default(),
+    )
+    .map_err(setup)?
+    .chain;
     let verify_time = verify_start.elapsed();
 
     let per_intent = |cpu: Duration| {

@@ -212,6 +212,26 @@ fn deleting_an_intent_and_every_checkpoint_and_rehashing_is_caught() {
 }
 
 #[test]
+fn entries_appended_after_a_clean_stop_are_caught() {
+    let mut inst = instance_with_history();
+    let mut all = rows(&inst.db);
+    let mut fake = all
+        .iter()
+        .find(|r| r.event == "signature_created")
+        .unwrap()
+        .clone();
+    fake.intent_id = Some("invented".into());
+    fake.ts = all.last().unwrap().ts;
+    all.push(fake);
+    rewrite(&inst.db, &all, None);
+    keyward::ledger::verify_chain(&inst.db).unwrap();
+    let (code, out) = audit_verify(&inst, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("after a clean stop"), "{out}");
+    assert_refused(&mut inst, "entries appended offline");
+}
+
+#[test]
 fn checkpoints_resigned_with_another_key_are_caught() {
     let mut inst = instance_with_history();
     let forger = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());

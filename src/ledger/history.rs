@@ -19,7 +19,8 @@
 //! 2. keywardd signs a checkpoint covering its own `daemon_started` entry
 //!    before it records anything for an agent, so an agent's entry that no
 //!    checkpoint of its run covers the start of (checkpoints removed, or a
-//!    history made up) is a break;
+//!    history made up) is a break, and so is one after a clean stop
+//!    (`daemon_stopped`) and before the next start (entries added offline);
 //! 3. the database must contain the newest checkpoint kept outside it (the
 //!    mark in the HSM) and reach what the mirror acknowledged: a shorter or
 //!    different history was truncated or rolled back.
@@ -390,6 +391,12 @@ impl Walker {
                 self.run_start = Some(entry.seq);
                 self.run_covered = false;
             }
+            // Nothing is recorded for an agent between a clean stop and the
+            // next start.
+            EventType::DaemonStopped => {
+                self.run_start = None;
+                self.run_covered = false;
+            }
             EventType::Checkpoint => {
                 let size = self.check_checkpoint(entry)?;
                 self.checkpoints += 1;
@@ -405,7 +412,8 @@ impl Walker {
             match self.run_start {
                 None => {
                     return Err(
-                        "an agent's entry before any daemon start: the history was made up or its start removed"
+                        "an agent's entry outside a daemon run (before any start, or after a clean stop): \
+                         entries were added or the start removed"
                             .into(),
                     );
                 }
