@@ -148,4 +148,19 @@ fn pkcs11_backend_on_a_real_softhsm_token() {
         .map(|k| k.name.to_string())
         .collect();
     assert_eq!(names, ["cold", "hot"]);
+
+    // Data objects (the checkpoint mark): private to the logged-in user,
+    // persistent, not modifiable in place; a store replaces every earlier
+    // object of the label, and a new handle on the token reads the newest.
+    assert!(hsm.load_data("mark").unwrap().is_empty());
+    hsm.store_data("mark", b"first").unwrap();
+    assert_eq!(hsm.load_data("mark").unwrap(), vec![b"first".to_vec()]);
+    hsm.store_data("mark", b"second").unwrap();
+    assert_eq!(hsm.load_data("mark").unwrap(), vec![b"second".to_vec()]);
+    assert_eq!(
+        hsm.data_object_attributes("mark").unwrap(),
+        vec![(true, true, false)]
+    );
+    assert!(hsm.load_data("other").unwrap().is_empty());
+    assert_eq!(again.load_data("mark").unwrap(), vec![b"second".to_vec()]);
 }

@@ -597,6 +597,37 @@ impl Pkcs11Hsm {
             ])
             .map_err(device("C_FindObjects(data)"))
     }
+
+    /// (CKA_TOKEN, CKA_PRIVATE, CKA_MODIFIABLE) of each data object named
+    /// `label` (for tests and audits).
+    pub fn data_object_attributes(&self, label: &str) -> Result<Vec<(bool, bool, bool)>, HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        let mut out = Vec::new();
+        for h in Self::find_data(session, label)? {
+            let attrs = session
+                .get_attributes(
+                    h,
+                    &[
+                        AttributeType::Token,
+                        AttributeType::Private,
+                        AttributeType::Modifiable,
+                    ],
+                )
+                .map_err(device("C_GetAttributeValue(data)"))?;
+            let (mut token, mut private, mut modifiable) = (false, false, true);
+            for a in attrs {
+                match a {
+                    Attribute::Token(v) => token = v,
+                    Attribute::Private(v) => private = v,
+                    Attribute::Modifiable(v) => modifiable = v,
+                    _ => {}
+                }
+            }
+            out.push((token, private, modifiable));
+        }
+        Ok(out)
+    }
 }
 
 impl Hsm for Pkcs11Hsm {

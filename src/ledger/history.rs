@@ -626,3 +626,219 @@ pub fn verify_history_conn(
     let report = w.conclude(expect)?;
     Ok((report, w))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use ed25519_dalek::Signer as _;
+
+    use super::*;
+    use crate::ledger::{Ledger, LedgerOptions};
+    use crate::types::PublicKey;
+
+    fn key(seed: u8) -> (ed25519_dalek::SigningKey, String) {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let pk = PublicKey(sk.verifying_key().to_bytes());
+        let vkey = checkpoint::verifier_key(checkpoint::AUDIT_KEY, &pk);
+        (sk, vkey)
+    }
+
+    /// A checkpoint payload over `hashes`, signed by `sk`.
+    fn checkpoint_payload(sk: &ed25519_dalek::SigningKey, hashes: &[Hash]) -> Vec<u8> {
+        let mut f = Frontier::default();
+        for h in hashes {
+            f.push(leaf_hash(h));
+        }
+        let pk = PublicKey(sk.verifying_key().to_bytes());
+        let body = checkpoint::body("keyward/test", f.size(), &f.root());
+        let note = checkpoint::note(
+            &body,
+            checkpoint::AUDIT_KEY,
+            &pk,
+            &sk.sign(body.as_bytes()).to_bytes(),
+        );
+        serde_json::to_vec(&CheckpointRecord {
+            origin: "keyward/test".into(),
+            size: f.size(),
+            root: hex::encode(f.root()),
+            note,
+            key: checkpoint::AUDIT_KEY.into(),
+            public_key: pk.to_base58(),
+            verifier_key: checkpoint::verifier_key(checkpoint::AUDIT_KEY, &pk),
+        })
+        .unwrap()
+    }
+
+    /// A ledger: daemon_started, then (optionally) a checkpoint over it by
+    /// `signer`, then one agent entry.
+    fn ledger(
+        signer: Option<&ed25519_dalek::SigningKey>,
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite3");
+        let l = Ledger::open(&path, LedgerOptions::default()).unwrap();
+        let start = l
+            .write_blocking(|t| t.append(EventType::DaemonStarted, None, None, b"{}"))
+            .unwrap();
+        if let Some(sk) = signer {
+            let payload = checkpoint_payload(sk, &[start.hash]);
+            l.write_blocking(move |t| t.append(EventType::Checkpoint, None, None, &payload))
+                .unwrap();
+        }
+        l.write_blocking(|t| t.append(EventType::IntentReceived, Some("i"), Some("a"), b"{}"))
+            .unwrap();
+        l.close_blocking().unwrap();
+        (dir, path)
+    }
+
+    fn broken_at(r: Result<HistoryReport, VerifyError>) -> (u64, String) {
+        match r {
+            Err(VerifyError::Broken { seq, problem }) => (seq, problem),
+            other => panic!("expected a finding, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_start_covered_by_a_trusted_checkpoint_verifies() {
+        let (sk, vkey) = key(1);
+        let (_d, path) = ledger(Some(&sk));
+        let trusted = TrustedKey::new(&vkey, "test").unwrap();
+        let r = verify_history(&path, &trusted, &Expectations::default()).unwrap();
+        assert_eq!((r.chain.entries, r.checkpoints, r.checkpointed), (3, 1, 1));
+        assert_eq!(r.uncovered(), 2);
+    }
+
+    #[test]
+    fn an_agent_entry_after_an_uncovered_start_is_a_finding() {
+        let (_, vkey) = key(1);
+        let (_d, path) = ledger(None);
+        let trusted = TrustedKey::new(&vkey, "test").unwrap();
+        let (seq, problem) = broken_at(verify_history(&path, &trusted, &Expectations::default()));
+        assert_eq!(seq, 2);
+        assert!(
+            problem.contains("covers the daemon start at seq 1"),
+            "{problem}"
+        );
+        // The chain alone is fine.
+        assert_eq!(verify_chain(&path).unwrap().entries, 2);
+    }
+
+    #[test]
+    fn a_checkpoint_by_another_key_is_a_finding_naming_both_keys() {
+        let (forger, forged_vkey) = key(2);
+        let (_, vkey) = key(1);
+        let (_d, path) = ledger(Some(&forger));
+        let trusted = TrustedKey::new(&vkey, "pinned.vkey").unwrap();
+        let (seq, problem) = broken_at(verify_history(&path, &trusted, &Expectations::default()));
+        assert_eq!(seq, 2);
+        assert!(
+            problem.contains(&forged_vkey) && problem.contains("pinned.vkey"),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn the_hsm_mark_and_the_mirror_must_be_contained() {
+        let (sk, vkey) = key(1);
+        let (_d, path) = ledger(Some(&sk));
+        let trusted = TrustedKey::new(&vkey, "test").unwrap();
+        let conn = open_read_only(&path).unwrap();
+        let payload: Vec<u8> = conn
+            .query_row("SELECT payload FROM ledger WHERE seq = 2", [], |r| r.get(0))
+            .unwrap();
+        let rec: CheckpointRecord = serde_json::from_slice(&payload).unwrap();
+        let good = Mark::of(&rec, 2);
+        let ok = Expectations {
+            mark: Some(good.clone()),
+            mirror_acked: Some((3, "file".into())),
+        };
+        verify_history(&path, &trusted, &ok).unwrap();
+        // A mark beyond the end: truncation.
+        let mut longer = good.clone();
+        longer.size = 5;
+        let (seq, _) = broken_at(verify_history(
+            &path,
+            &trusted,
+            &Expectations {
+                mark: Some(longer),
+                mirror_acked: None,
+            },
+        ));
+        assert_eq!(seq, 4);
+        // Another root at the mark's size: a rewrite.
+        let mut other = good.clone();
+        other.root = hex::encode([7u8; 32]);
+        assert_eq!(
+            broken_at(verify_history(
+                &path,
+                &trusted,
+                &Expectations {
+                    mark: Some(other),
+                    mirror_acked: None
+                },
+            ))
+            .0,
+            1
+        );
+        // The mark's checkpoint entry is not where it should be.
+        let mut moved = good;
+        moved.seq = 3;
+        assert_eq!(
+            broken_at(verify_history(
+                &path,
+                &trusted,
+                &Expectations {
+                    mark: Some(moved),
+                    mirror_acked: None
+                },
+            ))
+            .0,
+            3
+        );
+        // The mirror acknowledged more than there is.
+        let (seq, problem) = broken_at(verify_history(
+            &path,
+            &trusted,
+            &Expectations {
+                mark: None,
+                mirror_acked: Some((9, "nats".into())),
+            },
+        ));
+        assert_eq!(seq, 4);
+        assert!(problem.contains("nats"), "{problem}");
+    }
+
+    #[test]
+    fn marks_are_verified_and_the_newest_wins() {
+        let (sk, vkey) = key(1);
+        let (forger, _) = key(2);
+        let mark = |sk: &ed25519_dalek::SigningKey, n: usize| {
+            let hashes: Vec<Hash> = (0..n).map(|i| [i as u8; 32]).collect();
+            let rec: CheckpointRecord =
+                serde_json::from_slice(&checkpoint_payload(sk, &hashes)).unwrap();
+            Mark::of(&rec, n as u64 + 1).encode()
+        };
+        let newest = Mark::newest(&[mark(&sk, 3), mark(&sk, 5)], &vkey)
+            .unwrap()
+            .unwrap();
+        assert_eq!(newest.size, 5);
+        assert!(Mark::newest(&[mark(&forger, 3)], &vkey).is_err());
+        assert!(Mark::newest(&[b"junk".to_vec()], &vkey).is_err());
+        assert_eq!(Mark::newest(&[], &vkey).unwrap(), None);
+    }
+
+    #[test]
+    fn a_pinned_key_file_skips_comments_and_refuses_garbage() {
+        let (_, vkey) = key(1);
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("audit.vkey");
+        std::fs::write(&good, TrustedKey::file_text(&vkey)).unwrap();
+        let k = TrustedKey::from_file(&good).unwrap();
+        assert_eq!(k.vkey(), vkey);
+        assert_eq!(k.source(), good.display().to_string());
+        let bad = dir.path().join("bad.vkey");
+        std::fs::write(&bad, "# only a comment\nnot-a-key\n").unwrap();
+        assert!(TrustedKey::from_file(&bad).is_err());
+        assert!(TrustedKey::from_file(&dir.path().join("absent")).is_err());
+    }
+}
