@@ -51,7 +51,9 @@ pub enum Action {
 }
 
 /// `200 OK` body of `POST /v1/intents?dry_run=true`: what keyward would
-/// decide now. Nothing is signed, counted, recorded or made pending.
+/// decide now. Nothing is signed, reserved or made pending; the dry run
+/// counts toward the agent's rate windows, and a denied one toward its
+/// breaker (recorded as `dry_run_evaluated`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DryRunResult {
     /// The intent id of the request.
