@@ -367,6 +367,34 @@ fn refused_approvals_trip_the_agents_breaker_and_write_bounded_entries() {
 }
 
 #[test]
+fn refused_approvals_count_toward_the_agents_rate_limit() {
+    let inst = Instance::with_policy(&policy_with(
+        "\"alice\", \"bob\", \"carol\"",
+        2,
+        "rate_limit = { per_minute = 2 }\nbreaker = { max_consecutive_denials = 1000 }",
+    ));
+    pending(&inst, "mine", "0.08");
+    let client = inst.client();
+    for _ in 0..2 {
+        match rt().block_on(client.add_approval("mine", "kwa1.not.a-token")) {
+            Err(ClientError::Api { status: 400, .. }) => {}
+            other => panic!("expected 400, got {other:?}"),
+        }
+    }
+    match rt().block_on(client.submit_intent(&transfer("next", &random_pubkey(), "0.01"))) {
+        Err(ClientError::Api {
+            status: 403,
+            reasons,
+            ..
+        }) => assert!(
+            reasons.iter().any(|r| r.rule == "rate_limited"),
+            "{reasons:?}"
+        ),
+        other => panic!("two refusals used up the minute's two places: {other:?}"),
+    }
+}
+
+#[test]
 fn an_operator_relays_tokens_and_a_relayed_reject_vetoes_the_intent() {
     let inst = Instance::with_policy(&policy());
     let keys = enroll(&inst, &["alice", "bob", "carol"]);
