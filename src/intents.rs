@@ -89,6 +89,45 @@ pub fn pending(
     .optional()
 }
 
+/// The intents still `pending_approval` whose approvals bind to
+/// `intent_hash`: (agent, intent_id).
+pub fn pending_by_hash(
+    conn: &Connection,
+    intent_hash: &[u8; 32],
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT p.agent, p.intent_id FROM pending_approvals p
+         JOIN intents i ON i.agent = p.agent AND i.intent_id = p.intent_id
+         WHERE p.intent_hash = ?1 AND i.status = 'pending_approval'",
+    )?;
+    let rows = stmt.query_map(params![&intent_hash[..]], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Every intent still `pending_approval` whose window has not ended at
+/// `now_ms`, oldest window end first: (agent, intent_id, pending part).
+pub fn all_pending(
+    conn: &Connection,
+    now_ms: i64,
+) -> rusqlite::Result<Vec<(String, String, Pending)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT p.agent, p.intent_id FROM pending_approvals p
+         JOIN intents i ON i.agent = p.agent AND i.intent_id = p.intent_id
+         WHERE p.expires_ms > ?1 AND i.status = 'pending_approval'
+         ORDER BY p.expires_ms",
+    )?;
+    let ids: Vec<(String, String)> = stmt
+        .query_map(params![now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut out = Vec::with_capacity(ids.len());
+    for (agent, id) in ids {
+        if let Some(p) = pending(conn, &agent, &id)? {
+            out.push((agent, id, p));
+        }
+    }
+    Ok(out)
+}
+
 /// Intents still `pending_approval` whose window ended at or before
 /// `now_ms`: (agent, intent_id).
 pub fn due_to_expire(conn: &Connection, now_ms: i64) -> rusqlite::Result<Vec<(String, String)>> {

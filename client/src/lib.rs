@@ -225,7 +225,8 @@ impl Client {
     }
 
     /// `POST /v1/intents?dry_run=true`: what keyward would decide for
-    /// `req` now, without signing, counting or recording anything.
+    /// `req` now, without signing or reserving anything. A dry run counts
+    /// toward the agent's rate limit, and a denied one toward its breaker.
     pub async fn dry_run(&self, req: &IntentRequest) -> Result<wire::DryRunResult, ClientError> {
         let (status, body) = self
             .request_json(Method::POST, "/v1/intents?dry_run=true", Some(req))

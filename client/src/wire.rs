@@ -51,7 +51,9 @@ pub enum Action {
 }
 
 /// `200 OK` body of `POST /v1/intents?dry_run=true`: what keyward would
-/// decide now. Nothing is signed, counted, recorded or made pending.
+/// decide now. Nothing is signed, reserved or made pending; the dry run
+/// counts toward the agent's rate windows, and a denied one toward its
+/// breaker (recorded as `dry_run_evaluated`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DryRunResult {
     /// The intent id of the request.
@@ -430,6 +432,56 @@ pub struct BreakerResetView {
 pub struct ApprovalSubmission {
     /// A `kwa1.…` approval token made by `keyward approve`.
     pub token: String,
+}
+
+/// Admin API: body of `POST /v1/admin/approvals`: an approver's token
+/// relayed by the operator, applied to the pending intent it names (by its
+/// intent hash) exactly as if the agent had handed it in. The answer is
+/// the agent endpoint's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayedApproval {
+    /// A `kwa1.…` approval token made by `keyward approve`.
+    pub token: String,
+}
+
+/// Admin API: one intent waiting for approvals in `GET /v1/admin/approvals`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingApprovalInfo {
+    /// The agent that submitted it.
+    pub agent: String,
+    /// Its intent id.
+    pub intent_id: String,
+    /// Key it would be signed with.
+    pub key: String,
+    /// What the transaction does, in one line.
+    pub summary: String,
+    /// Hex SHA-256 that approval tokens bind to.
+    pub intent_hash: String,
+    /// Approvals the policy in force now requires (0: it asks for none any
+    /// more; the next approval leads to a fresh decision).
+    pub required: u64,
+    /// Approvals that count now (by approvers enrolled and listed now).
+    pub received: u64,
+    /// Who may approve under the policy in force now.
+    pub approvers: Vec<String>,
+    /// Every decision recorded so far.
+    pub approvals: Vec<ApprovalRecordInfo>,
+    /// When the approval window ends (RFC 3339 UTC).
+    pub expires_at: String,
+}
+
+/// Admin API: one approver's decision on a pending intent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRecordInfo {
+    /// Approver name.
+    pub approver: String,
+    /// `approve` or `reject`.
+    pub decision: String,
+    /// When it was recorded (RFC 3339 UTC).
+    pub at: String,
+    /// Whether it counts now (the approver is enrolled and listed now).
+    pub counts: bool,
 }
 
 /// Admin API: answer of `POST /v1/admin/approvers/{name}`: the approver's

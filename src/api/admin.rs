@@ -22,6 +22,10 @@ pub fn admin_router(state: AppState) -> Router {
             "/v1/admin/approvers/{name}",
             post(add_approver).delete(remove_approver),
         )
+        .route(
+            "/v1/admin/approvals",
+            get(list_pending_approvals).post(relay_approval),
+        )
         .route("/v1/admin/health", get(health))
         .fallback(fallback)
         .method_not_allowed_fallback(method_fallback)
@@ -173,6 +177,69 @@ async fn list_approvers(
             removed_at: a.removed_ms.map(crate::ledger::format_utc),
         })
         .collect();
+    Ok(axum::Json(list).into_response())
+}
+
+/// `POST /v1/admin/approvals`: an approver's token relayed by the operator;
+/// the answer is the agent endpoint's.
+async fn relay_approval(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let uid = operator(peer)?;
+    let sub: keyward_client::wire::RelayedApproval =
+        super::body::read_json(&headers, body, state.max_body).await?;
+    let signer = std::sync::Arc::clone(&state.signer);
+    let by = format!("uid:{uid}");
+    // Runs to completion even if the operator's client goes away.
+    let (agent, intent_id, outcome) =
+        tokio::spawn(async move { signer.relay_approval(&sub.token, &by).await })
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    codes::INTERNAL,
+                    e.to_string(),
+                )
+            })?
+            .map_err(|e| match e {
+                crate::service::SubmitError::NotFound => ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    codes::INTENT_NOT_FOUND,
+                    "no intent pending approval binds to this token's intent hash",
+                ),
+                other => other.into(),
+            })?;
+    tracing::warn!(uid, agent = %agent, intent = %intent_id, "approval token relayed by operator");
+    if outcome == crate::service::ApprovalOutcome::Rejected {
+        return Ok(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "approval_rejected",
+            format!("intent {intent_id:?} of agent {agent:?} was rejected; it will not be signed"),
+        )
+        .into_response());
+    }
+    Ok(super::agent::approval_response(outcome))
+}
+
+/// `GET /v1/admin/approvals`: intents waiting for approvals.
+async fn list_pending_approvals(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+) -> Result<Response, ApiError> {
+    operator(peer)?;
+    let signer = std::sync::Arc::clone(&state.signer);
+    let list = tokio::task::spawn_blocking(move || signer.pending_approvals())
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                codes::INTERNAL,
+                e.to_string(),
+            )
+        })??;
     Ok(axum::Json(list).into_response())
 }
 

@@ -91,25 +91,7 @@ async fn submit_intent(
         SubmitOutcome::Denied(reasons) => {
             ApiError::from_body(StatusCode::FORBIDDEN, denial_body(&reasons)).into_response()
         }
-        SubmitOutcome::Locked { retry_after_s } => {
-            let body = keyward_client::wire::ErrorBody {
-                error: keyward_client::wire::ErrorDetail {
-                    code: keyward_client::wire::codes::AGENT_LOCKED.to_owned(),
-                    message: format!(
-                        "this agent is locked after repeated denials; retry in {retry_after_s} s or ask an operator to run `keyward breaker reset`"
-                    ),
-                    reasons: Vec::new(),
-                    retry_after: Some(retry_after_s),
-                },
-            };
-            let mut response = ApiError::from_body(StatusCode::LOCKED, body).into_response();
-            if let Ok(v) = axum::http::HeaderValue::from_str(&retry_after_s.to_string()) {
-                response
-                    .headers_mut()
-                    .insert(axum::http::header::RETRY_AFTER, v);
-            }
-            response
-        }
+        SubmitOutcome::Locked { retry_after_s } => locked_response(retry_after_s),
         SubmitOutcome::Pending(body) => json_response(StatusCode::ACCEPTED, body),
         SubmitOutcome::Expired => ApiError::new(
             StatusCode::GONE,
@@ -122,6 +104,55 @@ async fn submit_intent(
             body,
         ),
     })
+}
+
+/// 423 `agent_locked` with `Retry-After`.
+pub(crate) fn locked_response(retry_after_s: u64) -> Response {
+    let body = keyward_client::wire::ErrorBody {
+        error: keyward_client::wire::ErrorDetail {
+            code: codes::AGENT_LOCKED.to_owned(),
+            message: format!(
+                "this agent is locked after repeated denials; retry in {retry_after_s} s or ask an operator to run `keyward breaker reset`"
+            ),
+            reasons: Vec::new(),
+            retry_after: Some(retry_after_s),
+        },
+    };
+    let mut response = ApiError::from_body(StatusCode::LOCKED, body).into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&retry_after_s.to_string()) {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, v);
+    }
+    response
+}
+
+/// The answer to an approval token, for the agent and the admin socket.
+pub(crate) fn approval_response(outcome: crate::service::ApprovalOutcome) -> Response {
+    use crate::approval::ApprovalError as E;
+    use crate::service::ApprovalOutcome as O;
+    match outcome {
+        O::Signed(s) => (StatusCode::OK, axum::Json(s)).into_response(),
+        O::Counted(body) => (StatusCode::ACCEPTED, axum::Json(body)).into_response(),
+        O::Denied(reasons) => {
+            ApiError::from_body(StatusCode::FORBIDDEN, denial_body(&reasons)).into_response()
+        }
+        O::Rejected => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "approval_rejected",
+            "an approver rejected this intent; it will not be signed",
+        )
+        .into_response(),
+        O::Locked { retry_after_s } => locked_response(retry_after_s),
+        O::Refused(e) => {
+            let status = match &e {
+                E::InvalidToken(_) | E::Expired(_) | E::OtherIntent => StatusCode::BAD_REQUEST,
+                E::ApproverNotAllowed(_) => StatusCode::FORBIDDEN,
+                E::Replayed | E::DuplicateApprover(_) | E::NotPending(_) => StatusCode::CONFLICT,
+            };
+            ApiError::new(status, e.code(), e.to_string()).into_response()
+        }
+    }
 }
 
 async fn add_approval(
@@ -145,29 +176,7 @@ async fn add_approval(
                     e.to_string(),
                 )
             })??;
-    use crate::approval::ApprovalError as E;
-    use crate::service::ApprovalOutcome as O;
-    Ok(match outcome {
-        O::Signed(s) => (StatusCode::OK, axum::Json(s)).into_response(),
-        O::Counted(body) => (StatusCode::ACCEPTED, axum::Json(body)).into_response(),
-        O::Denied(reasons) => {
-            ApiError::from_body(StatusCode::FORBIDDEN, denial_body(&reasons)).into_response()
-        }
-        O::Rejected => ApiError::new(
-            StatusCode::FORBIDDEN,
-            "approval_rejected",
-            "an approver rejected this intent; it will not be signed",
-        )
-        .into_response(),
-        O::Refused(e) => {
-            let status = match &e {
-                E::InvalidToken(_) | E::Expired(_) | E::OtherIntent => StatusCode::BAD_REQUEST,
-                E::ApproverNotAllowed(_) => StatusCode::FORBIDDEN,
-                E::Replayed | E::DuplicateApprover(_) | E::NotPending(_) => StatusCode::CONFLICT,
-            };
-            ApiError::new(status, e.code(), e.to_string()).into_response()
-        }
-    })
+    Ok(approval_response(outcome))
 }
 
 async fn get_intent(

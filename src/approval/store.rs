@@ -118,6 +118,22 @@ pub fn granted(conn: &Connection, agent: &str, intent_id: &str) -> rusqlite::Res
     rows.collect()
 }
 
+/// Every decision recorded on an intent so far: (approver, `approve` or
+/// `reject`, Unix ms), oldest first.
+pub fn decisions(
+    conn: &Connection,
+    agent: &str,
+    intent_id: &str,
+) -> rusqlite::Result<Vec<(String, String, i64)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT approver, decision, ts_ms FROM approvals WHERE agent = ?1 AND intent_id = ?2 ORDER BY ts_ms, approver",
+    )?;
+    let rows = stmt.query_map(params![agent, intent_id], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    rows.collect()
+}
+
 /// Forgets the approvals and pending request of an intent whose signing
 /// was interrupted (nothing was released); the ledger keeps their history
 /// and the used nonces stay used. The agent may submit it again, and it

@@ -60,6 +60,12 @@ enum Command {
         #[command(subcommand)]
         command: ApproverCommand,
     },
+    /// Intents waiting for approvals, and approvers' tokens relayed by the
+    /// operator (through the admin socket).
+    Approval {
+        #[command(subcommand)]
+        command: ApprovalCommand,
+    },
     /// On an approver's own machine: check an approval request against its
     /// bytes, show what the transaction really does, and print a token.
     Approve {
@@ -234,6 +240,19 @@ enum ApproverCommand {
         /// Approver name.
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ApprovalCommand {
+    /// Hand an approver's token to the daemon without the agent: it is
+    /// applied to the pending intent it binds, as if the agent had sent it
+    /// (a rejection vetoes the intent); recorded as relayed by you.
+    Submit {
+        /// File holding the token as `keyward approve` prints it, or `-` for stdin.
+        file: String,
+    },
+    /// Intents waiting for approvals, with the approvals so far.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -440,6 +459,7 @@ fn bench(
 fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Approver { command } => approver(&cli.config, command),
+        Command::Approval { command } => approval_cmd(&cli.config, command),
         Command::Mirror => mirror(&cli.config),
         Command::Approve {
             request,
@@ -890,6 +910,107 @@ fn approver(config: &Path, command: ApproverCommand) -> Result<(), Failure> {
                 admin_call(&cfg, "DELETE", &format!("/v1/admin/approvers/{name}"))?;
             println!("approver {name} removed (ledger seq {})", v["ledger_seq"]);
             Ok(())
+        }
+    }
+}
+
+fn approval_cmd(config: &Path, command: ApprovalCommand) -> Result<(), Failure> {
+    let cfg = Config::load(config)?;
+    match command {
+        ApprovalCommand::List => {
+            let list: Vec<keyward_client::wire::PendingApprovalInfo> =
+                admin_get(&cfg, "/v1/admin/approvals")?;
+            if list.is_empty() {
+                println!("no intent is waiting for approvals");
+            }
+            for p in list {
+                println!(
+                    "{}/{}\tkey {}\t{}/{} approvals\texpires {}\n  {}\n  intent hash {}\n  approvers now: {}",
+                    p.agent,
+                    p.intent_id,
+                    p.key,
+                    p.received,
+                    p.required,
+                    p.expires_at,
+                    p.summary,
+                    p.intent_hash,
+                    p.approvers.join(", ")
+                );
+                for a in p.approvals {
+                    println!(
+                        "  {}	{}	{}{}",
+                        a.approver,
+                        a.decision,
+                        a.at,
+                        if a.counts {
+                            ""
+                        } else {
+                            "\t(does not count now)"
+                        }
+                    );
+                }
+            }
+            Ok(())
+        }
+        ApprovalCommand::Submit { file } => {
+            // A token is about 400 bytes; read a little more than the
+            // longest one accepted, never a whole large file.
+            let limit = keyward::approval::MAX_TOKEN_LEN as u64 + 64;
+            let mut text = String::new();
+            let read = if file == "-" {
+                std::io::Read::read_to_string(
+                    &mut std::io::Read::take(std::io::stdin(), limit),
+                    &mut text,
+                )
+            } else {
+                std::fs::File::open(&file).and_then(|f| {
+                    std::io::Read::read_to_string(&mut std::io::Read::take(f, limit), &mut text)
+                })
+            };
+            read.with_context(|| format!("cannot read the token from {file}"))?;
+            let token = text.trim().to_owned();
+            let client = keyward_client::Client::new(&cfg.daemon.admin_socket);
+            let body = keyward_client::wire::RelayedApproval { token };
+            let (status, answer) = admin_runtime()?
+                .block_on(client.request_json(
+                    keyward_client::Method::POST,
+                    "/v1/admin/approvals",
+                    Some(&body),
+                ))
+                .map_err(|e| anyhow!("{e}"))?;
+            let value: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
+            match status.as_u16() {
+                200 => {
+                    println!(
+                        "relayed: the quorum is reached; intent {} is signed ({})",
+                        value["intent_id"].as_str().unwrap_or("?"),
+                        value["signature"].as_str().unwrap_or("?")
+                    );
+                    Ok(())
+                }
+                202 => {
+                    println!(
+                        "relayed: intent {} has {} of {} approvals",
+                        value["intent_id"].as_str().unwrap_or("?"),
+                        value["approval"]["received"],
+                        value["approval"]["required"]
+                    );
+                    Ok(())
+                }
+                _ => {
+                    let code = value["error"]["code"].as_str().unwrap_or("?");
+                    let message = value["error"]["message"].as_str().unwrap_or("?");
+                    if code == "approval_rejected" {
+                        println!("relayed: {message}");
+                        return Ok(());
+                    }
+                    let exit = if status.is_client_error() { 1 } else { 2 };
+                    Err(Failure(
+                        exit,
+                        anyhow!("the daemon refused the token: {message} ({code})"),
+                    ))
+                }
+            }
         }
     }
 }

@@ -120,6 +120,9 @@ event_types! {
     IntentExpired => "intent_expired",
     /// An approval token was refused (with its code).
     ApprovalRefused => "approval_refused",
+    /// A dry run that counted toward the agent's rate windows or breaker
+    /// (its decision and the rules that denied it; nothing signed).
+    DryRunEvaluated => "dry_run_evaluated",
     /// An approver was enrolled (their key stored in the HSM).
     ApproverAdded => "approver_added",
     /// An approver was removed (their key destroyed).

@@ -152,6 +152,113 @@ pub fn release(conn: &Connection, agent: &str, intent_id: &str) -> rusqlite::Res
     Ok(())
 }
 
+/// Sets the breaker after one more denial on top of `consecutive`; the trip
+/// if this denial opened it.
+fn add_denial(
+    conn: &Connection,
+    agent: &AgentPolicy,
+    consecutive: u32,
+    now_ms: i64,
+) -> rusqlite::Result<Option<Trip>> {
+    let name = agent.name.as_str();
+    let denials = consecutive.saturating_add(1);
+    if denials >= agent.breaker.max_consecutive_denials {
+        let until_ms = now_ms.saturating_add(
+            i64::try_from(agent.breaker.cooldown_s).unwrap_or(i64::MAX / 2000) * 1000,
+        );
+        set_breaker(conn, name, denials, until_ms)?;
+        Ok(Some(Trip { denials, until_ms }))
+    } else {
+        set_breaker(conn, name, denials, 0)?;
+        Ok(None)
+    }
+}
+
+/// How long `agent` stays locked by its breaker at `now_ms`, if it is.
+pub fn locked_for_ms(conn: &Connection, agent: &str, now_ms: i64) -> rusqlite::Result<Option<i64>> {
+    let (_, locked_until) = breaker_state(conn, agent)?;
+    Ok((locked_until > now_ms).then_some(locked_until - now_ms))
+}
+
+/// Counts a denial made outside [`decide`] (a refused approval, a denied
+/// dry run) toward `agent`'s breaker, in the caller's ledger transaction,
+/// which must record the denial itself. Call only when the agent is not
+/// locked. Returns the trip it caused and whether an expired lock was
+/// cleared first (the caller records `breaker_reset` by cooldown then).
+pub fn count_denial(
+    conn: &Connection,
+    agent: &AgentPolicy,
+    now_ms: i64,
+) -> rusqlite::Result<(Option<Trip>, bool)> {
+    let (consecutive, locked_until) = breaker_state(conn, agent.name.as_str())?;
+    let cooled_down = locked_until != 0 && locked_until <= now_ms;
+    let consecutive = if cooled_down { 0 } else { consecutive };
+    Ok((add_denial(conn, agent, consecutive, now_ms)?, cooled_down))
+}
+
+/// Counts one event toward `agent`'s rate windows (when it has any) under
+/// `key`, unique per agent: an intent id, or for events that are not
+/// intents a key no intent id can take (see [`rate_key`]).
+pub fn count_rate(
+    conn: &Connection,
+    agent: &AgentPolicy,
+    key: &str,
+    now_ms: i64,
+) -> rusqlite::Result<bool> {
+    let rl = agent.rate_limit;
+    if rl.per_minute.is_none() && rl.per_hour.is_none() {
+        return Ok(false);
+    }
+    let name = agent.name.as_str();
+    conn.prepare_cached("DELETE FROM rate_events WHERE agent = ?1 AND ts_ms <= ?2")?
+        .execute(params![name, now_ms - HOUR_MS])?;
+    conn.prepare_cached("INSERT INTO rate_events (agent, intent_id, ts_ms) VALUES (?1, ?2, ?3)")?
+        .execute(params![name, key, now_ms])?;
+    Ok(true)
+}
+
+/// The rate-window key of an event that is not an intent (`what` names it,
+/// `seq` is its ledger entry): `#` cannot appear in an intent id, so it
+/// never collides with one.
+pub fn rate_key(what: &str, seq: u64) -> String {
+    format!("#{what}/{seq}")
+}
+
+/// The approvals `agent`'s policy asks for a transaction spending `spend`
+/// (per asset): `None` when no asset crosses its approval threshold. Pure:
+/// the same figures at submission and, under the policy in force then, at
+/// every later approval.
+pub fn approval_need(agent: &AgentPolicy, spend: &BTreeMap<Asset, u64>) -> Option<ApprovalNeed> {
+    let mut approval: Option<ApprovalNeed> = None;
+    for (asset, &amount) in spend {
+        let Some(l) = agent.limits.get(asset) else {
+            continue;
+        };
+        if let (Some(threshold), Some(approvers)) = (l.approval_above, &l.approvers)
+            && amount > threshold
+        {
+            let need = approval.get_or_insert_with(|| ApprovalNeed {
+                required: 0,
+                of: Vec::new(),
+                because: Vec::new(),
+            });
+            need.required = need.required.max(approvers.required);
+            for n in &approvers.of {
+                if !need.of.contains(n) {
+                    need.of.push(n.clone());
+                }
+            }
+            let units = |v: u64| crate::amount::format_units(u128::from(v), l.decimals);
+            need.because.push(format!(
+                "{} {asset} is above {}",
+                units(amount),
+                units(threshold)
+            ));
+        }
+    }
+    approval
+}
+
 /// Decides an intent of `agent` at `now_ms`: the breaker first (a locked
 /// agent is not evaluated), then the static rules and limits
 /// ([`evaluate`]), active hours and rates. In [`Mode::Commit`] an allowed
@@ -243,35 +350,11 @@ pub fn decide(
         }
     }
 
-    let mut approval: Option<ApprovalNeed> = None;
-    if decision.allowed() && mode != Mode::CommitApproved {
-        for (asset, &amount) in &decision.spend {
-            let Some(l) = agent.limits.get(asset) else {
-                continue;
-            };
-            if let (Some(threshold), Some(approvers)) = (l.approval_above, &l.approvers)
-                && amount > threshold
-            {
-                let need = approval.get_or_insert_with(|| ApprovalNeed {
-                    required: 0,
-                    of: Vec::new(),
-                    because: Vec::new(),
-                });
-                need.required = need.required.max(approvers.required);
-                for n in &approvers.of {
-                    if !need.of.contains(n) {
-                        need.of.push(n.clone());
-                    }
-                }
-                let units = |v: u64| crate::amount::format_units(u128::from(v), l.decimals);
-                need.because.push(format!(
-                    "{} {asset} is above {}",
-                    units(amount),
-                    units(threshold)
-                ));
-            }
-        }
-    }
+    let approval = if decision.allowed() && mode != Mode::CommitApproved {
+        approval_need(agent, &decision.spend)
+    } else {
+        None
+    };
 
     let mut tripped = None;
     if commit {
@@ -286,14 +369,7 @@ pub fn decide(
                     now_ms,
                 )?;
             }
-            if rl.per_minute.is_some() || rl.per_hour.is_some() {
-                conn.prepare_cached("DELETE FROM rate_events WHERE agent = ?1 AND ts_ms <= ?2")?
-                    .execute(params![name, now_ms - HOUR_MS])?;
-                conn.prepare_cached(
-                    "INSERT INTO rate_events (agent, intent_id, ts_ms) VALUES (?1, ?2, ?3)",
-                )?
-                .execute(params![name, intent_id, now_ms])?;
-            }
+            count_rate(conn, agent, intent_id, now_ms)?;
             if consecutive != 0 {
                 set_breaker(conn, name, 0, 0)?;
             }
@@ -301,16 +377,7 @@ pub fn decide(
             // Waiting for approval: nothing reserved or counted until it is
             // approved and signed; not a denial either.
         } else {
-            let denials = consecutive.saturating_add(1);
-            if denials >= agent.breaker.max_consecutive_denials {
-                let until_ms = now_ms.saturating_add(
-                    i64::try_from(agent.breaker.cooldown_s).unwrap_or(i64::MAX / 2000) * 1000,
-                );
-                set_breaker(conn, name, denials, until_ms)?;
-                tripped = Some(Trip { denials, until_ms });
-            } else {
-                set_breaker(conn, name, denials, 0)?;
-            }
+            tripped = add_denial(conn, agent, consecutive, now_ms)?;
         }
     }
     Ok(Verdict {

@@ -11,13 +11,16 @@
 //! [`Signer::recover`] records the interruption and releases it.
 
 mod approvals;
+mod approvers;
 pub mod checkpoints;
 pub mod history;
 mod prepare;
+mod relay;
 mod submit;
 mod views;
 
-pub use approvals::{ApprovalOutcome, encode_key};
+pub use approvals::ApprovalOutcome;
+pub use approvers::encode_key;
 pub use submit::denial_body;
 
 use std::collections::{HashMap, HashSet};
@@ -274,7 +277,9 @@ pub struct Signer {
     approval_ttl_ms: i64,
     mirror_gate: std::sync::OnceLock<Arc<MirrorGate>>,
     history: Arc<history::HistoryGate>,
-    in_flight: Mutex<HashMap<(String, String), usize>>,
+    /// Intents being processed by a request right now, shared with the
+    /// ledger writer so [`Signer::recover`] can read it inside its write.
+    in_flight: Arc<Mutex<InFlight>>,
     needs_recovery: AtomicBool,
 }
 
@@ -322,7 +327,7 @@ impl Signer {
             approval_ttl_ms: i64::try_from(approval_ttl.as_millis()).unwrap_or(i64::MAX / 2),
             mirror_gate: std::sync::OnceLock::new(),
             history: Arc::new(history::HistoryGate::default()),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Arc::new(Mutex::new(HashMap::new())),
             needs_recovery: AtomicBool::new(false),
         })
     }
@@ -507,11 +512,25 @@ impl Signer {
     /// Records every intent left in progress by a crash or a failed ledger
     /// write as interrupted and releases its reservation (no signature was
     /// released for it). Intents being processed right now are left alone.
+    ///
+    /// The snapshot of in-flight intents is taken inside the write, on the
+    /// writer thread: every request registers its flight before it queues
+    /// the transaction that makes its intent `in_progress` (submission's
+    /// admission, an approval's quorum), so by the time the writer runs
+    /// this job, any intent it finds `in_progress` either has a live
+    /// flight in the map or was left behind by a request that has ended.
+    /// A snapshot taken before queueing the job could miss an intent
+    /// admitted in between and release the spend of an intent being
+    /// signed.
     pub async fn recover(&self) -> Result<usize, LedgerError> {
-        let live: HashSet<(String, String)> = self.flights(|m| m.keys().cloned().collect());
+        #[cfg(test)]
+        tests::before_recover_write();
+        let in_flight = Arc::clone(&self.in_flight);
         let n = self
             .ledger
             .write(move |txn| {
+                let live: HashSet<(String, String)> =
+                    with_flights(&in_flight, |m| m.keys().cloned().collect());
                 let stale: Vec<(String, String)> = crate::intents::in_progress(txn.conn())?
                     .into_iter()
                     .filter(|k| !live.contains(k))
@@ -540,11 +559,18 @@ impl Signer {
         FlightGuard { signer: self, key }
     }
 
-    fn flights<T>(&self, f: impl FnOnce(&mut HashMap<(String, String), usize>) -> T) -> T {
-        match self.in_flight.lock() {
-            Ok(mut g) => f(&mut g),
-            Err(p) => f(&mut p.into_inner()),
-        }
+    fn flights<T>(&self, f: impl FnOnce(&mut InFlight) -> T) -> T {
+        with_flights(&self.in_flight, f)
+    }
+}
+
+/// (agent, intent id) → requests processing it now.
+type InFlight = HashMap<(String, String), usize>;
+
+fn with_flights<T>(m: &Mutex<InFlight>, f: impl FnOnce(&mut InFlight) -> T) -> T {
+    match m.lock() {
+        Ok(mut g) => f(&mut g),
+        Err(p) => f(&mut p.into_inner()),
     }
 }
 
@@ -564,5 +590,131 @@ impl Drop for FlightGuard<'_> {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    type Hook = Box<dyn FnOnce() + Send>;
+    static HOOK: Mutex<Option<Hook>> = Mutex::new(None);
+
+    /// Runs once where `recover` used to take its snapshot of the
+    /// in-flight intents, just before it queues its write.
+    pub(super) fn before_recover_write() {
+        let hook = HOOK.lock().unwrap().take();
+        if let Some(h) = hook {
+            h();
+        }
+    }
+
+    /// An HSM that is never reached: recovery does not sign.
+    struct NoHsm;
+
+    impl Hsm for NoHsm {
+        fn backend(&self) -> &'static str {
+            "none"
+        }
+        fn generate_ed25519(&self, name: &KeyName) -> Result<HsmKey, crate::hsm::HsmError> {
+            Err(crate::hsm::HsmError::KeyNotFound(name.to_string()))
+        }
+        fn find_ed25519(&self, name: &KeyName) -> Result<HsmKey, crate::hsm::HsmError> {
+            Err(crate::hsm::HsmError::KeyNotFound(name.to_string()))
+        }
+        fn list_ed25519(&self) -> Result<Vec<HsmKey>, crate::hsm::HsmError> {
+            Ok(Vec::new())
+        }
+        fn sign_ed25519(&self, key: &HsmKey, _: &[u8]) -> Result<[u8; 64], crate::hsm::HsmError> {
+            Err(crate::hsm::HsmError::KeyNotFound(key.name.to_string()))
+        }
+        fn random(&self, _: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, crate::hsm::HsmError> {
+            Err(crate::hsm::HsmError::KeyNotFound("random".into()))
+        }
+        fn import_hmac_key(&self, label: &str, _: &[u8]) -> Result<(), crate::hsm::HsmError> {
+            Err(crate::hsm::HsmError::KeyNotFound(label.into()))
+        }
+        fn hmac_sha256(&self, label: &str, _: &[u8]) -> Result<[u8; 32], crate::hsm::HsmError> {
+            Err(crate::hsm::HsmError::KeyNotFound(label.into()))
+        }
+        fn delete_secret(&self, _: &str) -> Result<bool, crate::hsm::HsmError> {
+            Ok(false)
+        }
+        fn store_data(&self, label: &str, _: &[u8]) -> Result<(), crate::hsm::HsmError> {
+            Err(crate::hsm::HsmError::KeyNotFound(label.into()))
+        }
+        fn load_data(&self, _: &str) -> Result<Vec<Vec<u8>>, crate::hsm::HsmError> {
+            Ok(Vec::new())
+        }
+        fn health(&self) -> Result<(), crate::hsm::HsmError> {
+            Ok(())
+        }
+    }
+
+    /// An intent admitted (its flight registered, then its admission
+    /// committed) after `recover` was called but before its write runs is
+    /// live, not stale: recovery must not release it.
+    #[test]
+    fn recovery_leaves_an_intent_admitted_while_it_was_queued_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(
+            &dir.path().join("l.sqlite3"),
+            crate::ledger::LedgerOptions {
+                extra_schema: vec![
+                    crate::policy::counters::SCHEMA,
+                    crate::policy::engine::SCHEMA,
+                    crate::intents::SCHEMA,
+                    crate::approval::store::SCHEMA,
+                ],
+                commit_delay: std::time::Duration::ZERO,
+            },
+        )
+        .unwrap();
+        let path = dir.path().join("policy.toml");
+        let policy = Policy::parse(&path, "", &|_: &str| None).unwrap();
+        let signer = Signer::new(
+            ledger,
+            Arc::new(NoHsm),
+            HashMap::new(),
+            policy,
+            path,
+            std::time::Duration::from_secs(60),
+        );
+        let s = Arc::clone(&signer);
+        *HOOK.lock().unwrap() = Some(Box::new(move || {
+            // What `submit` does: the flight first, then the admission
+            // that makes the intent `in_progress`.
+            s.flights(|m| *m.entry(("dev".into(), "i-1".into())).or_insert(0) += 1);
+            s.ledger
+                .write_blocking(|txn| {
+                    let entry =
+                        txn.append(EventType::IntentReceived, Some("i-1"), Some("dev"), b"{}")?;
+                    let now = txn.now_ms();
+                    crate::intents::insert(
+                        txn.conn(),
+                        &crate::intents::NewIntent {
+                            agent: "dev",
+                            intent_id: "i-1",
+                            content_hash: &[0; 32],
+                            status: "in_progress",
+                            reply: None,
+                            received_seq: entry.seq.0,
+                            now_ms: now,
+                        },
+                    )?;
+                    Ok(())
+                })
+                .unwrap();
+        }));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let n = rt.block_on(signer.recover()).unwrap();
+        assert_eq!(n, 0, "an intent in flight was recovered as interrupted");
+        let conn = signer.ledger().reader().unwrap();
+        let rec = crate::intents::get(&conn, "dev", "i-1").unwrap().unwrap();
+        assert_eq!(rec.status, "in_progress");
     }
 }

@@ -9,10 +9,32 @@ use keyward_client::wire::{
 
 use super::{Signer, SubmitError};
 use crate::amount::format_units;
+use crate::ledger::EventType;
 use crate::policy::{AgentPolicy, AssetLimits, counters, engine};
 use crate::types::IntentId;
 
 use crate::ledger::now_ms;
+
+/// Payload of `dry_run_evaluated`: bounded by the number of rule kinds.
+#[derive(serde::Serialize)]
+struct DryRunEntry<'a> {
+    decision: &'static str,
+    rules: std::collections::BTreeSet<&'a str>,
+    content_sha256: &'a str,
+}
+
+/// The answer's `decision` for a dry-run verdict.
+fn dry_run_decision(verdict: &engine::Verdict) -> &'static str {
+    if verdict.locked_for_ms.is_some() {
+        "locked"
+    } else if verdict.approval.is_some() {
+        "approval_required"
+    } else if verdict.decision.allowed() {
+        "allow"
+    } else {
+        "deny"
+    }
+}
 
 impl Signer {
     async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, SubmitError>
@@ -31,9 +53,12 @@ impl Signer {
         .map_err(|e| SubmitError::Internal(e.to_string()))?
     }
 
-    /// What keyward would decide for `req` now: the request is prepared
-    /// and decided on a read-only connection, so nothing can be signed,
-    /// counted, recorded or made pending.
+    /// What keyward would decide for `req` now. Nothing is signed,
+    /// reserved or made pending, but a dry run is not free: it counts
+    /// toward the agent's rate windows, and a denied one toward its
+    /// breaker, in one ledger transaction with a compact
+    /// `dry_run_evaluated` entry (counters change only with an entry). A
+    /// locked agent learns nothing and nothing is recorded.
     pub async fn dry_run(
         self: &Arc<Self>,
         agent: &AgentPolicy,
@@ -52,29 +77,79 @@ impl Signer {
         let effects = p.message.as_ref().map(|(_, _, e)| e.clone());
         let pre = p.pre_reasons.clone();
         let id = intent_id.clone();
+        let content_sha256 = hex::encode(p.content_hash);
         let verdict = self
-            .read(move |c| {
-                engine::decide(
-                    c,
+            .ledger
+            .write(move |txn| {
+                let now = txn.now_ms();
+                // Nothing a dry run records releases anything.
+                txn.skip_sync();
+                let verdict = engine::decide(
+                    txn.conn(),
                     &agent_c,
                     &key,
                     effects.as_ref(),
                     pre,
                     &id,
-                    now_ms(),
+                    now,
                     engine::Mode::DryRun,
-                )
+                )?;
+                if verdict.locked_for_ms.is_some() {
+                    return Ok(verdict);
+                }
+                let denied = !verdict.decision.allowed();
+                let rl = agent_c.rate_limit;
+                if !denied && rl.per_minute.is_none() && rl.per_hour.is_none() {
+                    return Ok(verdict);
+                }
+                let name = agent_c.name.as_str();
+                let rules: std::collections::BTreeSet<&str> = verdict
+                    .decision
+                    .reasons
+                    .iter()
+                    .map(|r| r.rule.as_str())
+                    .collect();
+                let payload = serde_json::to_vec(&DryRunEntry {
+                    decision: dry_run_decision(&verdict),
+                    rules,
+                    content_sha256: &content_sha256,
+                })
+                .unwrap_or_default();
+                let entry =
+                    txn.append(EventType::DryRunEvaluated, Some(&id), Some(name), &payload)?;
+                engine::count_rate(
+                    txn.conn(),
+                    &agent_c,
+                    &engine::rate_key("dry_run", entry.seq.0),
+                    now,
+                )?;
+                if denied {
+                    let (trip, cooled_down) = engine::count_denial(txn.conn(), &agent_c, now)?;
+                    if cooled_down {
+                        let reset = serde_json::to_vec(
+                            &serde_json::json!({ "breaker": name, "by": "cooldown" }),
+                        )
+                        .unwrap_or_default();
+                        txn.append(EventType::BreakerReset, None, Some(name), &reset)?;
+                    }
+                    if let Some(trip) = trip {
+                        let tripped = serde_json::to_vec(&serde_json::json!({
+                            "breaker": name,
+                            "consecutive_denials": trip.denials,
+                            "locked_until": crate::ledger::format_utc(trip.until_ms),
+                            "locked_until_ms": trip.until_ms,
+                        }))
+                        .unwrap_or_default();
+                        txn.append(EventType::BreakerTripped, Some(&id), Some(name), &tripped)?;
+                    }
+                }
+                Ok(verdict)
             })
             .await?;
-        let (decision, retry_after) = match verdict.locked_for_ms {
-            Some(ms) => (
-                "locked",
-                Some(u64::try_from((ms + 999) / 1000).unwrap_or(1)),
-            ),
-            None if verdict.approval.is_some() => ("approval_required", None),
-            None if verdict.decision.allowed() => ("allow", None),
-            None => ("deny", None),
-        };
+        let decision = dry_run_decision(&verdict);
+        let retry_after = verdict
+            .locked_for_ms
+            .map(|ms| u64::try_from((ms + 999) / 1000).unwrap_or(1));
         Ok(keyward_client::wire::DryRunResult {
             intent_id,
             dry_run: true,
@@ -170,7 +245,20 @@ impl Signer {
                 } else {
                     IntentStatus::PendingApproval
                 };
-                view.approval = pending.and_then(|p| serde_json::from_str(&p.approval).ok());
+                let figures = match (&pending, expired) {
+                    (Some(p), false) => Some(self.current_figures(agent, intent_id, p)?),
+                    _ => None,
+                };
+                view.approval = pending.and_then(|p| {
+                    let mut req: serde_json::Value = serde_json::from_str(&p.approval).ok()?;
+                    // What counts is decided under the policy in force now.
+                    if let Some(f) = figures {
+                        req["required"] = serde_json::json!(f.required);
+                        req["received"] = serde_json::json!(f.received);
+                        req["approvers"] = serde_json::json!(f.of);
+                    }
+                    Some(req)
+                });
             }
             _ => {}
         }

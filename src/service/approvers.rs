@@ -1,0 +1,114 @@
+//! The approver registry: enrolling (a key made in the HSM, given out
+//! once) and removing approvers, each recorded in the ledger.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use keyward_client::wire::codes;
+use zeroize::Zeroizing;
+
+use super::{Signer, SubmitError};
+use crate::approval::{self, store};
+use crate::ledger::{EventType, LedgerError};
+
+fn json(v: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+impl Signer {
+    /// Enrolls an approver: 32 random bytes from the HSM become a
+    /// sensitive, non-extractable HMAC key in the HSM, `approver_added` is
+    /// recorded, and the key is returned once for the approver's key file.
+    pub async fn add_approver(
+        &self,
+        name: &str,
+        by: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, SubmitError> {
+        crate::types::AgentName::new(name).map_err(|e| SubmitError::BadRequest {
+            code: codes::INVALID_REQUEST,
+            message: e.to_string().replace("agent name", "approver name"),
+        })?;
+        let reader = self.ledger.reader()?;
+        if store::approver(&reader, name)
+            .map_err(LedgerError::Sqlite)?
+            .is_some()
+        {
+            return Err(SubmitError::BadRequest {
+                code: "approver_exists",
+                message: format!("approver {name:?} exists or was removed; a name is never reused"),
+            });
+        }
+        drop(reader);
+        let hsm = Arc::clone(&self.hsm);
+        let label = approval::key_label(name);
+        let key = tokio::task::spawn_blocking(
+            move || -> Result<Zeroizing<Vec<u8>>, crate::hsm::HsmError> {
+                let key = hsm.random(32)?;
+                hsm.import_hmac_key(&label, &key)?;
+                Ok(key)
+            },
+        )
+        .await
+        .map_err(|e| SubmitError::Internal(e.to_string()))?
+        .map_err(|e| SubmitError::HsmUnavailable(e.to_string()))?;
+        let (n, b) = (name.to_owned(), by.to_owned());
+        let recorded = self
+            .ledger
+            .write(move |txn| {
+                let now = txn.now_ms();
+                store::add_approver(txn.conn(), &n, now)?;
+                let payload = json(&serde_json::json!({
+                    "approver": n, "by": b, "key_label": approval::key_label(&n),
+                }));
+                txn.append(EventType::ApproverAdded, None, None, &payload)
+            })
+            .await;
+        if let Err(e) = recorded {
+            // Not recorded, so not enrolled: the key must not linger.
+            let hsm = Arc::clone(&self.hsm);
+            let label = approval::key_label(name);
+            let _ = tokio::task::spawn_blocking(move || hsm.delete_secret(&label)).await;
+            return Err(e.into());
+        }
+        Ok(key)
+    }
+
+    /// Removes an approver: recorded, then the key is destroyed. Their
+    /// tokens stop counting at once.
+    pub async fn remove_approver(&self, name: &str, by: &str) -> Result<u64, SubmitError> {
+        let (n, b) = (name.to_owned(), by.to_owned());
+        let seq = self
+            .ledger
+            .write(move |txn| {
+                let now = txn.now_ms();
+                if !store::remove_approver(txn.conn(), &n, now)? {
+                    return Ok(None);
+                }
+                let payload = json(&serde_json::json!({ "approver": n, "by": b }));
+                Ok(Some(
+                    txn.append(EventType::ApproverRemoved, None, None, &payload)?
+                        .seq
+                        .0,
+                ))
+            })
+            .await?
+            .ok_or(SubmitError::NotFound)?;
+        let hsm = Arc::clone(&self.hsm);
+        let label = approval::key_label(name);
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || hsm.delete_secret(&label)).await {
+            tracing::error!(approver = name, error = %e, "approver removed, but destroying the key failed; it no longer counts");
+        }
+        Ok(seq)
+    }
+
+    /// Every approver with their state.
+    pub fn approvers(&self) -> Result<Vec<store::ApproverRecord>, SubmitError> {
+        let reader = self.ledger.reader()?;
+        Ok(store::approvers(&reader).map_err(LedgerError::Sqlite)?)
+    }
+}
+
+/// Base64url of an approver key, for the admin answer.
+pub fn encode_key(key: &[u8]) -> Zeroizing<String> {
+    Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key))
+}
