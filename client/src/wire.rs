@@ -219,6 +219,10 @@ pub mod codes {
     pub const HSM_UNAVAILABLE: &str = "hsm_unavailable";
     /// 503: the mirror is too far behind; nothing is signed until it catches up.
     pub const MIRROR_LAGGING: &str = "mirror_lagging";
+    /// 503: the request took longer than the daemon's request time limit
+    /// (`daemon.request_timeout_s`); a submitted intent is still recorded to
+    /// the end, so ask for its outcome with `GET /v1/intents/{id}`.
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
     /// 500: an internal error; nothing was released.
     pub const INTERNAL: &str = "internal_error";
 }

@@ -1,0 +1,384 @@
+//! The accept loop of both sockets: who may connect, how many, for how long.
+//!
+//! `axum::serve` reads a request before anyone asks who sent it and keeps
+//! every connection for as long as the peer likes, so one local process
+//! could hold all of the daemon's descriptors. Here, for each connection:
+//!
+//! 1. the peer's credentials (`SO_PEERCRED`) are read right after
+//!    `accept()`, before any byte, and a uid the socket does not serve is
+//!    closed at once ([`Admission`]);
+//! 2. it must fit under the socket's limit overall and per uid, or it is
+//!    closed at once ([`Slots`]);
+//! 3. hyper serves it with a header-read timeout (which also bounds idle
+//!    keep-alive waits), and the router wraps each request in the
+//!    whole-request timeout ([`super::with_request_timeout`]);
+//! 4. on shutdown, accepting stops, each connection is told to finish its
+//!    request and close, and whatever is left at the deadline is dropped.
+//!
+//! `accept()` failing for lack of descriptors (`EMFILE`, `ENFILE`) backs off
+//! instead of spinning, and never stops the loop.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tower::ServiceExt as _;
+
+use super::PeerCred;
+use crate::service::Signer;
+
+/// Which peers a socket serves; checked at accept, before any byte is read.
+#[derive(Clone)]
+pub enum Admission {
+    /// The agent socket: uids the policy in force binds to an agent (looked
+    /// up on each accept, so a policy reload takes effect at once).
+    Agents(Arc<Signer>),
+    /// The admin socket: root and the daemon's own effective uid.
+    Operators,
+}
+
+impl Admission {
+    fn admits(&self, uid: u32) -> bool {
+        match self {
+            Admission::Agents(signer) => signer.policy().agent_for_uid(uid).is_some(),
+            Admission::Operators => uid == 0 || uid == nix::unistd::geteuid().as_raw(),
+        }
+    }
+}
+
+/// Limits and timeouts of one socket.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Open connections per peer uid at most.
+    pub max_per_uid: usize,
+    /// Longest wait for a complete request head (also bounds idle waits).
+    pub header_read_timeout: Duration,
+    /// How long connections may finish their requests after shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// One socket to serve.
+pub struct Socket {
+    /// For logs: `agent` or `admin`.
+    pub name: &'static str,
+    /// The bound listener.
+    pub listener: UnixListener,
+    /// The routes (with the request timeout already layered on).
+    pub router: Router,
+    /// Who may connect.
+    pub admission: Admission,
+    /// Limits and timeouts.
+    pub limits: Limits,
+}
+
+/// Open connections of one socket, overall and per uid.
+struct Slots {
+    max: usize,
+    max_per_uid: usize,
+    state: Mutex<(usize, HashMap<u32, usize>)>,
+}
+
+/// A held connection slot, released on drop.
+struct Slot {
+    slots: Arc<Slots>,
+    uid: u32,
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Socket,
+    Uid,
+}
+
+impl Slots {
+    fn take(self: &Arc<Self>, uid: u32) -> Result<Slot, Refusal> {
+        let mut guard = match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let (total, per_uid) = &mut *guard;
+        if *total >= self.max {
+            return Err(Refusal::Socket);
+        }
+        let mine = per_uid.entry(uid).or_insert(0);
+        if *mine >= self.max_per_uid {
+            return Err(Refusal::Uid);
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(Slot {
+            slots: Arc::clone(self),
+            uid,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut guard = match self.slots.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let (total, per_uid) = &mut *guard;
+        *total = total.saturating_sub(1);
+        if let Some(n) = per_uid.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Logs at most [`LogBudget::PER_WINDOW`] lines per window and then one
+/// summary of what it held back, so a flood of refused connections cannot
+/// flood the log.
+struct LogBudget {
+    window_start: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    const PER_WINDOW: u32 = 10;
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    fn new() -> LogBudget {
+        LogBudget {
+            window_start: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether to log this event; reports the events held back in the
+    /// previous window when a new window starts.
+    fn allow(&mut self, socket: &'static str) -> bool {
+        if self.window_start.elapsed() >= Self::WINDOW {
+            if self.suppressed > 0 {
+                tracing::warn!(
+                    socket,
+                    suppressed = self.suppressed,
+                    "refused connections not logged one by one in the last window"
+                );
+            }
+            self.window_start = Instant::now();
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < Self::PER_WINDOW {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
+/// Whether an `accept()` error means the process or system is out of a
+/// resource (back off) rather than one failed connection (go on).
+fn is_resource_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error().map(nix::errno::Errno::from_raw),
+        Some(
+            nix::errno::Errno::EMFILE
+                | nix::errno::Errno::ENFILE
+                | nix::errno::Errno::ENOBUFS
+                | nix::errno::Errno::ENOMEM
+        )
+    )
+}
+
+fn peer_cred(stream: &UnixStream) -> PeerCred {
+    match stream.peer_cred() {
+        Ok(cred) => PeerCred {
+            uid: Some(cred.uid()),
+            pid: cred.pid(),
+        },
+        Err(_) => PeerCred {
+            uid: None,
+            pid: None,
+        },
+    }
+}
+
+/// Serves `socket` until `stop` turns true, then drains: each connection
+/// finishes its request in progress and closes; connections still open
+/// after `limits.shutdown_grace` are closed.
+pub async fn serve(socket: Socket, mut stop: watch::Receiver<bool>) {
+    let Socket {
+        name,
+        listener,
+        router,
+        admission,
+        limits,
+    } = socket;
+    let slots = Arc::new(Slots {
+        max: limits.max_connections,
+        max_per_uid: limits.max_per_uid,
+        state: Mutex::new((0, HashMap::new())),
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    let mut connections = JoinSet::new();
+    let mut log = LogBudget::new();
+    let mut backoff = Duration::ZERO;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        tokio::select! {
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => {
+                        backoff = Duration::ZERO;
+                        stream
+                    }
+                    Err(e) if is_resource_exhaustion(&e) => {
+                        // Out of descriptors: accepting again at once would
+                        // spin. Wait, longer each time, up to a second.
+                        backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                        if log.allow(name) {
+                            tracing::error!(socket = name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed for lack of resources; backing off");
+                        }
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(socket = name, error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let peer = peer_cred(&stream);
+                let Some(uid) = peer.uid.filter(|&uid| admission.admits(uid)) else {
+                    if log.allow(name) {
+                        tracing::warn!(socket = name, uid = ?peer.uid, pid = ?peer.pid, "connection from a uid this socket does not serve; closed before reading");
+                    }
+                    continue;
+                };
+                let slot = match slots.take(uid) {
+                    Ok(slot) => slot,
+                    Err(refusal) => {
+                        if log.allow(name) {
+                            let (limit, which) = match refusal {
+                                Refusal::Socket => (limits.max_connections, "daemon.max_connections"),
+                                Refusal::Uid => (limits.max_per_uid, "daemon.max_connections_per_uid"),
+                            };
+                            tracing::warn!(socket = name, uid, pid = ?peer.pid, limit, "connection refused: {which} reached");
+                        }
+                        continue;
+                    }
+                };
+                let service = router
+                    .clone()
+                    .map_request(move |req: hyper::Request<Incoming>| {
+                        let mut req = req.map(Body::new);
+                        req.extensions_mut().insert(ConnectInfo(peer));
+                        req
+                    });
+                let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+                let mut conn_stop = stop.clone();
+                connections.spawn(async move {
+                    let _slot = slot;
+                    let mut conn = std::pin::pin!(conn);
+                    tokio::select! {
+                        r = conn.as_mut() => {
+                            if let Err(e) = r {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                            return;
+                        }
+                        _ = conn_stop.wait_for(|s| *s) => {}
+                    }
+                    // Finish the request in progress, then close.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                });
+            }
+        }
+    }
+    drop(listener);
+    let open = connections.len();
+    if open > 0 {
+        tracing::info!(
+            socket = name,
+            open,
+            grace_s = limits.shutdown_grace.as_secs(),
+            "draining connections"
+        );
+    }
+    let drained = tokio::time::timeout(limits.shutdown_grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            socket = name,
+            closed = connections.len(),
+            "shutdown grace over; closing the connections left"
+        );
+        connections.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_count_per_socket_and_per_uid_and_free_on_drop() {
+        let slots = Arc::new(Slots {
+            max: 3,
+            max_per_uid: 2,
+            state: Mutex::new((0, HashMap::new())),
+        });
+        let a1 = slots.take(1).unwrap();
+        let _a2 = slots.take(1).unwrap();
+        assert_eq!(slots.take(1).err(), Some(Refusal::Uid));
+        let _b1 = slots.take(2).unwrap();
+        assert_eq!(slots.take(3).err(), Some(Refusal::Socket));
+        drop(a1);
+        let _a3 = slots.take(1).unwrap();
+        assert_eq!(slots.take(2).err(), Some(Refusal::Socket));
+    }
+
+    #[test]
+    fn log_budget_holds_back_a_flood() {
+        let mut log = LogBudget::new();
+        let allowed = (0..1000).filter(|_| log.allow("agent")).count();
+        assert_eq!(allowed, LogBudget::PER_WINDOW as usize);
+        assert_eq!(log.suppressed, 1000 - u64::from(LogBudget::PER_WINDOW));
+    }
+
+    #[test]
+    fn descriptor_exhaustion_is_told_apart_from_a_failed_connection() {
+        let emfile = std::io::Error::from_raw_os_error(nix::errno::Errno::EMFILE as i32);
+        let enfile = std::io::Error::from_raw_os_error(nix::errno::Errno::ENFILE as i32);
+        let aborted = std::io::Error::from_raw_os_error(nix::errno::Errno::ECONNABORTED as i32);
+        assert!(is_resource_exhaustion(&emfile));
+        assert!(is_resource_exhaustion(&enfile));
+        assert!(!is_resource_exhaustion(&aborted));
+    }
+}
