@@ -303,3 +303,66 @@ fn an_hsm_module_that_lost_its_objects_fails_health_and_is_reopened_without_a_re
     assert!(log.contains("HSM module re-opened"), "{log}");
     assert!(inst.stop().success());
 }
+
+#[test]
+fn slow_request_heads_and_bodies_are_cut_by_their_timeouts() {
+    let mut inst = Instance::init();
+    inst.add_daemon_config("header_read_timeout_s = 1\nrequest_timeout_s = 1");
+    inst.start();
+    // Half a head: closed after the header-read timeout, without an answer.
+    let mut s = UnixStream::connect(&inst.agent_socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: kew")
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    // A whole head and half a body: 503 request_timeout after 1 s.
+    let mut s = UnixStream::connect(&inst.agent_socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"POST /v1/intents HTTP/1.1\r\nHost: keyward\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"intent_id\":",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The daemon goes on signing.
+    signs_within(&inst, "after-slow", Duration::from_secs(10));
+    assert!(inst.stop().success());
+}
+
+#[test]
+fn keywardd_refuses_to_start_when_the_connection_limits_do_not_fit_the_descriptor_limit() {
+    let inst = Instance::init();
+    // 2 × 256 connections + 256 reserved = 768 > 512.
+    let out = Command::new("prlimit")
+        .arg("--nofile=512:512")
+        .arg(KEYWARDD)
+        .arg("--config")
+        .arg(&inst.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for part in ["512", "768", "LimitNOFILE", "daemon.max_connections"] {
+        assert!(err.contains(part), "{part} missing from: {err}");
+    }
+    assert!(!inst.agent_socket.exists(), "nothing was served");
+    // Lower limits fit: it starts.
+    let mut inst = inst;
+    inst.add_daemon_config("max_connections = 64");
+    inst.set_nofile(512);
+    inst.start();
+    signs_within(&inst, "fits", Duration::from_secs(10));
+    assert!(inst.stop().success());
+}
