@@ -322,6 +322,23 @@ fn slow_request_heads_and_bodies_are_cut_by_their_timeouts() {
         "closed after {:?}",
         started.elapsed()
     );
+    // A kept-alive connection that waits for its next request as long is
+    // closed too.
+    let mut s = UnixStream::connect(&inst.agent_socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: keyward\r\n\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)
+        .expect("the idle connection is closed, not left open");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        started.elapsed()
+    );
     // A whole head and half a body: 503 request_timeout after 1 s.
     let mut s = UnixStream::connect(&inst.agent_socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
