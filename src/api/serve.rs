@@ -215,6 +215,105 @@ fn peer_cred(stream: &UnixStream) -> PeerCred {
     }
 }
 
+/// Decides, for each accepted connection, whether it is served.
+struct Gate {
+    name: &'static str,
+    admission: Admission,
+    limits: Limits,
+    slots: Arc<Slots>,
+    log: LogBudget,
+}
+
+impl Gate {
+    /// The peer's uid if it may be served now, with its slot; otherwise
+    /// logs why (within the log budget) and the caller drops the stream.
+    fn admit(&mut self, peer: PeerCred) -> Option<Slot> {
+        let name = self.name;
+        let Some(uid) = peer.uid.filter(|&uid| self.admission.admits(uid)) else {
+            if self.log.allow(name) {
+                tracing::warn!(
+                    socket = name,
+                    uid = ?peer.uid,
+                    pid = ?peer.pid,
+                    "connection from a uid this socket does not serve; closed before reading"
+                );
+            }
+            return None;
+        };
+        match self.slots.take(uid) {
+            Ok(slot) => Some(slot),
+            Err(refusal) => {
+                if self.log.allow(name) {
+                    let (limit, which) = match refusal {
+                        Refusal::Socket => (self.limits.max_connections, "daemon.max_connections"),
+                        Refusal::Uid => (self.limits.max_per_uid, "daemon.max_connections_per_uid"),
+                    };
+                    tracing::warn!(
+                        socket = name,
+                        uid,
+                        pid = ?peer.pid,
+                        limit,
+                        "connection refused: {which} reached"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// After a failed `accept()`: backs off when the process or the system
+    /// is out of descriptors or memory (accepting again at once would spin),
+    /// longer each time up to a second; returns the next back-off.
+    async fn accept_failed(&mut self, e: &std::io::Error, backoff: Duration) -> Duration {
+        if !is_resource_exhaustion(e) {
+            tracing::debug!(socket = self.name, error = %e, "accept failed");
+            return Duration::ZERO;
+        }
+        let backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        if self.log.allow(self.name) {
+            tracing::error!(
+                socket = self.name,
+                error = %e,
+                backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                "accept failed for lack of resources; backing off"
+            );
+        }
+        tokio::time::sleep(backoff).await;
+        backoff
+    }
+}
+
+/// Serves one admitted connection until it ends or `stop` turns true; then
+/// lets it finish the request in progress and close.
+async fn connection(
+    http: hyper::server::conn::http1::Builder,
+    stream: UnixStream,
+    peer: PeerCred,
+    router: Router,
+    slot: Slot,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _slot = slot;
+    let service = router.map_request(move |req: hyper::Request<Incoming>| {
+        let mut req = req.map(Body::new);
+        req.extensions_mut().insert(ConnectInfo(peer));
+        req
+    });
+    let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
 /// Serves `socket` until `stop` turns true, then drains: each connection
 /// finishes its request in progress and closes; connections still open
 /// after `limits.shutdown_grace` are closed.
@@ -226,97 +325,49 @@ pub async fn serve(socket: Socket, mut stop: watch::Receiver<bool>) {
         admission,
         limits,
     } = socket;
-    let slots = Arc::new(Slots {
-        max: limits.max_connections,
-        max_per_uid: limits.max_per_uid,
-        state: Mutex::new((0, HashMap::new())),
-    });
+    let mut gate = Gate {
+        name,
+        admission,
+        limits,
+        slots: Arc::new(Slots {
+            max: limits.max_connections,
+            max_per_uid: limits.max_per_uid,
+            state: Mutex::new((0, HashMap::new())),
+        }),
+        log: LogBudget::new(),
+    };
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .keep_alive(true);
     let mut connections = JoinSet::new();
-    let mut log = LogBudget::new();
     let mut backoff = Duration::ZERO;
-    loop {
-        if *stop.borrow() {
-            break;
-        }
+    while !*stop.borrow() {
         tokio::select! {
             changed = stop.changed() => {
                 if changed.is_err() {
                     break;
                 }
-                continue;
             }
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => {
-                        backoff = Duration::ZERO;
-                        stream
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    backoff = Duration::ZERO;
+                    // Who it is, before any byte is read.
+                    let peer = peer_cred(&stream);
+                    if let Some(slot) = gate.admit(peer) {
+                        connections.spawn(connection(
+                            http.clone(),
+                            stream,
+                            peer,
+                            router.clone(),
+                            slot,
+                            stop.clone(),
+                        ));
                     }
-                    Err(e) if is_resource_exhaustion(&e) => {
-                        // Out of descriptors: accepting again at once would
-                        // spin. Wait, longer each time, up to a second.
-                        backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                        if log.allow(name) {
-                            tracing::error!(socket = name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed for lack of resources; backing off");
-                        }
-                        tokio::time::sleep(backoff).await;
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::debug!(socket = name, error = %e, "accept failed");
-                        continue;
-                    }
-                };
-                let peer = peer_cred(&stream);
-                let Some(uid) = peer.uid.filter(|&uid| admission.admits(uid)) else {
-                    if log.allow(name) {
-                        tracing::warn!(socket = name, uid = ?peer.uid, pid = ?peer.pid, "connection from a uid this socket does not serve; closed before reading");
-                    }
-                    continue;
-                };
-                let slot = match slots.take(uid) {
-                    Ok(slot) => slot,
-                    Err(refusal) => {
-                        if log.allow(name) {
-                            let (limit, which) = match refusal {
-                                Refusal::Socket => (limits.max_connections, "daemon.max_connections"),
-                                Refusal::Uid => (limits.max_per_uid, "daemon.max_connections_per_uid"),
-                            };
-                            tracing::warn!(socket = name, uid, pid = ?peer.pid, limit, "connection refused: {which} reached");
-                        }
-                        continue;
-                    }
-                };
-                let service = router
-                    .clone()
-                    .map_request(move |req: hyper::Request<Incoming>| {
-                        let mut req = req.map(Body::new);
-                        req.extensions_mut().insert(ConnectInfo(peer));
-                        req
-                    });
-                let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-                let mut conn_stop = stop.clone();
-                connections.spawn(async move {
-                    let _slot = slot;
-                    let mut conn = std::pin::pin!(conn);
-                    tokio::select! {
-                        r = conn.as_mut() => {
-                            if let Err(e) = r {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                            return;
-                        }
-                        _ = conn_stop.wait_for(|s| *s) => {}
-                    }
-                    // Finish the request in progress, then close.
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                });
-            }
+                }
+                Err(e) => backoff = gate.accept_failed(&e, backoff).await,
+            },
         }
     }
     drop(listener);
