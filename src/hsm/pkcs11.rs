@@ -11,7 +11,8 @@
 //!   forgot, a device that went away, a key found before that it no longer
 //!   finds) re-opens it: close every session, finalize and initialize the
 //!   module again, log in again, and retry the call once. Re-opens are
-//!   serialized and at most one per [`REOPEN_INTERVAL`]; the lock that
+//!   serialized, at most one per [`REOPEN_INTERVAL`], backing off to
+//!   [`REOPEN_INTERVAL_MAX`] while they fail; the lock that
 //!   guards the current login is taken only to clone it, never during a
 //!   device call. Several handles on one module in one process share its
 //!   context, so a re-open by one finalizes it under the others: keywardd
@@ -166,8 +167,12 @@ pub fn parse_ec_point(point: &[u8]) -> Option<[u8; 32]> {
     }
 }
 
-/// Least time between two re-opens of the module.
+/// Least time between two re-opens of the module; it doubles after each
+/// re-open that fails, up to [`REOPEN_INTERVAL_MAX`].
 pub const REOPEN_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Longest wait between two re-opens of a module that stays broken.
+pub const REOPEN_INTERVAL_MAX: Duration = Duration::from_secs(64);
 
 /// How long a re-open waits for the calls in progress to finish.
 const REOPEN_DRAIN: Duration = Duration::from_secs(10);
@@ -176,6 +181,8 @@ const REOPEN_DRAIN: Duration = Duration::from_secs(10);
 struct ReopenState {
     /// When the last re-open was tried.
     last: Option<Instant>,
+    /// Re-opens that failed in a row.
+    failures: u32,
     /// The module was initialized again (this generation) but logging in
     /// failed: the next attempt initializes it again.
     failed_generation: Option<u64>,
@@ -276,13 +283,13 @@ impl Pkcs11Hsm {
     fn recovering<T>(&self, f: impl Fn() -> Result<T, HsmError>) -> Result<T, HsmError> {
         let before = self.current();
         match f() {
-            Err(e) if self.lost_state(&e) => {
-                drop(e);
-                match self.reopen(&before) {
-                    Ok(()) => f(),
-                    Err(reopen) => Err(reopen),
-                }
-            }
+            Err(e) if self.lost_state(&e) => match self.reopen(&before) {
+                Ok(()) => f(),
+                Err(why) => Err(HsmError::StateLost {
+                    op: "re-open",
+                    detail: format!("{e}; not re-opened: {why}"),
+                }),
+            },
             other => other,
         }
     }
@@ -295,19 +302,24 @@ impl Pkcs11Hsm {
         if !Arc::ptr_eq(&self.current(), stale) {
             return Ok(());
         }
+        let interval = REOPEN_INTERVAL
+            .saturating_mul(1 << state.failures.min(6))
+            .min(REOPEN_INTERVAL_MAX);
         if let Some(at) = state.last
-            && at.elapsed() < REOPEN_INTERVAL
+            && at.elapsed() < interval
         {
             return Err(HsmError::StateLost {
                 op: "re-open",
                 detail: format!(
                     "the last attempt was {} ms ago; the next may start {} s after it",
                     at.elapsed().as_millis(),
-                    REOPEN_INTERVAL.as_secs()
+                    interval.as_secs()
                 ),
             });
         }
         state.last = Some(Instant::now());
+        // Counted as failed until it succeeds.
+        state.failures = state.failures.saturating_add(1);
         tracing::warn!(
             token = %self.cfg.token_label,
             module = %self.cfg.module.display(),
@@ -337,6 +349,7 @@ impl Pkcs11Hsm {
             Ok(mut g) => *g = Arc::new(open),
             Err(p) => *p.into_inner() = Arc::new(open),
         }
+        state.failures = 0;
         tracing::warn!(token = %self.cfg.token_label, "HSM module re-opened and logged in again");
         Ok(())
     }
