@@ -6,7 +6,9 @@
 //! operation) and SQLite would fail to open files, and a module that loses
 //! its object store may not recover on its own. So the daemon raises its
 //! soft `RLIMIT_NOFILE` to the hard limit and refuses to start unless both
-//! sockets' connection limits plus a fixed [`RESERVED_FDS`] fit under it.
+//! sockets' connection limits (plus the refused connections each may hold
+//! for a moment, [`crate::api::serve::MAX_LINGERING`]) and a fixed
+//! [`RESERVED_FDS`] fit under it.
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
@@ -21,9 +23,9 @@ pub const RESERVED_FDS: u64 = 256;
 #[derive(Debug, thiserror::Error)]
 #[error(
     "the open-file limit is {limit} (hard limit {hard}) but the connection limits need {needed}: \
-     2 sockets x daemon.max_connections = {connections} plus {reserved} reserved for the HSM, the \
-     ledger and the mirror; raise LimitNOFILE= in the unit (or `ulimit -n`) or lower \
-     daemon.max_connections"
+     2 sockets x (daemon.max_connections + {lingering} refused connections held for a moment) = \
+     {connections} plus {reserved} reserved for the HSM, the ledger and the mirror; raise \
+     LimitNOFILE= in the unit (or `ulimit -n`) or lower daemon.max_connections"
 )]
 pub struct FdBudgetError {
     /// Soft limit in force after trying to raise it.
@@ -34,13 +36,16 @@ pub struct FdBudgetError {
     pub needed: u64,
     /// Of which for connections.
     pub connections: u64,
+    /// Refused connections each socket may hold for a moment.
+    pub lingering: u64,
     /// Of which reserved.
     pub reserved: u64,
 }
 
 /// Descriptors needed for `max_connections` on each of the two sockets.
 pub fn needed(max_connections: usize) -> u64 {
-    2 * u64::try_from(max_connections).unwrap_or(u64::MAX / 4) + RESERVED_FDS
+    let per_socket = max_connections.saturating_add(crate::api::serve::MAX_LINGERING);
+    2 * u64::try_from(per_socket).unwrap_or(u64::MAX / 4) + RESERVED_FDS
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (always allowed) and
@@ -60,6 +65,7 @@ pub fn reserve(max_connections: usize) -> Result<u64, FdBudgetError> {
             hard,
             needed: need,
             connections: need - RESERVED_FDS,
+            lingering: crate::api::serve::MAX_LINGERING as u64,
             reserved: RESERVED_FDS,
         });
     }
@@ -72,9 +78,9 @@ mod tests {
 
     #[test]
     fn the_default_limits_fit_systemds_default_of_1024() {
-        assert_eq!(needed(256), 768);
+        assert_eq!(needed(256), 896);
         assert!(needed(256) <= 1024);
-        assert_eq!(needed(16_384), 33_024);
+        assert_eq!(needed(16_384), 33_152);
     }
 
     #[test]
@@ -82,12 +88,13 @@ mod tests {
         let e = FdBudgetError {
             limit: 512,
             hard: 512,
-            needed: 768,
-            connections: 512,
+            needed: 896,
+            connections: 640,
+            lingering: 64,
             reserved: 256,
         };
         let msg = e.to_string();
-        for part in ["512", "768", "LimitNOFILE", "daemon.max_connections"] {
+        for part in ["512", "896", "LimitNOFILE", "daemon.max_connections"] {
             assert!(msg.contains(part), "{msg}");
         }
     }

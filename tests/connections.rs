@@ -43,15 +43,20 @@ print "ready $ok\n"; STDOUT->flush;
 my $line = <STDIN>;
 "#;
 
-/// Connects to `socket`, sends nothing and waits up to 10 s for the
-/// daemon: prints `eof` if it closed the connection, `timeout` otherwise.
+/// Connects to `socket`, sends nothing and reads until the daemon closes
+/// the connection: prints `closed <status line>` then, or `timeout` if it
+/// is still open after 10 s.
 const SILENT_PL: &str = r#"
 use strict; use IO::Socket::UNIX; use IO::Select;
 my $c = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Peer => $ARGV[0]) or do { print "connect failed: $!\n"; exit 0 };
-my $sel = IO::Select->new($c);
-if (!$sel->can_read(10)) { print "timeout\n"; exit 0 }
-my $buf; my $n = sysread($c, $buf, 1024);
-print defined($n) && $n == 0 ? "eof\n" : (defined($n) ? "data\n" : "eof\n");
+my $sel = IO::Select->new($c); my $all = ""; my $deadline = time + 10;
+while (1) {
+    my $left = $deadline - time;
+    if ($left <= 0 || !$sel->can_read($left)) { print "timeout\n"; exit 0 }
+    my $buf; my $n = sysread($c, $buf, 4096);
+    if (!$n) { my ($line) = split /\r\n/, $all; $line //= ""; print "closed $line\n"; exit 0 }
+    $all .= $buf;
+}
 "#;
 
 /// Runs perl `script` with `args` as `uid` (and gid `uid`, no groups).
@@ -160,6 +165,13 @@ fn a_flood_of_half_open_connections_from_one_agent_leaves_others_and_the_admin_s
     assert_eq!(status, 200, "{body}");
     signs_within(&inst, "during-flood", limit);
     assert!(inst.is_running());
+    // The flooding agent's next connection is refused at once with a clear
+    // answer, without its request being read.
+    let out = perl_as(FLOOD_UID, SILENT_PL, &[&socket]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "closed HTTP/1.1 503 Service Unavailable"
+    );
 
     // The flood goes away; signing goes on.
     drop(flood.stdin.take());
@@ -185,6 +197,8 @@ fn a_connection_from_a_uid_the_socket_does_not_serve_is_closed_before_its_first_
     let inst = Instance::start_default();
     open_up(&inst, &inst.agent_socket.clone());
     open_up(&inst, &inst.admin_socket.clone());
+    // The peer sends nothing: the daemon answers 403 without waiting for a
+    // request and closes.
     for socket in [&inst.agent_socket, &inst.admin_socket] {
         let started = Instant::now();
         let out = perl_as(STRANGER_UID, SILENT_PL, &[socket.to_str().unwrap()])
@@ -193,7 +207,7 @@ fn a_connection_from_a_uid_the_socket_does_not_serve_is_closed_before_its_first_
         let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         assert_eq!(
             said,
-            "eof",
+            "closed HTTP/1.1 403 Forbidden",
             "{}: {}",
             socket.display(),
             String::from_utf8_lossy(&out.stderr)
@@ -361,7 +375,7 @@ fn slow_request_heads_and_bodies_are_cut_by_their_timeouts() {
 #[test]
 fn keywardd_refuses_to_start_when_the_connection_limits_do_not_fit_the_descriptor_limit() {
     let inst = Instance::init();
-    // 2 × 256 connections + 256 reserved = 768 > 512.
+    // 2 × (256 connections + 64 held refusals) + 256 reserved = 896 > 512.
     let out = Command::new("prlimit")
         .arg("--nofile=512:512")
         .arg(KEYWARDD)
@@ -371,11 +385,11 @@ fn keywardd_refuses_to_start_when_the_connection_limits_do_not_fit_the_descripto
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    for part in ["512", "768", "LimitNOFILE", "daemon.max_connections"] {
+    for part in ["512", "896", "LimitNOFILE", "daemon.max_connections"] {
         assert!(err.contains(part), "{part} missing from: {err}");
     }
     assert!(!inst.agent_socket.exists(), "nothing was served");
-    // Lower limits fit: it starts.
+    // Lower limits fit (2 × (64 + 64) + 256 = 512): it starts.
     let mut inst = inst;
     inst.add_daemon_config("max_connections = 64");
     inst.set_nofile(512);

@@ -223,6 +223,10 @@ pub mod codes {
     /// (`daemon.request_timeout_s`); a submitted intent is still recorded to
     /// the end, so ask for its outcome with `GET /v1/intents/{id}`.
     pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    /// 503: the connection was refused at accept because this uid (or the
+    /// socket) already holds as many connections as the daemon allows; the
+    /// request was not read. Retry after `retry_after` seconds.
+    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
     /// 500: an internal error; nothing was released.
     pub const INTERNAL: &str = "internal_error";
 }

@@ -6,9 +6,17 @@
 //!
 //! 1. the peer's credentials (`SO_PEERCRED`) are read right after
 //!    `accept()`, before any byte, and a uid the socket does not serve is
-//!    closed at once ([`Admission`]);
+//!    refused at once ([`Admission`]);
 //! 2. it must fit under the socket's limit overall and per uid, or it is
-//!    closed at once ([`Slots`]);
+//!    refused at once ([`Slots`]);
+//!
+//!    A refused connection gets a canned error answer (403 `unknown_agent`
+//!    or `not_an_operator`, 503 `too_many_connections`) and is closed
+//!    [`LINGER`] after accept; no byte of it is ever read. The answer waits
+//!    until the peer has sent something (its request, unread) or [`LINGER`]
+//!    has passed, because an HTTP client drops an answer that comes before
+//!    its request; at most [`MAX_LINGERING`] refused connections are held at
+//!    a time, and beyond that they are answered and closed at once;
 //! 3. hyper serves it with a header-read timeout (which also bounds idle
 //!    keep-alive waits), and the router wraps each request in the
 //!    whole-request timeout ([`super::with_request_timeout`]);
@@ -28,6 +36,7 @@ use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use keyward_client::wire::{ErrorBody, ErrorDetail, codes};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -35,6 +44,14 @@ use tower::ServiceExt as _;
 
 use super::PeerCred;
 use crate::service::Signer;
+
+/// How long a refused connection is held (never read) before it is
+/// closed; it is answered as soon as its peer sends, or at the end.
+pub const LINGER: Duration = Duration::from_secs(1);
+
+/// Refused connections held at once per socket (each holds a descriptor;
+/// [`crate::fds`] counts them).
+pub const MAX_LINGERING: usize = 64;
 
 /// Which peers a socket serves; checked at accept, before any byte is read.
 #[derive(Clone)]
@@ -98,8 +115,61 @@ struct Slot {
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refusal {
+    /// The socket holds `daemon.max_connections`.
     Socket,
+    /// The uid holds `daemon.max_connections_per_uid`.
     Uid,
+    /// The uid is not served by this socket (or unknown).
+    Stranger,
+}
+
+/// The answer written to a refused connection: an HTTP/1.1 response with
+/// the API's error body and `Connection: close`.
+fn refusal_response(admission: &Admission, refusal: Refusal) -> Vec<u8> {
+    let (status, code, message, retry_after) = match (refusal, admission) {
+        (Refusal::Stranger, Admission::Agents(_)) => (
+            "403 Forbidden",
+            codes::UNKNOWN_AGENT,
+            "this uid is not an agent in the policy",
+            None,
+        ),
+        (Refusal::Stranger, Admission::Operators) => (
+            "403 Forbidden",
+            "not_an_operator",
+            "only root or the daemon's user may use the admin socket",
+            None,
+        ),
+        (Refusal::Socket | Refusal::Uid, _) => (
+            "503 Service Unavailable",
+            codes::TOO_MANY_CONNECTIONS,
+            if refusal == Refusal::Uid {
+                "this uid holds as many connections as daemon.max_connections_per_uid allows; reuse or close one"
+            } else {
+                "the socket holds as many connections as daemon.max_connections allows"
+            },
+            Some(1),
+        ),
+    };
+    let body = serde_json::to_vec(&ErrorBody {
+        error: ErrorDetail {
+            code: code.to_owned(),
+            message: message.to_owned(),
+            reasons: Vec::new(),
+            retry_after,
+        },
+    })
+    .unwrap_or_default();
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    if let Some(s) = retry_after {
+        head.push_str(&format!("retry-after: {s}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&body);
+    out
 }
 
 impl Slots {
@@ -202,6 +272,32 @@ fn is_resource_exhaustion(e: &std::io::Error) -> bool {
     )
 }
 
+/// Resolves once the peer has sent something (or hung up), without reading
+/// it: the kernel is asked with `poll(2)` whether input is waiting, since
+/// the runtime's readiness may fire without any.
+async fn peer_has_sent(stream: &UnixStream) {
+    use std::os::fd::AsFd;
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        let waiting = stream.try_io(tokio::io::Interest::READABLE, || {
+            let mut fds = [nix::poll::PollFd::new(
+                stream.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) {
+                Ok(n) if n > 0 => Ok(()),
+                // Clears the runtime's readiness until the next event.
+                _ => Err(std::io::ErrorKind::WouldBlock.into()),
+            }
+        });
+        if waiting.is_ok() {
+            return;
+        }
+    }
+}
+
 fn peer_cred(stream: &UnixStream) -> PeerCred {
     match stream.peer_cred() {
         Ok(cred) => PeerCred {
@@ -221,13 +317,15 @@ struct Gate {
     admission: Admission,
     limits: Limits,
     slots: Arc<Slots>,
+    /// Refused connections that may be held after their answer.
+    lingering: Arc<tokio::sync::Semaphore>,
     log: LogBudget,
 }
 
 impl Gate {
-    /// The peer's uid if it may be served now, with its slot; otherwise
-    /// logs why (within the log budget) and the caller drops the stream.
-    fn admit(&mut self, peer: PeerCred) -> Option<Slot> {
+    /// A slot for the peer if it may be served now; otherwise logs why
+    /// (within the log budget).
+    fn admit(&mut self, peer: PeerCred) -> Result<Slot, Refusal> {
         let name = self.name;
         let Some(uid) = peer.uid.filter(|&uid| self.admission.admits(uid)) else {
             if self.log.allow(name) {
@@ -235,17 +333,19 @@ impl Gate {
                     socket = name,
                     uid = ?peer.uid,
                     pid = ?peer.pid,
-                    "connection from a uid this socket does not serve; closed before reading"
+                    "connection from a uid this socket does not serve; refused before reading"
                 );
             }
-            return None;
+            return Err(Refusal::Stranger);
         };
         match self.slots.take(uid) {
-            Ok(slot) => Some(slot),
+            Ok(slot) => Ok(slot),
             Err(refusal) => {
                 if self.log.allow(name) {
                     let (limit, which) = match refusal {
-                        Refusal::Socket => (self.limits.max_connections, "daemon.max_connections"),
+                        Refusal::Socket | Refusal::Stranger => {
+                            (self.limits.max_connections, "daemon.max_connections")
+                        }
                         Refusal::Uid => (self.limits.max_per_uid, "daemon.max_connections_per_uid"),
                     };
                     tracing::warn!(
@@ -256,9 +356,36 @@ impl Gate {
                         "connection refused: {which} reached"
                     );
                 }
-                None
+                Err(refusal)
             }
         }
+    }
+
+    /// Answers a refused connection and closes it, never reading from it.
+    /// The answer goes out once the peer has sent something (an HTTP client
+    /// drops an answer that comes before its request) or after [`LINGER`],
+    /// followed by end-of-file; the socket is closed [`LINGER`] after
+    /// accept, so that a client still writing its request is not cut off
+    /// before it reads the answer. Beyond [`MAX_LINGERING`] waiting, the
+    /// answer is written and the socket closed at once. Writes never wait:
+    /// a fresh socket's send buffer takes the few hundred bytes.
+    fn refuse(&self, stream: UnixStream, refusal: Refusal) {
+        let answer = refusal_response(&self.admission, refusal);
+        let Ok(permit) = Arc::clone(&self.lingering).try_acquire_owned() else {
+            let _ = stream.try_write(&answer);
+            return;
+        };
+        let until = tokio::time::Instant::now() + LINGER;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout_at(until, peer_has_sent(&stream)).await;
+            let _ = stream.try_write(&answer);
+            if let Ok(stream) = stream.into_std() {
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                tokio::time::sleep_until(until).await;
+                drop(stream);
+            }
+            drop(permit);
+        });
     }
 
     /// After a failed `accept()`: backs off when the process or the system
@@ -334,6 +461,7 @@ pub async fn serve(socket: Socket, mut stop: watch::Receiver<bool>) {
             max_per_uid: limits.max_per_uid,
             state: Mutex::new((0, HashMap::new())),
         }),
+        lingering: Arc::new(tokio::sync::Semaphore::new(MAX_LINGERING)),
         log: LogBudget::new(),
     };
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -355,15 +483,18 @@ pub async fn serve(socket: Socket, mut stop: watch::Receiver<bool>) {
                     backoff = Duration::ZERO;
                     // Who it is, before any byte is read.
                     let peer = peer_cred(&stream);
-                    if let Some(slot) = gate.admit(peer) {
-                        connections.spawn(connection(
-                            http.clone(),
-                            stream,
-                            peer,
-                            router.clone(),
-                            slot,
-                            stop.clone(),
-                        ));
+                    match gate.admit(peer) {
+                        Ok(slot) => {
+                            connections.spawn(connection(
+                                http.clone(),
+                                stream,
+                                peer,
+                                router.clone(),
+                                slot,
+                                stop.clone(),
+                            ));
+                        }
+                        Err(refusal) => gate.refuse(stream, refusal),
                     }
                 }
                 Err(e) => backoff = gate.accept_failed(&e, backoff).await,
@@ -413,6 +544,25 @@ mod tests {
         drop(a1);
         let _a3 = slots.take(1).unwrap();
         assert_eq!(slots.take(2).err(), Some(Refusal::Socket));
+    }
+
+    #[test]
+    fn refusals_answer_with_the_api_error_shape() {
+        let text =
+            String::from_utf8(refusal_response(&Admission::Operators, Refusal::Stranger)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let parsed: ErrorBody = serde_json::from_str(body).unwrap();
+        assert_eq!(parsed.error.code, "not_an_operator");
+        let text =
+            String::from_utf8(refusal_response(&Admission::Operators, Refusal::Uid)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+        assert!(text.contains("retry-after: 1\r\n"), "{text}");
+        assert!(text.contains("\"too_many_connections\""), "{text}");
     }
 
     #[test]
