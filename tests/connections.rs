@@ -383,7 +383,7 @@ fn keywardd_refuses_to_start_when_the_connection_limits_do_not_fit_the_descripto
         .arg(&inst.config)
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "an environment error");
     let err = String::from_utf8_lossy(&out.stderr);
     for part in ["512", "896", "LimitNOFILE", "daemon.max_connections"] {
         assert!(err.contains(part), "{part} missing from: {err}");
