@@ -674,6 +674,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let uid = nix::unistd::getuid().as_raw();
     let inst = crate::dev::init_dev(&inst_dir, &module, uid).map_err(setup)?;
     std::fs::write(inst_dir.join("policy.toml"), bench_policy(uid)).map_err(setup)?;
+    // Every bench client connects as this one uid: let it use the whole
+    // socket, so the open loop measures signing, not the per-uid limit.
+    let text = std::fs::read_to_string(&inst.config).map_err(setup)?;
+    let text = text.replacen("\n[hsm]", "max_connections_per_uid = 256\n\n[hsm]", 1);
+    std::fs::write(&inst.config, text).map_err(setup)?;
     let cfg = Config::load(&inst.config).map_err(setup)?;
     if opts.prefill > 0 {
         progress(

@@ -194,9 +194,26 @@ pub struct DaemonConfig {
     /// Largest accepted request body in bytes (default 64 KiB).
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: usize,
-    /// Per-request time limit in seconds (default 30).
+    /// Longest time one request may take, from its complete head to its
+    /// response, in seconds (default 30). A submission that runs longer is
+    /// still recorded to the end; the caller asks `GET /v1/intents/{id}`.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_s: u64,
+    /// Longest wait for a complete request head, in seconds (default 10).
+    /// The clock runs whenever a connection waits for a request, so it also
+    /// closes idle keep-alive connections.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_s: u64,
+    /// Open connections allowed on each socket (default 256).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open connections allowed per peer uid on each socket (default 32).
+    #[serde(default = "default_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// On SIGTERM, how long in-flight requests may take to finish before
+    /// the connections left are closed, in seconds (default 10).
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_s: u64,
     /// How long an intent waits for approvals before it expires, in
     /// seconds (default 900).
     #[serde(default = "default_approval_ttl")]
@@ -214,6 +231,25 @@ fn default_body_limit() -> usize {
 fn default_request_timeout() -> u64 {
     30
 }
+
+fn default_header_read_timeout() -> u64 {
+    10
+}
+
+fn default_max_connections() -> usize {
+    256
+}
+
+fn default_max_connections_per_uid() -> usize {
+    32
+}
+
+fn default_shutdown_grace() -> u64 {
+    10
+}
+
+/// Largest accepted `daemon.max_connections`.
+pub const MAX_CONNECTIONS: usize = 16_384;
 
 /// `[hsm]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -347,6 +383,39 @@ impl Config {
                 file,
                 "daemon.request_timeout_s",
                 "must be between 1 and 600 seconds",
+            ));
+        }
+        if daemon.header_read_timeout_s == 0 || daemon.header_read_timeout_s > 600 {
+            return Err(ConfigError::new(
+                file,
+                "daemon.header_read_timeout_s",
+                "must be between 1 and 600 seconds",
+            ));
+        }
+        if daemon.shutdown_grace_s == 0 || daemon.shutdown_grace_s > 300 {
+            return Err(ConfigError::new(
+                file,
+                "daemon.shutdown_grace_s",
+                "must be between 1 and 300 seconds (keep systemd's TimeoutStopSec above it)",
+            ));
+        }
+        if daemon.max_connections == 0 || daemon.max_connections > MAX_CONNECTIONS {
+            return Err(ConfigError::new(
+                file,
+                "daemon.max_connections",
+                format!("must be between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
+        if daemon.max_connections_per_uid == 0
+            || daemon.max_connections_per_uid > daemon.max_connections
+        {
+            return Err(ConfigError::new(
+                file,
+                "daemon.max_connections_per_uid",
+                format!(
+                    "must be between 1 and daemon.max_connections ({})",
+                    daemon.max_connections
+                ),
             ));
         }
         let mut hsm = raw.hsm;
@@ -618,6 +687,47 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
         )
         .unwrap_err();
         assert!(err.to_string().contains("url"), "{err}");
+    }
+
+    #[test]
+    fn connection_limits_and_timeouts_have_defaults_and_bounds() {
+        let cfg = Config::parse(Path::new("k.toml"), GOOD).unwrap();
+        assert_eq!(
+            (
+                cfg.daemon.max_connections,
+                cfg.daemon.max_connections_per_uid,
+                cfg.daemon.header_read_timeout_s,
+                cfg.daemon.shutdown_grace_s,
+                cfg.daemon.request_timeout_s,
+            ),
+            (256, 32, 10, 10, 30)
+        );
+        let with = |line: &str| GOOD.replace("[hsm]", &format!("{line}\n\n[hsm]"));
+        for (line, key) in [
+            ("max_connections = 0", "daemon.max_connections"),
+            ("max_connections = 100000", "daemon.max_connections"),
+            (
+                "max_connections_per_uid = 0",
+                "daemon.max_connections_per_uid",
+            ),
+            (
+                "max_connections_per_uid = 300",
+                "daemon.max_connections_per_uid",
+            ),
+            ("header_read_timeout_s = 0", "daemon.header_read_timeout_s"),
+            ("shutdown_grace_s = 0", "daemon.shutdown_grace_s"),
+            ("shutdown_grace_s = 301", "daemon.shutdown_grace_s"),
+        ] {
+            let err = Config::parse(Path::new("k.toml"), &with(line)).unwrap_err();
+            assert_eq!(err.key, key, "{line}: {err}");
+        }
+        let cfg = Config::parse(
+            Path::new("k.toml"),
+            &with("max_connections = 64\nmax_connections_per_uid = 64\nshutdown_grace_s = 2"),
+        )
+        .unwrap();
+        assert_eq!(cfg.daemon.max_connections_per_uid, 64);
+        assert_eq!(cfg.daemon.shutdown_grace_s, 2);
     }
 
     #[test]

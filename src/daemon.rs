@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::api::{AppState, PeerCred, admin_router, agent_router, bind_socket};
+use crate::api::serve::{Admission, Limits, Socket, serve};
+use crate::api::{AppState, admin_router, agent_router, bind_socket, with_request_timeout};
 use crate::config::{Config, ConfigError};
 use crate::hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
 use crate::hsm::{Hsm, HsmError};
@@ -41,6 +42,9 @@ pub enum DaemonError {
     /// The audit history does not verify, or its anchor is wrong.
     #[error("{0}")]
     History(#[from] crate::service::history::HistoryError),
+    /// The open-file limit cannot hold the connection limits and the reserve.
+    #[error("{0}")]
+    Descriptors(#[from] crate::fds::FdBudgetError),
     /// An I/O failure.
     #[error("{what}: {source}")]
     Io {
@@ -60,6 +64,7 @@ impl DaemonError {
             DaemonError::Ledger(e) => e.code(),
             DaemonError::History(e) => e.code(),
             DaemonError::Io { .. } => "io_error",
+            DaemonError::Descriptors(_) => "invalid_config",
         }
     }
 }
@@ -126,6 +131,15 @@ pub struct StartOptions {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
+    // Before the HSM or the ledger opens a file: the connection limits must
+    // leave them descriptors.
+    let nofile = crate::fds::reserve(cfg.daemon.max_connections)?;
+    tracing::info!(
+        nofile,
+        max_connections = cfg.daemon.max_connections,
+        max_connections_per_uid = cfg.daemon.max_connections_per_uid,
+        "descriptor budget"
+    );
     let policy = Policy::load(&cfg.daemon.policy)?;
     let hsm_cfg = cfg.clone();
     let hsm = tokio::task::spawn_blocking(move || open_hsm(&hsm_cfg))
@@ -318,16 +332,33 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         )),
     };
     let (stop_tx, stop_rx) = watch::channel(false);
-    let agent_srv = axum::serve(
-        agent_listener,
-        agent_router(state.clone()).into_make_service_with_connect_info::<PeerCred>(),
-    )
-    .with_graceful_shutdown(shutdown_signal(stop_rx.clone()));
-    let admin_srv = axum::serve(
-        admin_listener,
-        admin_router(state).into_make_service_with_connect_info::<PeerCred>(),
-    )
-    .with_graceful_shutdown(shutdown_signal(stop_rx.clone()));
+    let limits = Limits {
+        max_connections: cfg.daemon.max_connections,
+        max_per_uid: cfg.daemon.max_connections_per_uid,
+        header_read_timeout: Duration::from_secs(cfg.daemon.header_read_timeout_s),
+        shutdown_grace: Duration::from_secs(cfg.daemon.shutdown_grace_s),
+    };
+    let request_timeout = Duration::from_secs(cfg.daemon.request_timeout_s);
+    let agent_srv = serve(
+        Socket {
+            name: "agent",
+            listener: agent_listener,
+            router: with_request_timeout(agent_router(state.clone()), request_timeout),
+            admission: Admission::Agents(Arc::clone(&signer)),
+            limits,
+        },
+        stop_rx.clone(),
+    );
+    let admin_srv = serve(
+        Socket {
+            name: "admin",
+            listener: admin_listener,
+            router: with_request_timeout(admin_router(state), request_timeout),
+            admission: Admission::Operators,
+            limits,
+        },
+        stop_rx.clone(),
+    );
 
     // The mirror gate: signing stops while the external copy lags.
     let mirror_task = cfg.mirror.clone().map(|m| {
@@ -427,8 +458,7 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         "keywardd ready"
     );
     let servers = tokio::spawn(async move {
-        let (a, b) = tokio::join!(agent_srv, admin_srv);
-        a.and(b)
+        tokio::join!(agent_srv, admin_srv);
     });
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(io("cannot install SIGHUP handler"))?;
@@ -454,7 +484,9 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
-    let served = servers.await;
+    if let Err(e) = servers.await {
+        tracing::error!(error = %e, "server task failed");
+    }
     let _ = recovery.await;
     let _ = expiry.await;
     let _ = checkpoints.await;
@@ -488,15 +520,5 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
     drop(signer);
     ledger.close().await?;
     result?;
-    match served {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(DaemonError::Io {
-            what: "serving".into(),
-            source: e,
-        }),
-        Err(e) => Err(DaemonError::Io {
-            what: "server task".into(),
-            source: std::io::Error::other(e.to_string()),
-        }),
-    }
+    Ok(())
 }

@@ -14,6 +14,7 @@ pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod dev;
+pub mod fds;
 pub mod harden;
 pub mod hsm;
 pub mod intents;

@@ -163,4 +163,20 @@ fn pkcs11_backend_on_a_real_softhsm_token() {
     );
     assert!(hsm.load_data("other").unwrap().is_empty());
     assert_eq!(again.load_data("mark").unwrap(), vec![b"second".to_vec()]);
+
+    // Lost state: the sessions are closed, the module is finalized and
+    // initialized again, the user logs in again; keys are found and sign as
+    // before, and a new handle shares the new context.
+    drop(again);
+    hsm.reopen_now().unwrap();
+    sign_verified(&*hsm, &key, msg).unwrap();
+    sign_verified(&*hsm, &cold, msg).unwrap();
+    hsm.health().unwrap();
+    let again = Pkcs11Hsm::open(&cfg("kw-test", &token.pin_file)).unwrap();
+    assert_eq!(again.find_ed25519(&hot).unwrap(), key);
+    // Re-opens are rate-limited.
+    let e = hsm.reopen_now().unwrap_err();
+    assert!(matches!(e, HsmError::StateLost { .. }), "{e}");
+    // Data objects live in the token, not the session: they survive it.
+    assert_eq!(hsm.load_data("mark").unwrap(), vec![b"second".to_vec()]);
 }

@@ -223,6 +223,14 @@ pub mod codes {
     pub const MIRROR_LAGGING: &str = "mirror_lagging";
     /// 503: the audit history failed verification; nothing is signed.
     pub const LEDGER_HISTORY_BROKEN: &str = "ledger_history_broken";
+    /// 503: the request took longer than the daemon's request time limit
+    /// (`daemon.request_timeout_s`); a submitted intent is still recorded to
+    /// the end, so ask for its outcome with `GET /v1/intents/{id}`.
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    /// 503: the connection was refused at accept because this uid (or the
+    /// socket) already holds as many connections as the daemon allows; the
+    /// request was not read. Retry after `retry_after` seconds.
+    pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
     /// 500: an internal error; nothing was released.
     pub const INTERNAL: &str = "internal_error";
 }

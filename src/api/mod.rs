@@ -8,9 +8,16 @@ mod agent;
 mod body;
 mod error;
 mod peer;
+pub mod serve;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use keyward_client::wire::codes;
 
 pub use admin::admin_router;
 pub use agent::agent_router;
@@ -58,4 +65,29 @@ pub fn bind_socket(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixLi
     let listener = tokio::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
+}
+
+/// Wraps every request of `router` in a whole-request time limit
+/// (`daemon.request_timeout_s`): from the complete request head to the
+/// response, including reading the body. A request over the limit gets 503
+/// `request_timeout`. Submissions and approvals run in their own tasks, so
+/// a decision in progress is still recorded to the end; only the wait for
+/// it is cut, and `GET /v1/intents/{id}` tells its outcome.
+pub fn with_request_timeout(router: Router, limit: Duration) -> Router {
+    router.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+            match tokio::time::timeout(limit, next.run(req)).await {
+                Ok(response) => response,
+                Err(_) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    codes::REQUEST_TIMEOUT,
+                    format!(
+                        "the request took longer than {} s (daemon.request_timeout_s); an intent already submitted is still recorded: ask GET /v1/intents/{{id}} for its outcome",
+                        limit.as_secs()
+                    ),
+                )
+                .into_response(),
+            }
+        },
+    ))
 }

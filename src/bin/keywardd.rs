@@ -58,7 +58,9 @@ fn main() -> ExitCode {
             eprintln!("keywardd: {e}");
             tracing::error!(code = e.code(), "{e}");
             match e {
-                DaemonError::Config(_) | DaemonError::MissingKey { .. } => ExitCode::from(2),
+                DaemonError::Config(_)
+                | DaemonError::MissingKey { .. }
+                | DaemonError::Descriptors(_) => ExitCode::from(2),
                 DaemonError::History(_) => ExitCode::from(3),
                 _ => ExitCode::from(1),
             }

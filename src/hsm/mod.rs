@@ -48,6 +48,15 @@ pub enum HsmError {
     /// The HSM returned a signature that does not verify: never released.
     #[error("the HSM returned a signature that does not verify for key {0:?}")]
     BadSignature(String),
+    /// The module no longer has this process's session, login or device
+    /// (or lost a key it had): the backend re-opens it.
+    #[error("HSM operation {op} failed: {detail} (the module lost its state)")]
+    StateLost {
+        /// The operation.
+        op: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
     /// Any other failure of the device or module.
     #[error("HSM operation {op} failed: {detail}")]
     Device {
@@ -125,7 +134,8 @@ pub trait Hsm: Send + Sync {
     /// after an interrupted [`Hsm::store_data`].
     fn load_data(&self, label: &str) -> Result<Vec<Vec<u8>>, HsmError>;
 
-    /// Cheap liveness check of the device and login state.
+    /// Liveness check of the device and login state that also finds the
+    /// keys in use again, so a module that lost its objects fails it.
     fn health(&self) -> Result<(), HsmError>;
 }
 

@@ -5,24 +5,40 @@
 //! - The token is found by its label, never by slot number.
 //! - The user logs in once; an anchor session keeps the login alive, and a
 //!   pool of read-write sessions serves concurrent signers. The pool's lock
-//!   is held only to take or return a session, never during a device call.
+//!   is held only to take or return a session, never during a device call
+//!   ([`session`]).
+//! - An error that means the module lost its state (a session or login it
+//!   forgot, a device that went away, a key found before that it no longer
+//!   finds) re-opens it: close every session, finalize and initialize the
+//!   module again, log in again, and retry the call once. Re-opens are
+//!   serialized, at most one per [`REOPEN_INTERVAL`], backing off to
+//!   [`REOPEN_INTERVAL_MAX`] while they fail; the lock that
+//!   guards the current login is taken only to clone it, never during a
+//!   device call. Several handles on one module in one process share its
+//!   context, so a re-open by one finalizes it under the others: keywardd
+//!   holds one.
 //! - Ed25519 keys are generated inside the token as sensitive,
 //!   non-extractable, private token objects; the attributes are read back
 //!   and a key that does not have them is destroyed.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, OnceLock};
+mod session;
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::session::{Session, SessionState};
 use cryptoki::slot::Slot;
 
-use super::pin::read_pin;
+pub use session::context;
+use session::{Handles, Open, PooledSession, lock};
+
 use super::{Hsm, HsmError, HsmKey};
 use crate::types::{KeyName, PublicKey};
 
@@ -78,10 +94,33 @@ impl KeyAttributes {
     }
 }
 
+/// Return values that mean the module no longer has the session, the
+/// login or the device this process had: only a re-open helps.
+fn means_lost_state(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::SessionHandleInvalid
+            | RvError::SessionClosed
+            | RvError::UserNotLoggedIn
+            | RvError::DeviceRemoved
+            | RvError::DeviceError
+            | RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::CryptokiNotInitialized
+            | RvError::GeneralError
+    )
+}
+
 fn device(op: &'static str) -> impl Fn(CkError) -> HsmError {
-    move |e| HsmError::Device {
-        op,
-        detail: e.to_string(),
+    move |e| match rv(&e) {
+        Some(code) if means_lost_state(code) => HsmError::StateLost {
+            op,
+            detail: e.to_string(),
+        },
+        _ => HsmError::Device {
+            op,
+            detail: e.to_string(),
+        },
     }
 }
 
@@ -90,33 +129,6 @@ fn rv(e: &CkError) -> Option<RvError> {
         CkError::Pkcs11(rv, _) => Some(*rv),
         _ => None,
     }
-}
-
-/// The process-wide context of `module`, initialized on first use.
-/// PKCS#11 allows one `C_Initialize` per process; every open of the same
-/// module shares it, and it is never finalized while the process runs.
-pub fn context(module: &Path) -> Result<Pkcs11, HsmError> {
-    static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
-    let map = CONTEXTS.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut map = match map.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
-    if let Some(ctx) = map.get(module) {
-        return Ok(ctx.clone());
-    }
-    let err = |detail: String| HsmError::Module {
-        module: module.display().to_string(),
-        detail,
-    };
-    let ctx = Pkcs11::new(module).map_err(|e| err(e.to_string()))?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) => {}
-        Err(e) if rv(&e) == Some(RvError::CryptokiAlreadyInitialized) => {}
-        Err(e) => return Err(err(e.to_string())),
-    }
-    map.insert(module.to_path_buf(), ctx.clone());
-    Ok(ctx)
 }
 
 /// The slot holding the initialized token labelled `label`.
@@ -155,71 +167,47 @@ pub fn parse_ec_point(point: &[u8]) -> Option<[u8; 32]> {
     }
 }
 
-/// Found object handles of one key pair.
-#[derive(Debug, Clone, Copy)]
-struct Handles {
-    private: ObjectHandle,
+/// Least time between two re-opens of the module; it doubles after each
+/// re-open that fails, up to [`REOPEN_INTERVAL_MAX`].
+pub const REOPEN_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Longest wait between two re-opens of a module that stays broken.
+pub const REOPEN_INTERVAL_MAX: Duration = Duration::from_secs(64);
+
+/// How long a re-open waits for the calls in progress to finish.
+const REOPEN_DRAIN: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct ReopenState {
+    /// When the last re-open was tried.
+    last: Option<Instant>,
+    /// Re-opens that failed in a row.
+    failures: u32,
+    /// The module was initialized again (this generation) but logging in
+    /// failed: the next attempt initializes it again.
+    failed_generation: Option<u64>,
 }
 
 /// An Ed25519 signer on a PKCS#11 token.
 pub struct Pkcs11Hsm {
-    ctx: Pkcs11,
-    slot: Slot,
-    label: String,
-    /// Keeps the user logged in for the whole application.
-    anchor: Mutex<Session>,
-    pool: Mutex<Vec<Session>>,
-    available: Condvar,
-    /// Sessions open (pooled or in use).
-    open_sessions: Mutex<usize>,
-    max_sessions: usize,
-    handles: Mutex<HashMap<String, Handles>>,
+    cfg: Pkcs11Config,
+    /// The login in force; replaced by a re-open. Its lock is held only to
+    /// clone or swap it.
+    current: RwLock<Arc<Open>>,
+    /// Serializes re-opens; when the last one was tried and what is left
+    /// to redo.
+    reopened: Mutex<ReopenState>,
+    /// Ed25519 keys found or generated since the start: not finding one
+    /// of them later means the module lost its state.
+    known: Mutex<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Pkcs11Hsm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pkcs11Hsm")
-            .field("token", &self.label)
-            .field("max_sessions", &self.max_sessions)
+            .field("token", &self.cfg.token_label)
+            .field("max_sessions", &self.cfg.max_sessions)
             .finish_non_exhaustive()
-    }
-}
-
-/// A pooled session, returned to the pool on drop unless it failed.
-struct PooledSession<'a> {
-    hsm: &'a Pkcs11Hsm,
-    session: Option<Session>,
-    broken: bool,
-}
-
-impl PooledSession<'_> {
-    fn get(&self) -> Result<&Session, HsmError> {
-        self.session.as_ref().ok_or(HsmError::Device {
-            op: "session",
-            detail: "session already returned".into(),
-        })
-    }
-}
-
-impl Drop for PooledSession<'_> {
-    fn drop(&mut self) {
-        if let Some(session) = self.session.take() {
-            if self.broken {
-                drop(session);
-                let mut open = lock(&self.hsm.open_sessions);
-                *open = open.saturating_sub(1);
-            } else {
-                lock(&self.hsm.pool).push(session);
-            }
-            self.hsm.available.notify_one();
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 
@@ -227,71 +215,27 @@ impl Pkcs11Hsm {
     /// Loads the module (once per process), finds the token by label, logs
     /// in with the PIN from `pin_file` and prepares the session pool.
     pub fn open(cfg: &Pkcs11Config) -> Result<Pkcs11Hsm, HsmError> {
-        let ctx = context(&cfg.module)?;
-        let slot = find_token(&ctx, &cfg.token_label)?;
-        let pin = read_pin(&cfg.pin_file)?;
-        let anchor = ctx.open_rw_session(slot).map_err(device("C_OpenSession"))?;
-        match anchor.login(UserType::User, Some(&pin)) {
-            Ok(()) => {}
-            Err(e) if rv(&e) == Some(RvError::UserAlreadyLoggedIn) => {}
-            Err(e) => {
-                return Err(HsmError::Login {
-                    token: cfg.token_label.clone(),
-                    detail: e.to_string(),
-                });
-            }
-        }
-        drop(pin);
+        let (ctx, generation) = session::module_context(&cfg.module)?;
+        let open = Open::new(cfg, ctx, generation)?;
         Ok(Pkcs11Hsm {
-            ctx,
-            slot,
-            label: cfg.token_label.clone(),
-            anchor: Mutex::new(anchor),
-            pool: Mutex::new(Vec::new()),
-            available: Condvar::new(),
-            open_sessions: Mutex::new(0),
-            max_sessions: cfg.max_sessions.max(1),
-            handles: Mutex::new(HashMap::new()),
+            cfg: cfg.clone(),
+            current: RwLock::new(Arc::new(open)),
+            reopened: Mutex::new(ReopenState::default()),
+            known: Mutex::new(BTreeSet::new()),
         })
     }
 
-    /// Takes a session from the pool, opening one if the pool is below its
-    /// size, or waits for one to come back.
-    fn session(&self) -> Result<PooledSession<'_>, HsmError> {
-        let mut pool = lock(&self.pool);
-        loop {
-            if let Some(session) = pool.pop() {
-                return Ok(PooledSession {
-                    hsm: self,
-                    session: Some(session),
-                    broken: false,
-                });
-            }
-            {
-                let mut open = lock(&self.open_sessions);
-                if *open < self.max_sessions {
-                    *open += 1;
-                    drop(open);
-                    drop(pool);
-                    return match self.ctx.open_rw_session(self.slot) {
-                        Ok(session) => Ok(PooledSession {
-                            hsm: self,
-                            session: Some(session),
-                            broken: false,
-                        }),
-                        Err(e) => {
-                            let mut open = lock(&self.open_sessions);
-                            *open = open.saturating_sub(1);
-                            Err(device("C_OpenSession")(e))
-                        }
-                    };
-                }
-            }
-            pool = match self.available.wait(pool) {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+    /// The login in force.
+    fn current(&self) -> Arc<Open> {
+        match self.current.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(p) => Arc::clone(&p.into_inner()),
         }
+    }
+
+    /// Takes a session of the login in force from its pool.
+    fn session(&self) -> Result<PooledSession, HsmError> {
+        self.current().session()
     }
 
     /// Runs `f` on a pooled session; a session whose call fails with a
@@ -299,25 +243,123 @@ impl Pkcs11Hsm {
     fn with_session<T>(
         &self,
         f: impl FnOnce(&Session) -> Result<T, CkError>,
-    ) -> Result<T, CkError> {
-        let mut s = self.session().map_err(|_| CkError::NotSupported)?;
-        let session = s.get().map_err(|_| CkError::NotSupported)?;
-        let result = f(session);
+    ) -> Result<Result<T, CkError>, HsmError> {
+        Self::with_session_of(&self.current(), f)
+    }
+
+    /// [`Self::with_session`] on the login `open` (so that object handles
+    /// found through it are used with its sessions only).
+    fn with_session_of<T>(
+        open: &Arc<Open>,
+        f: impl FnOnce(&Session) -> Result<T, CkError>,
+    ) -> Result<Result<T, CkError>, HsmError> {
+        let mut s = open.session()?;
+        let result = f(s.get()?);
         if let Err(e) = &result
-            && matches!(
-                rv(e),
-                Some(
-                    RvError::SessionHandleInvalid
-                        | RvError::SessionClosed
-                        | RvError::DeviceError
-                        | RvError::DeviceRemoved
-                        | RvError::TokenNotPresent
-                )
-            )
+            && rv(e).is_some_and(means_lost_state)
         {
             s.broken = true;
         }
-        result
+        Ok(result)
+    }
+
+    /// Whether `e` means the module lost its state: an error the module
+    /// reports as such, or "not found" for an Ed25519 key it had.
+    fn lost_state(&self, e: &HsmError) -> bool {
+        match e {
+            HsmError::StateLost { .. } => true,
+            HsmError::KeyNotFound(name) => lock(&self.known).contains(name),
+            _ => false,
+        }
+    }
+
+    fn remember(&self, name: &KeyName) {
+        lock(&self.known).insert(name.to_string());
+    }
+
+    /// Runs `f`; if it fails because the module lost its state, re-opens
+    /// the module and runs `f` once more. Only for calls that may safely
+    /// run twice (finding, signing, reading).
+    fn recovering<T>(&self, f: impl Fn() -> Result<T, HsmError>) -> Result<T, HsmError> {
+        let before = self.current();
+        match f() {
+            Err(e) if self.lost_state(&e) => match self.reopen(&before) {
+                Ok(()) => f(),
+                Err(why) => Err(HsmError::StateLost {
+                    op: "re-open",
+                    detail: format!("{e}; not re-opened: {why}"),
+                }),
+            },
+            other => other,
+        }
+    }
+
+    /// Replaces the login `stale` (unless someone did already): closes its
+    /// sessions, finalizes and initializes the module again, and logs in.
+    /// At most one attempt per [`REOPEN_INTERVAL`].
+    fn reopen(&self, stale: &Arc<Open>) -> Result<(), HsmError> {
+        let mut state = lock(&self.reopened);
+        if !Arc::ptr_eq(&self.current(), stale) {
+            return Ok(());
+        }
+        let interval = REOPEN_INTERVAL
+            .saturating_mul(1 << state.failures.min(6))
+            .min(REOPEN_INTERVAL_MAX);
+        if let Some(at) = state.last
+            && at.elapsed() < interval
+        {
+            return Err(HsmError::StateLost {
+                op: "re-open",
+                detail: format!(
+                    "the last attempt was {} ms ago; the next may start {} s after it",
+                    at.elapsed().as_millis(),
+                    interval.as_secs()
+                ),
+            });
+        }
+        state.last = Some(Instant::now());
+        // Counted as failed until it succeeds.
+        state.failures = state.failures.saturating_add(1);
+        tracing::warn!(
+            token = %self.cfg.token_label,
+            module = %self.cfg.module.display(),
+            "the HSM module lost its state; closing its sessions and initializing it again"
+        );
+        if !stale.close(REOPEN_DRAIN) {
+            return Err(HsmError::StateLost {
+                op: "re-open",
+                detail: format!(
+                    "HSM calls were still running after {} s; the module was not re-initialized",
+                    REOPEN_DRAIN.as_secs()
+                ),
+            });
+        }
+        let generation = state.failed_generation.take().unwrap_or(stale.generation);
+        let opened = session::reinitialize(&self.cfg.module, generation).and_then(|(ctx, g)| {
+            Open::new(&self.cfg, ctx, g).inspect_err(|_| state.failed_generation = Some(g))
+        });
+        let open = match opened {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::error!(error = %e, "re-opening the HSM module failed; the next call tries again");
+                return Err(e);
+            }
+        };
+        match self.current.write() {
+            Ok(mut g) => *g = Arc::new(open),
+            Err(p) => *p.into_inner() = Arc::new(open),
+        }
+        state.failures = 0;
+        tracing::warn!(token = %self.cfg.token_label, "HSM module re-opened and logged in again");
+        Ok(())
+    }
+
+    /// Closes the current login and re-opens the module, as after a lost
+    /// state (for tests and operators' drills); subject to
+    /// [`REOPEN_INTERVAL`].
+    pub fn reopen_now(&self) -> Result<(), HsmError> {
+        let current = self.current();
+        self.reopen(&current)
     }
 
     fn find_pair(
@@ -442,15 +484,15 @@ impl Pkcs11Hsm {
         }
     }
 
-    fn private_handle(&self, name: &str) -> Result<ObjectHandle, HsmError> {
-        if let Some(h) = lock(&self.handles).get(name) {
+    fn private_handle(&self, open: &Arc<Open>, name: &str) -> Result<ObjectHandle, HsmError> {
+        if let Some(h) = lock(&open.handles).get(name) {
             return Ok(h.private);
         }
-        let s = self.session()?;
+        let s = open.session()?;
         let (private, _) = self
             .find_pair(s.get()?, name)?
             .ok_or_else(|| HsmError::KeyNotFound(name.to_owned()))?;
-        lock(&self.handles).insert(name.to_owned(), Handles { private });
+        lock(&open.handles).insert(name.to_owned(), Handles { private });
         Ok(private)
     }
 
@@ -630,13 +672,146 @@ impl Pkcs11Hsm {
     }
 }
 
+impl Pkcs11Hsm {
+    fn find_once(&self, name: &KeyName) -> Result<HsmKey, HsmError> {
+        let open = self.current();
+        let s = open.session()?;
+        let session = s.get()?;
+        let (private, public) = self
+            .find_pair(session, name.as_str())?
+            .ok_or_else(|| HsmError::KeyNotFound(name.to_string()))?;
+        let public_key = self.public_key(session, public, name.as_str())?;
+        lock(&open.handles).insert(name.to_string(), Handles { private });
+        self.remember(name);
+        Ok(HsmKey {
+            name: name.clone(),
+            public_key,
+        })
+    }
+
+    fn list_once(&self) -> Result<Vec<HsmKey>, HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        let privs = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::KeyType(KeyType::EC_EDWARDS),
+            ])
+            .map_err(device("C_FindObjects"))?;
+        let mut names = Vec::new();
+        for h in privs {
+            let attrs = session
+                .get_attributes(h, &[AttributeType::Label])
+                .map_err(device("C_GetAttributeValue"))?;
+            for a in attrs {
+                if let Attribute::Label(l) = a
+                    && let Ok(text) = String::from_utf8(l)
+                    && let Ok(name) = KeyName::new(&text)
+                {
+                    names.push(name);
+                }
+            }
+        }
+        drop(s);
+        names.sort();
+        names.dedup();
+        names.iter().map(|n| self.find_once(n)).collect()
+    }
+
+    fn sign_once(&self, key: &HsmKey, message: &[u8]) -> Result<[u8; 64], HsmError> {
+        let mechanism = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
+        // One login for the handle and the call: a handle is only
+        // meaningful in the context that found it.
+        let open = self.current();
+        let mut handle = self.private_handle(&open, key.name.as_str())?;
+        for attempt in 0..2 {
+            let result = Self::with_session_of(&open, |s| s.sign(&mechanism, handle, message))?;
+            match result {
+                Ok(sig) => {
+                    return sig.as_slice().try_into().map_err(|_| HsmError::Device {
+                        op: "C_Sign",
+                        detail: format!("signature of {} bytes, expected 64", sig.len()),
+                    });
+                }
+                Err(e)
+                    if attempt == 0
+                        && matches!(
+                            rv(&e),
+                            Some(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid)
+                        ) =>
+                {
+                    lock(&open.handles).remove(key.name.as_str());
+                    handle = self.private_handle(&open, key.name.as_str())?;
+                }
+                Err(e) => return Err(device("C_Sign")(e)),
+            }
+        }
+        Err(HsmError::KeyNotFound(key.name.to_string()))
+    }
+
+    fn random_once(&self, len: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, HsmError> {
+        let n = u32::try_from(len).map_err(|_| HsmError::Device {
+            op: "C_GenerateRandom",
+            detail: "too many bytes".into(),
+        })?;
+        self.with_session(|s| s.generate_random_vec(n))?
+            .map(zeroize::Zeroizing::new)
+            .map_err(device("C_GenerateRandom"))
+    }
+
+    fn hmac_once(&self, label: &str, data: &[u8]) -> Result<[u8; 32], HsmError> {
+        let s = self.session()?;
+        let session = s.get()?;
+        let h = self
+            .find_secret(session, label)?
+            .ok_or_else(|| HsmError::KeyNotFound(label.to_owned()))?;
+        let mac = session
+            .sign(&Mechanism::Sha256Hmac, h, data)
+            .map_err(device("C_Sign(HMAC)"))?;
+        mac.as_slice().try_into().map_err(|_| HsmError::Device {
+            op: "C_Sign(HMAC)",
+            detail: format!("MAC of {} bytes, expected 32", mac.len()),
+        })
+    }
+
+    /// The login is in force and every Ed25519 key found since the start is
+    /// found again by a fresh search (not a cached handle): a module that
+    /// lost its objects fails here.
+    fn health_once(&self) -> Result<(), HsmError> {
+        let open = self.current();
+        let info = open
+            .with_anchor(|s| s.get_session_info())?
+            .map_err(device("C_GetSessionInfo"))?;
+        match info.session_state() {
+            SessionState::RwUser | SessionState::RoUser => {}
+            other => {
+                return Err(HsmError::StateLost {
+                    op: "C_GetSessionInfo",
+                    detail: format!("session state is {other:?}, not logged in as user"),
+                });
+            }
+        }
+        let known: Vec<String> = lock(&self.known).iter().cloned().collect();
+        if !known.is_empty() {
+            let s = open.session()?;
+            for name in &known {
+                if self.find_pair(s.get()?, name)?.is_none() {
+                    return Err(HsmError::KeyNotFound(name.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Hsm for Pkcs11Hsm {
     fn backend(&self) -> &'static str {
         "pkcs11"
     }
 
     fn generate_ed25519(&self, name: &KeyName) -> Result<HsmKey, HsmError> {
-        let s = self.session()?;
+        let open = self.current();
+        let s = open.session()?;
         let session = s.get()?;
         if self.find_pair(session, name.as_str())?.is_some() {
             return Err(HsmError::KeyExists(name.to_string()));
@@ -666,7 +841,8 @@ impl Hsm for Pkcs11Hsm {
                 ),
             });
         }
-        lock(&self.handles).insert(name.to_string(), Handles { private });
+        lock(&open.handles).insert(name.to_string(), Handles { private });
+        self.remember(name);
         Ok(HsmKey {
             name: name.clone(),
             public_key: public_key?,
@@ -674,85 +850,19 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn find_ed25519(&self, name: &KeyName) -> Result<HsmKey, HsmError> {
-        let s = self.session()?;
-        let session = s.get()?;
-        let (private, public) = self
-            .find_pair(session, name.as_str())?
-            .ok_or_else(|| HsmError::KeyNotFound(name.to_string()))?;
-        let public_key = self.public_key(session, public, name.as_str())?;
-        lock(&self.handles).insert(name.to_string(), Handles { private });
-        Ok(HsmKey {
-            name: name.clone(),
-            public_key,
-        })
+        self.recovering(|| self.find_once(name))
     }
 
     fn list_ed25519(&self) -> Result<Vec<HsmKey>, HsmError> {
-        let s = self.session()?;
-        let session = s.get()?;
-        let privs = session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::PRIVATE_KEY),
-                Attribute::KeyType(KeyType::EC_EDWARDS),
-            ])
-            .map_err(device("C_FindObjects"))?;
-        let mut names = Vec::new();
-        for h in privs {
-            let attrs = session
-                .get_attributes(h, &[AttributeType::Label])
-                .map_err(device("C_GetAttributeValue"))?;
-            for a in attrs {
-                if let Attribute::Label(l) = a
-                    && let Ok(text) = String::from_utf8(l)
-                    && let Ok(name) = KeyName::new(&text)
-                {
-                    names.push(name);
-                }
-            }
-        }
-        drop(s);
-        names.sort();
-        names.dedup();
-        names.iter().map(|n| self.find_ed25519(n)).collect()
+        self.recovering(|| self.list_once())
     }
 
     fn sign_ed25519(&self, key: &HsmKey, message: &[u8]) -> Result<[u8; 64], HsmError> {
-        let mechanism = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
-        let mut handle = self.private_handle(key.name.as_str())?;
-        for attempt in 0..2 {
-            let result = self.with_session(|s| s.sign(&mechanism, handle, message));
-            match result {
-                Ok(sig) => {
-                    return sig.as_slice().try_into().map_err(|_| HsmError::Device {
-                        op: "C_Sign",
-                        detail: format!("signature of {} bytes, expected 64", sig.len()),
-                    });
-                }
-                Err(e) if attempt == 0 && rv(&e) == Some(RvError::ObjectHandleInvalid) => {
-                    lock(&self.handles).remove(key.name.as_str());
-                    handle = self.private_handle(key.name.as_str())?;
-                }
-                Err(e) if rv(&e) == Some(RvError::UserNotLoggedIn) => {
-                    return Err(HsmError::Login {
-                        token: self.label.clone(),
-                        detail: "the token logged the user out; restart keywardd to log in again"
-                            .into(),
-                    });
-                }
-                Err(e) => return Err(device("C_Sign")(e)),
-            }
-        }
-        Err(HsmError::KeyNotFound(key.name.to_string()))
+        self.recovering(|| self.sign_once(key, message))
     }
 
     fn random(&self, len: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, HsmError> {
-        let n = u32::try_from(len).map_err(|_| HsmError::Device {
-            op: "C_GenerateRandom",
-            detail: "too many bytes".into(),
-        })?;
-        self.with_session(|s| s.generate_random_vec(n))
-            .map(zeroize::Zeroizing::new)
-            .map_err(device("C_GenerateRandom"))
+        self.recovering(|| self.random_once(len))
     }
 
     fn import_hmac_key(&self, label: &str, key: &[u8]) -> Result<(), HsmError> {
@@ -791,18 +901,7 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn hmac_sha256(&self, label: &str, data: &[u8]) -> Result<[u8; 32], HsmError> {
-        let s = self.session()?;
-        let session = s.get()?;
-        let h = self
-            .find_secret(session, label)?
-            .ok_or_else(|| HsmError::KeyNotFound(label.to_owned()))?;
-        let mac = session
-            .sign(&Mechanism::Sha256Hmac, h, data)
-            .map_err(device("C_Sign(HMAC)"))?;
-        mac.as_slice().try_into().map_err(|_| HsmError::Device {
-            op: "C_Sign(HMAC)",
-            detail: format!("MAC of {} bytes, expected 32", mac.len()),
-        })
+        self.recovering(|| self.hmac_once(label, data))
     }
 
     fn delete_secret(&self, label: &str) -> Result<bool, HsmError> {
@@ -820,6 +919,21 @@ impl Hsm for Pkcs11Hsm {
     }
 
     fn store_data(&self, label: &str, value: &[u8]) -> Result<(), HsmError> {
+        // Safe to repeat: a store replaces every earlier object of the label.
+        self.recovering(|| self.store_once(label, value))
+    }
+
+    fn load_data(&self, label: &str) -> Result<Vec<Vec<u8>>, HsmError> {
+        self.recovering(|| self.load_once(label))
+    }
+
+    fn health(&self) -> Result<(), HsmError> {
+        self.recovering(|| self.health_once())
+    }
+}
+
+impl Pkcs11Hsm {
+    fn store_once(&self, label: &str, value: &[u8]) -> Result<(), HsmError> {
         let s = self.session()?;
         let session = s.get()?;
         let old = Self::find_data(session, label)?;
@@ -843,7 +957,7 @@ impl Hsm for Pkcs11Hsm {
         Ok(())
     }
 
-    fn load_data(&self, label: &str) -> Result<Vec<Vec<u8>>, HsmError> {
+    fn load_once(&self, label: &str) -> Result<Vec<Vec<u8>>, HsmError> {
         let s = self.session()?;
         let session = s.get()?;
         let mut out = Vec::new();
@@ -857,19 +971,6 @@ impl Hsm for Pkcs11Hsm {
             }));
         }
         Ok(out)
-    }
-
-    fn health(&self) -> Result<(), HsmError> {
-        let info = lock(&self.anchor)
-            .get_session_info()
-            .map_err(device("C_GetSessionInfo"))?;
-        match info.session_state() {
-            SessionState::RwUser | SessionState::RoUser => Ok(()),
-            other => Err(HsmError::Login {
-                token: self.label.clone(),
-                detail: format!("session state is {other:?}, not logged in as user"),
-            }),
-        }
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Instance {
     pub hot: Pubkey,
     child: Option<Child>,
     log_count: usize,
+    /// Soft and hard `RLIMIT_NOFILE` keywardd is started with, if set.
+    nofile: Option<u64>,
 }
 
 impl Instance {
@@ -75,6 +77,7 @@ impl Instance {
             hot,
             child: None,
             log_count: 0,
+            nofile: None,
         }
     }
 
@@ -103,6 +106,25 @@ impl Instance {
         std::fs::write(&self.config, text).unwrap();
     }
 
+    /// Adds `lines` (TOML `key = value` lines) to the `[daemon]` section of
+    /// keyward.toml.
+    pub fn add_daemon_config(&self, lines: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let text = text.replacen("\n[hsm]", &format!("{}\n\n[hsm]", lines.trim_end()), 1);
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Starts keywardd (from now on) with soft and hard `RLIMIT_NOFILE` set
+    /// to `n` (through `prlimit`), like a unit with `LimitNOFILE=n`.
+    pub fn set_nofile(&mut self, n: u64) {
+        self.nofile = Some(n);
+    }
+
+    /// SoftHSM2's token directory of this instance.
+    pub fn token_dir(&self) -> PathBuf {
+        self.inst_dir().join("tokens")
+    }
+
     /// Replaces policy.toml (`{UID}` → this process's uid).
     pub fn write_policy(&self, policy: &str) {
         std::fs::write(&self.policy, policy.replace("{UID}", &my_uid().to_string())).unwrap();
@@ -128,7 +150,15 @@ impl Instance {
         assert!(self.child.is_none(), "already running");
         self.log_count += 1;
         let log = std::fs::File::create(self.log_path(self.log_count)).unwrap();
-        let child = Command::new(KEYWARDD)
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg(KEYWARDD);
+                c
+            }
+            None => Command::new(KEYWARDD),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .args(args)
