@@ -241,7 +241,10 @@ fn default_max_connections() -> usize {
 }
 
 fn default_max_connections_per_uid() -> usize {
-    32
+    // keyward-client opens one connection per concurrent request and keeps
+    // idle ones for reuse: 64 lets an agent run a few dozen requests at
+    // once while holding at most a quarter of the socket.
+    64
 }
 
 fn default_shutdown_grace() -> u64 {
@@ -700,7 +703,7 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
                 cfg.daemon.shutdown_grace_s,
                 cfg.daemon.request_timeout_s,
             ),
-            (256, 32, 10, 10, 30)
+            (256, 64, 10, 10, 30)
         );
         let with = |line: &str| GOOD.replace("[hsm]", &format!("{line}\n\n[hsm]"));
         for (line, key) in [

@@ -197,13 +197,7 @@ async fn relay_approval(
     let (agent, intent_id, outcome) =
         tokio::spawn(async move { signer.relay_approval(&sub.token, &by).await })
             .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    codes::INTERNAL,
-                    e.to_string(),
-                )
-            })?
+            .map_err(ApiError::from)?
             .map_err(|e| match e {
                 crate::service::SubmitError::NotFound => ApiError::new(
                     StatusCode::NOT_FOUND,
@@ -233,13 +227,7 @@ async fn list_pending_approvals(
     let signer = std::sync::Arc::clone(&state.signer);
     let list = tokio::task::spawn_blocking(move || signer.pending_approvals())
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                codes::INTERNAL,
-                e.to_string(),
-            )
-        })??;
+        .map_err(ApiError::from)??;
     Ok(axum::Json(list).into_response())
 }
 

@@ -79,13 +79,7 @@ async fn submit_intent(
     let signer = Arc::clone(&state.signer);
     let outcome = tokio::spawn(async move { signer.submit(&agent, req).await })
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                codes::INTERNAL,
-                e.to_string(),
-            )
-        })??;
+        .map_err(ApiError::from)??;
     Ok(match outcome {
         SubmitOutcome::Signed(signed) => (StatusCode::OK, axum::Json(signed)).into_response(),
         SubmitOutcome::Denied(reasons) => {
@@ -169,13 +163,7 @@ async fn add_approval(
     let outcome =
         tokio::spawn(async move { signer.add_approval(&agent, &intent_id, &sub.token).await })
             .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    codes::INTERNAL,
-                    e.to_string(),
-                )
-            })??;
+            .map_err(ApiError::from)??;
     Ok(approval_response(outcome))
 }
 

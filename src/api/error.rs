@@ -57,6 +57,17 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<tokio::task::JoinError> for ApiError {
+    /// A request's task panicked or was cancelled: 500, nothing released.
+    fn from(e: tokio::task::JoinError) -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            codes::INTERNAL,
+            e.to_string(),
+        )
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, axum::Json(self.body)).into_response()

@@ -561,26 +561,19 @@ fn record_approval(
     let status = intents::get(txn.conn(), name, id)?
         .map(|r| r.status)
         .unwrap_or_default();
-    let Some(p) = intents::pending(txn.conn(), name, id)? else {
-        return refuse(
-            txn,
-            &agent_c,
-            id,
-            ApprovalError::NotPending(status),
-            Some(t),
-            relay,
-        );
+    let p = match intents::pending(txn.conn(), name, id)? {
+        Some(p) if status == "pending_approval" && p.expires_ms > now => p,
+        _ => {
+            return refuse(
+                txn,
+                &agent_c,
+                id,
+                ApprovalError::NotPending(status),
+                Some(t),
+                relay,
+            );
+        }
     };
-    if status != "pending_approval" || p.expires_ms <= now {
-        return refuse(
-            txn,
-            &agent_c,
-            id,
-            ApprovalError::NotPending(status),
-            Some(t),
-            relay,
-        );
-    }
     let need = current_need(&agent_c, &signer.keys(), &p)?;
     if !counts_now(txn.conn(), &t.approver, &need.of)? {
         return refuse(
