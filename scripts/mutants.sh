@@ -8,7 +8,7 @@
 #   scripts/mutants.sh request submit  only these groups
 #   scripts/mutants.sh --list          the groups and their files
 #
-# Results: mutants.out/<group>/ (caught.txt, missed.txt, timeout.txt,
+# Results: mutants.out/<group>/mutants.out/ (caught.txt, missed.txt, timeout.txt,
 # unviable.txt). Record each run's result in TESTING.md: every missed mutant
 # is killed by a new test or explained there as equivalent or harmless.
 set -euo pipefail
@@ -53,6 +53,7 @@ for g in "${groups[@]}"; do
   echo "==> mutants: $name ($files)" >&2
   # One job: the integration tests start daemons and HSM tokens of their own
   # and compete for the same 2 cores.
+  mkdir -p "mutants.out/$name"
   cargo mutants --jobs 1 --timeout 600 --output "mutants.out/$name" "${args[@]}" || status=$?
 done
 exit "$status"
