@@ -249,6 +249,9 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         })
         .await?;
     let hsm_for_checkpoints = Arc::clone(&hsm);
+    // Test builds only: the signing service's HSM fails or waits on request.
+    #[cfg(feature = "test-hooks")]
+    let hsm = crate::faults::wrap_hsm(hsm);
     let signer = Signer::new(
         ledger.clone(),
         hsm,

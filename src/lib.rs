@@ -14,6 +14,8 @@ pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod dev;
+#[cfg(feature = "test-hooks")]
+pub mod faults;
 pub mod fds;
 pub mod harden;
 pub mod hsm;

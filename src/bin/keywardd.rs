@@ -24,6 +24,16 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     keyward::logging::init();
+    // Test builds only (feature `test-hooks`, never in a release build).
+    #[cfg(feature = "test-hooks")]
+    match keyward::faults::install_from_env() {
+        Ok(Some(spec)) => tracing::warn!(faults = %spec, "TEST BUILD: fault injection in force"),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("keywardd: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let cfg = match Config::load(&args.config) {
         Ok(cfg) => cfg,
         Err(e) => {

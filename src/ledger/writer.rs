@@ -88,6 +88,8 @@ impl LedgerTxn<'_> {
         agent: Option<&str>,
         payload: &[u8],
     ) -> Result<EntryRef, LedgerError> {
+        #[cfg(feature = "test-hooks")]
+        crate::faults::ledger_append(event)?;
         let seq = self.head.seq.checked_add(1).ok_or(LedgerError::Exhausted)?;
         let seq_i64 = i64::try_from(seq).map_err(|_| LedgerError::Exhausted)?;
         let ts_ms = self.now_ms.max(self.head.ts_ms);

@@ -41,6 +41,8 @@ pub struct Instance {
     log_count: usize,
     /// Soft and hard `RLIMIT_NOFILE` keywardd is started with, if set.
     nofile: Option<u64>,
+    /// Extra environment of keywardd (e.g. `KEYWARD_TEST_FAULTS`).
+    env: Vec<(String, String)>,
 }
 
 impl Instance {
@@ -78,6 +80,7 @@ impl Instance {
             child: None,
             log_count: 0,
             nofile: None,
+            env: Vec::new(),
         }
     }
 
@@ -118,6 +121,11 @@ impl Instance {
     /// to `n` (through `prlimit`), like a unit with `LimitNOFILE=n`.
     pub fn set_nofile(&mut self, n: u64) {
         self.nofile = Some(n);
+    }
+
+    /// Starts keywardd (from now on) with `name=value` in its environment.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.push((name.to_owned(), value.to_owned()));
     }
 
     /// SoftHSM2's token directory of this instance.
@@ -163,6 +171,7 @@ impl Instance {
             .arg(&self.config)
             .args(args)
             .env("KEYWARD_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -282,6 +291,7 @@ impl Instance {
             .arg(&self.config)
             .args(args)
             .env("KEYWARD_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
