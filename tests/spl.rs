@@ -44,7 +44,7 @@ const MINT_2022: Pubkey = Pubkey::new_from_array([43; 32]);
 
 fn policy(per_day: &str) -> String {
     format!(
-        "[agents.dev]\nuid = {{UID}}\nkeys = [\"hot\"]\nbreaker = {{ max_consecutive_denials = 1000 }}\n\
+        "[agents.dev]\nuid = {{UID}}\nkeys = [\"hot\"]\nbreaker = {{ max_consecutive_denials = 1000 }}\nrate_limit = {{ per_hour = 1000 }}\n\
          [agents.dev.limits.SOL]\nper_tx = \"1\"\nper_day = \"10\"\n\
          [agents.dev.limits.{MINT}]\ndecimals = 6\nper_tx = \"5\"\nper_day = \"{per_day}\"\n\
          [agents.dev.limits.{MINT_2022}]\ndecimals = 2\ntoken_program = \"token-2022\"\nper_tx = \"5\"\nper_day = \"{per_day}\"\n"
@@ -192,13 +192,17 @@ fn spl_transfer_intents_are_transfer_checked_between_associated_accounts() {
 fn spl_limits_and_rules_deny_and_count_nothing() {
     let inst = Instance::with_policy(&policy("6"));
     let to = random_pubkey();
-    let deny =
-        |req: IntentRequest, rule: &str| match rt().block_on(inst.client().submit_intent(&req)) {
+    let deny = |req: IntentRequest, rule: &str| {
+        let before = Counters::of(&inst.db);
+        let view_before = rt().block_on(inst.client().policy()).unwrap();
+        match rt().block_on(inst.client().submit_intent(&req)) {
             Err(ClientError::Api {
                 status: 403,
+                code,
                 reasons,
                 ..
             }) => {
+                assert_eq!(code, "policy_denied");
                 assert!(
                     reasons.iter().any(|r| r.rule == rule),
                     "{}: {reasons:?}",
@@ -206,7 +210,9 @@ fn spl_limits_and_rules_deny_and_count_nothing() {
                 )
             }
             other => panic!("{}: expected a {rule} denial, got {other:?}", req.intent_id),
-        };
+        }
+        assert_nothing_counted(&inst, &req.intent_id, &before, &view_before);
+    };
     deny(
         spl_transfer("over-per-tx", &MINT, &to, "5.000001", false),
         "per_tx_limit",

@@ -735,3 +735,81 @@ fn crash_attempt(
         total_signed,
     })
 }
+
+/// Every counter the policy keeps, read from the ledger database: the
+/// spend rows and totals of every agent and asset, and the rate-limit
+/// events (the rate windows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counters {
+    /// (agent, asset, intent id, amount, state) of every spend row.
+    pub spend: Vec<(String, String, String, i64, String)>,
+    /// (agent, asset, total) of every running total but zero ones (the
+    /// evaluation creates an asset's total at zero when it first reads it).
+    pub totals: Vec<(String, String, i64)>,
+    /// (agent, intent id, ts) of every rate-window event.
+    pub rate: Vec<(String, String, i64)>,
+}
+
+impl Counters {
+    pub fn of(db: &Path) -> Counters {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        let spend = conn
+            .prepare("SELECT agent, asset, intent_id, amount, state FROM spend ORDER BY id")
+            .unwrap()
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let totals = conn
+            .prepare(
+                "SELECT agent, asset, total FROM spend_total WHERE total != 0 ORDER BY agent, asset",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let rate = conn
+            .prepare("SELECT agent, intent_id, ts_ms FROM rate_events ORDER BY agent, intent_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        Counters {
+            spend,
+            totals,
+            rate,
+        }
+    }
+}
+
+/// Asserts that a refused intent left no trace but its record: no
+/// `signature_created` entry for it, no counter changed (every asset's
+/// spend and totals, the rate windows; the same through `GET /v1/policy`),
+/// and no signature in its view.
+pub fn assert_nothing_counted(
+    inst: &Instance,
+    id: &str,
+    before: &Counters,
+    view_before: &keyward_client::wire::PolicyView,
+) {
+    assert_eq!(
+        signatures_recorded(&inst.db, id),
+        Vec::<String>::new(),
+        "{id}: a refused intent has no signature_created entry"
+    );
+    assert_eq!(&Counters::of(&inst.db), before, "{id}: counters changed");
+    let rt = rt();
+    let view = rt.block_on(inst.client().policy()).unwrap();
+    assert_eq!(view.limits, view_before.limits, "{id}: budgets changed");
+    assert_eq!(
+        view.rate_limit, view_before.rate_limit,
+        "{id}: rate windows changed"
+    );
+    if let Ok(v) = rt.block_on(inst.client().get_intent(id)) {
+        assert!(v.signature.is_none(), "{id}: {v:?}");
+    }
+}
