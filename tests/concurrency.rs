@@ -136,7 +136,21 @@ fn limit_holds(commit_delay_us: Option<u64>) {
     let err = rt
         .block_on(client.submit_intent(&transfer("c-tiny", &to, "0.000000001")))
         .unwrap_err();
-    assert!(matches!(err, ClientError::Api { status: 403, .. }));
+    assert!(
+        matches!(&err, ClientError::Api { status: 403, reasons, .. } if reasons.iter().any(|r| r.rule == "daily_limit")),
+        "{err:?}"
+    );
+    // Ten signatures in the ledger, one for each signed intent.
+    let trail = IntentTrail::of(&inst.db);
+    assert_eq!(trail.signed.len(), 10, "{trail:?}");
+    for r in &results {
+        if let Ok(IntentOutcome::Signed(s)) = r {
+            assert_eq!(
+                trail.signed.get(&s.intent_id),
+                Some(&vec![s.signature.clone()])
+            );
+        }
+    }
     assert!(inst.audit_verify().status.success());
 }
 

@@ -51,6 +51,17 @@ fn policy(per_day: &str) -> String {
     )
 }
 
+/// An instance for bursts of 32 concurrent requests: the default per-uid
+/// connection limit (32) has no room for a connection the daemon has not
+/// released yet when the next one arrives.
+fn burst_instance(per_day: &str) -> Instance {
+    let mut inst = Instance::init();
+    inst.write_policy(&policy(per_day));
+    inst.add_daemon_config("max_connections_per_uid = 64");
+    inst.start();
+    inst
+}
+
 fn spl_transfer(id: &str, mint: &Pubkey, to: &Pubkey, amount: &str, create: bool) -> IntentRequest {
     IntentRequest {
         intent_id: id.to_owned(),
@@ -343,7 +354,7 @@ fn burst(inst: &Instance, prefix: &str, n: usize) -> Vec<Result<IntentOutcome, C
 
 #[test]
 fn thirty_two_concurrent_spl_intents_against_a_day_for_twelve_sign_exactly_twelve() {
-    let mut inst = Instance::with_policy(&policy("12"));
+    let mut inst = burst_instance("12");
     let results = burst(&inst, "c", 32);
     let signed_n = results
         .iter()
@@ -363,16 +374,27 @@ fn thirty_two_concurrent_spl_intents_against_a_day_for_twelve_sign_exactly_twelv
     assert!(inst.stop().success());
     inst.start();
     assert_eq!(spent(&inst, &MINT.to_string()), 12_000_000);
-    assert!(matches!(
-        rt().block_on(inst.client().submit_intent(&spl_transfer(
-            "c-after",
-            &MINT,
-            &random_pubkey(),
-            "1",
-            false
-        ))),
-        Err(ClientError::Api { status: 403, .. })
-    ));
+    let after = rt().block_on(inst.client().submit_intent(&spl_transfer(
+        "c-after",
+        &MINT,
+        &random_pubkey(),
+        "1",
+        false,
+    )));
+    assert!(
+        matches!(&after, Err(ClientError::Api { status: 403, reasons, .. }) if reasons.iter().any(|r| r.rule == "daily_limit")),
+        "{after:?}"
+    );
+    let trail = IntentTrail::of(&inst.db);
+    assert_eq!(trail.signed.len(), 12, "{trail:?}");
+    for r in &results {
+        if let Ok(IntentOutcome::Signed(s)) = r {
+            assert_eq!(
+                trail.signed.get(&s.intent_id),
+                Some(&vec![s.signature.clone()])
+            );
+        }
+    }
 }
 
 #[test]
@@ -382,7 +404,7 @@ fn kill_9_during_a_spl_burst_neither_overspends_nor_loses_a_signature() {
         .collect();
     let (inst, outcome) = crash_run(
         8,
-        || Instance::with_policy(&policy("12")),
+        || burst_instance("12"),
         &[],
         &reqs,
         std::time::Duration::from_millis(2),
