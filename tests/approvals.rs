@@ -250,6 +250,8 @@ fn approvals_end_to_end() {
         &ap.key("alice"),
         &["--valid-for", "1"],
     );
+    // Waiting for wall-clock time to pass (the token's expiry), not for
+    // an event: a fixed wait is the way.
     std::thread::sleep(std::time::Duration::from_millis(2_100));
     refused(&inst, "p2", &short, "approval_expired");
     // dave is enrolled but not in the policy's list.
@@ -276,11 +278,32 @@ fn approvals_end_to_end() {
         rt().block_on(client.get_intent("p2")).unwrap().status,
         IntentStatus::PendingApproval
     );
-    let refusals = events(&inst)
+    // Each refusal is a ledger entry with its reason code.
+    let refusals: Vec<(String, String)> = events(&inst)
         .iter()
         .filter(|e| e["event"] == "approval_refused")
-        .count();
-    assert!(refusals >= 9, "each refusal is a ledger event ({refusals})");
+        .map(|e| {
+            (
+                e["intent_id"].as_str().unwrap().to_owned(),
+                e["payload"]["code"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = [
+        "invalid_approval_token",
+        "invalid_approval_token",
+        "approval_for_other_intent",
+        "approval_expired",
+        "approver_not_allowed",
+        "approver_not_allowed",
+        "approval_replayed",
+        "approval_replayed",
+        "duplicate_approver",
+    ]
+    .iter()
+    .map(|c| ("p2".to_owned(), (*c).to_owned()))
+    .collect();
+    assert_eq!(refusals, expected, "each refusal is a ledger entry");
 
     // 3. A rejection ends the intent.
     let no = token(&inst, &req2, "bob", &ap.key("bob"), &["--reject"]);
@@ -306,9 +329,11 @@ fn approvals_end_to_end() {
     match rt().block_on(client.add_approval("p3", &t3b)) {
         Err(ClientError::Api {
             status: 403,
+            code,
             reasons,
             ..
         }) => {
+            assert_eq!(code, "policy_denied");
             assert!(
                 reasons.iter().any(|r| r.rule == "daily_limit"),
                 "{reasons:?}"

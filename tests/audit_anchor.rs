@@ -370,7 +370,12 @@ fn a_rewrite_while_running_stops_signing_and_fails_health() {
         .unwrap();
     // Let the history be verified through the head, then rewrite an entry
     // the daemon has verified, as root on the box could.
-    std::thread::sleep(Duration::from_millis(1500));
+    let head = rt.block_on(client.health()).unwrap().ledger.head_seq;
+    wait_until(
+        "the history to be verified through the head",
+        Duration::from_secs(10),
+        || rt.block_on(client.health()).unwrap().ledger.verified_seq >= head,
+    );
     let c = rusqlite::Connection::open(&inst.db).unwrap();
     c.execute_batch("DROP TRIGGER IF EXISTS ledger_no_update;")
         .unwrap();

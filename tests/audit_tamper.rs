@@ -116,13 +116,23 @@ fn verify_detects_every_kind_of_tampering_and_names_the_first_broken_seq() {
         .unwrap();
     drop(c);
     let msg = expect_broken_at(&vk, &db, 7);
-    assert!(msg.contains("edited"), "{msg}");
+    assert!(
+        msg.contains(
+            "seq 7: the entry's content does not match its hash (payload or fields edited)"
+        ),
+        "{msg}"
+    );
 
     // 2. A deleted row.
     let db = copy_of(&inst.db, w, "delete.sqlite3");
     tamper(&db, "DELETE FROM ledger WHERE seq = 5");
     let msg = expect_broken_at(&vk, &db, 5);
-    assert!(msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains(
+            "seq 5: entries 5..5 are missing (rows deleted); the next stored entry is seq 6"
+        ),
+        "{msg}"
+    );
 
     // 3. Two rows swapped (their contents trade places).
     let db = copy_of(&inst.db, w, "swap.sqlite3");
@@ -130,7 +140,13 @@ fn verify_detects_every_kind_of_tampering_and_names_the_first_broken_seq() {
         &db,
         "UPDATE ledger SET seq = -1 WHERE seq = 4; UPDATE ledger SET seq = 4 WHERE seq = 9; UPDATE ledger SET seq = 9 WHERE seq = -1;",
     );
-    expect_broken_at(&vk, &db, 4);
+    let msg = expect_broken_at(&vk, &db, 4);
+    assert!(
+        msg.contains(
+            "seq 4: the link to entry 3 is broken (rows reordered, replaced, or the link edited)"
+        ),
+        "{msg}"
+    );
 
     // 4. A changed stored hash.
     let db = copy_of(&inst.db, w, "hash.sqlite3");
@@ -139,7 +155,10 @@ fn verify_detects_every_kind_of_tampering_and_names_the_first_broken_seq() {
         "UPDATE ledger SET hash = randomblob(32) WHERE seq = 11",
     );
     let msg = expect_broken_at(&vk, &db, 11);
-    assert!(msg.contains("hash"), "{msg}");
+    assert!(
+        msg.contains("seq 11: the stored hash was changed (the next entry links to the hash of the unchanged content)"),
+        "{msg}"
+    );
 
     // 5. The last entry edited (no successor to compare with).
     let db = copy_of(&inst.db, w, "last.sqlite3");
@@ -147,7 +166,13 @@ fn verify_detects_every_kind_of_tampering_and_names_the_first_broken_seq() {
         &db,
         &format!("UPDATE ledger SET event = 'daemon_started' WHERE seq = {n}"),
     );
-    expect_broken_at(&vk, &db, n);
+    let msg = expect_broken_at(&vk, &db, n);
+    assert!(
+        msg.contains(&format!(
+            "seq {n}: the last entry's content does not match its hash (payload, fields or hash edited)"
+        )),
+        "{msg}"
+    );
 
     // A missing database is an error of its own (exit 2), not "verified".
     let (code, _, _) = verify(&vk, &w.join("absent.sqlite3"));

@@ -144,6 +144,18 @@ fn entries(inst: &Instance) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Sequence number of the newest checkpoint entry (0: none).
+fn last_checkpoint_seq(inst: &Instance) -> u64 {
+    rusqlite::Connection::open(&inst.db)
+        .unwrap()
+        .query_row(
+            "SELECT coalesce(max(seq), 0) FROM ledger WHERE event = 'checkpoint'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64
+}
+
 #[test]
 fn checkpoints_notes_and_proofs_verify_independently_and_tampering_is_found() {
     let mut inst = Instance::init();
@@ -161,9 +173,19 @@ fn checkpoints_notes_and_proofs_verify_independently_and_tampering_is_found() {
             "0.01",
         )))
         .unwrap();
-        // Let the checkpointer (every 500 ms) see the growing ledger.
+        // Let the checkpointer (every 500 ms) see the growing ledger: a
+        // checkpoint after every fourth intent (twelve entries).
         if i % 4 == 3 {
-            std::thread::sleep(std::time::Duration::from_millis(700));
+            let head = rt()
+                .block_on(inst.client().health())
+                .unwrap()
+                .ledger
+                .head_seq;
+            wait_until(
+                "a checkpoint over the new entries",
+                std::time::Duration::from_secs(10),
+                || last_checkpoint_seq(&inst) > head,
+            );
         }
     }
     let keys = inst.keyward(&["key", "list"]);

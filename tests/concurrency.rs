@@ -136,78 +136,56 @@ fn limit_holds(commit_delay_us: Option<u64>) {
     let err = rt
         .block_on(client.submit_intent(&transfer("c-tiny", &to, "0.000000001")))
         .unwrap_err();
-    assert!(matches!(err, ClientError::Api { status: 403, .. }));
+    assert!(
+        matches!(&err, ClientError::Api { status: 403, reasons, .. } if reasons.iter().any(|r| r.rule == "daily_limit")),
+        "{err:?}"
+    );
+    // Ten signatures in the ledger, one for each signed intent.
+    let trail = IntentTrail::of(&inst.db);
+    assert_eq!(trail.signed.len(), 10, "{trail:?}");
+    for r in &results {
+        if let Ok(IntentOutcome::Signed(s)) = r {
+            assert_eq!(
+                trail.signed.get(&s.intent_id),
+                Some(&vec![s.signature.clone()])
+            );
+        }
+    }
     assert!(inst.audit_verify().status.success());
 }
 
 fn kill_9_run(commit_delay_us: Option<u64>) {
-    let mut inst = instance(commit_delay_us);
-    let rt = rt();
     let to = random_pubkey();
-    // The same requests are submitted again after the restart (same ids,
-    // same content), so they are built once.
+    // The same requests are sent again after the restart (same ids, same
+    // content), so they are built once: five signed one by one before the
+    // crash, then eleven concurrently.
     let reqs: Vec<_> = (0..16)
         .map(|i| transfer(&format!("k-{i}"), &to, "0.1"))
         .collect();
-    // Five signed before the crash.
-    let mut returned = Vec::new();
-    for req in &reqs[..5] {
-        let s = rt.block_on(inst.client().submit_intent(req)).unwrap();
-        if let IntentOutcome::Signed(s) = s {
-            returned.push(s);
-        }
-    }
-    assert_eq!(returned.len(), 5);
-    // Fire more concurrently and kill -9 while they run.
-    let client = inst.client();
-    let handles: Vec<_> = reqs[5..]
-        .iter()
-        .map(|req| {
-            let client = client.clone();
-            let req = req.clone();
-            rt.spawn(async move { client.submit_intent(&req).await })
-        })
-        .collect();
-    std::thread::sleep(std::time::Duration::from_millis(15));
-    inst.kill9();
-    for h in handles {
-        if let Ok(IntentOutcome::Signed(s)) = rt.block_on(h).unwrap() {
-            returned.push(s);
-        }
-    }
-    inst.start();
-    assert!(inst.audit_verify().status.success());
-    let client = inst.client();
-    // Every returned signature is in the ledger.
-    for s in &returned {
-        let view = rt.block_on(client.get_intent(&s.intent_id)).unwrap();
-        assert_eq!(
-            view.signature.as_deref(),
-            Some(s.signature.as_str()),
-            "{}",
-            s.intent_id
-        );
-    }
-    // Finish the run: in total never more than 10 signatures.
-    let mut total_signed = 0;
-    for req in &reqs {
-        match rt.block_on(client.submit_intent(req)) {
-            Ok(IntentOutcome::Signed(_)) => total_signed += 1,
-            Ok(other) => panic!("unexpected {other:?}"),
-            Err(ClientError::Api { status: 403, .. }) => {}
-            Err(other) => panic!("unexpected {other:?}"),
-        }
-    }
-    assert!(
-        total_signed <= 10,
-        "{total_signed} signatures against a limit of 10"
+    // With group commit, requests arrive spread over several batches, so
+    // that one batch has committed signatures while the next is in flight.
+    let (stagger_ms, need_committed) = match commit_delay_us {
+        Some(_) => (15, true),
+        None => (2, false),
+    };
+    let (inst, outcome) = crash_run(
+        8,
+        || instance(commit_delay_us),
+        &reqs[..5],
+        &reqs[5..],
+        std::time::Duration::from_millis(stagger_ms),
+        need_committed,
+        10,
     );
-    assert!(total_signed >= returned.len());
-    let budget = rt.block_on(client.policy()).unwrap();
-    assert!(budget.limits[0].spent_24h_base_units <= 10 * SPEND);
+    assert!(!outcome.interrupted.is_empty());
+    assert_eq!(outcome.total_signed, 10);
+    let rt = rt();
+    let budget = rt.block_on(inst.client().policy()).unwrap();
     assert_eq!(
         budget.limits[0].spent_24h_base_units,
-        total_signed as u64 * SPEND,
+        10 * SPEND,
         "interrupted reservations were released"
     );
+    assert_eq!(budget.limits[0].remaining_24h, "0");
+    assert!(inst.audit_verify().status.success());
 }

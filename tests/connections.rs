@@ -152,8 +152,16 @@ fn a_flood_of_half_open_connections_from_one_agent_leaves_others_and_the_admin_s
         .unwrap();
     let ready = wait_ready(&mut flood, Duration::from_secs(60));
     eprintln!("flood: {ready:?}");
-    // Give the daemon a moment with all of them held.
-    std::thread::sleep(Duration::from_secs(1));
+    // The daemon has taken the flood up to its per-uid limit and refuses
+    // the rest.
+    wait_until(
+        "the daemon to refuse the flood beyond its limit",
+        Duration::from_secs(30),
+        || {
+            inst.log()
+                .contains("daemon.max_connections_per_uid reached")
+        },
+    );
 
     let limit = Duration::from_secs(5);
     let (status, body) = get_within(&inst.agent_socket, "/v1/health", limit)
@@ -233,6 +241,18 @@ fn sigterm_exits_within_the_drain_deadline_while_half_open_requests_are_held() {
     let mut inst = Instance::init();
     inst.add_daemon_config("header_read_timeout_s = 120\nshutdown_grace_s = 2");
     inst.start();
+    // The daemon's open sockets (by inode): the three connections are
+    // accepted once three sockets appear that it did not hold before.
+    let sockets = |pid: u32| -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|l| l.to_string_lossy().into_owned())
+            .filter(|l| l.starts_with("socket:"))
+            .collect()
+    };
+    let pid = inst.pid();
+    let before = sockets(pid);
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut s = UnixStream::connect(&inst.agent_socket).unwrap();
@@ -240,7 +260,12 @@ fn sigterm_exits_within_the_drain_deadline_while_half_open_requests_are_held() {
             .unwrap();
         held.push(s);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // The daemon has accepted the three connections.
+    wait_until(
+        "the three connections to be accepted",
+        Duration::from_secs(10),
+        || sockets(pid).difference(&before).count() >= 3,
+    );
     let started = Instant::now();
     let status = inst.stop();
     let took = started.elapsed();

@@ -27,7 +27,7 @@ fn allowed() -> Pubkey {
 
 fn policy() -> String {
     format!(
-        "[agents.dev]\nuid = {{UID}}\nkeys = [\"hot\"]\nbreaker = {{ max_consecutive_denials = 1000 }}\nallow_recipients = [\"{}\"]\n\
+        "[agents.dev]\nuid = {{UID}}\nkeys = [\"hot\"]\nbreaker = {{ max_consecutive_denials = 1000 }}\n# A denial must not use up a place in the rate windows.\nrate_limit = {{ per_minute = 1000, per_hour = 1000 }}\nallow_recipients = [\"{}\"]\n\
          [agents.dev.limits.SOL]\nper_tx = \"1\"\nper_day = \"1.5\"\n",
         allowed()
     )
@@ -51,9 +51,10 @@ fn spent(inst: &Instance) -> u64 {
 }
 
 /// Submits and expects a 403 policy denial naming `rule`; checks that
-/// nothing was counted.
+/// nothing was signed or counted.
 fn expect_denied(inst: &Instance, req: keyward_client::wire::IntentRequest, rule: &str) {
-    let before = spent(inst);
+    let before = Counters::of(&inst.db);
+    let view_before = rt().block_on(inst.client().policy()).unwrap();
     let result = rt().block_on(inst.client().submit_intent(&req));
     match result {
         Err(ClientError::Api {
@@ -82,16 +83,7 @@ fn expect_denied(inst: &Instance, req: keyward_client::wire::IntentRequest, rule
             req.intent_id
         ),
     }
-    assert_eq!(
-        spent(inst),
-        before,
-        "{}: a denial must count nothing",
-        req.intent_id
-    );
-    let view = rt()
-        .block_on(inst.client().get_intent(&req.intent_id))
-        .unwrap();
-    assert!(view.signature.is_none());
+    assert_nothing_counted(inst, &req.intent_id, &before, &view_before);
 }
 
 fn expect_bad_message(inst: &Instance, id: &str, bytes: &[u8]) {

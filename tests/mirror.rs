@@ -53,20 +53,33 @@ fn mirror_lag_fails_closed_and_the_copy_is_exact() {
     .unwrap();
     inst.start();
 
-    // No mirror running: signing goes on until more than 12 entries wait.
+    // No mirror running: signing goes on while at most 12 entries wait
+    // unmirrored (nothing is acknowledged yet, so the head is the lag); each
+    // signed intent writes three (received, evaluated, signed).
+    let start_head = head(&inst);
+    assert!(start_head <= 6, "start-up wrote {start_head} entries");
+    let expected = (12 - start_head) / 3 + 1;
     let mut signed = 0;
     let refused = loop {
+        let lag = head(&inst);
         match submit(&inst, &format!("pre-{signed}")) {
-            Ok(IntentOutcome::Signed(_)) => signed += 1,
+            Ok(IntentOutcome::Signed(_)) => {
+                assert!(lag <= 12, "signed with {lag} entries unmirrored");
+                signed += 1;
+            }
             Err(ClientError::Api {
                 status: 503, code, ..
-            }) => break code,
+            }) => {
+                assert!(lag > 12, "refused with only {lag} entries unmirrored");
+                break code;
+            }
             other => panic!("unexpected {other:?}"),
         }
         assert!(signed < 10, "the lag limit never stopped signing");
     };
     assert_eq!(refused, "mirror_lagging");
-    assert!(signed >= 2, "{signed} signed before the limit");
+    assert_eq!(signed, expected, "signed before the limit");
+    assert_eq!(head(&inst), start_head + 3 * signed);
     assert!(head(&inst) > 12);
     let health = rt().block_on(inst.client().health()).unwrap();
     let m = health.mirror.unwrap();
@@ -94,7 +107,14 @@ fn mirror_lag_fails_closed_and_the_copy_is_exact() {
         IntentOutcome::Signed(_)
     ));
 
-    // Kill -9 the mirror in the middle of a burst, restart it.
+    // Kill -9 the mirror in the middle of a burst (once it has shipped an
+    // entry of the burst), restart it.
+    wait_until(
+        "the mirror to ship the last intent",
+        Duration::from_secs(20),
+        || keyward::mirror::read_ack(&ack_dir, "file") >= head(&inst),
+    );
+    let burst_start = head(&inst);
     let client = inst.client();
     let rt = rt();
     let handles: Vec<_> = (0..3)
@@ -106,12 +126,21 @@ fn mirror_lag_fails_closed_and_the_copy_is_exact() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(10));
+    wait_until(
+        "the mirror to ship an entry of the burst",
+        Duration::from_secs(20),
+        || keyward::mirror::read_ack(&ack_dir, "file") > burst_start,
+    );
     mirror.kill().unwrap();
     mirror.wait().unwrap();
-    for h in handles {
-        let _ = rt.block_on(h).unwrap();
+    // At most 3 + 9 entries wait unmirrored: the burst signs in full.
+    for (i, h) in handles.into_iter().enumerate() {
+        match rt.block_on(h).unwrap() {
+            Ok(IntentOutcome::Signed(s)) => assert_eq!(s.intent_id, format!("burst-{i}")),
+            other => panic!("burst-{i}: {other:?}"),
+        }
     }
+    assert_eq!(head(&inst), burst_start + 9);
     let mut mirror = start_mirror(&inst);
     assert!(inst.stop().success());
     let last = keyward::ledger::verify_chain(&inst.db).unwrap().head_seq;

@@ -9,7 +9,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use common::*;
@@ -65,11 +65,9 @@ accounts {{
             .spawn()
             .expect("nats-server is installed by scripts/install-deps.sh");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until("nats-server to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
     }
 
     fn stop(&mut self) {
@@ -116,6 +114,44 @@ async fn js(port: u16, user: &str, pw: &str) -> jetstream::Context {
     let mut ctx = jetstream::new(client);
     ctx.set_timeout(Duration::from_secs(1));
     ctx
+}
+
+/// The permission violations the server reported to a client.
+type Violations = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Like [`js`], and collects the server's `Permissions Violation` reports,
+/// so that a refusal can be told from a timeout of another cause.
+async fn js_watched(port: u16, user: &str, pw: &str) -> (jetstream::Context, Violations) {
+    let seen: Violations = Default::default();
+    let sink = seen.clone();
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password(user.into(), pw.into())
+        .request_timeout(Some(Duration::from_secs(1)))
+        .event_callback(move |event| {
+            let sink = sink.clone();
+            async move {
+                if let async_nats::Event::ServerError(async_nats::ServerError::Other(m)) = event {
+                    sink.lock().unwrap().push(m);
+                }
+            }
+        })
+        .connect(format!("nats://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let mut ctx = jetstream::new(client);
+    ctx.set_timeout(Duration::from_secs(1));
+    (ctx, seen)
+}
+
+/// Waits until the server has reported a permissions violation for a
+/// publish to `subject`: the request was refused, not lost.
+fn refused_by_server(seen: &Violations, subject: &str) {
+    let want = format!("Permissions Violation for Publish to \"{subject}\"");
+    wait_until(
+        &format!("the server to refuse {subject}"),
+        Duration::from_secs(10),
+        || seen.lock().unwrap().iter().any(|m| m.contains(&want)),
+    );
 }
 
 #[test]
@@ -172,6 +208,10 @@ fn jetstream_mirror_is_exact_fails_closed_and_cannot_be_rewritten() {
     }
 
     // SIGKILL the mirror in the middle of a burst; restart it.
+    wait_until("the mirror to ship a0..a2", Duration::from_secs(30), || {
+        acked() >= head(&inst)
+    });
+    let burst_start = head(&inst);
     let client = inst.client();
     let handles: Vec<_> = (0..3)
         .map(|i| {
@@ -182,12 +222,22 @@ fn jetstream_mirror_is_exact_fails_closed_and_cannot_be_rewritten() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(15));
+    // Once the mirror has shipped an entry of the burst.
+    wait_until(
+        "the mirror to ship an entry of the burst",
+        Duration::from_secs(30),
+        || acked() > burst_start,
+    );
     mirror.kill().unwrap();
     mirror.wait().unwrap();
-    for h in handles {
-        let _ = rt.block_on(h).unwrap();
+    // At most 9 entries of the burst wait unmirrored: it signs in full.
+    for (i, h) in handles.into_iter().enumerate() {
+        match rt.block_on(h).unwrap() {
+            Ok(IntentOutcome::Signed(s)) => assert_eq!(s.intent_id, format!("b{i}")),
+            other => panic!("b{i}: {other:?}"),
+        }
     }
+    assert_eq!(head(&inst), burst_start + 9);
     let mut mirror = start_mirror(&inst);
     wait_until("catch-up after SIGKILL", Duration::from_secs(30), || {
         acked() >= head(&inst)
@@ -246,16 +296,23 @@ fn jetstream_mirror_is_exact_fails_closed_and_cannot_be_rewritten() {
     );
     assert!(matches!(r, Ok(IntentOutcome::Signed(_))), "{r:?}");
 
-    // The mirror's user cannot rewrite history.
+    // The mirror's user cannot rewrite history: the server refuses each
+    // request (a permissions violation it reports; the request itself is
+    // never answered, so the client sees a timeout), and nothing changed.
+    use jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
+    use jetstream::stream::{DeleteMessageErrorKind, PurgeErrorKind};
+    let (js_m, seen) = rt.block_on(js_watched(port, "mirror", &mirror_pw));
     rt.block_on(async {
-        let js = js(port, "mirror", &mirror_pw).await;
-        let stream = js.get_stream("KEYWARD").await.unwrap();
-        assert!(stream.delete_message(1).await.is_err(), "delete a message");
-        assert!(stream.purge().await.is_err(), "purge");
-        assert!(
-            js.delete_stream("KEYWARD").await.is_err(),
-            "delete the stream"
-        );
+        let stream = js_m.get_stream("KEYWARD").await.unwrap();
+        let e = stream.delete_message(1).await.unwrap_err();
+        assert_eq!(e.kind(), DeleteMessageErrorKind::TimedOut, "{e}");
+        let e = stream.purge().await.unwrap_err();
+        assert_eq!(e.kind(), PurgeErrorKind::TimedOut, "{e}");
+        // (delete_stream reports a timed-out request as `Request`.)
+        match js_m.delete_stream("KEYWARD").await {
+            Err(e) => assert_eq!(e.kind(), GetStreamErrorKind::Request, "{e}"),
+            Ok(_) => panic!("the mirror's user deleted the stream"),
+        }
         let weakened = jetstream::stream::Config {
             name: "KEYWARD".into(),
             subjects: vec!["keyward.ledger".into()],
@@ -263,17 +320,29 @@ fn jetstream_mirror_is_exact_fails_closed_and_cannot_be_rewritten() {
             deny_purge: false,
             ..Default::default()
         };
-        assert!(
-            js.update_stream(&weakened).await.is_err(),
-            "update the stream"
-        );
-        // And the admin's stream still denies deletes at the stream level.
+        let e = js_m.update_stream(&weakened).await.unwrap_err();
+        assert_eq!(e.kind(), CreateStreamErrorKind::TimedOut, "{e}");
+    });
+    refused_by_server(&seen, "$JS.API.STREAM.MSG.DELETE.KEYWARD");
+    refused_by_server(&seen, "$JS.API.STREAM.PURGE.KEYWARD");
+    refused_by_server(&seen, "$JS.API.STREAM.DELETE.KEYWARD");
+    refused_by_server(&seen, "$JS.API.STREAM.UPDATE.KEYWARD");
+    rt.block_on(async {
+        // And the admin's stream still denies deletes at the stream level:
+        // JetStream answers with an error.
         let admin = self::js(port, "admin", &admin_pw).await;
-        let s = admin.get_stream("KEYWARD").await.unwrap();
+        let mut s = admin.get_stream("KEYWARD").await.unwrap();
+        let e = s.delete_message(1).await.unwrap_err();
         assert!(
-            s.delete_message(1).await.is_err(),
-            "deny_delete holds for everyone"
+            matches!(e.kind(), DeleteMessageErrorKind::JetStream(_)),
+            "deny_delete holds for everyone: {e}"
         );
+        // Nothing was deleted, purged or reconfigured.
+        let info = s.info().await.unwrap().clone();
+        assert_eq!(info.state.first_sequence, 1);
+        assert_eq!(info.state.messages, info.state.last_sequence);
+        assert!(info.config.deny_delete && info.config.deny_purge);
+        assert!(s.get_raw_message(1).await.is_ok());
     });
 
     // Stop keywardd, let the mirror ship the last entries, compare.

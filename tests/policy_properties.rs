@@ -2,7 +2,8 @@
 //! of intents for SOL and an SPL mint, with signing failures in between:
 //! in every rolling 24-hour window the signed total per asset stays within
 //! `per_day`, every signed amount within `per_tx`, and the signed count per
-//! rolling minute and hour within the rate limits.
+//! rolling minute and hour within the rate limits; and every intent those
+//! limits admit is allowed (a model of the limits decides each one exactly).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -90,6 +91,40 @@ fn effects(op: &Op) -> Effects {
     }
 }
 
+/// What `op` spends per asset: SOL its transfer and the fee we pay, the
+/// mint its transfer.
+fn spend_of(op: &Op) -> BTreeMap<Asset, u64> {
+    let mut spend = BTreeMap::new();
+    spend.insert(Asset::Sol, op.sol.unwrap_or(0) + FEE);
+    if let Some(a) = op.spl {
+        spend.insert(Asset::Mint(MINT), a);
+    }
+    spend
+}
+
+/// The model of the limits: an intent spending `spend` at `now` is within
+/// them given the intents that stayed signed (`signed`): every amount within
+/// `per_tx`, every asset's rolling 24 hours with it within `per_day`, and
+/// fewer than the rate limit's intents in the last minute and hour.
+fn admits(
+    agent: &keyward::policy::AgentPolicy,
+    signed: &[(i64, BTreeMap<Asset, u64>)],
+    now: i64,
+    spend: &BTreeMap<Asset, u64>,
+) -> bool {
+    let within = |w: i64| signed.iter().filter(move |(u, _)| *u > now - w);
+    spend.iter().all(|(asset, amount)| {
+        let Some(l) = agent.limits.get(asset) else {
+            return false;
+        };
+        let day: u64 = within(DAY)
+            .map(|(_, s)| s.get(asset).copied().unwrap_or(0))
+            .sum();
+        *amount <= l.per_tx && day + amount <= l.per_day
+    }) && within(60_000).count() < 4
+        && within(3_600_000).count() < 25
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -110,6 +145,21 @@ proptest! {
             let fx = effects(op);
             let v = engine::decide(&conn, agent, &key, Some(&fx), vec![], &id, now, engine::Mode::Commit).unwrap();
             prop_assert!(v.locked_for_ms.is_none());
+            // Lower bound: what the limits admit is allowed (an engine that
+            // denies too much fails here, one that allows too much below).
+            let must_allow = admits(agent, &signed, now, &spend_of(op));
+            prop_assert_eq!(
+                v.decision.allowed(),
+                must_allow,
+                "op {} {:?} at {}: {:?}",
+                i,
+                op,
+                now,
+                v.decision.reasons
+            );
+            if v.decision.allowed() {
+                prop_assert_eq!(&v.decision.spend, &spend_of(op), "op {}", i);
+            }
             if v.decision.allowed() {
                 if op.fails {
                     // Signing failed: nothing was released, the reservation goes.

@@ -121,7 +121,18 @@ fn five_denials_lock_the_agent_across_restarts_until_cooldown_or_reset() {
     }
     expect_locked(submit(&inst, "small-3", "0.01"));
     // After the cooldown the lock lifts by itself, recorded as a reset.
-    std::thread::sleep(std::time::Duration::from_millis(3_100));
+    wait_until(
+        "the cooldown to end",
+        std::time::Duration::from_secs(10),
+        || {
+            rt().block_on(inst.client().policy())
+                .unwrap()
+                .breaker
+                .unwrap()
+                .locked_until
+                .is_none()
+        },
+    );
     assert!(matches!(
         submit(&inst, "small-3", "0.01"),
         Ok(IntentOutcome::Signed(_))
@@ -322,26 +333,54 @@ fn reload_keeps_the_old_policy_when_invalid_and_applies_a_valid_one_at_once() {
     )
     .unwrap();
     let hash2 = sha256_hex(text2.as_bytes());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while rt().block_on(inst.client().policy()).unwrap().policy_hash != hash2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "SIGHUP did not reload"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // The reload is recorded: a `policy_loaded` entry for the new file, by
+    // SIGHUP.
+    let db = inst.db.clone();
+    let loaded_by_hup = move || -> Vec<serde_json::Value> {
+        ledger_entries(&db, "policy_loaded")
+            .into_iter()
+            .map(|(_, p)| p)
+            .filter(|p| p["by"] == "SIGHUP")
+            .collect()
+    };
+    wait_until(
+        "the SIGHUP reload to be recorded",
+        std::time::Duration::from_secs(10),
+        || loaded_by_hup().len() == 1,
+    );
+    assert!(
+        loaded_by_hup()[0].to_string().contains(&hash2),
+        "{:?}",
+        loaded_by_hup()
+    );
+    assert_eq!(
+        rt().block_on(inst.client().policy()).unwrap().policy_hash,
+        hash2
+    );
     expect_rule(submit(&inst, "big-hup", "0.5"), "per_tx_limit");
-    // An invalid file on SIGHUP changes nothing.
+    // An invalid file on SIGHUP changes nothing: the refusal is logged (it
+    // writes nothing to the ledger), the old policy stays in force.
+    let refusals = |inst: &Instance| inst.log().matches("SIGHUP: policy reload refused").count();
+    assert_eq!(refusals(&inst), 0);
+    let entries_before = ledger_entries(&inst.db, "policy_loaded").len();
     std::fs::write(&inst.policy, "garbage = [").unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(inst.pid() as i32),
         nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    wait_until(
+        "the invalid SIGHUP reload to be refused",
+        std::time::Duration::from_secs(10),
+        || refusals(&inst) == 1,
+    );
     assert_eq!(
         rt().block_on(inst.client().policy()).unwrap().policy_hash,
         hash2
+    );
+    assert_eq!(
+        ledger_entries(&inst.db, "policy_loaded").len(),
+        entries_before
     );
     assert!(matches!(
         submit(&inst, "small-hup", "0.2"),
@@ -415,15 +454,11 @@ fn intents_above_the_approval_threshold_wait_reserve_nothing_and_expire() {
     assert!(requested[0].contains(hash));
 
     // The window runs out: expired, recorded, and the id is answered 410.
-    std::thread::sleep(std::time::Duration::from_millis(2_200));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while events(&inst, "intent_expired").is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "expiry was not recorded"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_until(
+        "the expiry to be recorded",
+        std::time::Duration::from_secs(15),
+        || !ledger_entries(&inst.db, "intent_expired").is_empty(),
+    );
     let view = rt().block_on(client.get_intent("big")).unwrap();
     assert_eq!(view.status, keyward_client::wire::IntentStatus::Expired);
     match rt().block_on(client.submit_intent(&req)) {

@@ -361,6 +361,18 @@ fn sigterm_finishes_cleanly_and_records_the_stop() {
 
 #[test]
 fn sigterm_during_a_burst_lets_accepted_requests_finish() {
+    // Repeated (bounded) until a request was seen accepted and not yet
+    // signed when SIGTERM was sent.
+    for attempt in 1..=5 {
+        if sigterm_during_a_burst() {
+            return;
+        }
+        eprintln!("attempt {attempt}: no request was in flight at SIGTERM; again");
+    }
+    panic!("in 5 attempts no request was in flight at SIGTERM");
+}
+
+fn sigterm_during_a_burst() -> bool {
     let mut inst = Instance::start_default();
     let rt = rt();
     let client = inst.client();
@@ -370,12 +382,20 @@ fn sigterm_during_a_burst_lets_accepted_requests_finish() {
     let handles: Vec<_> = reqs
         .iter()
         .cloned()
-        .map(|req| {
+        .enumerate()
+        .map(|(i, req)| {
             let client = client.clone();
-            rt.spawn(async move { client.submit_intent(&req).await })
+            rt.spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(2 * i as u64)).await;
+                client.submit_intent(&req).await
+            })
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(5));
+    // SIGTERM the moment a request is accepted (admitted in the ledger)
+    // and not yet signed.
+    let seen = watch_ledger(&inst.db, std::time::Duration::from_secs(20), |t| {
+        !t.in_flight().is_empty()
+    });
     let status = inst.stop();
     assert!(status.success(), "exit status {status}: {}", inst.log());
     let mut signed_ids = Vec::new();
@@ -392,17 +412,35 @@ fn sigterm_during_a_burst_lets_accepted_requests_finish() {
             other => panic!("unexpected answer: {other:?}"),
         }
     }
+    let Some(seen) = seen else {
+        return false;
+    };
     eprintln!(
         "{} of {} signed before the stop",
         signed_ids.len(),
         reqs.len()
     );
+    // Every request accepted before SIGTERM finished with its signature.
+    for id in seen.in_flight() {
+        assert!(
+            signed_ids.iter().any(|(i, _)| i == id),
+            "{id} was accepted before SIGTERM but got no signature"
+        );
+    }
     assert!(inst.audit_verify().status.success());
     inst.start();
+    let trail = IntentTrail::of(&inst.db);
+    assert!(
+        trail.interrupted.is_empty(),
+        "the drain left intents unfinished: {trail:?}"
+    );
     for (id, sig) in &signed_ids {
+        assert_eq!(trail.signed.get(id), Some(&vec![sig.clone()]), "{id}");
         let view = rt.block_on(inst.client().get_intent(id)).unwrap();
         assert_eq!(view.signature.as_deref(), Some(sig.as_str()), "{id}");
     }
+    // Every intent the ledger admitted was answered with its signature.
+    assert_eq!(trail.admitted.len(), signed_ids.len(), "{trail:?}");
     // A request whose connection failed was never processed: had the
     // daemon taken it, graceful shutdown would have answered it.
     for id in &cut_off {
@@ -411,4 +449,5 @@ fn sigterm_during_a_burst_lets_accepted_requests_finish() {
             other => panic!("{id} was processed but its answer was cut off: {other:?}"),
         }
     }
+    true
 }

@@ -124,6 +124,13 @@ fn device(op: &'static str) -> impl Fn(CkError) -> HsmError {
     }
 }
 
+/// Whether a failed read of `CKA_VALUE` says the value is withheld (the
+/// key is sensitive, or unextractable so that the token reports it as
+/// such) rather than that the call failed.
+fn value_unreadable(e: &CkError) -> bool {
+    matches!(rv(e), Some(RvError::AttributeSensitive))
+}
+
 fn rv(e: &CkError) -> Option<RvError> {
     match e {
         CkError::Pkcs11(rv, _) => Some(*rv),
@@ -610,19 +617,25 @@ impl Pkcs11Hsm {
         Self::secret_attributes(session, h)
     }
 
-    /// Tries to read a secret key's value; a sensitive key yields `None`.
+    /// Tries to read a secret key's value; a key whose value the token
+    /// will not reveal (sensitive or unextractable) yields `None`. Any other
+    /// failure is an error, never taken for "unreadable".
     pub fn try_read_secret_value(&self, label: &str) -> Result<Option<Vec<u8>>, HsmError> {
         let s = self.session()?;
         let session = s.get()?;
         let h = self
             .find_secret(session, label)?
             .ok_or_else(|| HsmError::KeyNotFound(label.to_owned()))?;
+        // cryptoki leaves out an attribute the token reports as sensitive
+        // or unavailable; a token may also fail the whole call with
+        // CKR_ATTRIBUTE_SENSITIVE.
         match session.get_attributes(h, &[AttributeType::Value]) {
             Ok(attrs) => Ok(attrs.into_iter().find_map(|a| match a {
                 Attribute::Value(v) => Some(v),
                 _ => None,
             })),
-            Err(_) => Ok(None),
+            Err(e) if value_unreadable(&e) => Ok(None),
+            Err(e) => Err(device("C_GetAttributeValue(CKA_VALUE)")(e)),
         }
     }
 }
@@ -977,6 +990,27 @@ impl Pkcs11Hsm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_withheld_value_reads_as_unreadable() {
+        use cryptoki::context::Function;
+        let f = Function::GetAttributeValue;
+        assert!(value_unreadable(&CkError::Pkcs11(
+            RvError::AttributeSensitive,
+            f
+        )));
+        for other in [
+            RvError::DeviceError,
+            RvError::SessionHandleInvalid,
+            RvError::ObjectHandleInvalid,
+            RvError::UserNotLoggedIn,
+            RvError::AttributeTypeInvalid,
+            RvError::GeneralError,
+        ] {
+            assert!(!value_unreadable(&CkError::Pkcs11(other, f)), "{other:?}");
+        }
+        assert!(!value_unreadable(&CkError::NullFunctionPointer));
+    }
 
     #[test]
     fn ec_point_forms() {

@@ -425,3 +425,401 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+// ---- The ledger as the audit trail records it (read from the SQLite file,
+// which keywardd keeps in WAL mode, so it can be read while it runs). ----
+
+/// `(intent id, payload)` of every ledger entry of kind `event`, in order.
+pub fn ledger_entries(db: &Path, event: &str) -> Vec<(Option<String>, serde_json::Value)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT intent_id, payload FROM ledger WHERE event = ?1 ORDER BY seq")
+        .unwrap();
+    stmt.query_map([event], |r| {
+        let payload: Vec<u8> = r.get(1)?;
+        Ok((r.get(0)?, serde_json::from_slice(&payload).unwrap()))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+/// The signatures of the `signature_created` entries of intent `id`.
+pub fn signatures_recorded(db: &Path, id: &str) -> Vec<String> {
+    ledger_entries(db, "signature_created")
+        .into_iter()
+        .filter(|(i, _)| i.as_deref() == Some(id))
+        .map(|(_, p)| p["signature"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// What the ledger says about the intents it names: who was admitted
+/// (a `policy_evaluated` entry that allows), who got a signature, and who
+/// was recorded as interrupted by a crash.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct IntentTrail {
+    /// Intent ids with an allowing `policy_evaluated` entry.
+    pub admitted: std::collections::BTreeSet<String>,
+    /// Intent id → the signature of its `signature_created` entries.
+    pub signed: std::collections::BTreeMap<String, Vec<String>>,
+    /// Intent ids with a `signing_denied` entry of code `interrupted`.
+    pub interrupted: std::collections::BTreeSet<String>,
+}
+
+impl IntentTrail {
+    /// Reads the trail from the ledger at `db` through `conn`.
+    pub fn read(conn: &rusqlite::Connection) -> IntentTrail {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT event, intent_id, payload FROM ledger WHERE event IN \
+                 ('policy_evaluated', 'signature_created', 'signing_denied') ORDER BY seq",
+            )
+            .unwrap();
+        let mut trail = IntentTrail::default();
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .unwrap();
+        for row in rows {
+            let (event, id, payload) = row.unwrap();
+            let Some(id) = id else { continue };
+            let p: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            match event.as_str() {
+                "policy_evaluated" if p["decision"] == "allow" => {
+                    trail.admitted.insert(id);
+                }
+                "signature_created" => trail
+                    .signed
+                    .entry(id)
+                    .or_default()
+                    .push(p["signature"].as_str().unwrap().to_owned()),
+                "signing_denied" if p["code"] == "interrupted" => {
+                    trail.interrupted.insert(id);
+                }
+                _ => {}
+            }
+        }
+        trail
+    }
+
+    /// Reads the trail of the ledger at `db`.
+    pub fn of(db: &Path) -> IntentTrail {
+        IntentTrail::read(&rusqlite::Connection::open(db).unwrap())
+    }
+
+    /// Admitted intents without a signature and not (yet) recorded as
+    /// interrupted: in flight.
+    pub fn in_flight(&self) -> Vec<&String> {
+        self.admitted
+            .iter()
+            .filter(|i| !self.signed.contains_key(*i) && !self.interrupted.contains(*i))
+            .collect()
+    }
+}
+
+/// Polls the ledger at `db` without pause (a kill must follow the moment
+/// `cond` holds) until `cond` holds; returns the trail then, or `None`
+/// after `timeout`.
+pub fn watch_ledger(
+    db: &Path,
+    timeout: Duration,
+    mut cond: impl FnMut(&IntentTrail) -> bool,
+) -> Option<IntentTrail> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let trail = IntentTrail::read(&conn);
+        if cond(&trail) {
+            return Some(trail);
+        }
+        std::thread::yield_now();
+    }
+    None
+}
+
+/// What one kill -9 run ended with (see [`crash_run`]).
+#[derive(Debug)]
+pub struct CrashOutcome {
+    /// The trail at the kill (what the ledger held when keywardd died).
+    pub at_kill: IntentTrail,
+    /// Intents recorded as interrupted at the restart.
+    pub interrupted: std::collections::BTreeSet<String>,
+    /// Signatures returned to the client, before and after the kill.
+    pub total_signed: usize,
+}
+
+/// A kill -9 in the middle of a burst, repeated (each time on a fresh
+/// instance from `make`) until the kill caught a request in flight, at most
+/// `attempts` times: `before` are signed one by one, then `burst` is sent
+/// concurrently, one request every `stagger`, and keywardd is killed the
+/// moment the ledger shows a burst intent admitted but not yet signed (and,
+/// with `need_committed_signature`, a burst intent already signed: a batch
+/// committed under load). After the restart, checks that
+/// - every request of the burst ended signed, denied with `daily_limit`,
+///   or cut by the kill (never anything else);
+/// - every returned signature is the one in its intent's `signature_created`
+///   entry, a denied intent has none, an intent cut by the kill either has
+///   one, was recorded `interrupted`, or was never admitted;
+/// - exactly the intents in flight at the kill are recorded `interrupted`
+///   (so the kill caught at least one);
+/// - sending every request again gives each signed intent its signature
+///   back, the others a signature or `daily_limit`, and exactly `limit`
+///   signatures in all, each recorded once.
+///
+/// Returns the finished instance and what happened; the caller checks the
+/// counters.
+pub fn crash_run(
+    attempts: usize,
+    make: impl Fn() -> Instance,
+    before: &[IntentRequest],
+    burst: &[IntentRequest],
+    stagger: Duration,
+    need_committed_signature: bool,
+    limit: usize,
+) -> (Instance, CrashOutcome) {
+    for attempt in 1..=attempts {
+        let mut inst = make();
+        if let Some(outcome) = crash_attempt(
+            &mut inst,
+            before,
+            burst,
+            stagger,
+            need_committed_signature,
+            limit,
+        ) {
+            return (inst, outcome);
+        }
+        eprintln!("attempt {attempt}: the kill caught no request in flight; again");
+    }
+    panic!("in {attempts} attempts the kill -9 never caught a request in flight");
+}
+
+fn crash_attempt(
+    inst: &mut Instance,
+    before: &[IntentRequest],
+    burst: &[IntentRequest],
+    stagger: Duration,
+    need_committed_signature: bool,
+    limit: usize,
+) -> Option<CrashOutcome> {
+    use keyward_client::{ClientError, IntentOutcome};
+    use std::collections::BTreeSet;
+
+    let rt = rt();
+    let client = inst.client();
+    let mut returned = std::collections::BTreeMap::new();
+    for req in before {
+        match rt.block_on(client.submit_intent(req)) {
+            Ok(IntentOutcome::Signed(s)) => {
+                returned.insert(s.intent_id.clone(), s.signature);
+            }
+            other => panic!("{}: expected a signature, got {other:?}", req.intent_id),
+        }
+    }
+    let burst_ids: BTreeSet<String> = burst.iter().map(|r| r.intent_id.clone()).collect();
+    let handles: Vec<_> = burst
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, req)| {
+            let client = client.clone();
+            let delay = stagger * i as u32;
+            rt.spawn(async move {
+                tokio::time::sleep(delay).await;
+                (req.intent_id.clone(), client.submit_intent(&req).await)
+            })
+        })
+        .collect();
+    let caught = watch_ledger(&inst.db, Duration::from_secs(20), |t| {
+        let in_flight = t.in_flight().iter().any(|i| burst_ids.contains(*i));
+        let committed = !need_committed_signature || t.signed.keys().any(|i| burst_ids.contains(i));
+        in_flight && committed
+    });
+    inst.kill9();
+    let results: Vec<_> = handles
+        .into_iter()
+        .map(|h| rt.block_on(h).unwrap())
+        .collect();
+    let at_kill = IntentTrail::of(&inst.db);
+    // None: everything finished before the condition was seen.
+    caught?;
+    let mut denied = BTreeSet::new();
+    let mut cut = BTreeSet::new();
+    for (id, r) in &results {
+        match r {
+            Ok(IntentOutcome::Signed(s)) => {
+                assert_eq!(&s.intent_id, id);
+                returned.insert(id.clone(), s.signature.clone());
+            }
+            Err(ClientError::Api {
+                status: 403,
+                code,
+                reasons,
+                ..
+            }) if code == "policy_denied" => {
+                assert!(
+                    reasons.iter().any(|x| x.rule == "daily_limit"),
+                    "{id}: {reasons:?}"
+                );
+                denied.insert(id.clone());
+            }
+            Err(ClientError::Connect { .. } | ClientError::Protocol(_)) => {
+                cut.insert(id.clone());
+            }
+            other => panic!("{id}: neither signed, denied by daily_limit nor cut: {other:?}"),
+        }
+    }
+    inst.start();
+    let verify = inst.audit_verify();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let after = IntentTrail::of(&inst.db);
+    // Recovery recorded exactly the intents that were in flight.
+    let in_flight: BTreeSet<String> = at_kill.in_flight().into_iter().cloned().collect();
+    assert!(at_kill.interrupted.is_empty(), "{at_kill:?}");
+    assert_eq!(after.interrupted, in_flight, "interrupted at the restart");
+    if in_flight.is_empty() {
+        // The requests seen in flight finished before the kill landed.
+        return None;
+    }
+    for (id, sig) in &returned {
+        assert_eq!(
+            after.signed.get(id),
+            Some(&vec![sig.clone()]),
+            "{id}: the returned signature is recorded once"
+        );
+    }
+    for id in &denied {
+        assert!(!after.signed.contains_key(id), "{id} was denied");
+        assert!(!after.admitted.contains(id), "{id} was denied");
+    }
+    for id in &cut {
+        assert!(
+            after.signed.contains_key(id)
+                || after.interrupted.contains(id)
+                || !after.admitted.contains(id),
+            "{id}: cut by the kill, admitted, neither signed nor interrupted"
+        );
+    }
+
+    // Finish the run with the same requests.
+    let client = inst.client();
+    let mut total_signed = 0;
+    for req in before.iter().chain(burst) {
+        let id = &req.intent_id;
+        match rt.block_on(client.submit_intent(req)) {
+            Ok(IntentOutcome::Signed(s)) => {
+                if let Some(sig) = at_kill.signed.get(id) {
+                    assert_eq!(sig, &vec![s.signature.clone()], "{id}: replayed");
+                }
+                total_signed += 1;
+            }
+            Err(ClientError::Api {
+                status: 403,
+                reasons,
+                ..
+            }) if reasons.iter().any(|x| x.rule == "daily_limit") => {
+                assert!(
+                    !at_kill.signed.contains_key(id),
+                    "{id}: signed, then denied"
+                );
+            }
+            other => panic!("{id}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(total_signed, limit, "signatures against a limit of {limit}");
+    let end = IntentTrail::of(&inst.db);
+    assert_eq!(end.signed.len(), limit, "{end:?}");
+    assert!(end.signed.values().all(|s| s.len() == 1), "{end:?}");
+    Some(CrashOutcome {
+        at_kill,
+        interrupted: after.interrupted,
+        total_signed,
+    })
+}
+
+/// Every counter the policy keeps, read from the ledger database: the
+/// spend rows and totals of every agent and asset, and the rate-limit
+/// events (the rate windows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counters {
+    /// (agent, asset, intent id, amount, state) of every spend row.
+    pub spend: Vec<(String, String, String, i64, String)>,
+    /// (agent, asset, total) of every running total but zero ones (the
+    /// evaluation creates an asset's total at zero when it first reads it).
+    pub totals: Vec<(String, String, i64)>,
+    /// (agent, intent id, ts) of every rate-window event.
+    pub rate: Vec<(String, String, i64)>,
+}
+
+impl Counters {
+    pub fn of(db: &Path) -> Counters {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        let spend = conn
+            .prepare("SELECT agent, asset, intent_id, amount, state FROM spend ORDER BY id")
+            .unwrap()
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let totals = conn
+            .prepare(
+                "SELECT agent, asset, total FROM spend_total WHERE total != 0 ORDER BY agent, asset",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let rate = conn
+            .prepare("SELECT agent, intent_id, ts_ms FROM rate_events ORDER BY agent, intent_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        Counters {
+            spend,
+            totals,
+            rate,
+        }
+    }
+}
+
+/// Asserts that a refused intent left no trace but its record: no
+/// `signature_created` entry for it, no counter changed (every asset's
+/// spend and totals, the rate windows; the same through `GET /v1/policy`),
+/// and no signature in its view.
+pub fn assert_nothing_counted(
+    inst: &Instance,
+    id: &str,
+    before: &Counters,
+    view_before: &keyward_client::wire::PolicyView,
+) {
+    assert_eq!(
+        signatures_recorded(&inst.db, id),
+        Vec::<String>::new(),
+        "{id}: a refused intent has no signature_created entry"
+    );
+    assert_eq!(&Counters::of(&inst.db), before, "{id}: counters changed");
+    let rt = rt();
+    let view = rt.block_on(inst.client().policy()).unwrap();
+    assert_eq!(view.limits, view_before.limits, "{id}: budgets changed");
+    assert_eq!(
+        view.rate_limit, view_before.rate_limit,
+        "{id}: rate windows changed"
+    );
+    if let Ok(v) = rt.block_on(inst.client().get_intent(id)) {
+        assert!(v.signature.is_none(), "{id}: {v:?}");
+    }
+}
