@@ -92,6 +92,28 @@ impl KeyAttributes {
             && self.always_sensitive
             && self.never_extractable
     }
+
+    /// Every attribute that makes the key unfit for keyward, each named as
+    /// PKCS#11 names it with the value the token reports; empty when the
+    /// key [is protected](KeyAttributes::is_protected) and an Ed25519 key.
+    pub fn weaknesses(&self) -> Vec<&'static str> {
+        let checks = [
+            (
+                !self.key_type_ec_edwards,
+                "CKA_KEY_TYPE is not CKK_EC_EDWARDS",
+            ),
+            (!self.token, "CKA_TOKEN is false"),
+            (!self.private, "CKA_PRIVATE is false"),
+            (!self.sensitive, "CKA_SENSITIVE is false"),
+            (self.extractable, "CKA_EXTRACTABLE is true"),
+            (!self.always_sensitive, "CKA_ALWAYS_SENSITIVE is false"),
+            (!self.never_extractable, "CKA_NEVER_EXTRACTABLE is false"),
+        ];
+        checks
+            .into_iter()
+            .filter_map(|(weak, what)| weak.then_some(what))
+            .collect()
+    }
 }
 
 /// Return values that mean the module no longer has the session, the
@@ -680,6 +702,16 @@ impl Pkcs11Hsm {
         let (private, public) = self
             .find_pair(session, name.as_str())?
             .ok_or_else(|| HsmError::KeyNotFound(name.to_string()))?;
+        // A key found on the token is used only if it is as protected as
+        // one keyward generates: a key that can be read or wrapped out, or
+        // ever could, is refused by name.
+        let weaknesses = Self::attributes_of(session, private)?.weaknesses();
+        if !weaknesses.is_empty() {
+            return Err(HsmError::UnprotectedKey {
+                key: name.to_string(),
+                weaknesses: weaknesses.join(", "),
+            });
+        }
         let public_key = self.public_key(session, public, name.as_str())?;
         lock(&open.handles).insert(name.to_string(), Handles { private });
         self.remember(name);
