@@ -187,5 +187,35 @@ fn keys_found_on_the_token_without_protection_are_refused_by_name() {
     let keys = rt().block_on(inst.client().keys()).unwrap();
     let text = format!("{keys:?}");
     assert!(text.contains(&fresh.public_key.to_base58()), "{text}");
+
+    // A policy naming an unprotected key on the token is refused at reload;
+    // the policy in force stays.
+    let session = user_session(&inst);
+    replace_with_unprotected_pair(&session, "spare");
+    drop(session);
+    let policy = std::fs::read_to_string(&inst.policy).unwrap();
+    let hash_before = rt().block_on(inst.client().policy()).unwrap().policy_hash;
+    let recorded_before = recorded_entries(&inst);
+    assert!(policy.contains("keys = [\"hot\"]"), "{policy}");
+    std::fs::write(
+        &inst.policy,
+        policy.replace("keys = [\"hot\"]", "keys = [\"hot\", \"spare\"]"),
+    )
+    .unwrap();
+    let out = inst.keyward(&["policy", "reload"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"spare\"") && err.contains("CKA_SENSITIVE is false"),
+        "{err}"
+    );
+    let view = rt().block_on(inst.client().policy()).unwrap();
+    assert_eq!(view.policy_hash, hash_before);
+    assert_eq!(view.keys, ["hot"]);
+    assert_eq!(
+        recorded_entries(&inst),
+        recorded_before,
+        "a refused reload records nothing"
+    );
     assert!(inst.stop().success());
 }

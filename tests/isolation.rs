@@ -116,13 +116,6 @@ fn entries_of(inst: &Instance, event: &str, agent: &str) -> Vec<String> {
         .collect()
 }
 
-fn head(inst: &Instance) -> u64 {
-    rt().block_on(inst.client().health())
-        .unwrap()
-        .ledger
-        .head_seq
-}
-
 #[test]
 fn two_agents_cannot_reach_each_others_intents_keys_budgets_or_breakers() {
     require_other_uids();
@@ -200,7 +193,7 @@ fn two_agents_cannot_reach_each_others_intents_keys_budgets_or_breakers() {
         String::from_utf8_lossy(&out.stderr)
     );
     let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let head_before = head(&inst);
+    let recorded_before = recorded_entries(&inst);
 
     // other cannot see dev's intents.
     for id in ["a-1", "shared", "a-pending"] {
@@ -222,8 +215,8 @@ fn two_agents_cannot_reach_each_others_intents_keys_budgets_or_breakers() {
         "{body}"
     );
     assert_eq!(
-        head(&inst),
-        head_before,
+        recorded_entries(&inst),
+        recorded_before,
         "nothing recorded for the refusals"
     );
     let view = rt().block_on(dev.get_intent("a-pending")).unwrap();
@@ -319,7 +312,7 @@ fn two_agents_cannot_reach_each_others_intents_keys_budgets_or_breakers() {
 
     // The admin socket: uid 4242 is neither root nor the daemon's user.
     open_up(&inst, &inst.admin_socket.clone());
-    let head_before = head(&inst);
+    let recorded_before = recorded_entries(&inst);
     for (method, target) in [
         ("POST", "/v1/admin/breakers/other/reset"),
         ("POST", "/v1/admin/breakers/audit/reset"),
@@ -334,8 +327,8 @@ fn two_agents_cannot_reach_each_others_intents_keys_budgets_or_breakers() {
         );
     }
     assert_eq!(
-        head(&inst),
-        head_before,
+        recorded_entries(&inst),
+        recorded_before,
         "a refused operator records nothing"
     );
     let (status, body) = other.submit(&cold("still-locked", "0.01"));

@@ -524,3 +524,12 @@ pub fn ledger_entries(inst: &Instance) -> Vec<(String, Option<String>, Option<St
         .map(Result::unwrap)
         .collect()
 }
+
+/// Entries in the ledger other than checkpoints (which keywardd writes on
+/// its own schedule): what requests recorded.
+pub fn recorded_entries(inst: &Instance) -> usize {
+    ledger_entries(inst)
+        .iter()
+        .filter(|(e, _, _)| e != "checkpoint")
+        .count()
+}
