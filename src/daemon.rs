@@ -29,8 +29,8 @@ pub enum DaemonError {
     /// Ledger failure.
     #[error("ledger: {0}")]
     Ledger(#[from] LedgerError),
-    /// A key the policy names is not in the HSM.
-    #[error("policy file {policy}: key {key:?} is not in the HSM token: {source}")]
+    /// A key the policy names is not in the HSM, or is there but refused.
+    #[error("policy file {policy}: key {key:?} cannot be used from the HSM token: {source}")]
     MissingKey {
         /// Policy file.
         policy: PathBuf,

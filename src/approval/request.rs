@@ -126,3 +126,56 @@ pub fn check(approval: &serde_json::Value) -> Result<CheckedRequest, String> {
         summary,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::solana::build_sol_transfer;
+    use crate::types::Lamports;
+
+    fn transfer(from: &PublicKey, to: &PublicKey, lamports: u64) -> (Vec<u8>, Effects) {
+        let message = build_sol_transfer(from, to, Lamports(lamports), [3; 32], None).unwrap();
+        let effects = extract_effects(&decode_message(&message).unwrap(), from);
+        (message, effects)
+    }
+
+    #[test]
+    fn effects_json_states_every_outflow_fee_and_program_as_recorded() {
+        let (from, to) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        let (_, effects) = transfer(&from, &to, 1_500);
+        let json = effects_json(&effects);
+        assert_eq!(json["fee_payer_is_us"], true);
+        assert_eq!(json["fees_lamports"], 5_000);
+        assert_eq!(json["sol_outflows"][0]["lamports"], 1_500);
+        assert_eq!(json["sol_outflows"][0]["to"], to.to_base58());
+        assert_eq!(json["sol_outflows"][0]["kind"], "transfer");
+        assert_eq!(json["spl_outflows"], serde_json::json!([]));
+        assert_eq!(
+            json["programs"],
+            serde_json::json!([PublicKey([0; 32]).to_base58()])
+        );
+        assert_eq!(json["violations"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn the_intent_hash_binds_the_bytes_and_what_was_derived_from_them() {
+        let (from, to) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        let (message, effects) = transfer(&from, &to, 1_500);
+        let h = intent_hash(&message, &effects);
+        // The same bytes read for another signer derive other effects.
+        let other = extract_effects(&decode_message(&message).unwrap(), &to);
+        assert_ne!(h, intent_hash(&message, &other));
+        // Other bytes with the same effects (another blockhash).
+        let again = build_sol_transfer(&from, &to, Lamports(1_500), [4; 32], None).unwrap();
+        assert_eq!(
+            effects_json(&effects),
+            effects_json(&other_effects(&again, &from))
+        );
+        assert_ne!(h, intent_hash(&again, &effects));
+    }
+
+    fn other_effects(message: &[u8], from: &PublicKey) -> Effects {
+        extract_effects(&decode_message(message).unwrap(), from)
+    }
+}

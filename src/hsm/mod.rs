@@ -45,6 +45,18 @@ pub enum HsmError {
     /// More than one key pair carries this label: refuse to guess.
     #[error("more than one key named {0:?} in the HSM")]
     AmbiguousKey(String),
+    /// A key pair with this label exists but its private key is not
+    /// protected as keyward requires (sensitive, non-extractable, always
+    /// so, private token object): keyward refuses to use it.
+    #[error(
+        "key {key:?} in the HSM is not protected as keyward requires ({weaknesses}); it is refused: generate a new key inside the HSM"
+    )]
+    UnprotectedKey {
+        /// The key's name (its label).
+        key: String,
+        /// The attributes at fault, with the values the token reports.
+        weaknesses: String,
+    },
     /// The HSM returned a signature that does not verify: never released.
     #[error("the HSM returned a signature that does not verify for key {0:?}")]
     BadSignature(String),
@@ -74,6 +86,7 @@ impl HsmError {
             HsmError::KeyNotFound(_) => "key_not_found",
             HsmError::KeyExists(_) => "key_exists",
             HsmError::AmbiguousKey(_) => "key_ambiguous",
+            HsmError::UnprotectedKey { .. } => "key_unprotected",
             HsmError::BadSignature(_) => "hsm_bad_signature",
             _ => "hsm_unavailable",
         }

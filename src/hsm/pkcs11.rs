@@ -92,6 +92,28 @@ impl KeyAttributes {
             && self.always_sensitive
             && self.never_extractable
     }
+
+    /// Every attribute that makes the key unfit for keyward, each named as
+    /// PKCS#11 names it with the value the token reports; empty when the
+    /// key [is protected](KeyAttributes::is_protected) and an Ed25519 key.
+    pub fn weaknesses(&self) -> Vec<&'static str> {
+        let checks = [
+            (
+                !self.key_type_ec_edwards,
+                "CKA_KEY_TYPE is not CKK_EC_EDWARDS",
+            ),
+            (!self.token, "CKA_TOKEN is false"),
+            (!self.private, "CKA_PRIVATE is false"),
+            (!self.sensitive, "CKA_SENSITIVE is false"),
+            (self.extractable, "CKA_EXTRACTABLE is true"),
+            (!self.always_sensitive, "CKA_ALWAYS_SENSITIVE is false"),
+            (!self.never_extractable, "CKA_NEVER_EXTRACTABLE is false"),
+        ];
+        checks
+            .into_iter()
+            .filter_map(|(weak, what)| weak.then_some(what))
+            .collect()
+    }
 }
 
 /// Return values that mean the module no longer has the session, the
@@ -693,6 +715,16 @@ impl Pkcs11Hsm {
         let (private, public) = self
             .find_pair(session, name.as_str())?
             .ok_or_else(|| HsmError::KeyNotFound(name.to_string()))?;
+        // A key found on the token is used only if it is as protected as
+        // one keyward generates: a key that can be read or wrapped out, or
+        // ever could, is refused by name.
+        let weaknesses = Self::attributes_of(session, private)?.weaknesses();
+        if !weaknesses.is_empty() {
+            return Err(HsmError::UnprotectedKey {
+                key: name.to_string(),
+                weaknesses: weaknesses.join(", "),
+            });
+        }
         let public_key = self.public_key(session, public, name.as_str())?;
         lock(&open.handles).insert(name.to_string(), Handles { private });
         self.remember(name);
@@ -842,15 +874,23 @@ impl Hsm for Pkcs11Hsm {
             }
             Err(e) => return Err(device("C_GenerateKeyPair")(e)),
         };
-        let attrs = Self::attributes_of(session, private)?;
+        // The same judgement as for a key found on the token
+        // (`find_once`); SoftHSM2 always honours the template, so this
+        // refusal is reached only on a token that ignores it.
+        let weaknesses = Self::attributes_of(session, private)?.weaknesses();
         let public_key = self.public_key(session, public, name.as_str());
-        if !attrs.is_protected() || !attrs.key_type_ec_edwards || public_key.is_err() {
+        if !weaknesses.is_empty() || public_key.is_err() {
             let _ = session.destroy_object(private);
             let _ = session.destroy_object(public);
+            let why = if weaknesses.is_empty() {
+                "its public key could not be read".to_owned()
+            } else {
+                weaknesses.join(", ")
+            };
             return Err(HsmError::Device {
                 op: "C_GenerateKeyPair",
                 detail: format!(
-                    "the token did not create key {name:?} as required (sensitive, non-extractable, private token object: {attrs:?}); the key was destroyed"
+                    "the token did not create key {name:?} as required (sensitive, non-extractable, private token object): {why}; the key was destroyed"
                 ),
             });
         }
@@ -1022,5 +1062,74 @@ mod tests {
         assert_eq!(parse_ec_point(&der[..33]), None);
         assert_eq!(parse_ec_point(&[0x04, 0x21, 0]), None);
         assert_eq!(parse_ec_point(&[]), None);
+    }
+
+    #[test]
+    fn each_unsafe_attribute_is_named_and_only_a_fully_protected_key_passes() {
+        let good = KeyAttributes {
+            token: true,
+            private: true,
+            sensitive: true,
+            extractable: false,
+            always_sensitive: true,
+            never_extractable: true,
+            key_type_ec_edwards: true,
+        };
+        assert!(good.weaknesses().is_empty());
+        assert!(good.is_protected());
+        let cases: [(KeyAttributes, &str); 7] = [
+            (
+                KeyAttributes {
+                    key_type_ec_edwards: false,
+                    ..good
+                },
+                "CKA_KEY_TYPE is not CKK_EC_EDWARDS",
+            ),
+            (
+                KeyAttributes {
+                    token: false,
+                    ..good
+                },
+                "CKA_TOKEN is false",
+            ),
+            (
+                KeyAttributes {
+                    private: false,
+                    ..good
+                },
+                "CKA_PRIVATE is false",
+            ),
+            (
+                KeyAttributes {
+                    sensitive: false,
+                    ..good
+                },
+                "CKA_SENSITIVE is false",
+            ),
+            (
+                KeyAttributes {
+                    extractable: true,
+                    ..good
+                },
+                "CKA_EXTRACTABLE is true",
+            ),
+            (
+                KeyAttributes {
+                    always_sensitive: false,
+                    ..good
+                },
+                "CKA_ALWAYS_SENSITIVE is false",
+            ),
+            (
+                KeyAttributes {
+                    never_extractable: false,
+                    ..good
+                },
+                "CKA_NEVER_EXTRACTABLE is false",
+            ),
+        ];
+        for (attrs, named) in cases {
+            assert_eq!(attrs.weaknesses(), [named], "{attrs:?}");
+        }
     }
 }

@@ -823,3 +823,121 @@ pub fn assert_nothing_counted(
         assert!(v.signature.is_none(), "{id}: {v:?}");
     }
 }
+
+/// A uid that is neither root nor the daemon's user: the tests bind it to a
+/// second agent (or to none) and run clients as it.
+pub const OTHER_UID: u32 = 4242;
+
+/// Perl, which the tests run as other uids (a process of the test binary
+/// cannot change its uid without changing it for every test thread).
+pub const PERL: &str = "/usr/bin/perl";
+
+/// Fails, naming the reason, unless this process can run clients as other
+/// uids: that needs root (the tests run as root in CI and on the dev box)
+/// and perl. Never a silent skip: a test that cannot run its second uid
+/// fails.
+pub fn require_other_uids() {
+    let euid = nix::unistd::geteuid().as_raw();
+    assert_eq!(
+        euid, 0,
+        "this test runs clients as uid {OTHER_UID} and must run as root (it runs as uid {euid}); \
+         run the suite as root, as CI does; it is not skipped"
+    );
+    assert!(
+        Path::new(PERL).is_file(),
+        "this test runs clients as other uids through {PERL}, which is missing; install perl; it is not skipped"
+    );
+}
+
+/// Runs perl `script` with `args` as `uid` (and gid `uid`, no groups).
+pub fn perl_as(uid: u32, script: &str, args: &[&str]) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(PERL);
+    c.arg("-e").arg(script).args(args).uid(uid).gid(uid);
+    c
+}
+
+/// Lets other uids reach `socket` of the instance (the test runs as root
+/// with private temporary directories and 0660/0600 sockets): what is left
+/// is the daemon's own check of the peer.
+pub fn open_up(inst: &Instance, socket: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    mode(inst.dir.path(), 0o755);
+    mode(inst.inst_dir(), 0o755);
+    mode(socket, 0o666);
+}
+
+/// One HTTP/1.1 request with `Connection: close`, sent by a process of
+/// another uid; prints the whole answer.
+const HTTP_PL: &str = r#"
+use strict; use IO::Socket::UNIX;
+my ($path, $method, $target, $body) = @ARGV; $body //= "";
+my $c = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Peer => $path) or do { print "connect failed: $!\n"; exit 3 };
+my $req = "$method $target HTTP/1.1\r\nHost: keyward\r\nConnection: close\r\n";
+$req .= "Content-Type: application/json\r\nContent-Length: " . length($body) . "\r\n" if $method ne "GET";
+$req .= "\r\n" . $body;
+syswrite($c, $req);
+local $/; my $all = <$c>; print $all // "";
+"#;
+
+/// `method target` with a JSON `body` on `socket`, sent as `uid`.
+/// Returns (status, body).
+pub fn http_as(uid: u32, socket: &Path, method: &str, target: &str, body: &str) -> (u16, String) {
+    let out = perl_as(
+        uid,
+        HTTP_PL,
+        &[socket.to_str().unwrap(), method, target, body],
+    )
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "client as uid {uid}: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The error code of an API error body.
+pub fn error_code(body: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    v["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {body}"))
+        .to_owned()
+}
+
+/// `(event, agent, intent_id)` of every ledger entry, in order, read
+/// straight from the database.
+pub fn all_entries(inst: &Instance) -> Vec<(String, Option<String>, Option<String>)> {
+    let conn = rusqlite::Connection::open(&inst.db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT event, agent, intent_id FROM ledger ORDER BY seq")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Entries in the ledger other than checkpoints (which keywardd writes on
+/// its own schedule): what requests recorded.
+pub fn recorded_entries(inst: &Instance) -> usize {
+    all_entries(inst)
+        .iter()
+        .filter(|(e, _, _)| e != "checkpoint")
+        .count()
+}
