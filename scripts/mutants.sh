@@ -40,6 +40,9 @@ if ! command -v cargo-mutants >/dev/null 2>&1; then
   cargo install --locked cargo-mutants@27
 fi
 
+# No debug info: each mutant relinks every test binary, and linking with
+# full debug info is most of a rebuild.
+export CARGO_PROFILE_DEV_DEBUG=0
 wanted=("$@")
 status=0
 for g in "${groups[@]}"; do
