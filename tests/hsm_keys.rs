@@ -25,27 +25,13 @@ use common::*;
 /// DER of the Ed25519 curve OID 1.3.101.112.
 const ED25519_OID_DER: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
 
-fn config_value(inst: &Instance, key: &str) -> String {
-    let text = std::fs::read_to_string(&inst.config).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with(&format!("{key} =")))
-        .unwrap_or_else(|| panic!("no {key} in {text}"));
-    line.split_once('=')
-        .unwrap()
-        .1
-        .trim()
-        .trim_matches('"')
-        .to_owned()
-}
-
 /// A logged-in read-write session on the instance's token.
 fn user_session(inst: &Instance) -> Session {
-    let module = config_value(inst, "module");
+    let module = inst.config_value("module");
     let ctx = context(module.as_ref()).unwrap();
-    let slot = find_token(&ctx, &config_value(inst, "token_label")).unwrap();
+    let slot = find_token(&ctx, &inst.config_value("token_label")).unwrap();
     let session = ctx.open_rw_session(slot).unwrap();
-    let pin = std::fs::read_to_string(config_value(inst, "pin_file")).unwrap();
+    let pin = std::fs::read_to_string(inst.config_value("pin_file")).unwrap();
     session
         .login(
             UserType::User,
@@ -93,9 +79,9 @@ fn replace_with_unprotected_pair(session: &Session, label: &str) -> ObjectHandle
 
 fn pkcs11(inst: &Instance) -> Pkcs11Hsm {
     Pkcs11Hsm::open(&Pkcs11Config {
-        module: config_value(inst, "module").into(),
-        token_label: config_value(inst, "token_label"),
-        pin_file: config_value(inst, "pin_file").into(),
+        module: inst.config_value("module").into(),
+        token_label: inst.config_value("token_label"),
+        pin_file: inst.config_value("pin_file").into(),
         max_sessions: 2,
     })
     .unwrap()

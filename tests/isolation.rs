@@ -32,20 +32,6 @@ approvers = { required = 1, of = [\"alice\"] }\n\n\
 breaker = { max_consecutive_denials = 3, cooldown_s = 3600 }\n\
 [agents.other.limits.SOL]\nper_tx = \"0.1\"\nper_day = \"1\"\n";
 
-fn config_value(inst: &Instance, key: &str) -> String {
-    let text = std::fs::read_to_string(&inst.config).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with(&format!("{key} =")))
-        .unwrap_or_else(|| panic!("no {key} in {text}"));
-    line.split_once('=')
-        .unwrap()
-        .1
-        .trim()
-        .trim_matches('"')
-        .to_owned()
-}
-
 /// Generates the key `cold` on the instance's token (before keywardd
 /// starts), as an operator would with the HSM's own tools.
 fn generate_cold_key(inst: &Instance) -> String {
@@ -54,9 +40,9 @@ fn generate_cold_key(inst: &Instance) -> String {
         &keyward::hsm::softhsm::conf_path(inst.inst_dir()),
     );
     let hsm = Pkcs11Hsm::open(&Pkcs11Config {
-        module: config_value(inst, "module").into(),
-        token_label: config_value(inst, "token_label"),
-        pin_file: config_value(inst, "pin_file").into(),
+        module: inst.config_value("module").into(),
+        token_label: inst.config_value("token_label"),
+        pin_file: inst.config_value("pin_file").into(),
         max_sessions: 1,
     })
     .unwrap();

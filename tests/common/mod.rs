@@ -153,8 +153,8 @@ impl Instance {
         self.start_with(&[]);
     }
 
-    /// [`Instance::start`] with extra arguments for keywardd.
-    pub fn start_with(&mut self, args: &[&str]) {
+    /// Spawns keywardd with extra arguments, its output in a new log.
+    fn spawn_daemon(&mut self, args: &[&str]) -> Child {
         assert!(self.child.is_none(), "already running");
         self.log_count += 1;
         let log = std::fs::File::create(self.log_path(self.log_count)).unwrap();
@@ -166,8 +166,7 @@ impl Instance {
             }
             None => Command::new(KEYWARDD),
         };
-        let child = cmd
-            .arg("--config")
+        cmd.arg("--config")
             .arg(&self.config)
             .args(args)
             .env("KEYWARD_LOG", "info")
@@ -176,7 +175,12 @@ impl Instance {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// [`Instance::start`] with extra arguments for keywardd.
+    pub fn start_with(&mut self, args: &[&str]) {
+        let child = self.spawn_daemon(args);
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -275,6 +279,21 @@ impl Instance {
             .unwrap()
     }
 
+    /// The value of `key = ...` in keyward.toml (quotes removed).
+    pub fn config_value(&self, key: &str) -> String {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{key} =")))
+            .unwrap_or_else(|| panic!("no {key} in {text}"));
+        line.split_once('=')
+            .unwrap()
+            .1
+            .trim()
+            .trim_matches('"')
+            .to_owned()
+    }
+
     /// The audit key pinned by `keyward init --dev`.
     pub fn audit_vkey_file(&self) -> PathBuf {
         self.inst_dir().join("audit.vkey")
@@ -283,20 +302,7 @@ impl Instance {
     /// Starts keywardd with extra arguments and waits for it to exit
     /// (for start-ups that must be refused). Returns (exit code, log).
     pub fn start_refused(&mut self, args: &[&str]) -> (i32, String) {
-        assert!(self.child.is_none(), "already running");
-        self.log_count += 1;
-        let log = std::fs::File::create(self.log_path(self.log_count)).unwrap();
-        let mut child = Command::new(KEYWARDD)
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .env("KEYWARD_LOG", "info")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut child = self.spawn_daemon(args);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
