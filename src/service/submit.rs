@@ -254,12 +254,12 @@ impl Signer {
             .write(move |txn| {
                 let agent_name = agent.name.as_str();
                 if let Some(rec) = intents::get(txn.conn(), agent_name, &intent_id)? {
-                    let expired = match rec.status.as_str() {
-                        "expired" => true,
-                        "pending_approval" => intents::pending(txn.conn(), agent_name, &intent_id)?
-                            .is_none_or(|p| p.expires_ms <= txn.now_ms()),
-                        _ => false,
-                    };
+                    // An intent recorded as expired replays its recorded 410;
+                    // one whose window ended but is not recorded yet is
+                    // expired all the same.
+                    let expired = rec.status == "pending_approval"
+                        && intents::pending(txn.conn(), agent_name, &intent_id)?
+                            .is_none_or(|p| p.expires_ms <= txn.now_ms());
                     return Ok(if rec.content_hash != content_hash {
                         Admission::Conflict
                     } else if rec.status == "in_progress" {
