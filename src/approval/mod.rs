@@ -240,6 +240,18 @@ mod tests {
     }
 
     #[test]
+    fn a_token_may_be_valid_for_one_day_and_no_longer() {
+        let key = [7u8; 32];
+        let mut day = payload();
+        day.expires_at = day.issued_at + 86_400;
+        assert!(parse(&make(&key, &day).unwrap()).is_ok());
+        let mut longer = payload();
+        longer.expires_at = longer.issued_at + 86_401;
+        let e = parse(&make(&key, &longer).unwrap()).unwrap_err();
+        assert_eq!(e.code(), "invalid_approval_token");
+    }
+
+    #[test]
     fn malformed_tokens_are_refused() {
         let t = make(&[7u8; 32], &payload()).unwrap();
         let parts: Vec<&str> = t.split('.').collect();
