@@ -249,6 +249,15 @@ mod tests {
         longer.expires_at = longer.issued_at + 86_401;
         let e = parse(&make(&key, &longer).unwrap()).unwrap_err();
         assert_eq!(e.code(), "invalid_approval_token");
+        // A token may not end before it was issued; one that ends as it is
+        // issued is well formed (and expired as soon as that second passes).
+        let mut backwards = payload();
+        backwards.expires_at = backwards.issued_at - 1;
+        let e = parse(&make(&key, &backwards).unwrap()).unwrap_err();
+        assert_eq!(e.code(), "invalid_approval_token");
+        let mut instant = payload();
+        instant.expires_at = instant.issued_at;
+        assert!(parse(&make(&key, &instant).unwrap()).is_ok());
     }
 
     #[test]
