@@ -262,6 +262,25 @@ fn approvals_end_to_end() {
     let o = inst.keyward(&["approver", "remove", "carol"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     refused(&inst, "p2", &carol, "approver_not_allowed");
+    // The registry lists every approver with its state, the removed too.
+    let o = inst.keyward(&["approver", "list"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listed: Vec<(String, String)> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            let mut f = l.split('\t');
+            (f.next().unwrap().to_owned(), f.next().unwrap().to_owned())
+        })
+        .collect();
+    let state = |n: &str| {
+        listed
+            .iter()
+            .find(|(name, _)| name == n)
+            .map(|(_, s)| s.clone())
+    };
+    assert_eq!(state("alice").as_deref(), Some("active"), "{listed:?}");
+    assert_eq!(state("carol").as_deref(), Some("removed"), "{listed:?}");
+    assert_eq!(state("dave").as_deref(), Some("active"), "{listed:?}");
     // The good token counts once; replayed, also after a restart, it is refused.
     assert!(matches!(
         rt().block_on(client.add_approval("p2", &good)).unwrap(),

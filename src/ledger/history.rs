@@ -284,11 +284,6 @@ impl Walker {
         self.checkpointed
     }
 
-    /// The trusted key, if any.
-    pub fn trusted(&self) -> Option<&TrustedKey> {
-        self.trusted.as_ref()
-    }
-
     fn push_to(&mut self, size: u64) -> Result<(), String> {
         while self.frontier.size() < size {
             let leaf = self
