@@ -308,10 +308,12 @@ impl Walker {
         (&self.frontier, &self.nodes)
     }
 
-    /// Forgets the stored subtrees once a checkpoint has stored them.
-    pub fn nodes_stored(&mut self, size: u64) {
-        self.nodes
-            .retain(|(level, idx, _)| (idx + 1) << level > size);
+    /// Forgets the subtrees once a checkpoint has stored them. The tree
+    /// stands at the checkpoint's size whenever one is stored or read (a
+    /// checkpoint never covers less than the tree, and the tree is pushed
+    /// up to it), so every subtree held lies inside it.
+    pub fn nodes_stored(&mut self) {
+        self.nodes.clear();
     }
 
     /// Verifies the next entry.
@@ -466,7 +468,7 @@ impl Walker {
             return Err("the signed note says another size or root than the checkpoint".into());
         }
         // Subtrees inside the checkpoint were stored with it.
-        self.nodes_stored(size);
+        self.nodes_stored();
         Ok(size)
     }
 
@@ -820,6 +822,35 @@ mod tests {
         assert!(Mark::newest(&[mark(&forger, 3)], &vkey).is_err());
         assert!(Mark::newest(&[b"junk".to_vec()], &vkey).is_err());
         assert_eq!(Mark::newest(&[], &vkey).unwrap(), None);
+    }
+
+    #[test]
+    fn the_tree_holds_only_subtrees_completed_after_the_newest_checkpoint() {
+        let (sk, vkey) = key(1);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite3");
+        let l = Ledger::open(&path, LedgerOptions::default()).unwrap();
+        let a = l
+            .write_blocking(|t| t.append(EventType::DaemonStarted, None, None, b"{}"))
+            .unwrap();
+        let b = l
+            .write_blocking(|t| t.append(EventType::PolicyLoaded, None, None, b"{}"))
+            .unwrap();
+        let payload = checkpoint_payload(&sk, &[a.hash, b.hash]);
+        l.write_blocking(move |t| t.append(EventType::Checkpoint, None, None, &payload))
+            .unwrap();
+        l.write_blocking(|t| t.append(EventType::IntentReceived, Some("i"), Some("a"), b"{}"))
+            .unwrap();
+        l.close_blocking().unwrap();
+        let conn = open_read_only(&path).unwrap();
+        let trusted = TrustedKey::new(&vkey, "test").unwrap();
+        let (_, mut w) = verify_history_conn(&conn, &trusted, &Expectations::default()).unwrap();
+        // Leaves 1 and 2 made node (1, 0), stored with the checkpoint; leaves
+        // 3 and 4 make (1, 1) and (2, 0), which the next checkpoint stores.
+        let levels: Vec<(u32, u64)> = w.tree().1.iter().map(|(l, i, _)| (*l, *i)).collect();
+        assert_eq!(levels, [(1, 1), (2, 0)]);
+        w.nodes_stored();
+        assert!(w.tree().1.is_empty());
     }
 
     #[test]

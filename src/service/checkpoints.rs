@@ -195,7 +195,7 @@ impl Checkpointer {
             })
             .await
             .map_err(|e| e.to_string())?;
-        walker.nodes_stored(size);
+        walker.nodes_stored();
         st.last_size = size;
         st.last_at = Instant::now();
         // Only a recorded checkpoint becomes the mark, so the mark is never
