@@ -366,8 +366,8 @@ impl Walker {
         }
         let computed = entry.computed_hash();
         if computed != entry.hash {
+            // The next entry (or the end) turns this into the finding.
             self.pending = Some((entry, computed));
-            self.next_seq += 1;
             return Ok(());
         }
         if self.trusted.is_some() {

@@ -340,6 +340,55 @@ mod tests {
     }
 
     #[test]
+    fn limit_denials_state_the_amounts_in_the_assets_units() {
+        let key = KeyName::new("hot").unwrap();
+        let a = agent(None);
+        let fx = Effects {
+            fees: Lamports(5_000),
+            spl_outflows: vec![spl(PublicKey([2; 32]), 101)],
+            ..Effects::default()
+        };
+        let spent = [(Asset::Mint(MINT), 60)].into_iter().collect();
+        let d = evaluate(&a, &key, &fx, &spent);
+        let detail = |rule: &str| {
+            d.reasons
+                .iter()
+                .find(|r| r.rule == rule)
+                .map(|r| r.detail.clone())
+                .unwrap()
+        };
+        assert_eq!(
+            detail(rules::PER_TX_LIMIT),
+            format!("costs 0.000101 of {MINT}; the per-transaction limit is 0.0001")
+        );
+        assert_eq!(
+            detail(rules::DAILY_LIMIT),
+            format!(
+                "0.00006 spent in the last 24 hours plus 0.000101 of {MINT} would exceed the daily limit of 0.00015"
+            )
+        );
+    }
+
+    #[test]
+    fn an_intent_that_spends_no_sol_needs_no_sol_limits() {
+        // Fees paid by another account and only a token transfer: SOL is not
+        // spent, so an agent without SOL limits may sign it.
+        let key = KeyName::new("hot").unwrap();
+        let mut a = agent(None);
+        a.limits.remove(&Asset::Sol);
+        let fx = Effects {
+            spl_outflows: vec![spl(PublicKey([2; 32]), 10)],
+            ..Effects::default()
+        };
+        assert_eq!(
+            spend_by_asset(&fx).unwrap().keys().collect::<Vec<_>>(),
+            vec![&Asset::Mint(MINT)]
+        );
+        let d = evaluate(&a, &key, &fx, &BTreeMap::new());
+        assert!(d.allowed(), "{:?}", d.reasons);
+    }
+
+    #[test]
     fn spl_outflows_must_name_a_known_mint_program_and_decimals() {
         let key = KeyName::new("hot").unwrap();
         let a = agent(None);
