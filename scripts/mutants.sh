@@ -7,6 +7,9 @@
 #   scripts/mutants.sh                 every group
 #   scripts/mutants.sh request submit  only these groups
 #   scripts/mutants.sh --list          the groups and their files
+#   MUTANTS_ARGS=--iterate scripts/mutants.sh verify
+#                                      only what the last run of a group did
+#                                      not catch (after adding tests)
 #
 # Results: mutants.out/<group>/mutants.out/ (caught.txt, missed.txt, timeout.txt,
 # unviable.txt). Record each run's result in TESTING.md: every missed mutant
@@ -57,6 +60,7 @@ for g in "${groups[@]}"; do
   # One job: the integration tests start daemons and HSM tokens of their own
   # and compete for the same 2 cores.
   mkdir -p "mutants.out/$name"
-  cargo mutants --jobs 1 --timeout 600 --output "mutants.out/$name" "${args[@]}" || status=$?
+  # shellcheck disable=SC2086 # MUTANTS_ARGS is a list of options
+  cargo mutants --jobs 1 --timeout 600 --output "mutants.out/$name" "${args[@]}" ${MUTANTS_ARGS:-} || status=$?
 done
 exit "$status"
