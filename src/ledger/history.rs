@@ -439,10 +439,11 @@ impl Walker {
                 "checkpoint claims {size} entries, more than precede it"
             ));
         }
-        if size < self.checkpointed || size < self.frontier.size() {
+        // The tree stands at least at the newest checkpoint's size.
+        if size < self.frontier.size() {
             return Err(format!(
                 "checkpoint of {size} entries after one of {}: a checkpoint never shrinks",
-                self.checkpointed.max(self.frontier.size())
+                self.frontier.size()
             ));
         }
         self.push_to(size)?;
@@ -718,6 +719,74 @@ mod tests {
         );
         // The chain alone is fine.
         assert_eq!(verify_chain(&path).unwrap().entries, 2);
+    }
+
+    /// One step of a made-up ledger.
+    enum Step {
+        Entry(EventType, Option<&'static str>, Option<&'static str>),
+        /// A checkpoint over the first n entries, signed by the key.
+        Checkpoint(usize),
+    }
+
+    fn build(
+        sk: &ed25519_dalek::SigningKey,
+        steps: &[Step],
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite3");
+        let l = Ledger::open(&path, LedgerOptions::default()).unwrap();
+        let mut hashes = Vec::new();
+        for step in steps {
+            let e = match step {
+                Step::Entry(ev, intent, agent) => {
+                    let (ev, intent, agent) = (*ev, *intent, *agent);
+                    l.write_blocking(move |t| t.append(ev, intent, agent, b"{}"))
+                        .unwrap()
+                }
+                Step::Checkpoint(n) => {
+                    let payload = checkpoint_payload(sk, &hashes[..*n]);
+                    l.write_blocking(move |t| t.append(EventType::Checkpoint, None, None, &payload))
+                        .unwrap()
+                }
+            };
+            hashes.push(e.hash);
+        }
+        l.close_blocking().unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn an_agents_entry_without_an_intent_is_held_to_the_run_rule_too() {
+        // A breaker reset by cooldown names the agent but no intent.
+        let (sk, vkey) = key(1);
+        let (_d, path) = build(
+            &sk,
+            &[
+                Step::Entry(EventType::DaemonStarted, None, None),
+                Step::Entry(EventType::BreakerReset, None, Some("a")),
+            ],
+        );
+        let trusted = TrustedKey::new(&vkey, "test").unwrap();
+        let (seq, _) = broken_at(verify_history(&path, &trusted, &Expectations::default()));
+        assert_eq!(seq, 2);
+    }
+
+    #[test]
+    fn a_checkpoint_that_covers_less_than_an_earlier_one_is_a_finding() {
+        let (sk, vkey) = key(1);
+        let (_d, path) = build(
+            &sk,
+            &[
+                Step::Entry(EventType::DaemonStarted, None, None),
+                Step::Entry(EventType::PolicyLoaded, None, None),
+                Step::Checkpoint(2),
+                Step::Checkpoint(1),
+            ],
+        );
+        let trusted = TrustedKey::new(&vkey, "test").unwrap();
+        let (seq, problem) = broken_at(verify_history(&path, &trusted, &Expectations::default()));
+        assert_eq!(seq, 4);
+        assert!(problem.contains("never shrinks"), "{problem}");
     }
 
     #[test]
