@@ -772,6 +772,42 @@ mod tests {
     }
 
     #[test]
+    fn a_note_signed_over_another_root_or_size_is_a_finding() {
+        let (sk, vkey) = key(1);
+        let trusted = TrustedKey::new(&vkey, "test").unwrap();
+        let pk = PublicKey(sk.verifying_key().to_bytes());
+        for (size, root) in [(1u64, [7u8; 32]), (2, [0u8; 32])] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("l.sqlite3");
+            let l = Ledger::open(&path, LedgerOptions::default()).unwrap();
+            let start = l
+                .write_blocking(|t| t.append(EventType::DaemonStarted, None, None, b"{}"))
+                .unwrap();
+            // The record states the true size and root of entry 1; its note,
+            // signed by the trusted key, says something else.
+            let mut rec: CheckpointRecord =
+                serde_json::from_slice(&checkpoint_payload(&sk, &[start.hash])).unwrap();
+            let true_root: Hash = hex::decode(&rec.root).unwrap().try_into().unwrap();
+            let root = if size == 1 { root } else { true_root };
+            let body = checkpoint::body("keyward/test", size, &root);
+            rec.note = checkpoint::note(
+                &body,
+                checkpoint::AUDIT_KEY,
+                &pk,
+                &sk.sign(body.as_bytes()).to_bytes(),
+            );
+            let payload = serde_json::to_vec(&rec).unwrap();
+            l.write_blocking(move |t| t.append(EventType::Checkpoint, None, None, &payload))
+                .unwrap();
+            l.close_blocking().unwrap();
+            let (seq, problem) =
+                broken_at(verify_history(&path, &trusted, &Expectations::default()));
+            assert_eq!(seq, 2);
+            assert!(problem.contains("another size or root"), "{problem}");
+        }
+    }
+
+    #[test]
     fn a_checkpoint_that_covers_less_than_an_earlier_one_is_a_finding() {
         let (sk, vkey) = key(1);
         let (_d, path) = build(
