@@ -336,17 +336,7 @@ fn history_expectations(
     let Some(cfg) = cfg else {
         return Ok(expect);
     };
-    if let Some(m) = &cfg.mirror {
-        let dir = m
-            .ack_dir
-            .clone()
-            .unwrap_or_else(|| cfg.daemon.state_dir.join("mirror"));
-        expect.mirror_acked = keyward::mirror::sinks(m)
-            .into_iter()
-            .map(|s| (keyward::mirror::read_ack(&dir, s), s.to_owned()))
-            .max()
-            .filter(|(acked, _)| *acked > 0);
-    }
+    expect.mirror_acked = keyward::mirror::highest_ack(&cfg);
     if hsm {
         // The module reads its environment when loaded; this process is
         // still single-threaded here.

@@ -67,6 +67,22 @@ pub fn sinks(cfg: &crate::config::MirrorConfig) -> Vec<&'static str> {
     out
 }
 
+/// The most any configured sink has acknowledged, and which sink: the
+/// ledger must reach at least that far. `None` without a mirror or before
+/// any acknowledgement.
+pub fn highest_ack(cfg: &crate::config::Config) -> Option<(u64, String)> {
+    let m = cfg.mirror.as_ref()?;
+    let dir = m
+        .ack_dir
+        .clone()
+        .unwrap_or_else(|| cfg.daemon.state_dir.join("mirror"));
+    sinks(m)
+        .into_iter()
+        .map(|s| (read_ack(&dir, s), s.to_owned()))
+        .max()
+        .filter(|(acked, _)| *acked > 0)
+}
+
 /// What every configured sink has acknowledged: the smallest of their acks.
 pub fn min_ack(ack_dir: &Path, sinks: &[&str]) -> u64 {
     sinks

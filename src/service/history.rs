@@ -189,17 +189,7 @@ pub fn establish(
     }
     let trusted = TrustedKey::new(&vkey, "the HSM's audit key").map_err(HistoryError::Anchor)?;
     let mark = Mark::newest(&marks, &vkey).map_err(HistoryError::Anchor)?;
-    let mirror_acked = cfg.mirror.as_ref().and_then(|m| {
-        let dir = m
-            .ack_dir
-            .clone()
-            .unwrap_or_else(|| cfg.daemon.state_dir.join("mirror"));
-        crate::mirror::sinks(m)
-            .into_iter()
-            .map(|s| (crate::mirror::read_ack(&dir, s), s.to_owned()))
-            .max()
-            .filter(|(acked, _)| *acked > 0)
-    });
+    let mirror_acked = crate::mirror::highest_ack(cfg);
     let expect = Expectations { mark, mirror_acked };
     let unpinned = pinned.is_none().then_some(pin_path);
     match crate::ledger::verify_history_conn(&conn, &trusted, &expect) {

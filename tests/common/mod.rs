@@ -389,6 +389,11 @@ pub fn raw_request(socket: &Path, request: &[u8]) -> (u16, String) {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf).into_owned();
+    parse_response(&text)
+}
+
+/// (status, body) of a raw HTTP/1.1 response.
+fn parse_response(text: &str) -> (u16, String) {
     let status = text
         .split_whitespace()
         .nth(1)
@@ -904,16 +909,7 @@ pub fn http_as(uid: u32, socket: &Path, method: &str, target: &str, body: &str) 
         "client as uid {uid}: {text} {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    parse_response(&text)
 }
 
 /// The error code of an API error body.
