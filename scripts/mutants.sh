@@ -40,7 +40,7 @@ fi
 
 scripts/install-deps.sh
 if ! command -v cargo-mutants >/dev/null 2>&1; then
-  cargo install --locked cargo-mutants@27
+  cargo install --locked cargo-mutants@27.1.0
 fi
 
 # No debug info: each mutant relinks every test binary, and linking with

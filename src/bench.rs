@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::hsm::{Hsm, HsmError, HsmKey};
-use crate::ledger::{EventType, Ledger, LedgerOptions};
+use crate::ledger::{Ledger, LedgerOptions, events};
 use crate::solana::build_sol_transfer;
 use crate::types::{KeyName, Lamports, PublicKey};
 
@@ -535,11 +535,16 @@ async fn ledger_phase(
                 let mut n = 0u64;
                 while Instant::now() < deadline {
                     let id = format!("bench-ledger-{w}-{n}");
-                    let payload = br#"{"benchmark":true}"#;
+                    let received = events::IntentReceived {
+                        key: "bench".to_owned(),
+                        action: events::ActionSummary::SignTransaction,
+                        content_sha256: "00".repeat(32),
+                        message: None,
+                        message_sha256: None,
+                        effects: None,
+                    };
                     let ok = ledger
-                        .write(move |t| {
-                            t.append(EventType::IntentReceived, Some(&id), Some("bench"), payload)
-                        })
+                        .write(move |t| t.record(Some(&id), Some("bench"), &received))
                         .await
                         .is_ok();
                     if !ok {
@@ -570,16 +575,15 @@ fn prefill(cfg: &Config, n: u64, progress_on: bool) -> Result<(), BenchError> {
     {
         let hsm = crate::daemon::open_hsm(cfg).map_err(setup)?;
         let est = crate::service::history::establish(&*hsm, &ledger, cfg, None).map_err(setup)?;
+        let started = events::DaemonStarted {
+            version: format!("{} (bench prefill)", env!("CARGO_PKG_VERSION")),
+            pid: std::process::id(),
+            hsm_backend: hsm.backend().to_owned(),
+            token_label: cfg.hsm.token_label.clone(),
+            keys: Vec::new(),
+        };
         ledger
-            .write_blocking(|t| {
-                t.append(
-                    EventType::DaemonStarted,
-                    None,
-                    None,
-                    b"{\"bench\":\"prefill\"}",
-                )
-                .map(|_| ())
-            })
+            .write_blocking(move |t| t.record(None, None, &started).map(|_| ()))
             .map_err(setup)?;
         let checkpointer = crate::service::checkpoints::Checkpointer::new(
             hsm,
@@ -595,32 +599,34 @@ fn prefill(cfg: &Config, n: u64, progress_on: bool) -> Result<(), BenchError> {
             .block_on(checkpointer.maybe(1, Duration::from_secs(1), true))
             .map_err(setup)?;
     }
-    let payload = vec![b'x'; 400];
+    // A signature entry as keywardd writes it (about the same size).
+    let created = events::SignatureCreated {
+        signature: bs58::encode([7u8; 64]).into_string(),
+        key: "bench".to_owned(),
+        public_key: bs58::encode([8u8; 32]).into_string(),
+        message_sha256: "ab".repeat(32),
+        sol_spend_lamports: 1000,
+    };
     let chunk = 5_000u64;
     let mut done = 0u64;
     while done < n {
         let count = chunk.min(n - done);
         let start = done;
-        let payload = payload.clone();
+        let created = created.clone();
         ledger
             .write_blocking(move |t| {
                 let old = t.now_ms() - 2 * crate::policy::counters::DAY_MS;
                 for i in start..start + count {
                     let id = format!("prefill-{i}");
-                    let entry = t.append(
-                        EventType::SignatureCreated,
-                        Some(&id),
-                        Some("bench"),
-                        &payload,
-                    )?;
+                    let entry = t.record(Some(&id), Some("bench"), &created)?;
                     crate::intents::insert(
                         t.conn(),
                         &crate::intents::NewIntent {
                             agent: "bench",
                             intent_id: &id,
                             content_hash: &[0; 32],
-                            status: "signed",
-                            reply: Some((200, b"{}")),
+                            status: crate::intents::IntentStatus::Signed,
+                            reply: Some(b"{}"),
                             received_seq: entry.seq.0,
                             now_ms: old,
                         },
@@ -645,8 +651,14 @@ fn prefill(cfg: &Config, n: u64, progress_on: bool) -> Result<(), BenchError> {
     }
     ledger
         .write_blocking(|t| {
-            t.append(EventType::DaemonStopped, None, None, b"{}")
-                .map(|_| ())
+            t.record(
+                None,
+                None,
+                &events::DaemonStopped {
+                    pid: std::process::id(),
+                },
+            )
+            .map(|_| ())
         })
         .map_err(setup)?;
     ledger.close_blocking().map_err(setup)

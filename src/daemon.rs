@@ -13,7 +13,7 @@ use crate::api::{AppState, admin_router, agent_router, bind_socket, with_request
 use crate::config::{Config, ConfigError};
 use crate::hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
 use crate::hsm::{Hsm, HsmError};
-use crate::ledger::{EventType, Ledger, LedgerError, LedgerOptions};
+use crate::ledger::{Ledger, LedgerError, LedgerOptions, events};
 use crate::policy::Policy;
 use crate::service::Signer;
 
@@ -195,56 +195,59 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         );
     }
     if established.generated {
-        let payload = serde_json::to_vec(&serde_json::json!({
-            "key": audit_key.name.as_str(),
-            "public_key": audit_key.public_key.to_base58(),
-            "purpose": "checkpoints",
-            "verifier_key": crate::ledger::checkpoint::verifier_key(crate::ledger::checkpoint::AUDIT_KEY, &audit_key.public_key),
-        }))
-        .unwrap_or_default();
+        let generated = events::KeyGenerated {
+            key: audit_key.name.to_string(),
+            public_key: audit_key.public_key.to_base58(),
+            purpose: Some("checkpoints".to_owned()),
+            verifier_key: Some(crate::ledger::checkpoint::verifier_key(
+                crate::ledger::checkpoint::AUDIT_KEY,
+                &audit_key.public_key,
+            )),
+            pinned_in: None,
+            backend: None,
+            token_label: None,
+            sensitive: None,
+            extractable: None,
+        };
         ledger
-            .write(move |txn| {
-                txn.append(EventType::KeyGenerated, None, None, &payload)
-                    .map(|_| ())
-            })
+            .write(move |txn| txn.record(None, None, &generated).map(|_| ()))
             .await?;
     }
     if let Some((seq, finding)) = &established.acknowledged {
-        let payload = serde_json::to_vec(&serde_json::json!({
-            "first_broken_seq": seq,
-            "finding": finding,
-            "by_uid": nix::unistd::getuid().as_raw(),
-            "pid": std::process::id(),
-        }))
-        .map_err(|e| DaemonError::Io {
-            what: "acknowledgement".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        let acknowledged = events::HistoryAcknowledged {
+            first_broken_seq: *seq,
+            finding: finding.clone(),
+            by_uid: nix::unistd::getuid().as_raw(),
+            pid: std::process::id(),
+        };
         ledger
-            .write(move |txn| {
-                txn.append(EventType::HistoryAcknowledged, None, None, &payload)
-                    .map(|_| ())
-            })
+            .write(move |txn| txn.record(None, None, &acknowledged).map(|_| ()))
             .await?;
     }
-    let started = serde_json::to_vec(&serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "pid": std::process::id(),
-        "hsm_backend": hsm.backend(),
-        "token_label": cfg.hsm.token_label,
-        "keys": keys.values().map(|k| serde_json::json!({"name": k.name.as_str(), "public_key": k.public_key.to_base58()})).collect::<Vec<_>>(),
-    }))
-    .unwrap_or_default();
-    let loaded = serde_json::to_vec(&serde_json::json!({
-        "policy_sha256": policy.hash_hex(),
-        "path": cfg.daemon.policy.display().to_string(),
-        "agents": policy.agents.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
-    }))
-    .unwrap_or_default();
+    let started = events::DaemonStarted {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+        hsm_backend: hsm.backend().to_owned(),
+        token_label: cfg.hsm.token_label.clone(),
+        keys: keys
+            .values()
+            .map(|k| events::ServedKey {
+                name: k.name.to_string(),
+                public_key: k.public_key.to_base58(),
+            })
+            .collect(),
+    };
+    let loaded = events::PolicyLoaded {
+        policy_sha256: policy.hash_hex(),
+        previous_sha256: None,
+        path: cfg.daemon.policy.display().to_string(),
+        by: None,
+        agents: policy.agents.iter().map(|a| a.name.to_string()).collect(),
+    };
     ledger
         .write(move |txn| {
-            txn.append(EventType::DaemonStarted, None, None, &started)?;
-            txn.append(EventType::PolicyLoaded, None, None, &loaded)?;
+            txn.record(None, None, &started)?;
+            txn.record(None, None, &loaded)?;
             Ok(())
         })
         .await?;
@@ -512,13 +515,11 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         Ok(None) => {}
         Err(e) => tracing::error!(error = %e, "final checkpoint failed"),
     }
-    let stopped =
-        serde_json::to_vec(&serde_json::json!({ "pid": std::process::id() })).unwrap_or_default();
+    let stopped = events::DaemonStopped {
+        pid: std::process::id(),
+    };
     let result = ledger
-        .write(move |txn| {
-            txn.append(EventType::DaemonStopped, None, None, &stopped)?;
-            Ok(())
-        })
+        .write(move |txn| txn.record(None, None, &stopped).map(|_| ()))
         .await;
     drop(signer);
     ledger.close().await?;

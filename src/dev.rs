@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::config::Config;
 use crate::hsm::softhsm::provision_dev_token;
 use crate::hsm::{HsmError, HsmKey};
-use crate::ledger::EventType;
+use crate::ledger::events::KeyGenerated;
 use crate::types::KeyName;
 
 /// Label of the development token.
@@ -186,27 +186,32 @@ pub fn init_dev(dir: &Path, module: &Path, uid: u32) -> Result<DevInstance, DevE
         &crate::ledger::TrustedKey::file_text(&audit_vkey),
     )?;
     let ledger = crate::daemon::open_ledger(&cfg).map_err(|e| DevError::Ledger(e.to_string()))?;
-    let audit_payload = serde_json::to_vec(&serde_json::json!({
-        "key": audit.name.as_str(),
-        "public_key": audit.public_key.to_base58(),
-        "purpose": "checkpoints",
-        "verifier_key": audit_vkey,
-        "pinned_in": cfg.audit_vkey_path().display().to_string(),
-    }))
-    .unwrap_or_default();
-    let payload = serde_json::to_vec(&serde_json::json!({
-        "key": key.name.as_str(),
-        "public_key": key.public_key.to_base58(),
-        "backend": hsm.backend(),
-        "token_label": DEV_TOKEN_LABEL,
-        "sensitive": true,
-        "extractable": false,
-    }))
-    .unwrap_or_default();
+    let audit_generated = KeyGenerated {
+        key: audit.name.to_string(),
+        public_key: audit.public_key.to_base58(),
+        purpose: Some("checkpoints".to_owned()),
+        verifier_key: Some(audit_vkey),
+        pinned_in: Some(cfg.audit_vkey_path().display().to_string()),
+        backend: None,
+        token_label: None,
+        sensitive: None,
+        extractable: None,
+    };
+    let generated = KeyGenerated {
+        key: key.name.to_string(),
+        public_key: key.public_key.to_base58(),
+        purpose: None,
+        verifier_key: None,
+        pinned_in: None,
+        backend: Some(hsm.backend().to_owned()),
+        token_label: Some(DEV_TOKEN_LABEL.to_owned()),
+        sensitive: Some(true),
+        extractable: Some(false),
+    };
     ledger
         .write_blocking(move |txn| {
-            txn.append(EventType::KeyGenerated, None, None, &payload)?;
-            txn.append(EventType::KeyGenerated, None, None, &audit_payload)?;
+            txn.record(None, None, &generated)?;
+            txn.record(None, None, &audit_generated)?;
             Ok(())
         })
         .map_err(|e| DevError::Ledger(e.to_string()))?;

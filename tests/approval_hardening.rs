@@ -96,8 +96,8 @@ fn token(inst: &Instance, request: &Path, keys: &Path, who: &str, reject: bool) 
 fn counted(inst: &Instance, id: &str, token: &str, received: u64, required: u64) {
     match rt().block_on(inst.client().add_approval(id, token)) {
         Ok(IntentOutcome::Pending(b)) => {
-            assert_eq!(b["approval"]["received"], received, "{b}");
-            assert_eq!(b["approval"]["required"], required, "{b}");
+            assert_eq!(b.approval.received, received, "{b:?}");
+            assert_eq!(b.approval.required, required, "{b:?}");
         }
         other => panic!("{id}: expected 202 with {received} of {required}, got {other:?}"),
     }
@@ -161,8 +161,8 @@ fn a_removed_approvers_earlier_approval_stops_counting_for_a_pending_intent() {
     ok(&inst.keyward(&["approver", "remove", "alice"]));
     let view = rt().block_on(inst.client().get_intent("p1")).unwrap();
     let approval = view.approval.unwrap();
-    assert_eq!(approval["received"], 0, "{approval}");
-    assert_eq!(approval["required"], 2, "{approval}");
+    assert_eq!(approval.received, 0, "{approval:?}");
+    assert_eq!(approval.required, 2, "{approval:?}");
     // bob's approval would be the second; alice's no longer counts.
     counted(
         &inst,

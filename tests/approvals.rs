@@ -180,7 +180,7 @@ fn approvals_end_to_end() {
     );
     let t1 = String::from_utf8_lossy(&shown.stdout).trim().to_owned();
     match rt().block_on(client.add_approval("p1", &t1)).unwrap() {
-        IntentOutcome::Pending(b) => assert_eq!(b["approval"]["received"], 1),
+        IntentOutcome::Pending(b) => assert_eq!(b.approval.received, 1),
         other => panic!("one approval of two: {other:?}"),
     }
     assert_eq!(

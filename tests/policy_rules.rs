@@ -418,15 +418,18 @@ fn intents_above_the_approval_threshold_wait_reserve_nothing_and_expire() {
         IntentOutcome::Pending(b) => b,
         other => panic!("expected 202 pending, got {other:?}"),
     };
-    assert_eq!(body["status"], "pending_approval");
-    assert_eq!(body["intent_id"], "big");
-    let approval = &body["approval"];
-    let hash = approval["intent_hash"].as_str().unwrap();
+    assert_eq!(
+        body.status,
+        keyward_client::wire::IntentStatus::PendingApproval
+    );
+    assert_eq!(body.intent_id, "big");
+    let approval = &body.approval;
+    let hash = approval.intent_hash.as_str();
     assert_eq!(hash.len(), 64);
-    assert_eq!(approval["required"], 2);
-    assert_eq!(approval["received"], 0);
-    assert!(approval["expires_at"].as_str().unwrap().ends_with('Z'));
-    let summary = approval["summary"].as_str().unwrap();
+    assert_eq!(approval.required, 2);
+    assert_eq!(approval.received, 0);
+    assert!(approval.expires_at.ends_with('Z'));
+    let summary = approval.summary.as_str();
     assert!(
         summary.contains(&to.to_string()) && summary.contains("0.08"),
         "{summary}"
@@ -442,7 +445,7 @@ fn intents_above_the_approval_threshold_wait_reserve_nothing_and_expire() {
         view.status,
         keyward_client::wire::IntentStatus::PendingApproval
     );
-    assert_eq!(view.approval.as_ref().unwrap()["intent_hash"], hash);
+    assert_eq!(view.approval.as_ref().unwrap().intent_hash, hash);
     match rt().block_on(client.submit_intent(&req)).unwrap() {
         IntentOutcome::Pending(again) => assert_eq!(again, body),
         other => panic!("a replay is the same 202, got {other:?}"),

@@ -319,7 +319,7 @@ fn transfer_with(id: &str, to: &Pubkey, blockhash: &str, memo: &str) -> IntentRe
 fn approval_of(inst: &Instance, id: &str) -> serde_json::Value {
     let view = rt().block_on(inst.client().get_intent(id)).unwrap();
     assert_eq!(view.status, IntentStatus::PendingApproval, "{id}");
-    view.approval.unwrap()
+    serde_json::to_value(view.approval.unwrap()).unwrap()
 }
 
 #[test]

@@ -134,13 +134,14 @@ fn report(outcome: Result<IntentOutcome, ClientError>, request_out: Option<&str>
             ExitCode::SUCCESS
         }
         Ok(IntentOutcome::Pending(body)) => {
-            let approval = &body["approval"];
+            let approval = &body.approval;
             println!(
                 "waiting for approval: {} of {} ({})",
-                approval["received"], approval["required"], approval["summary"]
+                approval.received, approval.required, approval.summary
             );
+            let text = serde_json::to_string(&body).unwrap_or_default();
             if let Some(path) = request_out
-                && let Err(e) = std::fs::write(path, body.to_string())
+                && let Err(e) = std::fs::write(path, text)
             {
                 eprintln!("agent: cannot write {path}: {e}");
                 return ExitCode::from(1);

@@ -21,7 +21,10 @@
 //! };
 //! match client.submit_intent(&req).await? {
 //!     IntentOutcome::Signed(s) => println!("signed: {} (ledger seq {})", s.signature, s.ledger_seq),
-//!     IntentOutcome::Pending(body) => println!("waiting for approval: {body}"),
+//!     IntentOutcome::Pending(p) => println!(
+//!         "waiting for {} approvals: {}",
+//!         p.approval.required, p.approval.summary
+//!     ),
 //! }
 //! # Ok(())
 //! # }
@@ -46,8 +49,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use wire::{
-    DenialReason, ErrorBody, HealthView, IntentRequest, IntentView, KeysView, PolicyView,
-    SignedIntent,
+    DenialReason, ErrorBody, HealthView, IntentRequest, IntentView, KeysView, PendingIntent,
+    PolicyView, SignedIntent,
 };
 
 /// Largest response body the client reads.
@@ -61,8 +64,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum IntentOutcome {
     /// 200: signed and recorded.
     Signed(SignedIntent),
-    /// 202: waiting for human approval (the pending body).
-    Pending(serde_json::Value),
+    /// 202: waiting for human approval: the approval request.
+    Pending(PendingIntent),
 }
 
 /// Errors of the client.

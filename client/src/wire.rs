@@ -143,10 +143,9 @@ pub struct IntentView {
     /// Present when denied by policy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<DenialReason>,
-    /// Present when pending approval or expired: the approval request
-    /// (`intent_hash`, `required`, `received`, `expires_at`, `summary`).
+    /// Present when pending approval or expired: the approval request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub approval: Option<serde_json::Value>,
+    pub approval: Option<ApprovalRequest>,
     /// Present when signed: the leaf index of the `signature_created`
     /// entry in the ledger's Merkle tree (its sequence number − 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +155,48 @@ pub struct IntentView {
     /// `keyward audit verify-proof`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proof: Option<serde_json::Value>,
+}
+
+/// What approvers are asked to sign off on: everything in it is derived
+/// from the exact message bytes and the signing key, so an approver's tool
+/// (`keyward approve`) recomputes `intent_hash` and `summary` from `message`
+/// and refuses a request whose fields disagree with its bytes. Recorded as
+/// the `approval_requested` ledger entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRequest {
+    /// SHA-256 (hex) over the message and its derived effects: what a token
+    /// binds to.
+    pub intent_hash: String,
+    /// Name of the signing key.
+    pub key: String,
+    /// Its public key (base58).
+    pub public_key: String,
+    /// Base64 of the exact message bytes.
+    pub message: String,
+    /// Approvals needed (under the policy in force when this was built).
+    pub required: u64,
+    /// Approvals that count so far.
+    pub received: u64,
+    /// Who may approve.
+    pub approvers: Vec<String>,
+    /// When the approval window ends (UTC, RFC 3339).
+    pub expires_at: String,
+    /// What the transaction does, in one line, derived from the bytes.
+    pub summary: String,
+    /// Why approval is needed, per asset.
+    #[serde(default)]
+    pub because: Vec<String>,
+}
+
+/// `202 Accepted` body: the intent waits for approvals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingIntent {
+    /// The intent id.
+    pub intent_id: String,
+    /// Always [`IntentStatus::PendingApproval`].
+    pub status: IntentStatus,
+    /// The approval request.
+    pub approval: ApprovalRequest,
 }
 
 /// Every error body: `{"error": {...}}`.

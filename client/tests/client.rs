@@ -120,11 +120,14 @@ fn signed_answer_and_the_request_sent() {
 
 #[test]
 fn pending_answer() {
-    let (_d, path, _seen, rt) = serve(202, r#"{"status":"pending_approval","required":2}"#);
+    let (_d, path, _seen, rt) = serve(
+        202,
+        r#"{"intent_id":"i","status":"pending_approval","approval":{"intent_hash":"ab","key":"hot","public_key":"k","message":"AQ==","required":2,"received":0,"approvers":["alice"],"expires_at":"2026-01-01T00:00:00Z","summary":"s"}}"#,
+    );
     let out = rt
         .block_on(Client::new(&path).submit_intent(&request()))
         .unwrap();
-    assert!(matches!(out, IntentOutcome::Pending(v) if v["required"] == 2));
+    assert!(matches!(out, IntentOutcome::Pending(v) if v.approval.required == 2));
 }
 
 #[test]

@@ -86,17 +86,16 @@ async fn submit_intent(
             ApiError::from_body(StatusCode::FORBIDDEN, denial_body(&reasons)).into_response()
         }
         SubmitOutcome::Locked { retry_after_s } => locked_response(retry_after_s),
-        SubmitOutcome::Pending(body) => json_response(StatusCode::ACCEPTED, body),
+        SubmitOutcome::Pending(body) => (StatusCode::ACCEPTED, axum::Json(body)).into_response(),
         SubmitOutcome::Expired => ApiError::new(
             StatusCode::GONE,
             codes::INTENT_EXPIRED,
             "this intent waited for approvals longer than the approval window and expired; submit a new intent",
         )
         .into_response(),
-        SubmitOutcome::Replayed { status, body } => json_response(
-            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            body,
-        ),
+        SubmitOutcome::Replayed { status, body } => {
+            json_response(super::error::intent_reply_status(status), body)
+        }
     })
 }
 

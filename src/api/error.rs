@@ -4,6 +4,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use keyward_client::wire::{ErrorBody, ErrorDetail, codes};
 
+use crate::intents::IntentStatus;
 use crate::service::SubmitError;
 
 /// An API error: status and body.
@@ -49,11 +50,36 @@ impl ApiError {
     }
 }
 
+/// The HTTP status of a service error: the one place it is decided.
+pub fn submit_error_status(e: &SubmitError) -> StatusCode {
+    match e {
+        SubmitError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+        SubmitError::Conflict | SubmitError::InProgress => StatusCode::CONFLICT,
+        SubmitError::NotFound => StatusCode::NOT_FOUND,
+        SubmitError::AuditUnavailable(_)
+        | SubmitError::Hsm(_)
+        | SubmitError::MirrorLagging(_)
+        | SubmitError::HistoryBroken(_) => StatusCode::SERVICE_UNAVAILABLE,
+        SubmitError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The HTTP status that answered an intent in `status` (what a repeated
+/// submission replays).
+pub fn intent_reply_status(status: IntentStatus) -> StatusCode {
+    match status {
+        IntentStatus::Signed => StatusCode::OK,
+        IntentStatus::PendingApproval => StatusCode::ACCEPTED,
+        IntentStatus::Denied => StatusCode::FORBIDDEN,
+        IntentStatus::Expired => StatusCode::GONE,
+        // Never replayed: the submission answers `intent_in_progress`.
+        IntentStatus::InProgress => StatusCode::CONFLICT,
+    }
+}
+
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> ApiError {
-        let status =
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError::new(status, e.code(), e.to_string())
+        ApiError::new(submit_error_status(&e), e.code(), e.to_string())
     }
 }
 

@@ -134,14 +134,13 @@ pub fn decisions(
     rows.collect()
 }
 
-/// Forgets the approvals and pending request of an intent whose signing
-/// was interrupted (nothing was released); the ledger keeps their history
-/// and the used nonces stay used. The agent may submit it again, and it
-/// needs a new round of approvals.
+/// Forgets the approvals of an intent whose signing was interrupted
+/// (nothing was released); the ledger keeps their history and the used
+/// nonces stay used. The agent may submit it again, and it needs a new
+/// round of approvals. (The intent's own record and pending part are
+/// `intents::forget`'s.)
 pub fn forget_intent(conn: &Connection, agent: &str, intent_id: &str) -> rusqlite::Result<()> {
     conn.prepare_cached("DELETE FROM approvals WHERE agent = ?1 AND intent_id = ?2")?
-        .execute(params![agent, intent_id])?;
-    conn.prepare_cached("DELETE FROM pending_approvals WHERE agent = ?1 AND intent_id = ?2")?
         .execute(params![agent, intent_id])?;
     Ok(())
 }
@@ -175,22 +174,8 @@ mod tests {
         c.execute_batch(crate::intents::SCHEMA).unwrap();
         record(&c, "a", "i", "alice", "approve", "n1", 1).unwrap();
         use_nonce(&c, "n1", "alice", "a", "i", 1).unwrap();
-        crate::intents::insert_pending(
-            &c,
-            "a",
-            "i",
-            &crate::intents::Pending {
-                key: "hot".into(),
-                message: vec![1],
-                intent_hash: [0; 32],
-                approval: "{}".into(),
-                expires_ms: 10,
-            },
-        )
-        .unwrap();
         forget_intent(&c, "a", "i").unwrap();
         assert!(granted(&c, "a", "i").unwrap().is_empty());
-        assert!(crate::intents::pending(&c, "a", "i").unwrap().is_none());
         assert!(nonce_used(&c, "n1").unwrap(), "a used nonce stays used");
         // A new round can be recorded for the same intent id.
         record(&c, "a", "i", "alice", "approve", "n2", 2).unwrap();

@@ -590,7 +590,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let conn = keyward::ledger::open_read_only(&db)?;
                 let v = keyward::ledger::latest_checkpoint(&conn)?
                     .ok_or_else(|| Failure(1, anyhow!("the ledger has no checkpoint yet")))?;
-                let note = v["note"].as_str().unwrap_or_default();
+                let note = v.note.as_str();
                 if let Some(vkey) = vkey {
                     let cp = keyward::ledger::checkpoint::verify(note, &vkey).map_err(|e| {
                         Failure(1, anyhow!("the latest checkpoint does not verify: {e}"))
@@ -1071,7 +1071,9 @@ fn approve(
             anyhow!("the request has no approval object (is the intent pending?)"),
         ));
     }
-    let checked = req::check(&approval_obj).map_err(|e| Failure(1, anyhow!(e)))?;
+    let request: keyward_client::wire::ApprovalRequest = serde_json::from_value(approval_obj)
+        .map_err(|e| Failure(1, anyhow!("the approval request is not readable: {e}")))?;
+    let checked = req::check(&request).map_err(|e| Failure(1, anyhow!(e)))?;
     if !(1..=approval::MAX_TOKEN_VALIDITY_S).contains(&valid_for) {
         return Err(Failure(
             2,

@@ -259,11 +259,13 @@ impl Walker {
             w.prev_ts = ts;
             w.next_seq += 1;
         }
-        let conn_cp = super::verify::latest_checkpoint(conn)?;
-        w.checkpointed = conn_cp
-            .and_then(|v| v["size"].as_u64())
-            .unwrap_or(0)
-            .min(w.frontier.size());
+        // A checkpoint entry that does not decode is reported by the walk
+        // itself; here it only means nothing is known to be covered.
+        let conn_cp = match super::verify::latest_checkpoint(conn) {
+            Err(LedgerError::Corrupt(_)) => None,
+            other => other?,
+        };
+        w.checkpointed = conn_cp.map_or(0, |r| r.size).min(w.frontier.size());
         Ok(w)
     }
 
@@ -431,7 +433,7 @@ impl Walker {
         let Some(trusted) = self.trusted.clone() else {
             return Ok(0);
         };
-        let rec: CheckpointRecord = serde_json::from_slice(&entry.payload)
+        let rec: CheckpointRecord = super::events::decode(&entry.event, &entry.payload)
             .map_err(|e| format!("checkpoint payload is not readable: {e}"))?;
         let size = rec.size;
         if size >= entry.seq {

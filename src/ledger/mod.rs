@@ -23,6 +23,7 @@
 //! sync for every job waiting at the time).
 
 pub mod checkpoint;
+pub mod events;
 mod history;
 pub mod merkle;
 mod verify;
@@ -207,21 +208,35 @@ impl Entry {
     /// reading; `payload_b64` is the exact hashed bytes for re-verification.
     pub fn to_json_line(&self) -> String {
         use base64::Engine as _;
-        let payload: serde_json::Value =
-            serde_json::from_slice(&self.payload).unwrap_or(serde_json::Value::Null);
-        serde_json::json!({
-            "seq": self.seq,
-            "ts_ms": self.ts_ms,
-            "time": format_utc(self.ts_ms),
-            "event": self.event,
-            "intent_id": self.intent_id,
-            "agent": self.agent,
-            "payload": payload,
-            "payload_b64": base64::engine::general_purpose::STANDARD.encode(&self.payload),
-            "prev_hash": hex::encode(self.prev_hash),
-            "hash": hex::encode(self.hash),
-        })
-        .to_string()
+        /// One exported entry.
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            seq: u64,
+            ts_ms: i64,
+            time: String,
+            event: &'a str,
+            intent_id: Option<&'a str>,
+            agent: Option<&'a str>,
+            payload: serde_json::Value,
+            payload_b64: String,
+            prev_hash: String,
+            hash: String,
+        }
+        let line = Line {
+            seq: self.seq,
+            ts_ms: self.ts_ms,
+            time: format_utc(self.ts_ms),
+            event: &self.event,
+            intent_id: self.intent_id.as_deref(),
+            agent: self.agent.as_deref(),
+            // For reading only: any JSON the entry holds, null if none.
+            payload: serde_json::from_slice(&self.payload).unwrap_or(serde_json::Value::Null),
+            payload_b64: base64::engine::general_purpose::STANDARD.encode(&self.payload),
+            prev_hash: hex::encode(self.prev_hash),
+            hash: hex::encode(self.hash),
+        };
+        // Plain strings and numbers: serializing cannot fail.
+        serde_json::to_string(&line).unwrap_or_default()
     }
 }
 
@@ -322,6 +337,10 @@ pub enum LedgerError {
     /// The sequence space is exhausted (never in practice).
     #[error("ledger sequence numbers exhausted")]
     Exhausted,
+    /// A payload could not be encoded (nothing was written) or a stored
+    /// one does not decode as its type.
+    #[error("ledger payload: {0}")]
+    Event(#[from] events::EventError),
 }
 
 impl LedgerError {

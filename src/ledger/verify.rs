@@ -5,7 +5,9 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use super::{Entry, LedgerError};
+use super::checkpoint::CheckpointRecord;
+use super::events;
+use super::{Entry, EventType, LedgerError};
 
 /// Opens a ledger database read-only. A missing file is an error (never
 /// created).
@@ -288,15 +290,13 @@ pub fn prove(conn: &Connection, seq: u64) -> Result<Option<InclusionProof>, Ledg
         .query_map([], |r| r.get::<_, Vec<u8>>(0))?
         .filter_map(Result::ok)
         .find(|p| {
-            serde_json::from_slice::<serde_json::Value>(p)
-                .ok()
-                .and_then(|v| v["size"].as_u64())
-                .is_some_and(|size| size >= seq)
+            events::decode::<CheckpointRecord>(EventType::Checkpoint.as_str(), p)
+                .is_ok_and(|r| r.size >= seq)
         });
     let Some(cp) = cp else { return Ok(None) };
-    let v: serde_json::Value = serde_json::from_slice(&cp)
-        .map_err(|e| LedgerError::Corrupt(format!("checkpoint payload: {e}")))?;
-    let size = v["size"].as_u64().unwrap_or(0);
+    let record = events::decode::<CheckpointRecord>(EventType::Checkpoint.as_str(), &cp)
+        .map_err(|e| LedgerError::Corrupt(e.to_string()))?;
+    let size = record.size;
     if seq == 0 || seq > size {
         return Ok(None);
     }
@@ -341,8 +341,8 @@ pub fn prove(conn: &Connection, seq: u64) -> Result<Option<InclusionProof>, Ledg
         tree_size: size,
         root: hex::encode(root),
         proof: path.iter().map(hex::encode).collect(),
-        checkpoint: v["note"].as_str().unwrap_or_default().to_owned(),
-        verifier_key: v["verifier_key"].as_str().unwrap_or_default().to_owned(),
+        checkpoint: record.note,
+        verifier_key: record.verifier_key,
     }))
 }
 
@@ -392,8 +392,9 @@ pub fn entries_after(conn: &Connection, after: u64, max: usize) -> Result<Vec<En
     collect(rows)
 }
 
-/// The payload of the latest `checkpoint` entry, if any.
-pub fn latest_checkpoint(conn: &Connection) -> Result<Option<serde_json::Value>, LedgerError> {
+/// The latest `checkpoint` entry, if any (one that does not decode is
+/// corrupt and an error).
+pub fn latest_checkpoint(conn: &Connection) -> Result<Option<CheckpointRecord>, LedgerError> {
     let payload: Option<Vec<u8>> = conn
         .query_row(
             "SELECT payload FROM ledger WHERE event = 'checkpoint' ORDER BY seq DESC LIMIT 1",
@@ -401,5 +402,10 @@ pub fn latest_checkpoint(conn: &Connection) -> Result<Option<serde_json::Value>,
             |r| r.get(0),
         )
         .optional()?;
-    Ok(payload.and_then(|p| serde_json::from_slice(&p).ok()))
+    payload
+        .map(|p| {
+            events::decode::<CheckpointRecord>(EventType::Checkpoint.as_str(), &p)
+                .map_err(|e| LedgerError::Corrupt(e.to_string()))
+        })
+        .transpose()
 }

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use super::events::{self, LedgerEvent};
 use super::{BREAKER_THRESHOLD, EntryRef, EventType, LedgerError, SCHEMA, entry_hash};
 use crate::types::LedgerSeq;
 
@@ -79,9 +80,34 @@ pub struct LedgerTxn<'a> {
 }
 
 impl LedgerTxn<'_> {
-    /// Appends an entry; it becomes durable when the closure's transaction
-    /// commits, and is rolled back with it if the closure fails.
-    pub fn append(
+    /// Appends `event` as an entry of its type; it becomes durable when
+    /// the closure's transaction commits, and is rolled back with it if the
+    /// closure fails. The only way entries are written: every payload is
+    /// one of the typed documents of [`super::events`].
+    pub fn record<E: LedgerEvent>(
+        &mut self,
+        intent_id: Option<&str>,
+        agent: Option<&str>,
+        event: &E,
+    ) -> Result<EntryRef, LedgerError> {
+        let payload = events::encode(event)?;
+        self.append_bytes(E::TYPE, intent_id, agent, &payload)
+    }
+
+    /// Appends an entry with raw payload bytes: tests that build histories
+    /// of any shape.
+    #[cfg(test)]
+    pub(crate) fn append(
+        &mut self,
+        event: EventType,
+        intent_id: Option<&str>,
+        agent: Option<&str>,
+        payload: &[u8],
+    ) -> Result<EntryRef, LedgerError> {
+        self.append_bytes(event, intent_id, agent, payload)
+    }
+
+    fn append_bytes(
         &mut self,
         event: EventType,
         intent_id: Option<&str>,
@@ -478,23 +504,36 @@ impl Ledger {
         self.submit(
             move |txn: &mut LedgerTxn<'_>| {
                 if was_open {
-                    let tripped = serde_json::to_vec(&serde_json::json!({
-                        "breaker": "audit",
-                        "tripped_at_ms": tripped_at,
-                        "consecutive_failures": failures,
-                        "last_error": last,
-                        "recorded_late": "the ledger could not be written while the breaker was open",
-                    }))
-                    .unwrap_or_default();
-                    txn.append(EventType::BreakerTripped, None, None, &tripped)?;
+                    txn.record(
+                        None,
+                        None,
+                        &events::BreakerTripped {
+                            breaker: "audit".to_owned(),
+                            consecutive_denials: None,
+                            locked_until: None,
+                            locked_until_ms: None,
+                            tripped_at_ms: Some(i64::try_from(tripped_at).unwrap_or(i64::MAX)),
+                            consecutive_failures: Some(failures),
+                            last_error: Some(last),
+                            recorded_late: Some(
+                                "the ledger could not be written while the breaker was open"
+                                    .to_owned(),
+                            ),
+                        },
+                    )?;
                 }
-                let reset = serde_json::to_vec(&serde_json::json!({
-                    "breaker": "audit",
-                    "actor": actor,
-                    "was_open": was_open,
-                }))
-                .unwrap_or_default();
-                txn.append(EventType::BreakerReset, None, None, &reset)
+                txn.record(
+                    None,
+                    None,
+                    &events::BreakerReset {
+                        breaker: "audit".to_owned(),
+                        by: None,
+                        consecutive_denials_before: None,
+                        was_locked: None,
+                        actor: Some(actor),
+                        was_open: Some(was_open),
+                    },
+                )
             },
             Reply::Async(tx),
             true,

@@ -4,12 +4,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use keyward_client::wire::{DenialReason, ErrorBody, ErrorDetail, SignedIntent, codes};
+use keyward_client::wire::{
+    DenialReason, ErrorBody, ErrorDetail, PendingIntent, SignedIntent, codes,
+};
 
+use super::decision::{Decided, DecisionInput, record_breaker, record_decision, retry_after_s};
 use super::{Signer, SubmitError, SubmitOutcome, denial_body};
 use crate::approval::{self, ApprovalError, Verdict, store};
-use crate::intents;
-use crate::ledger::{EventType, LedgerError};
+use crate::intents::{self, IntentStatus, reply_json};
+use crate::ledger::LedgerError;
+use crate::ledger::events::{ApprovalDecision, ApprovalGranted, ApprovalRefused, ApprovalRejected};
 use crate::policy::{AgentPolicy, engine, spend_by_asset};
 use crate::solana::{decode_message, extract_effects};
 use crate::types::KeyName;
@@ -21,7 +25,7 @@ pub enum ApprovalOutcome {
     Refused(ApprovalError),
     /// Counted; the intent still waits. The 202 body with the current
     /// figures (`required` and `received` under the policy in force now).
-    Counted(serde_json::Value),
+    Counted(Box<PendingIntent>),
     /// The quorum was reached and the intent signed.
     Signed(SignedIntent),
     /// The quorum was reached but the policy no longer allows the intent.
@@ -33,10 +37,6 @@ pub enum ApprovalOutcome {
         /// Seconds until the lock lifts.
         retry_after_s: u64,
     },
-}
-
-fn json(v: &impl serde::Serialize) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
 }
 
 use crate::ledger::now_ms;
@@ -65,22 +65,6 @@ impl Relay<'_> {
     }
 }
 
-/// Payload of `approval_refused`: every field is bounded (the code is a
-/// constant, the detail is cut at [`MAX_REFUSAL_DETAIL`], the approver
-/// name and nonce were validated by [`approval::parse`]), so a refusal
-/// never writes more than a few hundred bytes whatever the request held.
-#[derive(serde::Serialize)]
-struct RefusalEntry<'a> {
-    code: &'a str,
-    detail: String,
-    approver: Option<&'a str>,
-    nonce: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    retry_after_s: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    relayed_by: Option<&'a str>,
-}
-
 fn bounded(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut cut = max;
@@ -96,7 +80,7 @@ fn bounded(mut s: String, max: usize) -> String {
 enum Recorded {
     Refused(ApprovalError),
     Locked(u64),
-    Counted(serde_json::Value),
+    Counted(Box<PendingIntent>),
     Rejected,
     Denied(Vec<DenialReason>),
     Quorum(Box<Quorum>),
@@ -143,18 +127,7 @@ pub(super) fn current_need(
     let spend = spend_by_asset(&effects).unwrap_or_default();
     let (required, of, because) = match engine::approval_need(agent, &spend) {
         Some(n) => (u64::from(n.required), n.of, n.because),
-        None => {
-            let req: serde_json::Value = serde_json::from_str(&p.approval).unwrap_or_default();
-            let of = req["approvers"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|n| n.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            (0, of, Vec::new())
-        }
+        None => (0, p.approval.approvers.clone(), Vec::new()),
     };
     Ok(CurrentNeed {
         required,
@@ -247,20 +220,15 @@ fn refuse(
     {
         return record_locked(txn, name, intent_id, ms);
     }
-    let payload = json(&RefusalEntry {
-        code: e.code(),
+    let refused = ApprovalRefused {
+        code: e.code().to_owned(),
         detail: bounded(e.to_string(), MAX_REFUSAL_DETAIL),
-        approver: token.map(|t| t.approver.as_str()),
-        nonce: token.map(|t| t.nonce.as_str()),
+        approver: token.map(|t| t.approver.clone()),
+        nonce: token.map(|t| t.nonce.clone()),
         retry_after_s: None,
-        relayed_by: relayed_by.as_deref(),
-    });
-    let entry = txn.append(
-        EventType::ApprovalRefused,
-        Some(intent_id),
-        Some(name),
-        &payload,
-    )?;
+        relayed_by: relayed_by.clone(),
+    };
+    let entry = txn.record(Some(intent_id), Some(name), &refused)?;
     if relay == Relay::Agent {
         engine::count_rate(
             txn.conn(),
@@ -268,25 +236,8 @@ fn refuse(
             &engine::rate_key("approval_refused", entry.seq.0),
             now,
         )?;
-        let (trip, cooled_down) = engine::count_denial(txn.conn(), agent, now)?;
-        if cooled_down {
-            let reset = json(&serde_json::json!({ "breaker": name, "by": "cooldown" }));
-            txn.append(EventType::BreakerReset, None, Some(name), &reset)?;
-        }
-        if let Some(trip) = trip {
-            let tripped = json(&serde_json::json!({
-                "breaker": name,
-                "consecutive_denials": trip.denials,
-                "locked_until": crate::ledger::format_utc(trip.until_ms),
-                "locked_until_ms": trip.until_ms,
-            }));
-            txn.append(
-                EventType::BreakerTripped,
-                Some(intent_id),
-                Some(name),
-                &tripped,
-            )?;
-        }
+        let counted = engine::count_denial(txn.conn(), agent, now)?;
+        record_breaker(txn, name, Some(intent_id), counted)?;
     }
     Ok(Recorded::Refused(e))
 }
@@ -298,21 +249,16 @@ fn record_locked(
     intent_id: &str,
     locked_ms: i64,
 ) -> Result<Recorded, LedgerError> {
-    let retry_after_s = u64::try_from((locked_ms + 999) / 1000).unwrap_or(1);
-    let payload = json(&RefusalEntry {
-        code: codes::AGENT_LOCKED,
+    let retry_after_s = retry_after_s(locked_ms);
+    let refused = ApprovalRefused {
+        code: codes::AGENT_LOCKED.to_owned(),
         detail: "the agent is locked by its denial breaker".to_owned(),
         approver: None,
         nonce: None,
         retry_after_s: Some(retry_after_s),
         relayed_by: None,
-    });
-    txn.append(
-        EventType::ApprovalRefused,
-        Some(intent_id),
-        Some(agent),
-        &payload,
-    )?;
+    };
+    txn.record(Some(intent_id), Some(agent), &refused)?;
     Ok(Recorded::Locked(retry_after_s))
 }
 
@@ -437,9 +383,9 @@ impl Signer {
         let pre = (|| -> Result<Result<intents::Pending, ApprovalError>, LedgerError> {
             let Some(p) = pending
                 .as_ref()
-                .filter(|_| rec.status == "pending_approval")
+                .filter(|_| rec.status == IntentStatus::PendingApproval)
             else {
-                return Ok(Err(ApprovalError::NotPending(rec.status.clone())));
+                return Ok(Err(ApprovalError::NotPending(rec.status.to_string())));
             };
             if p.expires_ms <= now_ms() {
                 return Ok(Err(ApprovalError::NotPending("expired".into())));
@@ -471,7 +417,7 @@ impl Signer {
         let mac_ok = match expected {
             Ok(mac) => parsed.mac_matches(&mac),
             Err(crate::hsm::HsmError::KeyNotFound(_)) => false,
-            Err(e) => return Err(SubmitError::HsmUnavailable(e.to_string())),
+            Err(e) => return Err(SubmitError::Hsm(e)),
         };
         let check = if !mac_ok {
             Err(ApprovalError::InvalidToken(
@@ -558,12 +504,11 @@ fn record_approval(
     };
     let name = agent_c.name.as_str();
     let now = txn.now_ms();
-    let status = intents::get(txn.conn(), name, id)?
-        .map(|r| r.status)
-        .unwrap_or_default();
+    let status = intents::get(txn.conn(), name, id)?.map(|r| r.status);
     let p = match intents::pending(txn.conn(), name, id)? {
-        Some(p) if status == "pending_approval" && p.expires_ms > now => p,
+        Some(p) if status == Some(IntentStatus::PendingApproval) && p.expires_ms > now => p,
         _ => {
+            let status = status.map_or_else(String::new, |s| s.to_string());
             return refuse(
                 txn,
                 &agent_c,
@@ -605,27 +550,26 @@ fn record_approval(
         Verdict::Reject => "reject",
     };
     store::record(txn.conn(), name, id, &t.approver, decision, &t.nonce, now)?;
-    let mut event = serde_json::json!({
-        "approver": t.approver, "nonce": t.nonce, "intent_hash": t.intent_hash,
-    });
-    if let Some(b) = &by {
-        event["relayed_by"] = serde_json::json!(b);
-    }
-    let event = json(&event);
+    let event = ApprovalDecision {
+        approver: t.approver.clone(),
+        nonce: t.nonce.clone(),
+        intent_hash: t.intent_hash.clone(),
+        relayed_by: by.map(str::to_owned),
+    };
     if t.decision == Verdict::Reject {
-        txn.append(EventType::ApprovalRejected, Some(id), Some(name), &event)?;
-        let body = json(&ErrorBody {
+        txn.record(Some(id), Some(name), &ApprovalRejected(event))?;
+        let body = reply_json(&ErrorBody {
             error: ErrorDetail {
                 code: "approval_rejected".into(),
                 message: format!("approver {} rejected this intent", t.approver),
                 reasons: Vec::new(),
                 retry_after: None,
             },
-        });
-        intents::finish(txn.conn(), name, id, "denied", 403, &body, now)?;
+        })?;
+        intents::finish(txn.conn(), name, id, IntentStatus::Denied, &body, now)?;
         return Ok(Recorded::Rejected);
     }
-    txn.append(EventType::ApprovalGranted, Some(id), Some(name), &event)?;
+    txn.record(Some(id), Some(name), &ApprovalGranted(event))?;
     // Only approvals by approvers who are enrolled and listed
     // now count, against the quorum the policy asks for now.
     let mut received: u64 = 1;
@@ -635,65 +579,62 @@ fn record_approval(
         }
     }
     if received < need.required {
-        let mut req: serde_json::Value = serde_json::from_str(&p.approval).unwrap_or_default();
-        req["required"] = serde_json::json!(need.required);
-        req["received"] = serde_json::json!(received);
-        req["approvers"] = serde_json::json!(need.of);
-        req["because"] = serde_json::json!(need.because);
-        return Ok(Recorded::Counted(serde_json::json!({
-            "intent_id": id, "status": "pending_approval", "approval": req,
+        let mut approval = p.approval;
+        approval.required = need.required;
+        approval.received = received;
+        approval.approvers = need.of;
+        approval.because = need.because;
+        return Ok(Recorded::Counted(Box::new(PendingIntent {
+            intent_id: id.to_owned(),
+            status: IntentStatus::PendingApproval.wire(),
+            approval,
         })));
     }
     // The quorum (or a policy that no longer asks for one): decide
-    // again on the exact bytes, now.
+    // again on the exact bytes, now, as admission decides.
     let CurrentNeed {
         key: hsm_key,
         decoded,
         effects,
         ..
     } = need;
-    let verdict = engine::decide(
-        txn.conn(),
-        &agent_c,
-        &hsm_key.name,
-        Some(&effects),
-        Vec::new(),
-        id,
-        now,
-        engine::Mode::CommitApproved,
+    let decided = record_decision(
+        txn,
+        DecisionInput {
+            agent: &agent_c,
+            key: &hsm_key.name,
+            effects: Some(&effects),
+            pre_reasons: Vec::new(),
+            intent_id: id,
+            mode: engine::Mode::CommitApproved,
+            policy_sha256: &signer.policy().hash_hex(),
+            after_approvals: Some(received),
+        },
     )?;
-    let decision = verdict.decision;
-    let evaluated = json(&serde_json::json!({
-        "decision": if decision.allowed() { "allow" } else { "deny" },
-        "after_approvals": received,
-        "reasons": decision.reasons,
-        "sol_spend_lamports": decision.sol_spend().0,
-        "policy_sha256": signer.policy().hash_hex(),
-    }));
-    txn.append(EventType::PolicyEvaluated, Some(id), Some(name), &evaluated)?;
-    if let Some(ms) = verdict.locked_for_ms {
-        let reasons = vec![DenialReason {
+    let reasons = match decided {
+        Decided::Allowed { sol_spend } => {
+            intents::start_signing(txn.conn(), name, id, now)?;
+            return Ok(Recorded::Quorum(Box::new(Quorum {
+                key: hsm_key,
+                message: p.message,
+                decoded,
+                effects,
+                sol_spend,
+            })));
+        }
+        Decided::Denied(reasons) => reasons,
+        Decided::Locked { retry_after_s } => vec![DenialReason {
             rule: codes::AGENT_LOCKED.into(),
-            detail: format!("the agent is locked for {} more seconds", (ms + 999) / 1000),
-        }];
-        let body = json(&denial_body(&reasons));
-        intents::finish(txn.conn(), name, id, "denied", 403, &body, now)?;
-        return Ok(Recorded::Denied(reasons));
-    }
-    if !decision.allowed() {
-        let body = json(&denial_body(&decision.reasons));
-        let denied =
-            json(&serde_json::json!({ "code": codes::POLICY_DENIED, "reasons": decision.reasons }));
-        txn.append(EventType::SigningDenied, Some(id), Some(name), &denied)?;
-        intents::finish(txn.conn(), name, id, "denied", 403, &body, now)?;
-        return Ok(Recorded::Denied(decision.reasons));
-    }
-    intents::set_status(txn.conn(), name, id, "in_progress", now)?;
-    Ok(Recorded::Quorum(Box::new(Quorum {
-        key: hsm_key,
-        message: p.message,
-        decoded,
-        effects,
-        sol_spend: decision.sol_spend(),
-    })))
+            detail: format!("the agent is locked for {retry_after_s} more seconds"),
+        }],
+        Decided::NeedsApproval(_) => {
+            // Approved intents are decided without thresholds.
+            return Err(LedgerError::Corrupt(
+                "an approved intent was asked for approvals again".into(),
+            ));
+        }
+    };
+    let body = reply_json(&denial_body(&reasons))?;
+    intents::finish(txn.conn(), name, id, IntentStatus::Denied, &body, now)?;
+    Ok(Recorded::Denied(reasons))
 }

@@ -9,11 +9,8 @@ use zeroize::Zeroizing;
 
 use super::{Signer, SubmitError};
 use crate::approval::{self, store};
-use crate::ledger::{EventType, LedgerError};
-
-fn json(v: &impl serde::Serialize) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
-}
+use crate::ledger::LedgerError;
+use crate::ledger::events::{ApproverAdded, ApproverRemoved};
 
 impl Signer {
     /// Enrolls an approver: 32 random bytes from the HSM become a
@@ -50,17 +47,19 @@ impl Signer {
         )
         .await
         .map_err(|e| SubmitError::Internal(e.to_string()))?
-        .map_err(|e| SubmitError::HsmUnavailable(e.to_string()))?;
+        .map_err(SubmitError::Hsm)?;
         let (n, b) = (name.to_owned(), by.to_owned());
         let recorded = self
             .ledger
             .write(move |txn| {
                 let now = txn.now_ms();
                 store::add_approver(txn.conn(), &n, now)?;
-                let payload = json(&serde_json::json!({
-                    "approver": n, "by": b, "key_label": approval::key_label(&n),
-                }));
-                txn.append(EventType::ApproverAdded, None, None, &payload)
+                let added = ApproverAdded {
+                    key_label: approval::key_label(&n),
+                    approver: n,
+                    by: b,
+                };
+                txn.record(None, None, &added)
             })
             .await;
         if let Err(e) = recorded {
@@ -84,12 +83,8 @@ impl Signer {
                 if !store::remove_approver(txn.conn(), &n, now)? {
                     return Ok(None);
                 }
-                let payload = json(&serde_json::json!({ "approver": n, "by": b }));
-                Ok(Some(
-                    txn.append(EventType::ApproverRemoved, None, None, &payload)?
-                        .seq
-                        .0,
-                ))
+                let removed = ApproverRemoved { approver: n, by: b };
+                Ok(Some(txn.record(None, None, &removed)?.seq.0))
             })
             .await?
             .ok_or(SubmitError::NotFound)?;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::history::HistoryGate;
 use crate::hsm::{Hsm, HsmKey, sign_verified};
 use crate::ledger::checkpoint::{self, AUDIT_KEY, CheckpointRecord, MARK_LABEL, Mark};
-use crate::ledger::{EventType, Ledger, Walker};
+use crate::ledger::{Ledger, Walker};
 
 /// Makes checkpoints and re-verifies the history while keywardd runs.
 pub struct Checkpointer {
@@ -173,7 +173,7 @@ impl Checkpointer {
             public_key: self.key.public_key.to_base58(),
             verifier_key: self.verifier_key(),
         };
-        let payload = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
+        let recorded = record.clone();
         let seq = self
             .ledger
             .write(move |txn| {
@@ -188,10 +188,7 @@ impl Checkpointer {
                     ])?;
                 }
                 drop(stmt);
-                Ok(txn
-                    .append(EventType::Checkpoint, None, None, &payload)?
-                    .seq
-                    .0)
+                Ok(txn.record(None, None, &recorded)?.seq.0)
             })
             .await
             .map_err(|e| e.to_string())?;

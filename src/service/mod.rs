@@ -13,6 +13,7 @@
 mod approvals;
 mod approvers;
 pub mod checkpoints;
+mod decision;
 pub mod history;
 mod prepare;
 mod relay;
@@ -30,7 +31,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use keyward_client::wire::{DenialReason, SignedIntent, codes};
 
 use crate::hsm::{Hsm, HsmKey};
-use crate::ledger::{EventType, Ledger, LedgerError};
+use crate::ledger::events::{BreakerReset, IntentExpired, PolicyLoaded};
+use crate::ledger::{Ledger, LedgerError};
 use crate::policy::{AgentPolicy, Policy};
 use crate::types::KeyName;
 
@@ -56,10 +58,12 @@ pub enum SubmitError {
     InProgress,
     /// The ledger could not record; nothing was signed or released.
     #[error("the audit ledger cannot record right now, so nothing is signed: {0}")]
-    AuditUnavailable(String),
-    /// The HSM could not sign; nothing was released.
+    AuditUnavailable(#[source] LedgerError),
+    /// The HSM failed (or returned a signature that does not verify);
+    /// nothing was released. Its code is the HSM error's
+    /// (`hsm_unavailable`, `hsm_bad_signature`, `key_not_found`, ...).
     #[error("the HSM could not sign: {0}")]
-    HsmUnavailable(String),
+    Hsm(#[source] crate::hsm::HsmError),
     /// The external copy of the ledger is too far behind: nothing is
     /// signed until it catches up.
     #[error("the ledger mirror is behind ({0}); nothing is signed until it catches up")]
@@ -82,31 +86,23 @@ impl SubmitError {
             SubmitError::NotFound => codes::INTENT_NOT_FOUND,
             SubmitError::InProgress => codes::INTENT_IN_PROGRESS,
             SubmitError::AuditUnavailable(_) => codes::AUDIT_UNAVAILABLE,
-            SubmitError::HsmUnavailable(_) => codes::HSM_UNAVAILABLE,
+            SubmitError::Hsm(e) => e.code(),
             SubmitError::MirrorLagging(_) => codes::MIRROR_LAGGING,
             SubmitError::HistoryBroken(_) => codes::LEDGER_HISTORY_BROKEN,
             SubmitError::Internal(_) => codes::INTERNAL,
-        }
-    }
-
-    /// HTTP status for the API.
-    pub fn http_status(&self) -> u16 {
-        match self {
-            SubmitError::BadRequest { .. } => 400,
-            SubmitError::Conflict | SubmitError::InProgress => 409,
-            SubmitError::NotFound => 404,
-            SubmitError::AuditUnavailable(_)
-            | SubmitError::HsmUnavailable(_)
-            | SubmitError::MirrorLagging(_)
-            | SubmitError::HistoryBroken(_) => 503,
-            SubmitError::Internal(_) => 500,
         }
     }
 }
 
 impl From<LedgerError> for SubmitError {
     fn from(e: LedgerError) -> Self {
-        SubmitError::AuditUnavailable(e.to_string())
+        SubmitError::AuditUnavailable(e)
+    }
+}
+
+impl From<rusqlite::Error> for SubmitError {
+    fn from(e: rusqlite::Error) -> Self {
+        SubmitError::AuditUnavailable(LedgerError::Sqlite(e))
     }
 }
 
@@ -122,14 +118,14 @@ pub enum SubmitOutcome {
         /// Seconds until the lock lifts.
         retry_after_s: u64,
     },
-    /// Allowed but above an approval threshold: 202 with this body.
-    Pending(Vec<u8>),
+    /// Allowed but above an approval threshold: waits for approvals.
+    Pending(Box<keyward_client::wire::PendingIntent>),
     /// The intent's approval window ran out: 410 `intent_expired`.
     Expired,
     /// The same intent was submitted before: its original response.
     Replayed {
-        /// HTTP status of the original response.
-        status: u16,
+        /// The intent's status, which the original response answered.
+        status: crate::intents::IntentStatus,
         /// Original JSON body.
         body: Vec<u8>,
     },
@@ -293,14 +289,15 @@ impl Signer {
             .write(move |txn| {
                 let (denials, locked_until) =
                     crate::policy::engine::reset_breaker(txn.conn(), &agent)?;
-                let payload = serde_json::to_vec(&serde_json::json!({
-                    "breaker": agent,
-                    "by": actor,
-                    "consecutive_denials_before": denials,
-                    "was_locked": locked_until > txn.now_ms(),
-                }))
-                .unwrap_or_default();
-                let entry = txn.append(EventType::BreakerReset, None, Some(&agent), &payload)?;
+                let reset = BreakerReset {
+                    breaker: agent.clone(),
+                    by: Some(actor),
+                    consecutive_denials_before: Some(denials),
+                    was_locked: Some(locked_until > txn.now_ms()),
+                    actor: None,
+                    was_open: None,
+                };
+                let entry = txn.record(None, Some(&agent), &reset)?;
                 Ok(entry.seq.0)
             })
             .await
@@ -382,7 +379,7 @@ impl Signer {
                     let Some(p) = crate::intents::pending(txn.conn(), &agent, &intent_id)? else {
                         continue;
                     };
-                    let body = serde_json::to_vec(&keyward_client::wire::ErrorBody {
+                    let body = crate::intents::reply_json(&keyward_client::wire::ErrorBody {
                         error: keyward_client::wire::ErrorDetail {
                             code: codes::INTENT_EXPIRED.to_owned(),
                             message:
@@ -391,28 +388,20 @@ impl Signer {
                             reasons: Vec::new(),
                             retry_after: None,
                         },
-                    })
-                    .unwrap_or_default();
+                    })?;
                     crate::intents::finish(
                         txn.conn(),
                         &agent,
                         &intent_id,
-                        "expired",
-                        410,
+                        crate::intents::IntentStatus::Expired,
                         &body,
                         now,
                     )?;
-                    let payload = serde_json::to_vec(&serde_json::json!({
-                        "intent_hash": hex::encode(p.intent_hash),
-                        "expired_at": crate::ledger::format_utc(p.expires_ms),
-                    }))
-                    .unwrap_or_default();
-                    txn.append(
-                        EventType::IntentExpired,
-                        Some(&intent_id),
-                        Some(&agent),
-                        &payload,
-                    )?;
+                    let expired = IntentExpired {
+                        intent_hash: hex::encode(p.intent_hash),
+                        expired_at: crate::ledger::format_utc(p.expires_ms),
+                    };
+                    txn.record(Some(&intent_id), Some(&agent), &expired)?;
                     n += 1;
                 }
                 Ok(n)
@@ -450,22 +439,16 @@ impl Signer {
         }
         let previous = self.policy().hash_hex();
         let hash = policy.hash_hex();
-        let payload = serde_json::to_vec(&serde_json::json!({
-            "policy_sha256": hash,
-            "previous_sha256": previous,
-            "path": self.policy_path.display().to_string(),
-            "by": by,
-            "agents": policy.agents.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
-        }))
-        .unwrap_or_default();
+        let loaded = PolicyLoaded {
+            policy_sha256: hash.clone(),
+            previous_sha256: Some(previous.clone()),
+            path: self.policy_path.display().to_string(),
+            by: Some(by.to_owned()),
+            agents: policy.agents.iter().map(|a| a.name.to_string()).collect(),
+        };
         let seq = self
             .ledger
-            .write(move |txn| {
-                Ok(txn
-                    .append(EventType::PolicyLoaded, None, None, &payload)?
-                    .seq
-                    .0)
-            })
+            .write(move |txn| Ok(txn.record(None, None, &loaded)?.seq.0))
             .await
             .map_err(ReloadError::Ledger)?;
         match self.keys.write() {
@@ -536,15 +519,13 @@ impl Signer {
                     .filter(|k| !live.contains(k))
                     .collect();
                 for (agent, intent_id) in &stale {
-                    let payload = serde_json::to_vec(&serde_json::json!({
-                        "code": "interrupted",
-                        "detail": "signing did not complete (the daemon stopped or the ledger failed); no signature was released",
-                    }))
-                    .unwrap_or_default();
-                    txn.append(EventType::SigningDenied, Some(intent_id), Some(agent), &payload)?;
-                    crate::policy::engine::release(txn.conn(), agent, intent_id)?;
-                    crate::intents::forget(txn.conn(), agent, intent_id)?;
-                    crate::approval::store::forget_intent(txn.conn(), agent, intent_id)?;
+                    decision::abandon_intent(
+                        txn,
+                        agent,
+                        intent_id,
+                        "interrupted",
+                        "signing did not complete (the daemon stopped or the ledger failed); no signature was released".to_owned(),
+                    )?;
                 }
                 Ok(stale.len())
             })
@@ -688,8 +669,12 @@ mod tests {
             s.flights(|m| *m.entry(("dev".into(), "i-1".into())).or_insert(0) += 1);
             s.ledger
                 .write_blocking(|txn| {
-                    let entry =
-                        txn.append(EventType::IntentReceived, Some("i-1"), Some("dev"), b"{}")?;
+                    let entry = txn.append(
+                        crate::ledger::EventType::IntentReceived,
+                        Some("i-1"),
+                        Some("dev"),
+                        b"{}",
+                    )?;
                     let now = txn.now_ms();
                     crate::intents::insert(
                         txn.conn(),
@@ -697,7 +682,7 @@ mod tests {
                             agent: "dev",
                             intent_id: "i-1",
                             content_hash: &[0; 32],
-                            status: "in_progress",
+                            status: crate::intents::IntentStatus::InProgress,
                             reply: None,
                             received_seq: entry.seq.0,
                             now_ms: now,
@@ -715,6 +700,6 @@ mod tests {
         assert_eq!(n, 0, "an intent in flight was recovered as interrupted");
         let conn = signer.ledger().reader().unwrap();
         let rec = crate::intents::get(&conn, "dev", "i-1").unwrap().unwrap();
-        assert_eq!(rec.status, "in_progress");
+        assert_eq!(rec.status, crate::intents::IntentStatus::InProgress);
     }
 }

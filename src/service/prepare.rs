@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use super::SubmitError;
 use crate::amount::parse_units;
 use crate::hsm::HsmKey;
+use crate::ledger::events::ActionSummary;
 use crate::policy::{AgentPolicy, Asset, SOL_DECIMALS, rules};
 use crate::solana::{
     DecodedMessage, Effects, SplTransfer, build_sol_transfer, build_spl_transfer, decode_message,
@@ -29,7 +30,7 @@ pub(crate) struct Prepared {
     /// Reasons to deny found while preparing (e.g. the key is not allowed).
     pub pre_reasons: Vec<DenialReason>,
     /// What the request asked for, for the ledger.
-    pub summary: serde_json::Value,
+    pub summary: ActionSummary,
 }
 
 fn bad(code: &'static str, message: impl Into<String>) -> SubmitError {
@@ -85,11 +86,14 @@ pub(crate) fn prepare(
                     "recent_blockhash must be a base58 hash of 32 bytes",
                 )
             })?;
-            let summary = serde_json::json!({
-                "type": "transfer", "asset": asset, "to": to, "amount": amount,
-                "recent_blockhash": recent_blockhash, "memo": memo,
-                "create_recipient_account": create_recipient_account,
-            });
+            let summary = ActionSummary::Transfer {
+                asset: asset.clone(),
+                to: to.clone(),
+                amount: amount.clone(),
+                recent_blockhash: recent_blockhash.clone(),
+                memo: memo.clone(),
+                create_recipient_account: *create_recipient_account,
+            };
             let asset_id = if asset == "SOL" {
                 Asset::Sol
             } else {
@@ -175,7 +179,7 @@ pub(crate) fn prepare(
                         format!("message is not valid base64: {e}"),
                     )
                 })?;
-            let summary = serde_json::json!({ "type": "sign_transaction" });
+            let summary = ActionSummary::SignTransaction;
             (summary, Some(bytes))
         }
     };
@@ -199,7 +203,7 @@ fn finish(
     content_hash: [u8; 32],
     message_bytes: Option<Vec<u8>>,
     pre_reasons: Vec<DenialReason>,
-    summary: serde_json::Value,
+    summary: ActionSummary,
 ) -> Result<Prepared, SubmitError> {
     let message = match message_bytes {
         Some(bytes) => {

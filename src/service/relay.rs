@@ -79,7 +79,6 @@ impl Signer {
         for (agent_name, intent_id, p) in
             intents::all_pending(&reader, now_ms()).map_err(LedgerError::Sqlite)?
         {
-            let req: serde_json::Value = serde_json::from_str(&p.approval).unwrap_or_default();
             let agent = agent_now(self, &agent_name);
             // No agent, no signature: nobody's approval counts.
             let approvers = match &agent {
@@ -107,7 +106,7 @@ impl Signer {
                 agent: agent_name,
                 intent_id,
                 key: p.key,
-                summary: req["summary"].as_str().unwrap_or_default().to_owned(),
+                summary: p.approval.summary.clone(),
                 intent_hash: hex::encode(p.intent_hash),
                 required: figures.required,
                 received: figures.received,

@@ -1,41 +1,37 @@
 //! `POST /v1/intents`: decide, reserve, sign, record, release.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use base64::Engine as _;
 use keyward_client::wire::{
-    DenialReason, ErrorBody, ErrorDetail, IntentRequest, IntentStatus, SignedIntent, codes,
+    ApprovalRequest, DenialReason, ErrorBody, ErrorDetail, IntentRequest, PendingIntent,
+    SignedIntent, codes,
 };
 use sha2::{Digest, Sha256};
 
+use super::decision::{Decided, DecisionInput, abandon_intent, record_decision};
 use super::prepare::{Prepared, prepare};
 use super::{Signer, SubmitError, SubmitOutcome};
 use crate::approval::request;
 use crate::hsm::sign_verified;
-use crate::intents;
-use crate::ledger::{EventType, LedgerError};
+use crate::intents::{self, IntentStatus, reply_json};
+use crate::ledger::LedgerError;
+use crate::ledger::events::{IntentReceived, SignatureCreated};
 use crate::policy::{AgentPolicy, counters, engine};
 use crate::solana::assemble_transaction;
 use crate::types::Lamports;
 
 /// What ledger transaction A decided.
 enum Admission {
-    Replay { status: u16, body: Vec<u8> },
+    Replay { status: IntentStatus, body: Vec<u8> },
     Conflict,
     InProgress,
     Denied(Vec<DenialReason>),
     Locked { retry_after_s: u64 },
-    Pending(Vec<u8>),
+    Pending(Box<PendingIntent>),
     Expired,
     Allowed { sol_spend: Lamports },
-}
-
-fn json(value: &impl serde::Serialize) -> Vec<u8> {
-    // Serializing our own plain data types cannot fail; an empty payload
-    // would still be hashed and recorded rather than panic.
-    serde_json::to_vec(value).unwrap_or_default()
 }
 
 /// The 403 body of a policy denial.
@@ -152,26 +148,21 @@ impl Signer {
                 let transaction = assemble_transaction(message, decoded, signer_index, &signature);
                 let sig_b58 = bs58::encode(signature).into_string();
                 let tx_b64 = base64::engine::general_purpose::STANDARD.encode(&transaction);
-                let payload = json(&serde_json::json!({
-                    "signature": sig_b58,
-                    "key": key.name.as_str(),
-                    "public_key": key.public_key.to_base58(),
-                    "message_sha256": message_sha256,
-                    "sol_spend_lamports": sol_spend.0,
-                }));
+                let created = SignatureCreated {
+                    signature: sig_b58.clone(),
+                    key: key.name.to_string(),
+                    public_key: key.public_key.to_base58(),
+                    message_sha256,
+                    sol_spend_lamports: sol_spend.0,
+                };
                 let result = self
                     .ledger
                     .write(move |txn| {
-                        let entry = txn.append(
-                            EventType::SignatureCreated,
-                            Some(&id_c),
-                            Some(&agent_c),
-                            &payload,
-                        )?;
+                        let entry = txn.record(Some(&id_c), Some(&agent_c), &created)?;
                         counters::confirm(txn.conn(), &agent_c, &id_c)?;
                         let response = SignedIntent {
                             intent_id: id_c.clone(),
-                            status: IntentStatus::Signed,
+                            status: IntentStatus::Signed.wire(),
                             signature: sig_b58,
                             transaction: tx_b64,
                             ledger_seq: entry.seq.0,
@@ -182,9 +173,8 @@ impl Signer {
                             txn.conn(),
                             &agent_c,
                             &id_c,
-                            "signed",
-                            200,
-                            &json(&response),
+                            IntentStatus::Signed,
+                            &reply_json(&response)?,
                             now,
                         )?;
                         Ok(response)
@@ -195,34 +185,22 @@ impl Signer {
                     Err(e) => {
                         // The signature is dropped here, unreleased.
                         self.needs_recovery.store(true, Ordering::SeqCst);
-                        Err(SubmitError::AuditUnavailable(e.to_string()))
+                        Err(SubmitError::AuditUnavailable(e))
                     }
                 }
             }
             Err(hsm_err) => {
-                let code = hsm_err.code();
                 let detail = hsm_err.to_string();
                 tracing::error!(agent = %agent_name, intent = %intent_id, error = %detail, "HSM signing failed");
-                let payload = json(&serde_json::json!({ "code": code, "detail": detail }));
+                let code = hsm_err.code();
                 let recorded = self
                     .ledger
-                    .write(move |txn| {
-                        txn.append(
-                            EventType::SigningDenied,
-                            Some(&id_c),
-                            Some(&agent_c),
-                            &payload,
-                        )?;
-                        engine::release(txn.conn(), &agent_c, &id_c)?;
-                        intents::forget(txn.conn(), &agent_c, &id_c)?;
-                        crate::approval::store::forget_intent(txn.conn(), &agent_c, &id_c)?;
-                        Ok(())
-                    })
+                    .write(move |txn| abandon_intent(txn, &agent_c, &id_c, code, detail))
                     .await;
                 if recorded.is_err() {
                     self.needs_recovery.store(true, Ordering::SeqCst);
                 }
-                Err(SubmitError::HsmUnavailable(detail))
+                Err(SubmitError::Hsm(hsm_err))
             }
         }
     }
@@ -242,14 +220,20 @@ impl Signer {
 
         let signer_key = p.hsm_key.as_ref().map(|k| k.public_key);
         let approval_ttl_ms = self.approval_ttl_ms;
-        let received = json(&serde_json::json!({
-            "key": p.key.as_str(),
-            "action": p.summary,
-            "content_sha256": hex::encode(p.content_hash),
-            "message": p.message.as_ref().map(|(m, _, _)| base64::engine::general_purpose::STANDARD.encode(m)),
-            "message_sha256": p.message.as_ref().map(|(m, _, _)| hex::encode(Sha256::digest(m))),
-            "effects": effects.as_ref().map(request::effects_json),
-        }));
+        let received = IntentReceived {
+            key: p.key.to_string(),
+            action: p.summary.clone(),
+            content_sha256: hex::encode(p.content_hash),
+            message: p
+                .message
+                .as_ref()
+                .map(|(m, _, _)| base64::engine::general_purpose::STANDARD.encode(m)),
+            message_sha256: p
+                .message
+                .as_ref()
+                .map(|(m, _, _)| hex::encode(Sha256::digest(m))),
+            effects: effects.as_ref().map(request::effects_record),
+        };
         self.ledger
             .write(move |txn| {
                 let agent_name = agent.name.as_str();
@@ -257,129 +241,122 @@ impl Signer {
                     // An intent recorded as expired replays its recorded 410;
                     // one whose window ended but is not recorded yet is
                     // expired all the same.
-                    let expired = rec.status == "pending_approval"
+                    let expired = rec.status == IntentStatus::PendingApproval
                         && intents::pending(txn.conn(), agent_name, &intent_id)?
                             .is_none_or(|p| p.expires_ms <= txn.now_ms());
                     return Ok(if rec.content_hash != content_hash {
                         Admission::Conflict
-                    } else if rec.status == "in_progress" {
+                    } else if rec.status == IntentStatus::InProgress {
                         Admission::InProgress
                     } else if expired {
                         Admission::Expired
                     } else {
                         Admission::Replay {
-                            status: rec.http_status.unwrap_or(500),
+                            status: rec.status,
                             body: rec.response.unwrap_or_default(),
                         }
                     });
                 }
                 let now = txn.now_ms();
-                let entry = txn.append(EventType::IntentReceived, Some(&intent_id), Some(agent_name), &received)?;
+                let entry = txn.record(Some(&intent_id), Some(agent_name), &received)?;
                 let base = intents::NewIntent {
                     agent: agent_name,
                     intent_id: &intent_id,
                     content_hash: &content_hash,
-                    status: "in_progress",
+                    status: IntentStatus::InProgress,
                     reply: None,
                     received_seq: entry.seq.0,
                     now_ms: now,
                 };
-                let verdict = engine::decide(
-                    txn.conn(),
-                    &agent,
-                    &key,
-                    effects.as_ref(),
-                    pre_reasons,
-                    &intent_id,
-                    now,
-                    engine::Mode::Commit,
+                let decided = record_decision(
+                    txn,
+                    DecisionInput {
+                        agent: &agent,
+                        key: &key,
+                        effects: effects.as_ref(),
+                        pre_reasons,
+                        intent_id: &intent_id,
+                        mode: engine::Mode::Commit,
+                        policy_sha256: &policy_hash,
+                        after_approvals: None,
+                    },
                 )?;
-                if verdict.cooled_down {
-                    let reset = json(&serde_json::json!({
-                        "breaker": agent_name, "by": "cooldown",
-                    }));
-                    txn.append(EventType::BreakerReset, None, Some(agent_name), &reset)?;
-                }
-                if let Some(ms) = verdict.locked_for_ms {
-                    // The lock is transient: no intent record, so the same id
-                    // can be sent again once the agent is unlocked.
-                    let retry_after_s = u64::try_from((ms + 999) / 1000).unwrap_or(1);
-                    let denied = json(&serde_json::json!({
-                        "code": codes::AGENT_LOCKED, "retry_after_s": retry_after_s,
-                    }));
-                    txn.append(EventType::SigningDenied, Some(&intent_id), Some(agent_name), &denied)?;
-                    return Ok(Admission::Locked { retry_after_s });
-                }
-                let decision = verdict.decision;
-                let evaluated = json(&serde_json::json!({
-                    "decision": if decision.allowed() { "allow" } else { "deny" },
-                    "reasons": decision.reasons,
-                    "spend": decision.spend.iter().map(|(a, v)| (a.key(), *v)).collect::<BTreeMap<_, _>>(),
-                    "spent_24h_before": verdict.spent_before.iter().map(|(a, v)| (a.key(), *v)).collect::<BTreeMap<_, _>>(),
-                    "sol_spend_lamports": decision.sol_spend().0,
-                    "policy_sha256": policy_hash,
-                }));
-                txn.append(EventType::PolicyEvaluated, Some(&intent_id), Some(agent_name), &evaluated)?;
-                if let Some(trip) = verdict.tripped {
-                    let tripped = json(&serde_json::json!({
-                        "breaker": agent_name,
-                        "consecutive_denials": trip.denials,
-                        "locked_until": crate::ledger::format_utc(trip.until_ms),
-                        "locked_until_ms": trip.until_ms,
-                    }));
-                    txn.append(EventType::BreakerTripped, Some(&intent_id), Some(agent_name), &tripped)?;
-                }
-                if !decision.allowed() {
-                    let body = json(&denial_body(&decision.reasons));
-                    let denied = json(&serde_json::json!({ "code": codes::POLICY_DENIED, "reasons": decision.reasons }));
-                    txn.append(EventType::SigningDenied, Some(&intent_id), Some(agent_name), &denied)?;
-                    intents::insert(txn.conn(), &intents::NewIntent { status: "denied", reply: Some((403, &body)), ..base })?;
-                    return Ok(Admission::Denied(decision.reasons));
-                }
-                if let (Some(need), Some(message), Some(fx), Some(signer)) =
-                    (&verdict.approval, &message, &effects, &signer_key)
-                {
-                    let expires_ms = now.saturating_add(approval_ttl_ms);
-                    let intent_hash = request::intent_hash(message, fx);
-                    let approval = serde_json::json!({
-                        "intent_hash": hex::encode(intent_hash),
-                        "key": key.as_str(),
-                        "public_key": signer.to_base58(),
-                        "message": base64::engine::general_purpose::STANDARD.encode(message),
-                        "required": need.required,
-                        "received": 0,
-                        "approvers": need.of,
-                        "expires_at": crate::ledger::format_utc(expires_ms),
-                        // Only approvers read it: built only when asked for.
-                        "summary": request::summary(signer, fx),
-                        "because": need.because,
-                    });
-                    let body = json(&serde_json::json!({
-                        "intent_id": intent_id, "status": "pending_approval", "approval": approval,
-                    }));
-                    txn.append(EventType::ApprovalRequested, Some(&intent_id), Some(agent_name), &json(&approval))?;
-                    intents::insert(txn.conn(), &intents::NewIntent { status: "pending_approval", reply: Some((202, &body)), ..base })?;
-                    intents::insert_pending(
-                        txn.conn(),
-                        agent_name,
-                        &intent_id,
-                        &intents::Pending {
+                let sol_spend = match decided {
+                    // The lock is transient: no intent record, so the same
+                    // id can be sent again once the agent is unlocked.
+                    Decided::Locked { retry_after_s } => {
+                        return Ok(Admission::Locked { retry_after_s });
+                    }
+                    Decided::Denied(reasons) => {
+                        let body = reply_json(&denial_body(&reasons))?;
+                        intents::insert(
+                            txn.conn(),
+                            &intents::NewIntent {
+                                status: IntentStatus::Denied,
+                                reply: Some(&body),
+                                ..base
+                            },
+                        )?;
+                        return Ok(Admission::Denied(reasons));
+                    }
+                    Decided::NeedsApproval(need) => {
+                        let (Some(message), Some(fx), Some(signer)) =
+                            (&message, &effects, &signer_key)
+                        else {
+                            // evaluate() denies without a key or a message.
+                            return Err(LedgerError::Corrupt(
+                                "approval needed for an intent without key or message".into(),
+                            ));
+                        };
+                        let expires_ms = now.saturating_add(approval_ttl_ms);
+                        let intent_hash = request::intent_hash(message, fx);
+                        let approval = ApprovalRequest {
+                            intent_hash: hex::encode(intent_hash),
                             key: key.to_string(),
-                            message: message.clone(),
-                            intent_hash,
-                            approval: String::from_utf8_lossy(&json(&approval)).into_owned(),
-                            expires_ms,
-                        },
-                    )?;
-                    return Ok(Admission::Pending(body));
-                }
+                            public_key: signer.to_base58(),
+                            message: base64::engine::general_purpose::STANDARD.encode(message),
+                            required: u64::from(need.required),
+                            received: 0,
+                            approvers: need.of,
+                            expires_at: crate::ledger::format_utc(expires_ms),
+                            summary: request::summary(signer, fx),
+                            because: need.because,
+                        };
+                        let reply = PendingIntent {
+                            intent_id: intent_id.clone(),
+                            status: IntentStatus::PendingApproval.wire(),
+                            approval: approval.clone(),
+                        };
+                        txn.record(Some(&intent_id), Some(agent_name), &approval)?;
+                        intents::insert(
+                            txn.conn(),
+                            &intents::NewIntent {
+                                status: IntentStatus::PendingApproval,
+                                reply: Some(&reply_json(&reply)?),
+                                ..base
+                            },
+                        )?;
+                        intents::insert_pending(
+                            txn.conn(),
+                            agent_name,
+                            &intent_id,
+                            &intents::Pending {
+                                key: key.to_string(),
+                                message: message.clone(),
+                                intent_hash,
+                                approval,
+                                expires_ms,
+                            },
+                        )?;
+                        return Ok(Admission::Pending(Box::new(reply)));
+                    }
+                    Decided::Allowed { sol_spend } => sol_spend,
+                };
                 intents::insert(txn.conn(), &base)?;
                 // Nothing is released on this answer: the signature is, and its
                 // commit is synced, which makes these entries durable too.
                 txn.skip_sync();
-                Ok(Admission::Allowed {
-                    sol_spend: decision.sol_spend(),
-                })
+                Ok(Admission::Allowed { sol_spend })
             })
             .await
     }

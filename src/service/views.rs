@@ -7,21 +7,15 @@ use keyward_client::wire::{
     KeysView, LedgerHealth, PolicyView, SignedIntent, codes,
 };
 
+use super::decision::record_breaker;
 use super::{Signer, SubmitError};
 use crate::amount::format_units;
-use crate::ledger::EventType;
+use crate::intents::IntentStatus as Status;
+use crate::ledger::events::DryRunEvaluated;
 use crate::policy::{AgentPolicy, AssetLimits, counters, engine};
 use crate::types::IntentId;
 
 use crate::ledger::now_ms;
-
-/// Payload of `dry_run_evaluated`: bounded by the number of rule kinds.
-#[derive(serde::Serialize)]
-struct DryRunEntry<'a> {
-    decision: &'static str,
-    rules: std::collections::BTreeSet<&'a str>,
-    content_sha256: &'a str,
-}
 
 /// The answer's `decision` for a dry-run verdict.
 fn dry_run_decision(verdict: &engine::Verdict) -> &'static str {
@@ -44,10 +38,8 @@ impl Signer {
     {
         let ledger = self.ledger.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = ledger
-                .reader()
-                .map_err(|e| SubmitError::AuditUnavailable(e.to_string()))?;
-            f(&conn).map_err(|e| SubmitError::AuditUnavailable(e.to_string()))
+            let conn = ledger.reader().map_err(SubmitError::AuditUnavailable)?;
+            f(&conn).map_err(SubmitError::from)
         })
         .await
         .map_err(|e| SubmitError::Internal(e.to_string()))?
@@ -103,20 +95,17 @@ impl Signer {
                     return Ok(verdict);
                 }
                 let name = agent_c.name.as_str();
-                let rules: std::collections::BTreeSet<&str> = verdict
-                    .decision
-                    .reasons
-                    .iter()
-                    .map(|r| r.rule.as_str())
-                    .collect();
-                let payload = serde_json::to_vec(&DryRunEntry {
-                    decision: dry_run_decision(&verdict),
-                    rules,
-                    content_sha256: &content_sha256,
-                })
-                .unwrap_or_default();
-                let entry =
-                    txn.append(EventType::DryRunEvaluated, Some(&id), Some(name), &payload)?;
+                let evaluated = DryRunEvaluated {
+                    decision: dry_run_decision(&verdict).to_owned(),
+                    rules: verdict
+                        .decision
+                        .reasons
+                        .iter()
+                        .map(|r| r.rule.clone())
+                        .collect(),
+                    content_sha256,
+                };
+                let entry = txn.record(Some(&id), Some(name), &evaluated)?;
                 engine::count_rate(
                     txn.conn(),
                     &agent_c,
@@ -124,24 +113,8 @@ impl Signer {
                     now,
                 )?;
                 if denied {
-                    let (trip, cooled_down) = engine::count_denial(txn.conn(), &agent_c, now)?;
-                    if cooled_down {
-                        let reset = serde_json::to_vec(
-                            &serde_json::json!({ "breaker": name, "by": "cooldown" }),
-                        )
-                        .unwrap_or_default();
-                        txn.append(EventType::BreakerReset, None, Some(name), &reset)?;
-                    }
-                    if let Some(trip) = trip {
-                        let tripped = serde_json::to_vec(&serde_json::json!({
-                            "breaker": name,
-                            "consecutive_denials": trip.denials,
-                            "locked_until": crate::ledger::format_utc(trip.until_ms),
-                            "locked_until_ms": trip.until_ms,
-                        }))
-                        .unwrap_or_default();
-                        txn.append(EventType::BreakerTripped, Some(&id), Some(name), &tripped)?;
-                    }
+                    let counted = engine::count_denial(txn.conn(), &agent_c, now)?;
+                    record_breaker(txn, name, Some(&id), counted)?;
                 }
                 Ok(verdict)
             })
@@ -180,7 +153,7 @@ impl Signer {
             .read(move |c| {
                 let rec = crate::intents::get(c, &agent_name, id.as_str())?;
                 let pending = match &rec {
-                    Some(r) if r.status == "pending_approval" || r.status == "expired" => {
+                    Some(r) if matches!(r.status, Status::PendingApproval | Status::Expired) => {
                         crate::intents::pending(c, &agent_name, id.as_str())?
                     }
                     _ => None,
@@ -205,8 +178,8 @@ impl Signer {
             proof: None,
         };
         let body = rec.response.unwrap_or_default();
-        match rec.status.as_str() {
-            "signed" => {
+        match rec.status {
+            Status::Signed => {
                 let s: SignedIntent = serde_json::from_slice(&body)
                     .map_err(|e| SubmitError::Internal(format!("stored response: {e}")))?;
                 view.status = IntentStatus::Signed;
@@ -227,17 +200,17 @@ impl Signer {
                     .await?
                     .and_then(|p| serde_json::to_value(p).ok());
             }
-            "denied" => {
+            Status::Denied => {
                 let e: ErrorBody = serde_json::from_slice(&body)
                     .map_err(|e| SubmitError::Internal(format!("stored response: {e}")))?;
                 view.status = IntentStatus::Denied;
                 view.error_code = Some(e.error.code);
                 view.reasons = e.error.reasons;
             }
-            "pending_approval" | "expired" => {
+            Status::PendingApproval | Status::Expired => {
                 // A window that has run out reads as expired at once, before
                 // the sweeper records it.
-                let expired = rec.status == "expired"
+                let expired = rec.status == Status::Expired
                     || pending.as_ref().is_none_or(|p| p.expires_ms <= now_ms());
                 view.status = if expired {
                     view.error_code = Some(codes::INTENT_EXPIRED.to_owned());
@@ -249,18 +222,18 @@ impl Signer {
                     (Some(p), false) => Some(self.current_figures(agent, intent_id, p)?),
                     _ => None,
                 };
-                view.approval = pending.and_then(|p| {
-                    let mut req: serde_json::Value = serde_json::from_str(&p.approval).ok()?;
+                view.approval = pending.map(|p| {
+                    let mut req = p.approval;
                     // What counts is decided under the policy in force now.
                     if let Some(f) = figures {
-                        req["required"] = serde_json::json!(f.required);
-                        req["received"] = serde_json::json!(f.received);
-                        req["approvers"] = serde_json::json!(f.of);
+                        req.required = f.required;
+                        req.received = f.received;
+                        req.approvers = f.of;
                     }
-                    Some(req)
+                    req
                 });
             }
-            _ => {}
+            Status::InProgress => {}
         }
         Ok(Some(view))
     }
