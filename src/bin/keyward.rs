@@ -381,7 +381,7 @@ fn audit_pin(cli_config: &Path) -> Result<(), Failure> {
             ),
         ));
     }
-    keyward::dev::write_new(&path, 0o444, &keyward::ledger::TrustedKey::file_text(&vkey))
+    keyward::tools::dev::write_new(&path, 0o444, &keyward::ledger::TrustedKey::file_text(&vkey))
         .map_err(|e| Failure(2, anyhow!(e)))?;
     println!(
         "pinned the audit verifier key in {}: {vkey}",
@@ -424,14 +424,14 @@ fn bench(
             .context("cannot find this program's path")?
             .with_file_name("keywardd"),
     };
-    let mut opts = keyward::bench::BenchOptions::for_this_machine(keywardd);
+    let mut opts = keyward::tools::bench::BenchOptions::for_this_machine(keywardd);
     opts.clients = clients.unwrap_or(opts.clients).max(1);
     opts.threads = threads.unwrap_or(opts.threads).max(1);
     opts.duration = std::time::Duration::from_secs_f64(duration);
     opts.module = module;
     opts.prefill = prefill;
     opts.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let report = keyward::bench::run(&opts)?;
+    let report = keyward::tools::bench::run(&opts)?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -736,10 +736,10 @@ fn init_dev(dir: &Path, module: Option<PathBuf>) -> Result<(), Failure> {
             .context("cannot read the current directory")?
             .join(dir)
     };
-    keyward::dev::check_target(&dir)?;
+    keyward::tools::dev::check_target(&dir)?;
     let module = match module {
         Some(m) => m,
-        None => keyward::dev::find_softhsm_module()?,
+        None => keyward::tools::dev::find_softhsm_module()?,
     };
     // SoftHSM2 reads its configuration path when the module is loaded; this
     // process is still single-threaded here.
@@ -748,7 +748,7 @@ fn init_dev(dir: &Path, module: Option<PathBuf>) -> Result<(), Failure> {
         &keyward::hsm::softhsm::conf_path(&dir),
     );
     let uid = nix::unistd::getuid().as_raw();
-    let inst = keyward::dev::init_dev(&dir, &module, uid)?;
+    let inst = keyward::tools::dev::init_dev(&dir, &module, uid)?;
     println!(
         "Created a keyward development instance in {}",
         inst.dir.display()
