@@ -368,7 +368,7 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
 
     // The mirror gate: signing stops while the external copy lags.
     let mirror_task = cfg.mirror.clone().map(|m| {
-        let gate = Arc::new(crate::service::MirrorGate::new(
+        let gate = Arc::new(crate::mirror::MirrorGate::new(
             m.ack_dir
                 .clone()
                 .unwrap_or_else(|| cfg.daemon.state_dir.join("mirror")),

@@ -10,10 +10,8 @@
 pub mod amount;
 pub mod api;
 pub mod approval;
-pub mod bench;
 pub mod config;
 pub mod daemon;
-pub mod dev;
 #[cfg(feature = "test-hooks")]
 pub mod faults;
 pub mod fds;
@@ -27,4 +25,5 @@ pub mod policy;
 pub mod process;
 pub mod service;
 pub mod solana;
+pub mod tools;
 pub mod types;

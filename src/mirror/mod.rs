@@ -8,7 +8,10 @@
 //! the JSON line `keyward audit export` prints, so it can be verified on
 //! its own.
 
+mod gate;
 pub mod nats;
+
+pub use gate::MirrorGate;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};

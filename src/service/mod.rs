@@ -33,6 +33,7 @@ use keyward_client::wire::{DenialReason, SignedIntent, codes};
 use crate::hsm::{Hsm, HsmKey};
 use crate::ledger::events::{BreakerReset, IntentExpired, PolicyLoaded};
 use crate::ledger::{Ledger, LedgerError};
+use crate::mirror::MirrorGate;
 use crate::policy::{AgentPolicy, Policy};
 use crate::types::KeyName;
 
@@ -129,92 +130,6 @@ pub enum SubmitOutcome {
         /// Original JSON body.
         body: Vec<u8>,
     },
-}
-
-/// How far the external copy of the ledger may fall behind.
-#[derive(Debug)]
-pub struct MirrorGate {
-    ack_dir: std::path::PathBuf,
-    sinks: Vec<&'static str>,
-    max_entries: u64,
-    max_age_ms: i64,
-    /// Age of the oldest unacknowledged entry, kept by [`MirrorGate::refresh`].
-    oldest_unacked_age_ms: std::sync::atomic::AtomicI64,
-}
-
-impl MirrorGate {
-    /// A gate over the acknowledgements in `ack_dir`.
-    pub fn new(
-        ack_dir: std::path::PathBuf,
-        sinks: Vec<&'static str>,
-        max_entries: u64,
-        max_age: std::time::Duration,
-    ) -> MirrorGate {
-        MirrorGate {
-            ack_dir,
-            sinks,
-            max_entries,
-            max_age_ms: i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX),
-            oldest_unacked_age_ms: std::sync::atomic::AtomicI64::new(0),
-        }
-    }
-
-    /// (unacknowledged entries, age of the oldest in ms) now.
-    pub fn lag(&self, head_seq: u64) -> (u64, i64) {
-        let acked = crate::mirror::min_ack(&self.ack_dir, &self.sinks);
-        let entries = head_seq.saturating_sub(acked);
-        let age = if entries == 0 {
-            0
-        } else {
-            self.oldest_unacked_age_ms.load(Ordering::SeqCst)
-        };
-        (entries, age)
-    }
-
-    /// Recomputes the age of the oldest unacknowledged entry.
-    pub fn refresh(&self, ledger: &Ledger) {
-        let acked = crate::mirror::min_ack(&self.ack_dir, &self.sinks);
-        let age = ledger
-            .reader()
-            .ok()
-            .and_then(|c| {
-                c.query_row(
-                    "SELECT ts_ms FROM ledger WHERE seq = ?1",
-                    [i64::try_from(acked + 1).unwrap_or(i64::MAX)],
-                    |r| r.get::<_, i64>(0),
-                )
-                .ok()
-            })
-            .map_or(0, |ts| (crate::ledger::now_ms() - ts).max(0));
-        self.oldest_unacked_age_ms.store(age, Ordering::SeqCst);
-    }
-
-    /// Each sink's acknowledged sequence number.
-    pub fn sink_acks(&self) -> Vec<(&'static str, u64)> {
-        self.sinks
-            .iter()
-            .map(|s| (*s, crate::mirror::read_ack(&self.ack_dir, s)))
-            .collect()
-    }
-
-    /// `Err` with what is wrong when signing must stop.
-    pub fn check(&self, head_seq: u64) -> Result<(), String> {
-        let (entries, age) = self.lag(head_seq);
-        if entries > self.max_entries {
-            return Err(format!(
-                "{entries} entries unmirrored, at most {} allowed",
-                self.max_entries
-            ));
-        }
-        if age > self.max_age_ms {
-            return Err(format!(
-                "the oldest unmirrored entry is {} s old, at most {} s allowed",
-                age / 1000,
-                self.max_age_ms / 1000
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// A policy put in force by [`Signer::reload_policy`].

@@ -1,0 +1,164 @@
+//! keyward: operator, auditor and development CLI.
+//!
+//! Exit status: 0 success, 1 a negative finding (e.g. a broken chain),
+//! 2 a usage or environment error.
+//!
+//! One module per group of subcommands; this file holds the command line's
+//! top level, the dispatch, the exit status and the admin socket client
+//! they share.
+
+mod approval;
+mod approve;
+mod approver;
+mod audit;
+mod bench;
+mod breaker;
+mod init;
+mod key;
+mod key_file;
+mod mirror;
+mod policy;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow};
+use clap::{Parser, Subcommand};
+use keyward::config::{Config, DEFAULT_CONFIG};
+
+/// keyward: the operator's CLI for the keyward signing appliance.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// keyward.toml of the instance to act on.
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a development instance: a SoftHSM2 token, config, policy and a key `hot`, all in DIR.
+    Init(init::InitArgs),
+    /// Offline ledger commands (no daemon needed).
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
+    /// Keys (through the running daemon's admin socket).
+    Key {
+        #[command(subcommand)]
+        command: key::KeyCommand,
+    },
+    /// Circuit breakers (through the admin socket).
+    Breaker {
+        #[command(subcommand)]
+        command: breaker::BreakerCommand,
+    },
+    /// Policy files.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
+    /// Ship ledger entries to the mirror configured in [mirror], in order and
+    /// exactly once, until SIGTERM (run as its own service and user).
+    Mirror,
+    /// Approvers of large intents (through the admin socket).
+    Approver {
+        #[command(subcommand)]
+        command: approver::ApproverCommand,
+    },
+    /// Intents waiting for approvals, and approvers' tokens relayed by the
+    /// operator (through the admin socket).
+    Approval {
+        #[command(subcommand)]
+        command: approval::ApprovalCommand,
+    },
+    /// On an approver's own machine: check an approval request against its
+    /// bytes, show what the transaction really does, and print a token.
+    Approve(approve::ApproveArgs),
+    /// Measure keyward's cost against the HSM's: raw signing rate,
+    /// end-to-end intents per second with latency, latency at 80 % load and
+    /// ledger appends, on a scratch SoftHSM2 instance (no real instance is
+    /// touched).
+    Bench(bench::BenchArgs),
+}
+
+/// A failure with the exit status it maps to.
+struct Failure(u8, anyhow::Error);
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(2, e.into())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    keyward::logging::init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, e)) => {
+            eprintln!("keyward: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Runs the command the command line names.
+fn run(cli: Cli) -> Result<(), Failure> {
+    let config = &cli.config;
+    match cli.command {
+        Command::Init(args) => init::run(args),
+        Command::Audit { command } => audit::run(config, command),
+        Command::Key { command } => key::run(config, command),
+        Command::Breaker { command } => breaker::run(config, command),
+        Command::Policy { command } => policy::run(config, command),
+        Command::Mirror => mirror::run(config),
+        Command::Approver { command } => approver::run(config, command),
+        Command::Approval { command } => approval::run(config, command),
+        Command::Approve(args) => approve::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+/// A runtime for one call to the daemon.
+fn admin_runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Calls the running daemon through the admin socket named in `cfg`; a
+/// refusal is exit status 2 with the daemon's message and code.
+fn admin_call<T: serde::de::DeserializeOwned>(
+    cfg: &Config,
+    method: &str,
+    path: &str,
+) -> Result<T, Failure> {
+    let client = keyward_client::Client::new(&cfg.daemon.admin_socket);
+    let rt = admin_runtime()?;
+    let method =
+        keyward_client::Method::from_bytes(method.as_bytes()).map_err(|e| anyhow!("{e}"))?;
+    let result = rt.block_on(client.request_json::<()>(method, path, None));
+    let (status, body) = result.map_err(|e| anyhow!("{e}"))?;
+    if status.is_success() {
+        Ok(serde_json::from_slice(&body).context("unexpected answer from the daemon")?)
+    } else {
+        let msg = serde_json::from_slice::<keyward_client::wire::ErrorBody>(&body)
+            .map(|b| format!("{} ({})", b.error.message, b.error.code))
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        Err(Failure(2, anyhow!("the daemon refused: {msg}")))
+    }
+}
+
+/// `GET path` on the admin socket.
+fn admin_get<T: serde::de::DeserializeOwned>(cfg: &Config, path: &str) -> Result<T, Failure> {
+    admin_call(cfg, "GET", path)
+}
+
+/// `POST path` (no body) on the admin socket.
+fn admin_post<T: serde::de::DeserializeOwned>(cfg: &Config, path: &str) -> Result<T, Failure> {
+    admin_call(cfg, "POST", path)
+}
