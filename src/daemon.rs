@@ -102,12 +102,6 @@ pub fn open_ledger(cfg: &Config) -> Result<Ledger, DaemonError> {
     Ok(Ledger::open(
         &cfg.ledger_path(),
         LedgerOptions {
-            extra_schema: vec![
-                crate::policy::counters::SCHEMA,
-                crate::policy::engine::SCHEMA,
-                crate::intents::SCHEMA,
-                crate::approval::store::SCHEMA,
-            ],
             commit_delay: std::time::Duration::from_micros(cfg.ledger.commit_delay_us),
         },
     )?)

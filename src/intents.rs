@@ -4,32 +4,8 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// Schema of the intent records, created with the ledger.
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS intents (
-    agent TEXT NOT NULL,
-    intent_id TEXT NOT NULL,
-    content_hash BLOB NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('in_progress', 'signed', 'denied', 'pending_approval', 'expired')),
-    http_status INTEGER,
-    response BLOB,
-    received_seq INTEGER NOT NULL,
-    updated_ms INTEGER NOT NULL,
-    PRIMARY KEY (agent, intent_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS intents_in_progress ON intents(status) WHERE status = 'in_progress';
-CREATE TABLE IF NOT EXISTS pending_approvals (
-    agent TEXT NOT NULL,
-    intent_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    message BLOB NOT NULL,
-    intent_hash BLOB NOT NULL,
-    approval TEXT NOT NULL,
-    expires_ms INTEGER NOT NULL,
-    PRIMARY KEY (agent, intent_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS pending_expiry ON pending_approvals(expires_ms);
-";
+// Tables `intents` and `pending_approvals`: created and migrated by
+// `crate::schema`.
 
 /// An intent waiting for approvals: the exact message to sign and the
 /// approval request shown to approvers.

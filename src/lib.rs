@@ -25,6 +25,7 @@ pub mod logging;
 pub mod mirror;
 pub mod policy;
 pub mod process;
+pub mod schema;
 pub mod service;
 pub mod solana;
 pub mod types;
