@@ -26,6 +26,7 @@ pub mod mirror;
 pub mod policy;
 pub mod process;
 pub mod schema;
+pub mod secret_file;
 pub mod service;
 pub mod solana;
 pub mod types;
