@@ -1,21 +1,26 @@
-//! The daemon: open the HSM and the ledger, serve the agent and admin
-//! sockets, shut down cleanly on SIGTERM.
+//! The daemon: open the HSM and the ledger, bind the sockets, lock the
+//! process down, serve the agent and admin sockets, shut down cleanly on
+//! SIGTERM (see [`run`] for the steps).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::api::serve::{Admission, Limits, Socket, serve};
+use crate::api::serve::{Admission, Limits, Socket, serve as serve_socket};
 use crate::api::{AppState, admin_router, agent_router, bind_socket, with_request_timeout};
 use crate::config::{Config, ConfigError};
 use crate::hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
-use crate::hsm::{Hsm, HsmError};
+use crate::hsm::{Hsm, HsmError, HsmKey};
 use crate::ledger::{Ledger, LedgerError, LedgerOptions, events};
 use crate::policy::Policy;
 use crate::service::Signer;
+use crate::service::checkpoints::Checkpointer;
+use crate::service::history::Established;
+use crate::types::KeyName;
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -102,12 +107,6 @@ pub fn open_ledger(cfg: &Config) -> Result<Ledger, DaemonError> {
     Ok(Ledger::open(
         &cfg.ledger_path(),
         LedgerOptions {
-            extra_schema: vec![
-                crate::policy::counters::SCHEMA,
-                crate::policy::engine::SCHEMA,
-                crate::intents::SCHEMA,
-                crate::approval::store::SCHEMA,
-            ],
             commit_delay: std::time::Duration::from_micros(cfg.ledger.commit_delay_us),
         },
     )?)
@@ -129,8 +128,36 @@ pub struct StartOptions {
     pub accept_broken_history: Option<u64>,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
+/// Runs the daemon until SIGTERM or SIGINT, in four steps:
+///
+/// 1. [`open`]: the descriptor budget, the policy, the HSM (the PKCS#11
+///    module is loaded here) and its keys, the ledger (migrated), the audit
+///    history verified, the start recorded, interrupted intents recovered.
+/// 2. [`bind`]: the agent and admin sockets and the signal handlers.
+/// 3. [`lockdown`]: the single place that restricts the process, once it
+///    holds everything it needs and before it reads any request.
+/// 4. [`serve`]: the sockets and the background tasks until a stop signal,
+///    then the orderly shutdown.
 pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
+    let opened = open(&cfg, opts).await?;
+    let bound = bind(&cfg)?;
+    for warning in lockdown() {
+        tracing::warn!("{warning}");
+    }
+    serve(&cfg, opened, bound).await
+}
+
+/// What [`open`] builds: the services, ready to serve.
+struct Opened {
+    ledger: Ledger,
+    signer: Arc<Signer>,
+    checkpointer: Arc<Checkpointer>,
+    audit_key: HsmKey,
+}
+
+/// Step 1: everything the daemon needs before it can serve, and the record
+/// of this start in the ledger.
+async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
     // Before the HSM or the ledger opens a file: the connection limits must
     // leave them descriptors.
     let nofile = crate::fds::reserve(cfg.daemon.max_connections)?;
@@ -141,6 +168,78 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         "descriptor budget"
     );
     let policy = Policy::load(&cfg.daemon.policy)?;
+    let (hsm, keys) = open_hsm_and_keys(cfg, &policy).await?;
+    let ledger = open_ledger(cfg)?;
+    let established = establish_history(cfg, &hsm, &ledger, opts).await?;
+    let audit_key = established.key.clone();
+    record_start(cfg, &ledger, &*hsm, &keys, &policy, &established).await?;
+    let hsm_for_checkpoints = Arc::clone(&hsm);
+    // Test builds only: the signing service's HSM fails or waits on request.
+    #[cfg(feature = "test-hooks")]
+    let hsm = crate::faults::wrap_hsm(hsm);
+    let signer = Signer::new(
+        ledger.clone(),
+        hsm,
+        keys,
+        policy,
+        cfg.daemon.policy.clone(),
+        Duration::from_secs(cfg.daemon.approval_ttl_s),
+    );
+    // Signed checkpoints of the Merkle tree, over verified entries only. The
+    // first covers this start before anything is recorded for an agent.
+    let origin = cfg
+        .ledger
+        .origin
+        .clone()
+        .unwrap_or_else(|| format!("keyward/{}", cfg.hsm.token_label));
+    let checkpointer = Arc::new(Checkpointer::new(
+        hsm_for_checkpoints,
+        ledger.clone(),
+        audit_key.clone(),
+        origin,
+        established.walker,
+        Arc::clone(signer.history_gate()),
+    ));
+    let (every, interval) = checkpoint_cadence(cfg);
+    match checkpointer.maybe(every, interval, true).await {
+        Ok(Some(m)) => tracing::info!(size = m.size, seq = m.seq, "start checkpoint recorded"),
+        Ok(None) => {}
+        Err(e) => {
+            return Err(DaemonError::Io {
+                what: "the start checkpoint".into(),
+                source: std::io::Error::other(e),
+            });
+        }
+    }
+    let recovered = signer.recover().await?;
+    if recovered > 0 {
+        tracing::warn!(
+            recovered,
+            "recorded intents interrupted by the last stop; their reservations were released"
+        );
+    }
+    Ok(Opened {
+        ledger,
+        signer,
+        checkpointer,
+        audit_key,
+    })
+}
+
+/// Checkpoint every this many entries, or this often.
+fn checkpoint_cadence(cfg: &Config) -> (u64, Duration) {
+    (
+        cfg.ledger.checkpoint_every,
+        Duration::from_secs(cfg.ledger.checkpoint_interval_s),
+    )
+}
+
+/// Opens the HSM (off the runtime's threads: loading the module and logging
+/// in block) and finds every key the policy names.
+async fn open_hsm_and_keys(
+    cfg: &Config,
+    policy: &Policy,
+) -> Result<(Arc<dyn Hsm>, HashMap<KeyName, HsmKey>), DaemonError> {
     let hsm_cfg = cfg.clone();
     let hsm = tokio::task::spawn_blocking(move || open_hsm(&hsm_cfg))
         .await
@@ -159,38 +258,56 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
             })?;
         keys.insert(name, key);
     }
-    let ledger = open_ledger(&cfg)?;
-    // The trust anchor: the whole history verified against the HSM's own
-    // audit key (made on a fresh install), the pinned key, the checkpoint
-    // kept in the HSM and what the mirror acknowledged.
-    let established = {
-        let (hsm, ledger, cfg) = (Arc::clone(&hsm), ledger.clone(), cfg.clone());
-        let accept = opts.accept_broken_history;
-        let verify_started = std::time::Instant::now();
-        let e = tokio::task::spawn_blocking(move || {
-            crate::service::history::establish(&*hsm, &ledger, &cfg, accept)
-        })
-        .await
-        .map_err(|e| DaemonError::Io {
-            what: "history verification task".into(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
-        if let Some(r) = &e.report {
-            tracing::info!(
-                entries = r.chain.entries,
-                checkpoints = r.checkpoints,
-                uncovered = r.uncovered(),
-                ms = verify_started.elapsed().as_millis() as u64,
-                "audit history verified against the HSM's audit key"
-            );
-        }
-        e
-    };
-    let audit_key = established.key.clone();
+    Ok((hsm, keys))
+}
+
+/// The trust anchor: the whole history verified against the HSM's own
+/// audit key (made on a fresh install), the pinned key, the checkpoint kept
+/// in the HSM and what the mirror acknowledged.
+async fn establish_history(
+    cfg: &Config,
+    hsm: &Arc<dyn Hsm>,
+    ledger: &Ledger,
+    opts: StartOptions,
+) -> Result<Established, DaemonError> {
+    let (hsm, ledger, cfg) = (Arc::clone(hsm), ledger.clone(), cfg.clone());
+    let accept = opts.accept_broken_history;
+    let verify_started = std::time::Instant::now();
+    let e = tokio::task::spawn_blocking(move || {
+        crate::service::history::establish(&*hsm, &ledger, &cfg, accept)
+    })
+    .await
+    .map_err(|e| DaemonError::Io {
+        what: "history verification task".into(),
+        source: std::io::Error::other(e.to_string()),
+    })??;
+    if let Some(r) = &e.report {
+        tracing::info!(
+            entries = r.chain.entries,
+            checkpoints = r.checkpoints,
+            uncovered = r.uncovered(),
+            ms = verify_started.elapsed().as_millis() as u64,
+            "audit history verified against the HSM's audit key"
+        );
+    }
+    Ok(e)
+}
+
+/// Records this start: a newly generated audit key, an acknowledged break,
+/// `daemon_started` and the policy in force.
+async fn record_start(
+    cfg: &Config,
+    ledger: &Ledger,
+    hsm: &dyn Hsm,
+    keys: &HashMap<KeyName, HsmKey>,
+    policy: &Policy,
+    established: &Established,
+) -> Result<(), DaemonError> {
+    let audit_key = &established.key;
     if let Some(path) = &established.unpinned {
         tracing::warn!(
             path = %path.display(),
-            verifier_key = %crate::service::history::audit_vkey(&audit_key),
+            verifier_key = %crate::service::history::audit_vkey(audit_key),
             "the audit key is not pinned: run `keyward audit pin` (as root) so auditors can verify checkpoints"
         );
     }
@@ -251,53 +368,26 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
             Ok(())
         })
         .await?;
-    let hsm_for_checkpoints = Arc::clone(&hsm);
-    // Test builds only: the signing service's HSM fails or waits on request.
-    #[cfg(feature = "test-hooks")]
-    let hsm = crate::faults::wrap_hsm(hsm);
-    let signer = Signer::new(
-        ledger.clone(),
-        hsm,
-        keys,
-        policy,
-        cfg.daemon.policy.clone(),
-        Duration::from_secs(cfg.daemon.approval_ttl_s),
-    );
-    // Signed checkpoints of the Merkle tree, over verified entries only. The
-    // first covers this start before anything is recorded for an agent.
-    let origin = cfg
-        .ledger
-        .origin
-        .clone()
-        .unwrap_or_else(|| format!("keyward/{}", cfg.hsm.token_label));
-    let checkpointer = Arc::new(crate::service::checkpoints::Checkpointer::new(
-        Arc::clone(&hsm_for_checkpoints),
-        ledger.clone(),
-        audit_key.clone(),
-        origin,
-        established.walker,
-        Arc::clone(signer.history_gate()),
-    ));
-    let every = cfg.ledger.checkpoint_every;
-    let interval = Duration::from_secs(cfg.ledger.checkpoint_interval_s);
-    match checkpointer.maybe(every, interval, true).await {
-        Ok(Some(m)) => tracing::info!(size = m.size, seq = m.seq, "start checkpoint recorded"),
-        Ok(None) => {}
-        Err(e) => {
-            return Err(DaemonError::Io {
-                what: "the start checkpoint".into(),
-                source: std::io::Error::other(e),
-            });
-        }
-    }
-    let recovered = signer.recover().await?;
-    if recovered > 0 {
-        tracing::warn!(
-            recovered,
-            "recorded intents interrupted by the last stop; their reservations were released"
-        );
-    }
+    Ok(())
+}
 
+/// What [`bind`] acquired from the system for serving.
+struct Bound {
+    agent: tokio::net::UnixListener,
+    admin: tokio::net::UnixListener,
+    signals: Signals,
+}
+
+/// The stop and reload signals.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+/// Step 2: the agent and admin sockets (with their modes and group) and the
+/// signal handlers; nothing is accepted yet.
+fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
     let agent_listener = bind_socket(&cfg.daemon.agent_socket, 0o660).map_err(io(format!(
         "cannot bind agent socket {}",
         cfg.daemon.agent_socket.display()
@@ -325,7 +415,64 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         "cannot bind admin socket {}",
         cfg.daemon.admin_socket.display()
     )))?;
+    let signals = Signals {
+        term: signal(SignalKind::terminate()).map_err(io("cannot install SIGTERM handler"))?,
+        int: signal(SignalKind::interrupt()).map_err(io("cannot install SIGINT handler"))?,
+        hup: signal(SignalKind::hangup()).map_err(io("cannot install SIGHUP handler"))?,
+    };
+    Ok(Bound {
+        agent: agent_listener,
+        admin: admin_listener,
+        signals,
+    })
+}
 
+/// Step 3, the lockdown: the single place that restricts the process once
+/// the PKCS#11 module is loaded (with whatever threads and files it opens),
+/// the ledger is open and the sockets are bound, and before any request is
+/// read. This is where the daemon's seccomp filter will be applied to all
+/// threads; the steps before it may make any system call, serving after it
+/// may not make new kinds.
+///
+/// What [`crate::harden::harden_process`] does stays at the top of `main`,
+/// on purpose: the umask must be in force before the ledger and the
+/// sockets are created, and core dumps, ptrace and swap must be shut before
+/// the PIN is read and the module handles secrets. Today the lockdown
+/// checks that those are still in force (a seccomp filter needs
+/// `no_new_privs`) and returns what is not, as warnings.
+pub fn lockdown() -> crate::harden::Warnings {
+    let mut warnings = Vec::new();
+    match nix::sys::prctl::get_no_new_privs() {
+        Ok(true) => {}
+        Ok(false) => warnings.push("lockdown: no_new_privs is not set".to_owned()),
+        Err(e) => warnings.push(format!("lockdown: cannot read no_new_privs: {e}")),
+    }
+    match nix::sys::prctl::get_dumpable() {
+        Ok(false) => {}
+        Ok(true) => warnings.push(
+            "lockdown: the process is dumpable (core dumps and ptrace by its user are possible)"
+                .to_owned(),
+        ),
+        Err(e) => warnings.push(format!("lockdown: cannot read the dumpable flag: {e}")),
+    }
+    warnings
+}
+
+/// Step 4: serves both sockets and runs the background tasks until SIGTERM
+/// or SIGINT (SIGHUP reloads the policy), then stops in order: connections,
+/// tasks, a final checkpoint, `daemon_stopped`, the ledger.
+async fn serve(cfg: &Config, opened: Opened, bound: Bound) -> Result<(), DaemonError> {
+    let Opened {
+        ledger,
+        signer,
+        checkpointer,
+        audit_key,
+    } = opened;
+    let Bound {
+        agent: agent_listener,
+        admin: admin_listener,
+        signals,
+    } = bound;
     let state = AppState {
         signer: Arc::clone(&signer),
         max_body: cfg.daemon.max_body_bytes,
@@ -345,7 +492,7 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         shutdown_grace: Duration::from_secs(cfg.daemon.shutdown_grace_s),
     };
     let request_timeout = Duration::from_secs(cfg.daemon.request_timeout_s);
-    let agent_srv = serve(
+    let agent_srv = serve_socket(
         Socket {
             name: "agent",
             listener: agent_listener,
@@ -355,7 +502,7 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         },
         stop_rx.clone(),
     );
-    let admin_srv = serve(
+    let admin_srv = serve_socket(
         Socket {
             name: "admin",
             listener: admin_listener,
@@ -365,9 +512,42 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         },
         stop_rx.clone(),
     );
+    let tasks = spawn_background(cfg, &ledger, &signer, &checkpointer, &stop_rx);
 
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(
+        agent_socket = %cfg.daemon.agent_socket.display(),
+        admin_socket = %cfg.daemon.admin_socket.display(),
+        "keywardd ready"
+    );
+    let servers = tokio::spawn(async move {
+        tokio::join!(agent_srv, admin_srv);
+    });
+    wait_for_stop(signals, &signer).await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = stop_tx.send(true);
+    if let Err(e) = servers.await {
+        tracing::error!(error = %e, "server task failed");
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    shut_down(cfg, ledger, signer, &checkpointer).await
+}
+
+/// The tasks that run beside the sockets until `stop`: the mirror gate's
+/// refresh, checkpoints and re-verification, expiry of pending intents and
+/// recovery of interrupted ones.
+fn spawn_background(
+    cfg: &Config,
+    ledger: &Ledger,
+    signer: &Arc<Signer>,
+    checkpointer: &Arc<Checkpointer>,
+    stop_rx: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
     // The mirror gate: signing stops while the external copy lags.
-    let mirror_task = cfg.mirror.clone().map(|m| {
+    if let Some(m) = cfg.mirror.clone() {
         let gate = Arc::new(crate::mirror::MirrorGate::new(
             m.ack_dir
                 .clone()
@@ -379,7 +559,7 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         signer.set_mirror_gate(Arc::clone(&gate));
         let ledger = ledger.clone();
         let stop = stop_rx.clone();
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             loop {
                 let g = Arc::clone(&gate);
                 let l = ledger.clone();
@@ -389,13 +569,14 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
                     _ = shutdown_signal(stop.clone()) => return,
                 }
             }
-        })
-    });
+        }));
+    }
 
-    let cp = Arc::clone(&checkpointer);
+    let cp = Arc::clone(checkpointer);
     let cp_stop = stop_rx.clone();
+    let (every, interval) = checkpoint_cadence(cfg);
     let verify_every = Duration::from_secs(cfg.ledger.verify_interval_s);
-    let checkpoints = tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         let mut last_verify = std::time::Instant::now();
         loop {
             tokio::select! {
@@ -414,12 +595,12 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
                 }
             }
         }
-    });
+    }));
 
     // Expire pending intents whose approval window has ended.
-    let expiry_signer = Arc::clone(&signer);
+    let expiry_signer = Arc::clone(signer);
     let expiry_stop = stop_rx.clone();
-    let expiry = tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -433,12 +614,12 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
                 }
             }
         }
-    });
+    }));
 
     // Retry recording interrupted intents while the ledger was failing.
-    let recovery_signer = Arc::clone(&signer);
+    let recovery_signer = Arc::clone(signer);
     let recovery_stop = stop_rx.clone();
-    let recovery = tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -451,23 +632,17 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
                 tracing::warn!(error = %e, "recording interrupted intents failed; will retry");
             }
         }
-    });
+    }));
+    tasks
+}
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(io("cannot install SIGTERM handler"))?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(io("cannot install SIGINT handler"))?;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    tracing::info!(
-        agent_socket = %cfg.daemon.agent_socket.display(),
-        admin_socket = %cfg.daemon.admin_socket.display(),
-        "keywardd ready"
-    );
-    let servers = tokio::spawn(async move {
-        tokio::join!(agent_srv, admin_srv);
-    });
-    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(io("cannot install SIGHUP handler"))?;
+/// Waits for SIGTERM or SIGINT; reloads the policy on SIGHUP meanwhile.
+async fn wait_for_stop(signals: Signals, signer: &Signer) {
+    let Signals {
+        term: mut sigterm,
+        int: mut sigint,
+        hup: mut sighup,
+    } = signals;
     loop {
         tokio::select! {
             _ = sigterm.recv() => {
@@ -488,17 +663,17 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
             }
         }
     }
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    let _ = stop_tx.send(true);
-    if let Err(e) = servers.await {
-        tracing::error!(error = %e, "server task failed");
-    }
-    let _ = recovery.await;
-    let _ = expiry.await;
-    let _ = checkpoints.await;
-    if let Some(t) = mirror_task {
-        let _ = t.await;
-    }
+}
+
+/// After the sockets and tasks stopped: lets submissions still running
+/// finish recording, removes the sockets, records a final checkpoint and
+/// `daemon_stopped`, and closes the ledger.
+async fn shut_down(
+    cfg: &Config,
+    ledger: Ledger,
+    signer: Arc<Signer>,
+    checkpointer: &Checkpointer,
+) -> Result<(), DaemonError> {
     // Requests run their submissions in their own tasks; give any still
     // running a moment to finish recording before the ledger closes.
     for _ in 0..100 {
@@ -510,6 +685,7 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&cfg.daemon.agent_socket);
     let _ = std::fs::remove_file(&cfg.daemon.admin_socket);
     // A last checkpoint covers everything up to the stop.
+    let (every, interval) = checkpoint_cadence(cfg);
     match checkpointer.maybe(every, interval, true).await {
         Ok(Some(m)) => tracing::info!(size = m.size, seq = m.seq, "final checkpoint recorded"),
         Ok(None) => {}

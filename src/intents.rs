@@ -88,32 +88,8 @@ impl FromSql for IntentStatus {
     }
 }
 
-/// Schema of the intent records, created with the ledger.
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS intents (
-    agent TEXT NOT NULL,
-    intent_id TEXT NOT NULL,
-    content_hash BLOB NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('in_progress', 'signed', 'denied', 'pending_approval', 'expired')),
-    http_status INTEGER,
-    response BLOB,
-    received_seq INTEGER NOT NULL,
-    updated_ms INTEGER NOT NULL,
-    PRIMARY KEY (agent, intent_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS intents_in_progress ON intents(status) WHERE status = 'in_progress';
-CREATE TABLE IF NOT EXISTS pending_approvals (
-    agent TEXT NOT NULL,
-    intent_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    message BLOB NOT NULL,
-    intent_hash BLOB NOT NULL,
-    approval TEXT NOT NULL,
-    expires_ms INTEGER NOT NULL,
-    PRIMARY KEY (agent, intent_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS pending_expiry ON pending_approvals(expires_ms);
-";
+// Tables `intents` and `pending_approvals`: created and migrated by
+// `crate::schema`.
 
 /// An intent waiting for approvals: the exact message to sign and the
 /// approval request shown to approvers.
@@ -418,8 +394,8 @@ mod tests {
 
     #[test]
     fn every_status_is_stored_and_read_back_by_its_name() {
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(SCHEMA).unwrap();
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut c).unwrap();
         for (i, s) in IntentStatus::ALL.into_iter().enumerate() {
             add(&c, &format!("i{i}"), s);
             assert_eq!(get(&c, "a", &format!("i{i}")).unwrap().unwrap().status, s);
@@ -434,8 +410,8 @@ mod tests {
 
     #[test]
     fn forgetting_removes_an_interrupted_intent_and_its_pending_part_only() {
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(SCHEMA).unwrap();
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut c).unwrap();
         add(&c, "run", IntentStatus::PendingApproval);
         assert_eq!(start_signing(&c, "a", "run", 2).unwrap(), 1);
         add(&c, "wait", IntentStatus::PendingApproval);
@@ -456,8 +432,8 @@ mod tests {
 
     #[test]
     fn only_a_pending_intent_starts_signing() {
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(SCHEMA).unwrap();
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut c).unwrap();
         add(&c, "d", IntentStatus::Denied);
         assert_eq!(start_signing(&c, "a", "d", 2).unwrap(), 0);
         assert_eq!(

@@ -23,6 +23,8 @@ pub mod logging;
 pub mod mirror;
 pub mod policy;
 pub mod process;
+pub mod schema;
+pub mod secret_file;
 pub mod service;
 pub mod solana;
 pub mod tools;

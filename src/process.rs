@@ -16,10 +16,19 @@ pub fn apply_module_env(cfg: &Config) {
     }
 }
 
-/// Sets one environment variable before any thread starts (see
+/// Sets one environment variable, for a PKCS#11 module loaded later (see
 /// [`apply_module_env`]).
+///
+/// # Safety
+///
+/// It has the contract of [`std::env::set_var`]: no other thread may read
+/// or write the environment at the same time other than through `std::env`
+/// (which serialises with this call). In particular, no thread may be
+/// inside C code that calls `getenv` or `setenv`, such as a PKCS#11
+/// module being loaded or running. Calling it from `main` before any other
+/// thread is started meets this.
 #[allow(unsafe_code)]
-pub fn set_env_single_threaded(name: &str, value: &std::path::Path) {
-    // SAFETY: the caller runs in `main` before any thread is started.
+pub unsafe fn set_env_single_threaded(name: &str, value: &std::path::Path) {
+    // SAFETY: forwarded to the caller (see `# Safety`).
     unsafe { std::env::set_var(name, value) };
 }

@@ -412,10 +412,17 @@ fn approvals_end_to_end() {
     // The HMAC keys in the token are sensitive and not extractable; a
     // removed approver's key is gone.
     let inst_dir = inst.inst_dir().to_path_buf();
-    keyward::process::set_env_single_threaded(
-        "SOFTHSM2_CONF",
-        &keyward::hsm::softhsm::conf_path(&inst_dir),
-    );
+    // SAFETY: this is the only test of this binary that loads a PKCS#11
+    // module in-process, and it does so below, on this thread; the other
+    // threads touch the environment only through std (spawning keywardd and
+    // the CLI), which serialises with `set_var`.
+    #[allow(unsafe_code)]
+    unsafe {
+        keyward::process::set_env_single_threaded(
+            "SOFTHSM2_CONF",
+            &keyward::hsm::softhsm::conf_path(&inst_dir),
+        )
+    };
     let hsm = keyward::hsm::pkcs11::Pkcs11Hsm::open(&keyward::hsm::pkcs11::Pkcs11Config {
         module: "/usr/lib/softhsm/libsofthsm2.so".into(),
         token_label: "keyward-dev".into(),

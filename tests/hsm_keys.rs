@@ -90,8 +90,12 @@ fn pkcs11(inst: &Instance) -> Pkcs11Hsm {
 #[test]
 fn keys_found_on_the_token_without_protection_are_refused_by_name() {
     let mut inst = Instance::init();
-    // Before any thread of this test binary loads the module.
-    keyward::process::set_env_single_threaded("SOFTHSM2_CONF", &conf_path(inst.inst_dir()));
+    // SAFETY: the only test (and thread) of this binary; it loads the module
+    // later, on this thread.
+    #[allow(unsafe_code)]
+    unsafe {
+        keyward::process::set_env_single_threaded("SOFTHSM2_CONF", &conf_path(inst.inst_dir()))
+    };
     let hot = KeyName::new("hot").unwrap();
 
     // The key `keyward init` generated is protected and found.

@@ -29,9 +29,12 @@ fn cfg(label: &str, pin: &std::path::Path) -> Pkcs11Config {
 fn pkcs11_backend_on_a_real_softhsm_token() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    // The only thread of this test binary that touches the environment, and
-    // it does so before the module is loaded.
-    keyward::process::set_env_single_threaded("SOFTHSM2_CONF", &conf_path(dir));
+    // SAFETY: this is the only test (and thread) of this binary that touches
+    // the environment, and it does so before the module is loaded.
+    #[allow(unsafe_code)]
+    unsafe {
+        keyward::process::set_env_single_threaded("SOFTHSM2_CONF", &conf_path(dir))
+    };
 
     // Provisioning: conf, token dir, a 0400 PIN file.
     let token = provision_dev_token(dir, MODULE.as_ref(), "kw-test").unwrap();

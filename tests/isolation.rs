@@ -35,10 +35,16 @@ breaker = { max_consecutive_denials = 3, cooldown_s = 3600 }\n\
 /// Generates the key `cold` on the instance's token (before keywardd
 /// starts), as an operator would with the HSM's own tools.
 fn generate_cold_key(inst: &Instance) -> String {
-    keyward::process::set_env_single_threaded(
-        "SOFTHSM2_CONF",
-        &keyward::hsm::softhsm::conf_path(inst.inst_dir()),
-    );
+    // SAFETY: this binary has one test; its in-process PKCS#11 module is
+    // loaded below, on this thread, and no other thread is in C code that
+    // reads the environment.
+    #[allow(unsafe_code)]
+    unsafe {
+        keyward::process::set_env_single_threaded(
+            "SOFTHSM2_CONF",
+            &keyward::hsm::softhsm::conf_path(inst.inst_dir()),
+        )
+    };
     let hsm = Pkcs11Hsm::open(&Pkcs11Config {
         module: inst.config_value("module").into(),
         token_label: inst.config_value("token_label"),

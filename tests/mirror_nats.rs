@@ -180,6 +180,12 @@ fn jetstream_mirror_is_exact_fails_closed_and_cannot_be_rewritten() {
     let mut inst = Instance::init();
     let pw_file = tmp.path().join("mirror.pw");
     std::fs::write(&pw_file, &mirror_pw).unwrap();
+    // Like the PIN file: only its owner may read it.
+    std::fs::set_permissions(
+        &pw_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let ack_dir = inst.inst_dir().join("state").join("mirror");
     let cfg = std::fs::read_to_string(&inst.config).unwrap();
     std::fs::write(

@@ -133,9 +133,8 @@ proptest! {
         let policy = policy();
         let agent = &policy.agents[0];
         let key = KeyName::new("hot").unwrap();
-        let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(counters::SCHEMA).unwrap();
-        conn.execute_batch(engine::SCHEMA).unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
+        keyward::schema::migrate(&mut conn).unwrap();
         let mut now: i64 = 1_800_000_000_000;
         // (time, spend per asset) of every intent that stayed signed.
         let mut signed: Vec<(i64, BTreeMap<Asset, u64>)> = Vec::new();
@@ -204,9 +203,8 @@ fn dry_runs_change_nothing() {
     let policy = policy();
     let agent = &policy.agents[0];
     let key = KeyName::new("hot").unwrap();
-    let conn = Connection::open_in_memory().unwrap();
-    conn.execute_batch(counters::SCHEMA).unwrap();
-    conn.execute_batch(engine::SCHEMA).unwrap();
+    let mut conn = Connection::open_in_memory().unwrap();
+    keyward::schema::migrate(&mut conn).unwrap();
     let now = 1_800_000_000_000;
     let fx = effects(&Op {
         dt_ms: 0,

@@ -3,30 +3,8 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// Schema, created with the ledger.
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS approvers (
-    name TEXT NOT NULL PRIMARY KEY,
-    added_ms INTEGER NOT NULL,
-    removed_ms INTEGER
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS approval_nonces (
-    nonce TEXT NOT NULL PRIMARY KEY,
-    approver TEXT NOT NULL,
-    agent TEXT NOT NULL,
-    intent_id TEXT NOT NULL,
-    used_ms INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS approvals (
-    agent TEXT NOT NULL,
-    intent_id TEXT NOT NULL,
-    approver TEXT NOT NULL,
-    decision TEXT NOT NULL,
-    nonce TEXT NOT NULL,
-    ts_ms INTEGER NOT NULL,
-    PRIMARY KEY (agent, intent_id, approver)
-) WITHOUT ROWID;
-";
+// Tables `approvers`, `approval_nonces` and `approvals`: created and
+// migrated by `crate::schema`.
 
 /// An enrolled approver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,9 +147,8 @@ mod tests {
 
     #[test]
     fn forgetting_an_interrupted_intent_clears_its_round_but_not_its_nonces() {
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(SCHEMA).unwrap();
-        c.execute_batch(crate::intents::SCHEMA).unwrap();
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut c).unwrap();
         record(&c, "a", "i", "alice", "approve", "n1", 1).unwrap();
         use_nonce(&c, "n1", "alice", "a", "i", 1).unwrap();
         forget_intent(&c, "a", "i").unwrap();

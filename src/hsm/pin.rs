@@ -5,12 +5,9 @@
 //! `LoadCredential=`); an absolute one is a file that only its owner (the
 //! daemon's user or root) may read.
 
-use std::io::Read;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use secrecy::SecretString;
-use zeroize::Zeroizing;
 
 use super::HsmError;
 
@@ -35,60 +32,18 @@ pub fn resolve_pin_path(pin_file: &Path) -> Result<PathBuf, HsmError> {
 
 /// Reads the PIN. Refuses files that are not regular files, that group or
 /// others may access, or that belong to someone other than this process's
-/// user or root. A single trailing newline is removed; an empty PIN is
-/// refused. Errors never contain the PIN.
+/// user or root ([`crate::secret_file`]). A single trailing newline is
+/// removed; an empty PIN is refused. Errors never contain the PIN.
 pub fn read_pin(pin_file: &Path) -> Result<SecretString, HsmError> {
     let path = resolve_pin_path(pin_file)?;
-    let shown = path.display().to_string();
-    let mut file = std::fs::File::open(&path)
-        .map_err(|e| HsmError::Pin(format!("cannot open {shown}: {e}")))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| HsmError::Pin(format!("cannot stat {shown}: {e}")))?;
-    if !meta.file_type().is_file() {
-        return Err(HsmError::Pin(format!("{shown} is not a regular file")));
-    }
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(HsmError::Pin(format!(
-            "{shown} has mode {mode:04o}; group and others must have no access (chmod 0400)"
-        )));
-    }
-    let euid = nix::unistd::geteuid().as_raw();
-    if meta.uid() != euid && meta.uid() != 0 {
-        return Err(HsmError::Pin(format!(
-            "{shown} belongs to uid {}, not to this process's user ({euid}) or root",
-            meta.uid()
-        )));
-    }
-    if meta.len() > MAX_PIN_FILE {
-        return Err(HsmError::Pin(format!(
-            "{shown} is larger than {MAX_PIN_FILE} bytes"
-        )));
-    }
-    let mut buf = Zeroizing::new(Vec::with_capacity(64));
-    (&mut file)
-        .take(MAX_PIN_FILE)
-        .read_to_end(&mut buf)
-        .map_err(|e| HsmError::Pin(format!("cannot read {shown}: {e}")))?;
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-        if buf.last() == Some(&b'\r') {
-            buf.pop();
-        }
-    }
-    if buf.is_empty() {
-        return Err(HsmError::Pin(format!("{shown} is empty")));
-    }
-    let text = std::str::from_utf8(&buf)
-        .map_err(|_| HsmError::Pin(format!("{shown} is not UTF-8 text")))?;
-    Ok(SecretString::from(text.to_owned()))
+    crate::secret_file::read_secret_file(&path, MAX_PIN_FILE)
+        .map_err(|e| HsmError::Pin(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
     use secrecy::ExposeSecret;
 

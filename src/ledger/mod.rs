@@ -21,6 +21,10 @@
 //! records) in the same transaction, and get their result only once that
 //! transaction is committed and the log synced to disk (group commit: one
 //! sync for every job waiting at the time).
+//!
+//! The tables (the chain's and those beside it) and their versions belong
+//! to [`crate::schema`]; [`Ledger::open`] migrates, and every opener refuses
+//! a database newer than the binary.
 
 pub mod checkpoint;
 pub mod events;
@@ -48,33 +52,6 @@ pub const DOMAIN: &[u8] = b"keyward:ledger:v1\0";
 
 /// Number of consecutive failed writes that opens the audit breaker.
 pub const BREAKER_THRESHOLD: u32 = 3;
-
-/// Schema of the chain. Updates and deletes are refused by triggers; an
-/// attacker with write access to the file can drop them, which is what the
-/// hash chain (and, later, the external mirror) is for.
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS ledger (
-    seq INTEGER PRIMARY KEY,
-    ts_ms INTEGER NOT NULL,
-    event TEXT NOT NULL,
-    intent_id TEXT,
-    agent TEXT,
-    payload BLOB NOT NULL,
-    prev_hash BLOB NOT NULL,
-    hash BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS ledger_intent ON ledger(intent_id) WHERE intent_id IS NOT NULL;
-CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
-BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
-BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
-CREATE TABLE IF NOT EXISTS merkle_nodes (
-    level INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
-    hash BLOB NOT NULL,
-    PRIMARY KEY (level, idx)
-) WITHOUT ROWID;
-";
 
 macro_rules! event_types {
     ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
@@ -341,6 +318,16 @@ pub enum LedgerError {
     /// one does not decode as its type.
     #[error("ledger payload: {0}")]
     Event(#[from] events::EventError),
+    /// The database's schema version cannot be used (newer than this
+    /// binary, or a migration failed).
+    #[error(transparent)]
+    Schema(Box<crate::schema::SchemaError>),
+}
+
+impl From<crate::schema::SchemaError> for LedgerError {
+    fn from(e: crate::schema::SchemaError) -> LedgerError {
+        LedgerError::Schema(Box::new(e))
+    }
 }
 
 impl LedgerError {
@@ -349,6 +336,7 @@ impl LedgerError {
         match self {
             LedgerError::Corrupt(_) => "ledger_corrupt",
             LedgerError::Open { .. } => "ledger_unavailable",
+            LedgerError::Schema(e) => e.code(),
             _ => "audit_unavailable",
         }
     }

@@ -10,7 +10,8 @@ use super::events;
 use super::{Entry, EventType, LedgerError};
 
 /// Opens a ledger database read-only. A missing file is an error (never
-/// created).
+/// created), and so is a database newer than this binary
+/// (`ledger_schema_too_new`); nothing is migrated.
 pub fn open_read_only(path: &Path) -> Result<Connection, LedgerError> {
     if !path.exists() {
         return Err(LedgerError::Open {
@@ -27,6 +28,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection, LedgerError> {
         detail: e.to_string(),
     })?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    crate::schema::check_readable(&conn)?;
     Ok(conn)
 }
 

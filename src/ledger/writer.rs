@@ -25,7 +25,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::events::{self, LedgerEvent};
-use super::{BREAKER_THRESHOLD, EntryRef, EventType, LedgerError, SCHEMA, entry_hash};
+use super::{BREAKER_THRESHOLD, EntryRef, EventType, LedgerError, entry_hash};
 use crate::types::LedgerSeq;
 
 /// Largest number of jobs committed together.
@@ -34,9 +34,6 @@ const MAX_BATCH: usize = 256;
 /// Options of [`Ledger::open`].
 #[derive(Debug, Clone, Default)]
 pub struct LedgerOptions {
-    /// Schemas of tables that live beside the chain and are updated in the
-    /// same transactions (spend counters, intent records).
-    pub extra_schema: Vec<&'static str>,
     /// How long the writer waits after the first queued job for others to
     /// join its commit (like PostgreSQL's `commit_delay`). Zero (default):
     /// commit whatever is queued at once; under load batches form anyway
@@ -330,18 +327,23 @@ fn load_head(conn: &Connection) -> Result<Head, LedgerError> {
 }
 
 impl Ledger {
-    /// Opens (creating if needed) the ledger database at `path` and starts
-    /// the writer thread. Refuses a database whose last entry does not match
-    /// its hash: a signer must not extend a chain it cannot trust.
+    /// Opens (creating if needed) the ledger database at `path`, brings its
+    /// schema up to date ([`crate::schema::migrate`]) and starts the writer
+    /// thread. Refuses a database newer than this binary before changing
+    /// anything in it, and one whose last entry does not match its hash: a
+    /// signer must not extend a chain it cannot trust.
     pub fn open(path: &Path, options: LedgerOptions) -> Result<Ledger, LedgerError> {
         let lock = lock_writer(path)?;
-        let conn = Connection::open_with_flags(
+        let mut conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
                 | OpenFlags::SQLITE_OPEN_CREATE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| open_err(path, e))?;
+        // Before the journal mode or the file's mode is touched: a newer
+        // database is left exactly as it is.
+        crate::schema::check_readable(&conn)?;
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -374,12 +376,15 @@ impl Ledger {
                 format!("synchronous is {sync}, expected NORMAL (1)"),
             ));
         }
-        let mut schema = String::from(SCHEMA);
-        for extra in &options.extra_schema {
-            schema.push_str(extra);
+        let migrated = crate::schema::migrate(&mut conn)?;
+        if migrated.from != migrated.to {
+            tracing::info!(
+                path = %path.display(),
+                from = migrated.from,
+                to = migrated.to,
+                "ledger schema migrated"
+            );
         }
-        conn.execute_batch(&format!("BEGIN IMMEDIATE; {schema} COMMIT;"))
-            .map_err(|e| open_err(path, e))?;
         let head = load_head(&conn)?;
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
@@ -1078,13 +1083,11 @@ mod tests {
     #[test]
     fn a_failing_job_changes_nothing_and_others_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let l = Ledger::open(
-            &dir.path().join("l.sqlite3"),
-            LedgerOptions {
-                extra_schema: vec!["CREATE TABLE IF NOT EXISTS t (x INTEGER NOT NULL);"],
-                ..LedgerOptions::default()
-            },
-        )
+        let l = Ledger::open(&dir.path().join("l.sqlite3"), LedgerOptions::default()).unwrap();
+        l.write_blocking(|t| {
+            Ok(t.conn()
+                .execute_batch("CREATE TABLE t (x INTEGER NOT NULL);")?)
+        })
         .unwrap();
         let err = l.write_blocking(|t| {
             t.append(EventType::IntentReceived, Some("i"), None, b"{}")?;
@@ -1113,14 +1116,14 @@ mod tests {
         let l = Ledger::open(
             &dir.path().join("l.sqlite3"),
             LedgerOptions {
-                extra_schema: vec!["CREATE TABLE IF NOT EXISTS budget (spent INTEGER NOT NULL);"],
                 commit_delay: std::time::Duration::from_millis(200),
             },
         )
         .unwrap();
         l.write_blocking(|t| {
-            t.conn()
-                .execute("INSERT INTO budget (spent) VALUES (0)", [])?;
+            t.conn().execute_batch(
+                "CREATE TABLE budget (spent INTEGER NOT NULL); INSERT INTO budget (spent) VALUES (0);",
+            )?;
             Ok(())
         })
         .unwrap();

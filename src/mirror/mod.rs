@@ -38,6 +38,10 @@ pub enum MirrorError {
     /// The sink's copy does not continue the ledger.
     #[error("{0}")]
     Diverged(String),
+    /// A sink's password file was refused (loose mode, other owner) or
+    /// could not be read.
+    #[error("NATS password file: {0}")]
+    Secret(#[from] crate::secret_file::SecretFileError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MirrorError {

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::Publish};
+use secrecy::ExposeSecret;
 
 use super::{CopiedEntry, MirrorError, parse_copied};
 use crate::config::NatsSinkConfig;
@@ -23,17 +24,19 @@ fn nats_err(what: &str) -> impl FnOnce(String) -> MirrorError + '_ {
     }
 }
 
-/// Connects with the configured user (password read from its file).
+/// Largest NATS password file accepted.
+const MAX_PASSWORD_FILE: u64 = 4096;
+
+/// Connects with the configured user (password read from its file, which
+/// only its owner, this process's user or root, may read).
 pub async fn connect(cfg: &NatsSinkConfig) -> Result<async_nats::Client, MirrorError> {
     let mut opts = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(3))
         .request_timeout(Some(Duration::from_secs(5)));
     if let (Some(user), Some(pw_file)) = (&cfg.user, &cfg.password_file) {
-        let pw = zeroize::Zeroizing::new(
-            std::fs::read_to_string(pw_file)
-                .map_err(|e| nats_err("cannot read the NATS password file")(e.to_string()))?,
-        );
-        opts = opts.user_and_password(user.clone(), pw.trim_end_matches('\n').to_owned());
+        // The same checks as the HSM PIN file: private, owned by us or root.
+        let pw = crate::secret_file::read_secret_file(pw_file, MAX_PASSWORD_FILE)?;
+        opts = opts.user_and_password(user.clone(), pw.expose_secret().to_owned());
     }
     opts.connect(cfg.url.as_str())
         .await
@@ -182,4 +185,64 @@ pub async fn fetch_copy(cfg: &NatsSinkConfig) -> Result<Vec<CopiedEntry>, Mirror
         })?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+    use super::*;
+
+    fn password_file(dir: &Path, mode: u32) -> std::path::PathBuf {
+        let p = dir.join(format!("nats-{mode:o}.pw"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .unwrap();
+        f.write_all(b"hunter2-nats\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    fn cfg(password_file: &Path) -> NatsSinkConfig {
+        NatsSinkConfig {
+            // Nothing listens here: a refused file must fail before any
+            // connection attempt, and a private one gets as far as it.
+            url: "nats://127.0.0.1:9".into(),
+            stream: "KEYWARD".into(),
+            subject: "keyward.ledger".into(),
+            user: Some("mirror".into()),
+            password_file: Some(password_file.to_path_buf()),
+        }
+    }
+
+    #[test]
+    fn a_password_file_that_group_or_others_can_read_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for mode in [0o640, 0o604, 0o644] {
+            let p = password_file(d.path(), mode);
+            let e = rt.block_on(connect(&cfg(&p))).unwrap_err();
+            assert!(matches!(e, MirrorError::Secret(_)), "{e}");
+            let text = e.to_string();
+            assert!(
+                text.contains("NATS password file")
+                    && text.contains(&p.display().to_string())
+                    && text.contains(&format!("mode {mode:04o}"))
+                    && text.contains("chmod 0400"),
+                "{text}"
+            );
+            assert!(!text.contains("hunter2"), "{text}");
+        }
+        // A private file passes the check; the connection itself fails.
+        let p = password_file(d.path(), 0o400);
+        let e = rt.block_on(connect(&cfg(&p))).unwrap_err();
+        assert!(matches!(e, MirrorError::Io { .. }), "{e}");
+    }
 }

@@ -15,33 +15,12 @@ use crate::types::Lamports;
 /// Length of the rolling window of `per_day` limits.
 pub const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
-/// Schema of the counters, created with the ledger.
-///
-/// `spend` holds one row per intent and asset. `spend_total` keeps, per
-/// agent and asset, the sum of the rows newer than `expired_through_ms`, so
-/// the rolling-window total costs a range scan over only the rows that left
-/// the window since the last decision, not over the whole day: deciding
-/// does not get slower as the day fills up.
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS spend (
-    id INTEGER PRIMARY KEY,
-    agent TEXT NOT NULL,
-    asset TEXT NOT NULL,
-    intent_id TEXT NOT NULL,
-    amount INTEGER NOT NULL CHECK (amount >= 0),
-    ts_ms INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('reserved', 'spent'))
-);
-CREATE INDEX IF NOT EXISTS spend_window ON spend(agent, asset, ts_ms, amount);
-CREATE UNIQUE INDEX IF NOT EXISTS spend_intent ON spend(agent, intent_id, asset);
-CREATE TABLE IF NOT EXISTS spend_total (
-    agent TEXT NOT NULL,
-    asset TEXT NOT NULL,
-    total INTEGER NOT NULL CHECK (total >= 0),
-    expired_through_ms INTEGER NOT NULL,
-    PRIMARY KEY (agent, asset)
-) WITHOUT ROWID;
-";
+// Tables `spend` (one row per intent and asset) and `spend_total` (per
+// agent and asset, the sum of the rows newer than `expired_through_ms`, so
+// the rolling-window total costs a range scan over only the rows that left
+// the window since the last decision, not over the whole day: deciding does
+// not get slower as the day fills up): created and migrated by
+// `crate::schema`.
 
 fn overflow(amount: i64) -> rusqlite::Error {
     rusqlite::Error::IntegralValueOutOfRange(0, amount)
@@ -230,8 +209,8 @@ mod tests {
     use super::*;
 
     fn db() -> Connection {
-        let c = Connection::open_in_memory().unwrap();
-        c.execute_batch(SCHEMA).unwrap();
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut c).unwrap();
         c
     }
 

@@ -13,21 +13,8 @@ use super::{AgentPolicy, Asset, Decision, counters, evaluate, rules, spend_by_as
 use crate::solana::Effects;
 use crate::types::{KeyName, Lamports};
 
-/// Schema of the rate windows and breakers, created with the ledger.
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS rate_events (
-    agent TEXT NOT NULL,
-    intent_id TEXT NOT NULL,
-    ts_ms INTEGER NOT NULL,
-    PRIMARY KEY (agent, intent_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS rate_window ON rate_events(agent, ts_ms);
-CREATE TABLE IF NOT EXISTS agent_breaker (
-    agent TEXT NOT NULL PRIMARY KEY,
-    consecutive INTEGER NOT NULL,
-    locked_until_ms INTEGER NOT NULL
-) WITHOUT ROWID;
-";
+// Tables `rate_events` and `agent_breaker`: created and migrated by
+// `crate::schema`.
 
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;

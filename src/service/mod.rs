@@ -557,12 +557,6 @@ mod tests {
         let ledger = Ledger::open(
             &dir.path().join("l.sqlite3"),
             crate::ledger::LedgerOptions {
-                extra_schema: vec![
-                    crate::policy::counters::SCHEMA,
-                    crate::policy::engine::SCHEMA,
-                    crate::intents::SCHEMA,
-                    crate::approval::store::SCHEMA,
-                ],
                 commit_delay: std::time::Duration::ZERO,
             },
         )

@@ -33,12 +33,16 @@ pub(crate) fn run(args: InitArgs) -> Result<(), Failure> {
         Some(m) => m,
         None => keyward::tools::dev::find_softhsm_module()?,
     };
-    // SoftHSM2 reads its configuration path when the module is loaded; this
-    // process is still single-threaded here.
-    keyward::process::set_env_single_threaded(
-        "SOFTHSM2_CONF",
-        &keyward::hsm::softhsm::conf_path(&dir),
-    );
+    // SoftHSM2 reads its configuration path when the module is loaded.
+    // SAFETY: `keyward init` runs on the main thread before any other thread
+    // is started and before the module is loaded.
+    #[allow(unsafe_code)]
+    unsafe {
+        keyward::process::set_env_single_threaded(
+            "SOFTHSM2_CONF",
+            &keyward::hsm::softhsm::conf_path(&dir),
+        )
+    };
     let uid = nix::unistd::getuid().as_raw();
     let inst = keyward::tools::dev::init_dev(&dir, &module, uid)?;
     println!(

@@ -122,10 +122,15 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         Some(m) => m.clone(),
         None => crate::tools::dev::find_softhsm_module().map_err(setup)?,
     };
-    crate::process::set_env_single_threaded(
-        "SOFTHSM2_CONF",
-        &crate::hsm::softhsm::conf_path(&inst_dir),
-    );
+    // SAFETY: `run` is documented to be called from `main` before any other
+    // thread exists (`keyward bench` does), and no module is loaded yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        crate::process::set_env_single_threaded(
+            "SOFTHSM2_CONF",
+            &crate::hsm::softhsm::conf_path(&inst_dir),
+        )
+    };
     progress(
         opts.progress,
         &format!("creating a scratch instance in {}", inst_dir.display()),
