@@ -581,8 +581,9 @@ fn prefill(cfg: &Config, n: u64, progress_on: bool) -> Result<(), BenchError> {
                 .map(|_| ())
             })
             .map_err(setup)?;
+        let hsm = crate::hsm::HsmExecutor::start(hsm, Default::default()).map_err(setup)?;
         let checkpointer = crate::service::checkpoints::Checkpointer::new(
-            hsm,
+            std::sync::Arc::new(hsm),
             ledger.clone(),
             est.key,
             "keyward/bench".into(),
@@ -590,6 +591,7 @@ fn prefill(cfg: &Config, n: u64, progress_on: bool) -> Result<(), BenchError> {
             std::sync::Arc::default(),
         );
         tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .map_err(setup)?
             .block_on(checkpointer.maybe(1, Duration::from_secs(1), true))

@@ -11,8 +11,7 @@ use tokio::sync::watch;
 use crate::api::serve::{Admission, Limits, Socket, serve};
 use crate::api::{AppState, admin_router, agent_router, bind_socket, with_request_timeout};
 use crate::config::{Config, ConfigError};
-use crate::hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
-use crate::hsm::{Hsm, HsmError};
+use crate::hsm::{ExecutorSettings, Hsm, HsmError, HsmExecutor};
 use crate::ledger::{EventType, Ledger, LedgerError, LedgerOptions};
 use crate::policy::Policy;
 use crate::service::Signer;
@@ -74,18 +73,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     move |source| DaemonError::Io { what, source }
 }
 
-/// Opens the configured HSM backend.
+/// Opens the configured HSM backend: [`crate::hsm::open`] on `[hsm]`.
 pub fn open_hsm(cfg: &Config) -> Result<Arc<dyn Hsm>, HsmError> {
-    let hsm = Pkcs11Hsm::open(&Pkcs11Config {
-        module: cfg.hsm.module.clone(),
-        token_label: cfg.hsm.token_label.clone(),
-        pin_file: cfg.hsm.pin_file.clone(),
-        max_sessions: cfg
-            .hsm
-            .max_sessions
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get() * 2)),
-    })?;
-    Ok(Arc::new(hsm))
+    crate::hsm::open(&cfg.hsm)
 }
 
 /// Opens the ledger database with the tables that live beside the chain.
@@ -148,10 +138,16 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
             what: "HSM start-up task".into(),
             source: std::io::Error::other(e.to_string()),
         })??;
+    // Test builds only: the HSM's signatures fail or wait on request.
+    #[cfg(feature = "test-hooks")]
+    let hsm = crate::faults::wrap_hsm(hsm);
+    // From here on every HSM call goes through the executor.
+    let hsm = Arc::new(HsmExecutor::start(hsm, ExecutorSettings::of(&cfg.hsm))?);
     let mut keys = HashMap::new();
     for name in policy.all_keys() {
         let key = hsm
             .find_ed25519(&name)
+            .await
             .map_err(|source| DaemonError::MissingKey {
                 policy: cfg.daemon.policy.clone(),
                 key: name.to_string(),
@@ -167,8 +163,9 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         let (hsm, ledger, cfg) = (Arc::clone(&hsm), ledger.clone(), cfg.clone());
         let accept = opts.accept_broken_history;
         let verify_started = std::time::Instant::now();
+        let runtime = tokio::runtime::Handle::current();
         let e = tokio::task::spawn_blocking(move || {
-            crate::service::history::establish(&*hsm, &ledger, &cfg, accept)
+            crate::service::history::establish(&hsm.blocking(runtime), &ledger, &cfg, accept)
         })
         .await
         .map_err(|e| DaemonError::Io {
@@ -231,7 +228,7 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
         "hsm_backend": hsm.backend(),
-        "token_label": cfg.hsm.token_label,
+        "token_label": cfg.hsm.device_label(),
         "keys": keys.values().map(|k| serde_json::json!({"name": k.name.as_str(), "public_key": k.public_key.to_base58()})).collect::<Vec<_>>(),
     }))
     .unwrap_or_default();
@@ -249,9 +246,6 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         })
         .await?;
     let hsm_for_checkpoints = Arc::clone(&hsm);
-    // Test builds only: the signing service's HSM fails or waits on request.
-    #[cfg(feature = "test-hooks")]
-    let hsm = crate::faults::wrap_hsm(hsm);
     let signer = Signer::new(
         ledger.clone(),
         hsm,
@@ -266,7 +260,7 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
         .ledger
         .origin
         .clone()
-        .unwrap_or_else(|| format!("keyward/{}", cfg.hsm.token_label));
+        .unwrap_or_else(|| format!("keyward/{}", cfg.hsm.device_label()));
     let checkpointer = Arc::new(crate::service::checkpoints::Checkpointer::new(
         Arc::clone(&hsm_for_checkpoints),
         ledger.clone(),

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use keyward_client::wire::{DenialReason, SignedIntent, codes};
 
-use crate::hsm::{Hsm, HsmKey};
+use crate::hsm::{HsmError, HsmExecutor, HsmKey};
 use crate::ledger::{EventType, Ledger, LedgerError};
 use crate::policy::{AgentPolicy, Policy};
 use crate::types::KeyName;
@@ -60,6 +60,10 @@ pub enum SubmitError {
     /// The HSM could not sign; nothing was released.
     #[error("the HSM could not sign: {0}")]
     HsmUnavailable(String),
+    /// The HSM's queue stayed full: refused at once, nothing was signed,
+    /// reserved or released.
+    #[error("{0}")]
+    HsmBusy(String),
     /// The external copy of the ledger is too far behind: nothing is
     /// signed until it catches up.
     #[error("the ledger mirror is behind ({0}); nothing is signed until it catches up")]
@@ -83,6 +87,7 @@ impl SubmitError {
             SubmitError::InProgress => codes::INTENT_IN_PROGRESS,
             SubmitError::AuditUnavailable(_) => codes::AUDIT_UNAVAILABLE,
             SubmitError::HsmUnavailable(_) => codes::HSM_UNAVAILABLE,
+            SubmitError::HsmBusy(_) => codes::HSM_BUSY,
             SubmitError::MirrorLagging(_) => codes::MIRROR_LAGGING,
             SubmitError::HistoryBroken(_) => codes::LEDGER_HISTORY_BROKEN,
             SubmitError::Internal(_) => codes::INTERNAL,
@@ -97,9 +102,21 @@ impl SubmitError {
             SubmitError::NotFound => 404,
             SubmitError::AuditUnavailable(_)
             | SubmitError::HsmUnavailable(_)
+            | SubmitError::HsmBusy(_)
             | SubmitError::MirrorLagging(_)
             | SubmitError::HistoryBroken(_) => 503,
             SubmitError::Internal(_) => 500,
+        }
+    }
+}
+
+impl SubmitError {
+    /// The error of a failed HSM call: `hsm_busy` when the executor's queue
+    /// was full, else `hsm_unavailable`.
+    pub(crate) fn from_hsm(e: HsmError) -> SubmitError {
+        match e {
+            HsmError::Busy { .. } => SubmitError::HsmBusy(e.to_string()),
+            other => SubmitError::HsmUnavailable(other.to_string()),
         }
     }
 }
@@ -269,7 +286,7 @@ impl ReloadError {
 /// The signing service shared by all API handlers.
 pub struct Signer {
     ledger: Ledger,
-    hsm: Arc<dyn Hsm>,
+    hsm: Arc<HsmExecutor>,
     keys: RwLock<Arc<HashMap<KeyName, HsmKey>>>,
     policy: RwLock<Arc<Policy>>,
     policy_path: std::path::PathBuf,
@@ -308,10 +325,11 @@ impl Signer {
 }
 
 impl Signer {
-    /// Builds the service. `keys` are the HSM keys the policy refers to.
+    /// Builds the service. `keys` are the HSM keys the policy refers to;
+    /// every HSM call goes through `hsm`.
     pub fn new(
         ledger: Ledger,
-        hsm: Arc<dyn Hsm>,
+        hsm: Arc<HsmExecutor>,
         keys: HashMap<KeyName, HsmKey>,
         policy: Policy,
         policy_path: std::path::PathBuf,
@@ -350,8 +368,8 @@ impl Signer {
         &self.ledger
     }
 
-    /// The HSM.
-    pub fn hsm(&self) -> &Arc<dyn Hsm> {
+    /// The HSM, behind its executor.
+    pub fn hsm(&self) -> &Arc<HsmExecutor> {
         &self.hsm
     }
 
@@ -437,11 +455,10 @@ impl Signer {
             if keys.contains_key(&name) {
                 continue;
             }
-            let hsm = Arc::clone(&self.hsm);
-            let lookup = name.clone();
-            let key = tokio::task::spawn_blocking(move || hsm.find_ed25519(&lookup))
+            let key = self
+                .hsm
+                .find_ed25519(&name)
                 .await
-                .map_err(|e| ReloadError::Internal(e.to_string()))?
                 .map_err(|e| ReloadError::MissingKey {
                     key: name.to_string(),
                     detail: e.to_string(),
@@ -610,6 +627,8 @@ mod tests {
         }
     }
 
+    use crate::hsm::Hsm;
+
     /// An HSM that is never reached: recovery does not sign.
     struct NoHsm;
 
@@ -673,9 +692,10 @@ mod tests {
         .unwrap();
         let path = dir.path().join("policy.toml");
         let policy = Policy::parse(&path, "", &|_: &str| None).unwrap();
+        let hsm = HsmExecutor::start(Arc::new(NoHsm), Default::default()).unwrap();
         let signer = Signer::new(
             ledger,
-            Arc::new(NoHsm),
+            Arc::new(hsm),
             HashMap::new(),
             policy,
             path,
