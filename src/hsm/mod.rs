@@ -214,8 +214,11 @@ pub struct HsmKey {
     pub key_ref: KeyRef,
 }
 
-/// What every HSM backend offers. Implementations are thread-safe and let
-/// several threads sign at once (no global lock around device calls).
+/// What every HSM backend offers. Implementations are thread-safe and
+/// serve up to [`Hsm::workers`] calls at once (the executor never asks for
+/// more); a backend that can serve several holds no global lock around
+/// device calls. Methods block: async code calls them through an
+/// [`HsmExecutor`].
 pub trait Hsm: Send + Sync {
     /// Backend name for health and benchmarks, e.g. `pkcs11`.
     fn backend(&self) -> &'static str;
