@@ -254,12 +254,38 @@ fn default_shutdown_grace() -> u64 {
 /// Largest accepted `daemon.max_connections`.
 pub const MAX_CONNECTIONS: usize = 16_384;
 
-/// `[hsm]` section.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[hsm]` section: the backend (tagged by `backend`, `"pkcs11"` when
+/// absent), what every backend shares, and the executor's queue and
+/// timeout (see [`crate::hsm::HsmExecutor`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HsmConfig {
-    /// `pkcs11` (the only backend of this version).
-    pub backend: String,
+    /// The backend and its own settings.
+    pub backend: HsmBackendConfig,
+    /// Environment the backend's library needs, set before it is loaded
+    /// (for example `SOFTHSM2_CONF`). Never put secrets here.
+    pub env: BTreeMap<String, String>,
+    /// Calls that may wait for an HSM worker (`hsm.queue_depth`, default
+    /// [`DEFAULT_HSM_QUEUE_DEPTH`]).
+    pub queue_depth: usize,
+    /// How long a call waits for room in a full queue before it fails
+    /// with `hsm_busy`, in ms (`hsm.queue_wait_ms`, default
+    /// [`DEFAULT_HSM_QUEUE_WAIT_MS`]).
+    pub queue_wait_ms: u64,
+    /// The longest one HSM call may take, queue included, in ms
+    /// (`hsm.call_timeout_ms`, default [`DEFAULT_HSM_CALL_TIMEOUT_MS`]).
+    pub call_timeout_ms: u64,
+}
+
+/// The HSM backend `[hsm] backend` chooses, with its settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HsmBackendConfig {
+    /// `backend = "pkcs11"` (the default): any PKCS#11 module.
+    Pkcs11(Pkcs11BackendConfig),
+}
+
+/// The settings of `backend = "pkcs11"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pkcs11BackendConfig {
     /// Path of the PKCS#11 module.
     pub module: PathBuf,
     /// Label of the token holding the keys (never a slot number).
@@ -267,13 +293,158 @@ pub struct HsmConfig {
     /// File holding the user PIN; a relative path is looked up in
     /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
     pub pin_file: PathBuf,
-    /// Environment the PKCS#11 module needs, set before it is loaded (for
-    /// example `SOFTHSM2_CONF`). Never put secrets here.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Largest number of concurrent HSM sessions (default: 2 × cores).
-    #[serde(default)]
+    /// Largest number of concurrent HSM sessions, and so of HSM worker
+    /// threads (default: 2 × cores).
     pub max_sessions: Option<usize>,
+}
+
+impl HsmConfig {
+    /// The backend's name as `backend` spells it.
+    pub fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            HsmBackendConfig::Pkcs11(_) => "pkcs11",
+        }
+    }
+
+    /// What names the device holding the keys: the PKCS#11 token label
+    /// (the default checkpoint origin is `keyward/<label>`).
+    pub fn device_label(&self) -> &str {
+        match &self.backend {
+            HsmBackendConfig::Pkcs11(p) => &p.token_label,
+        }
+    }
+
+    /// The PKCS#11 settings, when that is the backend.
+    pub fn pkcs11(&self) -> Option<&Pkcs11BackendConfig> {
+        match &self.backend {
+            HsmBackendConfig::Pkcs11(p) => Some(p),
+        }
+    }
+}
+
+/// Default `hsm.queue_depth`.
+pub const DEFAULT_HSM_QUEUE_DEPTH: usize = 256;
+/// Default `hsm.queue_wait_ms`.
+pub const DEFAULT_HSM_QUEUE_WAIT_MS: u64 = 1_000;
+/// Default `hsm.call_timeout_ms`: above the time a PKCS#11 module may take
+/// to be re-opened after it lost its state, below the default request
+/// timeout.
+pub const DEFAULT_HSM_CALL_TIMEOUT_MS: u64 = 20_000;
+
+/// `[hsm]` as written: every backend's keys, checked against `backend`
+/// after parsing (so that unknown keys keep their line and column).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsm {
+    #[serde(default)]
+    backend: Option<String>,
+    #[serde(default)]
+    module: Option<PathBuf>,
+    #[serde(default)]
+    token_label: Option<String>,
+    #[serde(default)]
+    pin_file: Option<PathBuf>,
+    #[serde(default)]
+    max_sessions: Option<usize>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    queue_depth: Option<usize>,
+    #[serde(default)]
+    queue_wait_ms: Option<u64>,
+    #[serde(default)]
+    call_timeout_ms: Option<u64>,
+}
+
+impl RawHsm {
+    /// Validates `[hsm]` into its backend; `abs` resolves a path against
+    /// the config file's directory.
+    fn validate(
+        self,
+        file: &Path,
+        abs: &dyn Fn(&Path) -> PathBuf,
+    ) -> Result<HsmConfig, ConfigError> {
+        let err =
+            |key: &str, problem: String| ConfigError::new(file, format!("hsm.{key}"), problem);
+        let backend = match self.backend.as_deref().unwrap_or("pkcs11") {
+            "pkcs11" => {
+                let need = |key: &str, what: &str| {
+                    err(key, format!("missing: backend \"pkcs11\" needs {what}"))
+                };
+                let module = self
+                    .module
+                    .ok_or_else(|| need("module", "the path of the PKCS#11 module"))?;
+                let token_label = self
+                    .token_label
+                    .ok_or_else(|| need("token_label", "the label of the token"))?;
+                let pin_file = self
+                    .pin_file
+                    .ok_or_else(|| need("pin_file", "the file holding the user PIN"))?;
+                if token_label.is_empty() || token_label.len() > 32 {
+                    return Err(err(
+                        "token_label",
+                        "must be 1-32 bytes (a PKCS#11 token label)".into(),
+                    ));
+                }
+                if self.max_sessions == Some(0) {
+                    return Err(err("max_sessions", "must be at least 1".into()));
+                }
+                HsmBackendConfig::Pkcs11(Pkcs11BackendConfig {
+                    module: abs(&module),
+                    token_label,
+                    pin_file,
+                    max_sessions: self.max_sessions,
+                })
+            }
+            "yubihsm" => {
+                return Err(err(
+                    "backend",
+                    "\"yubihsm\" is not implemented in this version; use \"pkcs11\"".into(),
+                ));
+            }
+            other => {
+                return Err(err(
+                    "backend",
+                    format!("unknown backend {other:?}; this version supports \"pkcs11\""),
+                ));
+            }
+        };
+        for name in self.env.keys() {
+            let upper = name.to_ascii_uppercase();
+            if upper.contains("PIN") || upper.contains("SECRET") || upper.contains("PASSWORD") {
+                return Err(err(
+                    &format!("env.{name}"),
+                    "looks like a secret; secrets never go into the environment (use pin_file)"
+                        .into(),
+                ));
+            }
+        }
+        let queue_depth = self.queue_depth.unwrap_or(DEFAULT_HSM_QUEUE_DEPTH);
+        if queue_depth == 0 || queue_depth > 65_536 {
+            return Err(err("queue_depth", "must be between 1 and 65536".into()));
+        }
+        let queue_wait_ms = self.queue_wait_ms.unwrap_or(DEFAULT_HSM_QUEUE_WAIT_MS);
+        if queue_wait_ms > 60_000 {
+            return Err(err(
+                "queue_wait_ms",
+                "must be at most 60000 (one minute)".into(),
+            ));
+        }
+        let call_timeout_ms = self.call_timeout_ms.unwrap_or(DEFAULT_HSM_CALL_TIMEOUT_MS);
+        if call_timeout_ms == 0 || call_timeout_ms > 600_000 {
+            return Err(err(
+                "call_timeout_ms",
+                "must be between 1 and 600000 (ten minutes)".into(),
+            ));
+        }
+        Ok(HsmConfig {
+            backend,
+            env: self.env,
+            queue_depth,
+            queue_wait_ms,
+            call_timeout_ms,
+        })
+    }
 }
 
 /// `[ledger]` section.
@@ -328,7 +499,7 @@ pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     daemon: DaemonConfig,
-    hsm: HsmConfig,
+    hsm: RawHsm,
     #[serde(default)]
     ledger: Option<LedgerConfig>,
     #[serde(default)]
@@ -338,7 +509,7 @@ struct RawConfig {
 impl Config {
     /// Loads and validates `file`. Relative paths in it are taken relative to
     /// the directory holding the file (except `hsm.pin_file`, see
-    /// [`HsmConfig::pin_file`]).
+    /// [`Pkcs11BackendConfig::pin_file`]).
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
         let text = read_text(file)?;
         Self::parse(file, &text)
@@ -421,42 +592,7 @@ impl Config {
                 ),
             ));
         }
-        let mut hsm = raw.hsm;
-        if hsm.backend != "pkcs11" {
-            return Err(ConfigError::new(
-                file,
-                "hsm.backend",
-                format!(
-                    "unknown backend {:?}; this version supports \"pkcs11\"",
-                    hsm.backend
-                ),
-            ));
-        }
-        hsm.module = abs(&hsm.module);
-        if hsm.token_label.is_empty() || hsm.token_label.len() > 32 {
-            return Err(ConfigError::new(
-                file,
-                "hsm.token_label",
-                "must be 1-32 bytes (a PKCS#11 token label)",
-            ));
-        }
-        if hsm.max_sessions == Some(0) {
-            return Err(ConfigError::new(
-                file,
-                "hsm.max_sessions",
-                "must be at least 1",
-            ));
-        }
-        for name in hsm.env.keys() {
-            let upper = name.to_ascii_uppercase();
-            if upper.contains("PIN") || upper.contains("SECRET") || upper.contains("PASSWORD") {
-                return Err(ConfigError::new(
-                    file,
-                    format!("hsm.env.{name}"),
-                    "looks like a secret; secrets never go into the environment (use pin_file)",
-                ));
-            }
-        }
+        let hsm = raw.hsm.validate(file, &abs)?;
         let ledger = raw.ledger.unwrap_or(LedgerConfig {
             path: None,
             commit_delay_us: 0,
@@ -623,7 +759,7 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
         );
         assert_eq!(cfg.ledger_path(), Path::new("/etc/kw/state/ledger.sqlite3"));
         assert_eq!(
-            cfg.hsm.pin_file,
+            cfg.hsm.pkcs11().unwrap().pin_file,
             Path::new("pin"),
             "pin_file keeps credential semantics"
         );
@@ -731,6 +867,83 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
         .unwrap();
         assert_eq!(cfg.daemon.max_connections_per_uid, 64);
         assert_eq!(cfg.daemon.shutdown_grace_s, 2);
+    }
+
+    #[test]
+    fn hsm_backend_defaults_to_pkcs11_and_yubihsm_is_refused_by_name() {
+        let explicit = Config::parse(Path::new("/etc/kw/k.toml"), GOOD).unwrap();
+        let implicit = Config::parse(
+            Path::new("/etc/kw/k.toml"),
+            &GOOD.replace("backend = \"pkcs11\"\n", ""),
+        )
+        .unwrap();
+        assert_eq!(explicit, implicit);
+        assert_eq!(explicit.hsm.backend_name(), "pkcs11");
+        assert_eq!(explicit.hsm.device_label(), "keyward");
+        let p = explicit.hsm.pkcs11().unwrap();
+        assert_eq!(p.module, Path::new("/usr/lib/softhsm/libsofthsm2.so"));
+        assert_eq!(p.max_sessions, None);
+        assert_eq!(explicit.hsm.env.len(), 1);
+
+        let err = Config::parse(
+            Path::new("k.toml"),
+            &GOOD.replace("\"pkcs11\"", "\"yubihsm\""),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "hsm.backend");
+        assert!(err.problem.contains("not implemented"), "{err}");
+        let err = Config::parse(
+            Path::new("k.toml"),
+            &GOOD.replace("module = \"/usr/lib/softhsm/libsofthsm2.so\"\n", ""),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "hsm.module");
+        assert!(err.to_string().contains("pkcs11"), "{err}");
+    }
+
+    #[test]
+    fn hsm_executor_keys_have_defaults_and_bounds() {
+        let cfg = Config::parse(Path::new("k.toml"), GOOD).unwrap();
+        assert_eq!(
+            (
+                cfg.hsm.queue_depth,
+                cfg.hsm.queue_wait_ms,
+                cfg.hsm.call_timeout_ms
+            ),
+            (
+                DEFAULT_HSM_QUEUE_DEPTH,
+                DEFAULT_HSM_QUEUE_WAIT_MS,
+                DEFAULT_HSM_CALL_TIMEOUT_MS
+            )
+        );
+        let with = |line: &str| format!("{GOOD}{line}\n");
+        let cfg = Config::parse(
+            Path::new("k.toml"),
+            &with("queue_depth = 4\nqueue_wait_ms = 0\ncall_timeout_ms = 500"),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                cfg.hsm.queue_depth,
+                cfg.hsm.queue_wait_ms,
+                cfg.hsm.call_timeout_ms
+            ),
+            (4, 0, 500)
+        );
+        for (line, key) in [
+            ("queue_depth = 0", "hsm.queue_depth"),
+            ("queue_depth = 65537", "hsm.queue_depth"),
+            ("queue_wait_ms = 60001", "hsm.queue_wait_ms"),
+            ("call_timeout_ms = 0", "hsm.call_timeout_ms"),
+            ("call_timeout_ms = 600001", "hsm.call_timeout_ms"),
+            ("max_sessions = 0", "hsm.max_sessions"),
+        ] {
+            let err = Config::parse(Path::new("k.toml"), &with(line)).unwrap_err();
+            assert_eq!(err.key, key, "{line}: {err}");
+        }
+        let err = Config::parse(Path::new("k.toml"), &with("queue_depth = \"deep\"")).unwrap_err();
+        assert_eq!(err.key, "hsm.queue_depth");
+        assert!(err.position.is_some());
     }
 
     #[test]

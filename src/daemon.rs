@@ -13,8 +13,7 @@ use tokio::sync::watch;
 use crate::api::serve::{Admission, Limits, Socket, serve as serve_socket};
 use crate::api::{AppState, admin_router, agent_router, bind_socket, with_request_timeout};
 use crate::config::{Config, ConfigError};
-use crate::hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
-use crate::hsm::{Hsm, HsmError, HsmKey};
+use crate::hsm::{ExecutorSettings, Hsm, HsmError, HsmExecutor, HsmKey};
 use crate::ledger::{Ledger, LedgerError, LedgerOptions, events};
 use crate::policy::Policy;
 use crate::service::Signer;
@@ -79,18 +78,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     move |source| DaemonError::Io { what, source }
 }
 
-/// Opens the configured HSM backend.
+/// Opens the configured HSM backend: [`crate::hsm::open`] on `[hsm]`.
 pub fn open_hsm(cfg: &Config) -> Result<Arc<dyn Hsm>, HsmError> {
-    let hsm = Pkcs11Hsm::open(&Pkcs11Config {
-        module: cfg.hsm.module.clone(),
-        token_label: cfg.hsm.token_label.clone(),
-        pin_file: cfg.hsm.pin_file.clone(),
-        max_sessions: cfg
-            .hsm
-            .max_sessions
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get() * 2)),
-    })?;
-    Ok(Arc::new(hsm))
+    crate::hsm::open(&cfg.hsm)
 }
 
 /// Opens the ledger database with the tables that live beside the chain.
@@ -172,11 +162,8 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
     let ledger = open_ledger(cfg)?;
     let established = establish_history(cfg, &hsm, &ledger, opts).await?;
     let audit_key = established.key.clone();
-    record_start(cfg, &ledger, &*hsm, &keys, &policy, &established).await?;
+    record_start(cfg, &ledger, &hsm, &keys, &policy, &established).await?;
     let hsm_for_checkpoints = Arc::clone(&hsm);
-    // Test builds only: the signing service's HSM fails or waits on request.
-    #[cfg(feature = "test-hooks")]
-    let hsm = crate::faults::wrap_hsm(hsm);
     let signer = Signer::new(
         ledger.clone(),
         hsm,
@@ -191,7 +178,7 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
         .ledger
         .origin
         .clone()
-        .unwrap_or_else(|| format!("keyward/{}", cfg.hsm.token_label));
+        .unwrap_or_else(|| format!("keyward/{}", cfg.hsm.device_label()));
     let checkpointer = Arc::new(Checkpointer::new(
         hsm_for_checkpoints,
         ledger.clone(),
@@ -239,7 +226,7 @@ fn checkpoint_cadence(cfg: &Config) -> (u64, Duration) {
 async fn open_hsm_and_keys(
     cfg: &Config,
     policy: &Policy,
-) -> Result<(Arc<dyn Hsm>, HashMap<KeyName, HsmKey>), DaemonError> {
+) -> Result<(Arc<HsmExecutor>, HashMap<KeyName, HsmKey>), DaemonError> {
     let hsm_cfg = cfg.clone();
     let hsm = tokio::task::spawn_blocking(move || open_hsm(&hsm_cfg))
         .await
@@ -247,10 +234,16 @@ async fn open_hsm_and_keys(
             what: "HSM start-up task".into(),
             source: std::io::Error::other(e.to_string()),
         })??;
+    // Test builds only: the HSM's signatures fail or wait on request.
+    #[cfg(feature = "test-hooks")]
+    let hsm = crate::faults::wrap_hsm(hsm);
+    // From here on every HSM call goes through the executor.
+    let hsm = Arc::new(HsmExecutor::start(hsm, ExecutorSettings::of(&cfg.hsm))?);
     let mut keys = HashMap::new();
     for name in policy.all_keys() {
         let key = hsm
             .find_ed25519(&name)
+            .await
             .map_err(|source| DaemonError::MissingKey {
                 policy: cfg.daemon.policy.clone(),
                 key: name.to_string(),
@@ -266,15 +259,16 @@ async fn open_hsm_and_keys(
 /// in the HSM and what the mirror acknowledged.
 async fn establish_history(
     cfg: &Config,
-    hsm: &Arc<dyn Hsm>,
+    hsm: &Arc<HsmExecutor>,
     ledger: &Ledger,
     opts: StartOptions,
 ) -> Result<Established, DaemonError> {
     let (hsm, ledger, cfg) = (Arc::clone(hsm), ledger.clone(), cfg.clone());
     let accept = opts.accept_broken_history;
     let verify_started = std::time::Instant::now();
+    let runtime = tokio::runtime::Handle::current();
     let e = tokio::task::spawn_blocking(move || {
-        crate::service::history::establish(&*hsm, &ledger, &cfg, accept)
+        crate::service::history::establish(&hsm.blocking(runtime), &ledger, &cfg, accept)
     })
     .await
     .map_err(|e| DaemonError::Io {
@@ -298,7 +292,7 @@ async fn establish_history(
 async fn record_start(
     cfg: &Config,
     ledger: &Ledger,
-    hsm: &dyn Hsm,
+    hsm: &HsmExecutor,
     keys: &HashMap<KeyName, HsmKey>,
     policy: &Policy,
     established: &Established,
@@ -345,7 +339,7 @@ async fn record_start(
         version: env!("CARGO_PKG_VERSION").to_owned(),
         pid: std::process::id(),
         hsm_backend: hsm.backend().to_owned(),
-        token_label: cfg.hsm.token_label.clone(),
+        token_label: cfg.hsm.device_label().to_owned(),
         keys: keys
             .values()
             .map(|k| events::ServedKey {

@@ -457,19 +457,24 @@ fn release_features(extra: &[&str]) -> String {
 }
 
 #[test]
-fn release_builds_never_resolve_the_fault_injection_hook() {
+fn release_builds_never_resolve_the_fault_injection_hook_or_the_mock_hsm() {
     let release = release_features(&[]);
     assert!(release.contains("keyward feature \"default\""), "{release}");
     assert!(
         !release.contains("test-hooks"),
         "a build without dev-dependencies enables the hook: {release}"
     );
-    // The check sees the feature when something does turn it on.
-    let leaked = release_features(&["--features", "test-hooks"]);
+    assert!(
+        !release.contains("mock-hsm"),
+        "a build without dev-dependencies contains the mock HSM: {release}"
+    );
+    // The check sees the features when something does turn them on.
+    let leaked = release_features(&["--features", "test-hooks,mock-hsm"]);
     assert!(
         leaked.contains("keyward feature \"test-hooks\""),
         "{leaked}"
     );
+    assert!(leaked.contains("keyward feature \"mock-hsm\""), "{leaked}");
 }
 
 #[test]

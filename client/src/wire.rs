@@ -260,6 +260,9 @@ pub mod codes {
     pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
     /// 503: the HSM could not sign; nothing was released.
     pub const HSM_UNAVAILABLE: &str = "hsm_unavailable";
+    /// 503: the HSM's queue is full; refused at once, nothing was signed or
+    /// reserved. Try again later.
+    pub const HSM_BUSY: &str = "hsm_busy";
     /// 503: the mirror is too far behind; nothing is signed until it catches up.
     pub const MIRROR_LAGGING: &str = "mirror_lagging";
     /// 503: the audit history failed verification; nothing is signed.

@@ -21,7 +21,7 @@ use keyward_client::wire::codes;
 
 pub use admin::admin_router;
 pub use agent::agent_router;
-pub use error::ApiError;
+pub use error::{ApiError, intent_reply_status, submit_error_status};
 pub use peer::PeerCred;
 
 use crate::service::Signer;

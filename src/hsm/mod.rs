@@ -1,14 +1,28 @@
 //! Hardware security modules: the [`Hsm`] trait and its backends.
 //!
-//! Keys are generated inside the HSM as sensitive and non-extractable and are
-//! found again by label (the key name). Every signature an HSM returns is
-//! verified in software against the key's public key before anyone sees it
-//! ([`sign_verified`]).
+//! Keys are generated inside the HSM as sensitive and non-extractable. A
+//! key's name ([`KeyName`]) is its identity for users; each backend maps the
+//! name to an opaque [`KeyRef`] of its own (a PKCS#11 label, later a YubiHSM
+//! object id). Every signature an HSM returns is verified in software against
+//! the key's public key before anyone sees it ([`sign_verified`]).
+//!
+//! [`open`] chooses the backend `[hsm]` names. The daemon and the signing
+//! service reach it only through an [`HsmExecutor`]: a fixed number of
+//! worker threads sized by the backend, a bounded queue, a timeout per call
+//! and per-call timings.
 
+pub mod executor;
+#[cfg(feature = "mock-hsm")]
+pub mod mock;
 pub mod pin;
 pub mod pkcs11;
 pub mod softhsm;
 
+use std::sync::Arc;
+
+pub use executor::{ExecutorSettings, ExecutorStats, HsmExecutor, HsmOp, OpStats};
+
+use crate::config::{HsmBackendConfig, HsmConfig};
 use crate::types::{KeyName, PublicKey};
 
 /// Errors of the HSM layer. `code()` is the stable API code.
@@ -77,6 +91,36 @@ pub enum HsmError {
         /// What went wrong.
         detail: String,
     },
+    /// The executor's queue stayed full for the configured wait: the call
+    /// was refused at once and nothing was asked of the HSM.
+    #[error(
+        "the HSM is busy: its queue of {queue_depth} calls stayed full for {waited_ms} ms ({op} refused); try again later"
+    )]
+    Busy {
+        /// The operation refused.
+        op: &'static str,
+        /// Calls the queue holds (`hsm.queue_depth`).
+        queue_depth: usize,
+        /// How long the call waited for room (`hsm.queue_wait_ms`).
+        waited_ms: u64,
+    },
+    /// The call was not answered within `hsm.call_timeout_ms` (queue
+    /// included): the caller has given up and a result that comes later is
+    /// discarded unread.
+    #[error("HSM operation {op} timed out after {after_ms} ms; any later result is discarded")]
+    Timeout {
+        /// The operation.
+        op: &'static str,
+        /// The timeout in force.
+        after_ms: u64,
+    },
+    /// The executor's workers are gone (the daemon is stopping, or a call
+    /// panicked): nothing more is asked of the HSM.
+    #[error("the HSM executor has stopped ({op} not run)")]
+    Stopped {
+        /// The operation.
+        op: &'static str,
+    },
 }
 
 impl HsmError {
@@ -88,25 +132,103 @@ impl HsmError {
             HsmError::AmbiguousKey(_) => "key_ambiguous",
             HsmError::UnprotectedKey { .. } => "key_unprotected",
             HsmError::BadSignature(_) => "hsm_bad_signature",
+            HsmError::Busy { .. } => "hsm_busy",
             _ => "hsm_unavailable",
         }
+    }
+}
+
+/// How a backend reaches a key inside its device, filled by the backend
+/// that found or made the key and opaque to everyone else: the service
+/// passes it back unread. A PKCS#11 token finds keys by label (object
+/// handles change when the module is re-opened); a YubiHSM addresses them
+/// by a 16-bit object id, since its labels are shorter than key names.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct KeyRef(Repr);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Repr {
+    Label(String),
+    ObjectId(u16),
+}
+
+impl KeyRef {
+    /// A key found by its label.
+    pub(crate) fn label(label: &str) -> KeyRef {
+        KeyRef(Repr::Label(label.to_owned()))
+    }
+
+    /// A key addressed by a 16-bit object id.
+    #[cfg_attr(not(feature = "mock-hsm"), allow(dead_code))]
+    pub(crate) fn object_id(id: u16) -> KeyRef {
+        KeyRef(Repr::ObjectId(id))
+    }
+
+    /// The label, for a backend that finds keys by label.
+    pub(crate) fn as_label(&self) -> Option<&str> {
+        match &self.0 {
+            Repr::Label(l) => Some(l),
+            Repr::ObjectId(_) => None,
+        }
+    }
+
+    /// The object id, for a backend that addresses keys by id.
+    #[cfg_attr(not(feature = "mock-hsm"), allow(dead_code))]
+    pub(crate) fn as_object_id(&self) -> Option<u16> {
+        match &self.0 {
+            Repr::ObjectId(id) => Some(*id),
+            Repr::Label(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for KeyRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Repr::Label(l) => write!(f, "KeyRef(label {l:?})"),
+            Repr::ObjectId(id) => write!(f, "KeyRef(object {id:#06x})"),
+        }
+    }
+}
+
+/// The error of a backend handed a [`KeyRef`] another backend made.
+pub(crate) fn foreign_key_ref(op: &'static str, key: &HsmKey) -> HsmError {
+    HsmError::Device {
+        op,
+        detail: format!(
+            "key {:?} carries a reference of another backend ({:?})",
+            key.name.as_str(),
+            key.key_ref
+        ),
     }
 }
 
 /// An Ed25519 key held by the HSM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HsmKey {
-    /// Key name (the label of the private and public key objects).
+    /// Key name: the identity users, policies and the ledger know.
     pub name: KeyName,
     /// Public key.
     pub public_key: PublicKey,
+    /// Where the backend that found the key reaches it.
+    pub key_ref: KeyRef,
 }
 
-/// What every HSM backend offers. Implementations are thread-safe and let
-/// several threads sign at once (no global lock around device calls).
+/// What every HSM backend offers. Implementations are thread-safe and
+/// serve up to [`Hsm::workers`] calls at once (the executor never asks for
+/// more); a backend that can serve several holds no global lock around
+/// device calls. Methods block: async code calls them through an
+/// [`HsmExecutor`].
 pub trait Hsm: Send + Sync {
     /// Backend name for health and benchmarks, e.g. `pkcs11`.
     fn backend(&self) -> &'static str;
+
+    /// How many calls the backend serves at once: the [`HsmExecutor`]
+    /// starts this many worker threads. A device that runs one command at
+    /// a time says 1 (the default); a PKCS#11 token its session count.
+    fn workers(&self) -> usize {
+        1
+    }
 
     /// Generates an Ed25519 key pair inside the HSM, labelled `name`;
     /// the private key is sensitive, non-extractable, private and persistent.
@@ -150,6 +272,25 @@ pub trait Hsm: Send + Sync {
     /// Liveness check of the device and login state that also finds the
     /// keys in use again, so a module that lost its objects fails it.
     fn health(&self) -> Result<(), HsmError>;
+}
+
+/// Opens the backend `[hsm]` names (blocking: it loads the module and logs
+/// in). The daemon puts the result behind an [`HsmExecutor`]; one-shot
+/// tools (the CLI, the benchmark) may call it directly.
+pub fn open(cfg: &HsmConfig) -> Result<Arc<dyn Hsm>, HsmError> {
+    match &cfg.backend {
+        HsmBackendConfig::Pkcs11(p) => {
+            let hsm = pkcs11::Pkcs11Hsm::open(&pkcs11::Pkcs11Config {
+                module: p.module.clone(),
+                token_label: p.token_label.clone(),
+                pin_file: p.pin_file.clone(),
+                max_sessions: p.max_sessions.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(4, |n| n.get() * 2)
+                }),
+            })?;
+            Ok(Arc::new(hsm))
+        }
+    }
 }
 
 /// Signs with the HSM and verifies the signature in software (ed25519-dalek,

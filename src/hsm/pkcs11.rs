@@ -17,6 +17,8 @@
 //!   device call. Several handles on one module in one process share its
 //!   context, so a re-open by one finalizes it under the others: keywardd
 //!   holds one.
+//! - A key's [`KeyRef`] is its label (the key name): object handles are not
+//!   stable across a re-open, so they are only cached per login.
 //! - Ed25519 keys are generated inside the token as sensitive,
 //!   non-extractable, private token objects; the attributes are read back
 //!   and a key that does not have them is destroyed.
@@ -39,7 +41,7 @@ use cryptoki::slot::Slot;
 pub use session::context;
 use session::{Handles, Open, PooledSession, lock};
 
-use super::{Hsm, HsmError, HsmKey};
+use super::{Hsm, HsmError, HsmKey, KeyRef, foreign_key_ref};
 use crate::types::{KeyName, PublicKey};
 
 /// DER of the Ed25519 curve OID 1.3.101.112 (RFC 8410), for CKA_EC_PARAMS.
@@ -731,6 +733,7 @@ impl Pkcs11Hsm {
         Ok(HsmKey {
             name: name.clone(),
             public_key,
+            key_ref: KeyRef::label(name.as_str()),
         })
     }
 
@@ -767,8 +770,12 @@ impl Pkcs11Hsm {
         let mechanism = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
         // One login for the handle and the call: a handle is only
         // meaningful in the context that found it.
+        let label = key
+            .key_ref
+            .as_label()
+            .ok_or_else(|| foreign_key_ref("C_Sign", key))?;
         let open = self.current();
-        let mut handle = self.private_handle(&open, key.name.as_str())?;
+        let mut handle = self.private_handle(&open, label)?;
         for attempt in 0..2 {
             let result = Self::with_session_of(&open, |s| s.sign(&mechanism, handle, message))?;
             match result {
@@ -785,8 +792,8 @@ impl Pkcs11Hsm {
                             Some(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid)
                         ) =>
                 {
-                    lock(&open.handles).remove(key.name.as_str());
-                    handle = self.private_handle(&open, key.name.as_str())?;
+                    lock(&open.handles).remove(label);
+                    handle = self.private_handle(&open, label)?;
                 }
                 Err(e) => return Err(device("C_Sign")(e)),
             }
@@ -854,6 +861,11 @@ impl Hsm for Pkcs11Hsm {
         "pkcs11"
     }
 
+    /// One worker per pooled session: the pool never makes a call wait.
+    fn workers(&self) -> usize {
+        self.cfg.max_sessions.max(1)
+    }
+
     fn generate_ed25519(&self, name: &KeyName) -> Result<HsmKey, HsmError> {
         let open = self.current();
         let s = open.session()?;
@@ -899,6 +911,7 @@ impl Hsm for Pkcs11Hsm {
         Ok(HsmKey {
             name: name.clone(),
             public_key: public_key?,
+            key_ref: KeyRef::label(name.as_str()),
         })
     }
 

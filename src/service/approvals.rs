@@ -408,12 +408,8 @@ impl Signer {
         };
 
         // The MAC, inside the HSM with the approver's stored key.
-        let hsm = Arc::clone(&self.hsm);
         let label = approval::key_label(&t.approver);
-        let input = parsed.mac_input();
-        let expected = tokio::task::spawn_blocking(move || hsm.hmac_sha256(&label, &input))
-            .await
-            .map_err(|e| SubmitError::Internal(e.to_string()))?;
+        let expected = self.hsm.hmac_sha256(&label, &parsed.mac_input()).await;
         let mac_ok = match expected {
             Ok(mac) => parsed.mac_matches(&mac),
             Err(crate::hsm::HsmError::KeyNotFound(_)) => false,

@@ -1,14 +1,13 @@
 //! The approver registry: enrolling (a key made in the HSM, given out
 //! once) and removing approvers, each recorded in the ledger.
 
-use std::sync::Arc;
-
 use base64::Engine as _;
 use keyward_client::wire::codes;
 use zeroize::Zeroizing;
 
 use super::{Signer, SubmitError};
 use crate::approval::{self, store};
+use crate::hsm::HsmOp;
 use crate::ledger::LedgerError;
 use crate::ledger::events::{ApproverAdded, ApproverRemoved};
 
@@ -36,18 +35,16 @@ impl Signer {
             });
         }
         drop(reader);
-        let hsm = Arc::clone(&self.hsm);
         let label = approval::key_label(name);
-        let key = tokio::task::spawn_blocking(
-            move || -> Result<Zeroizing<Vec<u8>>, crate::hsm::HsmError> {
+        let key = self
+            .hsm
+            .call(HsmOp::ImportHmac, move |hsm| {
                 let key = hsm.random(32)?;
                 hsm.import_hmac_key(&label, &key)?;
                 Ok(key)
-            },
-        )
-        .await
-        .map_err(|e| SubmitError::Internal(e.to_string()))?
-        .map_err(SubmitError::Hsm)?;
+            })
+            .await
+            .map_err(SubmitError::Hsm)?;
         let (n, b) = (name.to_owned(), by.to_owned());
         let recorded = self
             .ledger
@@ -64,9 +61,7 @@ impl Signer {
             .await;
         if let Err(e) = recorded {
             // Not recorded, so not enrolled: the key must not linger.
-            let hsm = Arc::clone(&self.hsm);
-            let label = approval::key_label(name);
-            let _ = tokio::task::spawn_blocking(move || hsm.delete_secret(&label)).await;
+            let _ = self.hsm.delete_secret(&approval::key_label(name)).await;
             return Err(e.into());
         }
         Ok(key)
@@ -88,9 +83,7 @@ impl Signer {
             })
             .await?
             .ok_or(SubmitError::NotFound)?;
-        let hsm = Arc::clone(&self.hsm);
-        let label = approval::key_label(name);
-        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || hsm.delete_secret(&label)).await {
+        if let Err(e) = self.hsm.delete_secret(&approval::key_label(name)).await {
             tracing::error!(approver = name, error = %e, "approver removed, but destroying the key failed; it no longer counts");
         }
         Ok(seq)

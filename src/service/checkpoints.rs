@@ -13,13 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::history::HistoryGate;
-use crate::hsm::{Hsm, HsmKey, sign_verified};
+use crate::hsm::{HsmExecutor, HsmKey};
 use crate::ledger::checkpoint::{self, AUDIT_KEY, CheckpointRecord, MARK_LABEL, Mark};
 use crate::ledger::{Ledger, Walker};
 
 /// Makes checkpoints and re-verifies the history while keywardd runs.
 pub struct Checkpointer {
-    hsm: Arc<dyn Hsm>,
+    hsm: Arc<HsmExecutor>,
     ledger: Ledger,
     key: HsmKey,
     origin: String,
@@ -48,7 +48,7 @@ pub struct Made {
 impl Checkpointer {
     /// A checkpointer over the history `walker` verified (through its head).
     pub fn new(
-        hsm: Arc<dyn Hsm>,
+        hsm: Arc<HsmExecutor>,
         ledger: Ledger,
         key: HsmKey,
         origin: String,
@@ -157,12 +157,10 @@ impl Checkpointer {
         let root = frontier.root();
         let nodes = nodes.to_vec();
         let body = checkpoint::body(&self.origin, size, &root);
-        let hsm = Arc::clone(&self.hsm);
-        let key = self.key.clone();
-        let to_sign = body.clone().into_bytes();
-        let sig = tokio::task::spawn_blocking(move || sign_verified(&*hsm, &key, &to_sign))
+        let sig = self
+            .hsm
+            .sign_verified(&self.key, body.as_bytes())
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| format!("the audit key could not sign: {e}"))?;
         let record = CheckpointRecord {
             origin: self.origin.clone(),
@@ -197,14 +195,9 @@ impl Checkpointer {
         st.last_at = Instant::now();
         // Only a recorded checkpoint becomes the mark, so the mark is never
         // ahead of the database.
-        let hsm = Arc::clone(&self.hsm);
         let mark = Mark::of(&record, seq).encode();
-        match tokio::task::spawn_blocking(move || hsm.store_data(MARK_LABEL, &mark)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, size, "cannot keep the checkpoint in the HSM; the previous mark stays")
-            }
-            Err(e) => tracing::error!(error = %e, "the HSM mark task failed"),
+        if let Err(e) = self.hsm.store_data(MARK_LABEL, &mark).await {
+            tracing::error!(error = %e, size, "cannot keep the checkpoint in the HSM; the previous mark stays")
         }
         Ok(Some(Made { size, seq }))
     }

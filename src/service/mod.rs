@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use keyward_client::wire::{DenialReason, SignedIntent, codes};
 
-use crate::hsm::{Hsm, HsmKey};
+use crate::hsm::{HsmExecutor, HsmKey};
 use crate::ledger::events::{BreakerReset, IntentExpired, PolicyLoaded};
 use crate::ledger::{Ledger, LedgerError};
 use crate::mirror::MirrorGate;
@@ -60,9 +60,10 @@ pub enum SubmitError {
     /// The ledger could not record; nothing was signed or released.
     #[error("the audit ledger cannot record right now, so nothing is signed: {0}")]
     AuditUnavailable(#[source] LedgerError),
-    /// The HSM failed (or returned a signature that does not verify);
-    /// nothing was released. Its code is the HSM error's
-    /// (`hsm_unavailable`, `hsm_bad_signature`, `key_not_found`, ...).
+    /// The HSM failed, was busy (its queue stayed full), timed out or
+    /// returned a signature that does not verify; nothing was released.
+    /// Its code is the HSM error's (`hsm_unavailable`, `hsm_busy`,
+    /// `hsm_bad_signature`, `key_not_found`, ...).
     #[error("the HSM could not sign: {0}")]
     Hsm(#[source] crate::hsm::HsmError),
     /// The external copy of the ledger is too far behind: nothing is
@@ -180,7 +181,7 @@ impl ReloadError {
 /// The signing service shared by all API handlers.
 pub struct Signer {
     ledger: Ledger,
-    hsm: Arc<dyn Hsm>,
+    hsm: Arc<HsmExecutor>,
     keys: RwLock<Arc<HashMap<KeyName, HsmKey>>>,
     policy: RwLock<Arc<Policy>>,
     policy_path: std::path::PathBuf,
@@ -220,10 +221,11 @@ impl Signer {
 }
 
 impl Signer {
-    /// Builds the service. `keys` are the HSM keys the policy refers to.
+    /// Builds the service. `keys` are the HSM keys the policy refers to;
+    /// every HSM call goes through `hsm`.
     pub fn new(
         ledger: Ledger,
-        hsm: Arc<dyn Hsm>,
+        hsm: Arc<HsmExecutor>,
         keys: HashMap<KeyName, HsmKey>,
         policy: Policy,
         policy_path: std::path::PathBuf,
@@ -262,8 +264,8 @@ impl Signer {
         &self.ledger
     }
 
-    /// The HSM.
-    pub fn hsm(&self) -> &Arc<dyn Hsm> {
+    /// The HSM, behind its executor.
+    pub fn hsm(&self) -> &Arc<HsmExecutor> {
         &self.hsm
     }
 
@@ -341,11 +343,10 @@ impl Signer {
             if keys.contains_key(&name) {
                 continue;
             }
-            let hsm = Arc::clone(&self.hsm);
-            let lookup = name.clone();
-            let key = tokio::task::spawn_blocking(move || hsm.find_ed25519(&lookup))
+            let key = self
+                .hsm
+                .find_ed25519(&name)
                 .await
-                .map_err(|e| ReloadError::Internal(e.to_string()))?
                 .map_err(|e| ReloadError::MissingKey {
                     key: name.to_string(),
                     detail: e.to_string(),
@@ -506,6 +507,8 @@ mod tests {
         }
     }
 
+    use crate::hsm::Hsm;
+
     /// An HSM that is never reached: recovery does not sign.
     struct NoHsm;
 
@@ -563,9 +566,10 @@ mod tests {
         .unwrap();
         let path = dir.path().join("policy.toml");
         let policy = Policy::parse(&path, "", &|_: &str| None).unwrap();
+        let hsm = HsmExecutor::start(Arc::new(NoHsm), Default::default()).unwrap();
         let signer = Signer::new(
             ledger,
-            Arc::new(NoHsm),
+            Arc::new(hsm),
             HashMap::new(),
             policy,
             path,

@@ -14,7 +14,6 @@ use super::decision::{Decided, DecisionInput, abandon_intent, record_decision};
 use super::prepare::{Prepared, prepare};
 use super::{Signer, SubmitError, SubmitOutcome};
 use crate::approval::request;
-use crate::hsm::sign_verified;
 use crate::intents::{self, IntentStatus, reply_json};
 use crate::ledger::LedgerError;
 use crate::ledger::events::{IntentReceived, SignatureCreated};
@@ -132,13 +131,11 @@ impl Signer {
             self.needs_recovery.store(true, Ordering::SeqCst);
             return Err(e);
         }
-        // Sign in the HSM with no lock held, then verify in software.
-        let hsm = Arc::clone(&self.hsm);
-        let to_sign = message.to_vec();
-        let sign_key = key.clone();
-        let signed = tokio::task::spawn_blocking(move || sign_verified(&*hsm, &sign_key, &to_sign))
-            .await
-            .map_err(|e| SubmitError::Internal(format!("signing task failed: {e}")))?;
+        // Sign in the HSM with no lock held, then verify in software. A
+        // full queue (`hsm_busy`) or a timeout is a failed signature like
+        // any other: released below, and a signature that comes after a
+        // timeout is dropped by the executor, unread.
+        let signed = self.hsm.sign_verified(&key, message).await;
 
         let message_sha256 = hex::encode(Sha256::digest(message));
         let agent_c = agent_name.clone();

@@ -333,12 +333,8 @@ impl Signer {
 
     /// Health of the HSM and the ledger.
     pub async fn health_view(self: &Arc<Self>) -> HealthView {
-        let hsm = Arc::clone(&self.hsm);
-        let backend = hsm.backend();
-        let hsm_state = tokio::task::spawn_blocking(move || hsm.health())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        let backend = self.hsm.backend();
+        let hsm_state = self.hsm.health().await.map_err(|e| e.to_string());
         let l = self.ledger.health();
         let ledger_ok = !l.breaker_open;
         let mirror = self.mirror_gate().map(|g| {

@@ -144,14 +144,15 @@ pub(super) fn prefill(cfg: &Config, n: u64, progress_on: bool) -> Result<(), Ben
             version: format!("{} (bench prefill)", env!("CARGO_PKG_VERSION")),
             pid: std::process::id(),
             hsm_backend: hsm.backend().to_owned(),
-            token_label: cfg.hsm.token_label.clone(),
+            token_label: cfg.hsm.device_label().to_owned(),
             keys: Vec::new(),
         };
         ledger
             .write_blocking(move |t| t.record(None, None, &started).map(|_| ()))
             .map_err(setup)?;
+        let hsm = crate::hsm::HsmExecutor::start(hsm, Default::default()).map_err(setup)?;
         let checkpointer = crate::service::checkpoints::Checkpointer::new(
-            hsm,
+            std::sync::Arc::new(hsm),
             ledger.clone(),
             est.key,
             "keyward/bench".into(),
@@ -159,6 +160,7 @@ pub(super) fn prefill(cfg: &Config, n: u64, progress_on: bool) -> Result<(), Ben
             std::sync::Arc::default(),
         );
         tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .map_err(setup)?
             .block_on(checkpointer.maybe(1, Duration::from_secs(1), true))
