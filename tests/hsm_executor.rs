@@ -7,18 +7,13 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{FEE, ledger_entries, random_pubkey, transfer};
-use keyward::config::Config;
-use keyward::hsm::mock::MockHsm;
-use keyward::hsm::{ExecutorSettings, Hsm, HsmError, HsmExecutor, HsmKey, HsmOp};
-use keyward::policy::{AgentPolicy, Policy};
-use keyward::service::{Signer, SubmitError, SubmitOutcome};
-use keyward::types::KeyName;
+use common::{FEE, MockService, ledger_entries, mock_service, random_pubkey, settings, transfer};
+use keyward::hsm::{ExecutorSettings, HsmError, HsmOp};
+use keyward::policy::AgentPolicy;
+use keyward::service::{SubmitError, SubmitOutcome};
 use keyward_client::wire::IntentRequest;
 
 /// 0.1 SOL plus the signature fee.
@@ -38,62 +33,11 @@ fn policy_text() -> String {
     )
 }
 
-/// A signing service on a mock HSM with `workers` workers.
-struct Service {
-    _dir: tempfile::TempDir,
-    db: PathBuf,
-    mock: Arc<MockHsm>,
-    exec: Arc<HsmExecutor>,
-    signer: Arc<Signer>,
-    hot: HsmKey,
+fn service(workers: usize, s: ExecutorSettings) -> MockService {
+    mock_service(&policy_text(), workers, s)
 }
 
-fn settings(queue_depth: usize, queue_wait_ms: u64, call_timeout_ms: u64) -> ExecutorSettings {
-    ExecutorSettings {
-        queue_depth,
-        queue_wait: Duration::from_millis(queue_wait_ms),
-        call_timeout: Duration::from_millis(call_timeout_ms),
-    }
-}
-
-fn service(workers: usize, s: ExecutorSettings) -> Service {
-    let dir = tempfile::tempdir().unwrap();
-    // The [hsm] section is required but never opened: the mock stands in.
-    let config = dir.path().join("keyward.toml");
-    let cfg = Config::parse(
-        &config,
-        "[daemon]\nagent_socket = \"agent.sock\"\nadmin_socket = \"admin.sock\"\n\
-         state_dir = \"state\"\npolicy = \"policy.toml\"\n\n\
-         [hsm]\nmodule = \"/nonexistent/module.so\"\ntoken_label = \"mock\"\npin_file = \"pin\"\n",
-    )
-    .unwrap();
-    let ledger = keyward::daemon::open_ledger(&cfg).unwrap();
-    let mock = Arc::new(MockHsm::new().with_workers(workers));
-    let hot = mock
-        .generate_ed25519(&KeyName::new("hot").unwrap())
-        .unwrap();
-    let policy_path = dir.path().join("policy.toml");
-    let policy = Policy::parse(&policy_path, &policy_text(), &|_: &str| None).unwrap();
-    let exec = Arc::new(HsmExecutor::start(Arc::clone(&mock) as Arc<dyn Hsm>, s).unwrap());
-    let signer = Signer::new(
-        ledger,
-        Arc::clone(&exec),
-        HashMap::from([(hot.name.clone(), hot.clone())]),
-        policy,
-        policy_path,
-        Duration::from_secs(900),
-    );
-    Service {
-        db: cfg.ledger_path(),
-        _dir: dir,
-        mock,
-        exec,
-        signer,
-        hot,
-    }
-}
-
-impl Service {
+impl MockService {
     fn agent(&self, uid: u32) -> AgentPolicy {
         self.signer.agent_for_uid(uid).unwrap()
     }

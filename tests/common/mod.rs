@@ -943,3 +943,102 @@ pub fn recorded_entries(inst: &Instance) -> usize {
         .filter(|(e, _, _)| e != "checkpoint")
         .count()
 }
+
+/// A signing service in this process on the in-memory mock HSM (feature
+/// `mock-hsm`), with no SoftHSM and no daemon: for tests of the service's
+/// decisions, concurrency and failures.
+pub struct MockService {
+    /// Holds the state directory and the policy file.
+    pub _dir: tempfile::TempDir,
+    /// The ledger database.
+    pub db: PathBuf,
+    /// The policy file (rewrite it and call `reload_policy`).
+    pub policy_path: PathBuf,
+    /// The mock device.
+    pub mock: std::sync::Arc<keyward::hsm::mock::MockHsm>,
+    /// The executor every HSM call goes through.
+    pub exec: std::sync::Arc<keyward::hsm::HsmExecutor>,
+    /// The service.
+    pub signer: std::sync::Arc<keyward::service::Signer>,
+    /// The key `hot`.
+    pub hot: keyward::hsm::HsmKey,
+}
+
+/// Executor settings.
+pub fn settings(
+    queue_depth: usize,
+    queue_wait_ms: u64,
+    call_timeout_ms: u64,
+) -> keyward::hsm::ExecutorSettings {
+    keyward::hsm::ExecutorSettings {
+        queue_depth,
+        queue_wait: Duration::from_millis(queue_wait_ms),
+        call_timeout: Duration::from_millis(call_timeout_ms),
+    }
+}
+
+/// A [`MockService`] under `policy` (TOML) with key `hot`.
+pub fn mock_service(
+    policy: &str,
+    workers: usize,
+    s: keyward::hsm::ExecutorSettings,
+) -> MockService {
+    use keyward::hsm::Hsm as _;
+    let dir = tempfile::tempdir().unwrap();
+    // The [hsm] section is required but never opened: the mock stands in.
+    let config = dir.path().join("keyward.toml");
+    let cfg = keyward::config::Config::parse(
+        &config,
+        "[daemon]\nagent_socket = \"agent.sock\"\nadmin_socket = \"admin.sock\"\n\
+         state_dir = \"state\"\npolicy = \"policy.toml\"\n\n\
+         [hsm]\nmodule = \"/nonexistent/module.so\"\ntoken_label = \"mock\"\npin_file = \"pin\"\n",
+    )
+    .unwrap();
+    let ledger = keyward::daemon::open_ledger(&cfg).unwrap();
+    let mock = std::sync::Arc::new(keyward::hsm::mock::MockHsm::new().with_workers(workers));
+    let hot = mock
+        .generate_ed25519(&keyward::types::KeyName::new("hot").unwrap())
+        .unwrap();
+    let policy_path = dir.path().join("policy.toml");
+    std::fs::write(&policy_path, policy).unwrap();
+    let parsed = keyward::policy::Policy::load(&policy_path).unwrap();
+    let exec = std::sync::Arc::new(
+        keyward::hsm::HsmExecutor::start(
+            std::sync::Arc::clone(&mock) as std::sync::Arc<dyn keyward::hsm::Hsm>,
+            s,
+        )
+        .unwrap(),
+    );
+    let signer = keyward::service::Signer::new(
+        ledger,
+        std::sync::Arc::clone(&exec),
+        std::collections::HashMap::from([(hot.name.clone(), hot.clone())]),
+        parsed,
+        policy_path.clone(),
+        Duration::from_secs(900),
+    );
+    MockService {
+        db: cfg.ledger_path(),
+        policy_path,
+        _dir: dir,
+        mock,
+        exec,
+        signer,
+        hot,
+    }
+}
+
+/// The entries of intent `id` in order: (event, payload).
+pub fn intent_entries(db: &Path, id: &str) -> Vec<(String, serde_json::Value)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT event, payload FROM ledger WHERE intent_id = ?1 ORDER BY seq")
+        .unwrap();
+    stmt.query_map([id], |r| {
+        let payload: Vec<u8> = r.get(1)?;
+        Ok((r.get(0)?, serde_json::from_slice(&payload).unwrap()))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
