@@ -126,6 +126,15 @@ fn a_database_of_the_release_before_versions_is_adopted_unchanged_and_still_veri
     let (code, out) = audit_verify(&db);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("21 entries verified"), "{out}");
+    // Every payload the old release wrote reads through today's typed
+    // documents (signed, denied, approver enrolled, policy reloaded,
+    // approval granted, checkpoints, start and stop).
+    assert!(
+        out.contains("every entry reads as the document of its event type"),
+        "{out}"
+    );
+    let conn = keyward::ledger::open_read_only(&db).unwrap();
+    assert_eq!(keyward::ledger::payload_findings(&conn).unwrap(), []);
 
     // Opening it again finds nothing to do.
     let ledger = Ledger::open(&db, LedgerOptions::default()).unwrap();

@@ -40,8 +40,8 @@ pub use history::{
     verify_history, verify_history_conn,
 };
 pub use verify::{
-    InclusionProof, entries_after, export_jsonl, latest_checkpoint, open_read_only, prove, trail,
-    verify_proof,
+    InclusionProof, PayloadFinding, entries_after, export_jsonl, latest_checkpoint, open_read_only,
+    payload_findings, prove, trail, verify_proof,
 };
 pub use writer::{Ledger, LedgerHealthState, LedgerOptions, LedgerTxn, Reader, now_ms};
 

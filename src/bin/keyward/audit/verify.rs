@@ -41,6 +41,22 @@ pub(super) fn run(
                 trusted.source(),
                 history.checkpointed
             );
+            let conn = keyward::ledger::open_read_only(&db)?;
+            let findings = keyward::ledger::payload_findings(&conn)?;
+            if let Some(f) = findings.first() {
+                return Err(Failure(
+                    1,
+                    anyhow!(
+                        "ledger {} is BROKEN: {} entries do not read as their event type; the first is entry {} ({}): {}",
+                        db.display(),
+                        findings.len(),
+                        f.seq,
+                        f.event,
+                        f.problem
+                    ),
+                ));
+            }
+            println!("ok: every entry reads as the document of its event type");
             if let Some(m) = &expect.mark {
                 println!(
                     "ok: the history contains the checkpoint kept in the HSM ({} entries, entry {})",
