@@ -23,7 +23,7 @@ use crate::types::KeyName;
 pub enum ApprovalOutcome {
     /// Refused, with its code; recorded as `approval_refused`.
     Refused(ApprovalError),
-    /// Counted; the intent still waits. The 202 body with the current
+    /// Counted; the intent still waits. The pending reply with the current
     /// figures (`required` and `received` under the policy in force now).
     Counted(Box<PendingIntent>),
     /// The quorum was reached and the intent signed.
@@ -32,7 +32,7 @@ pub enum ApprovalOutcome {
     Denied(Vec<DenialReason>),
     /// A rejection ended the intent.
     Rejected,
-    /// The agent's denial breaker is open (recorded): 423 `agent_locked`.
+    /// The agent's denial breaker is open (recorded): `agent_locked`.
     Locked {
         /// Seconds until the lock lifts.
         retry_after_s: u64,
@@ -305,7 +305,7 @@ impl Signer {
 
     /// Adds an approval token to a pending intent of `agent` (the agent's
     /// own request). Checks, in order: the intent id's form and that the
-    /// agent has such an intent (a 400 or 404 records nothing), the
+    /// agent has such an intent (a bad id or an unknown intent records nothing), the
     /// agent's breaker, the token's form, that the intent is pending, that
     /// the approver counts now, the MAC (inside the HSM, constant-time
     /// comparison), that it is for this intent, not expired, not used

@@ -115,14 +115,14 @@ pub enum SubmitOutcome {
     Signed(SignedIntent),
     /// Denied by policy and recorded.
     Denied(Vec<DenialReason>),
-    /// The agent's denial breaker is open: 423 `agent_locked`.
+    /// The agent's denial breaker is open: `agent_locked`.
     Locked {
         /// Seconds until the lock lifts.
         retry_after_s: u64,
     },
     /// Allowed but above an approval threshold: waits for approvals.
     Pending(Box<keyward_client::wire::PendingIntent>),
-    /// The intent's approval window ran out: 410 `intent_expired`.
+    /// The intent's approval window ran out: `intent_expired`.
     Expired,
     /// The same intent was submitted before: its original response.
     Replayed {

@@ -1,6 +1,6 @@
 //! Turning a request into the exact message bytes to sign and their derived
 //! effects. Everything here is pure and runs before the ledger is touched:
-//! bad input is refused with a specific 400 error and changes nothing.
+//! bad input is refused with a specific error code and changes nothing.
 
 use base64::Engine as _;
 use keyward_client::wire::{Action, DenialReason, IntentRequest, codes};

@@ -33,7 +33,7 @@ enum Admission {
     Allowed { sol_spend: Lamports },
 }
 
-/// The 403 body of a policy denial.
+/// The reply body of a policy denial (`policy_denied` with its reasons).
 pub fn denial_body(reasons: &[DenialReason]) -> ErrorBody {
     let first = reasons.first().map_or("policy", |r| r.rule.as_str());
     ErrorBody {
@@ -235,7 +235,7 @@ impl Signer {
             .write(move |txn| {
                 let agent_name = agent.name.as_str();
                 if let Some(rec) = intents::get(txn.conn(), agent_name, &intent_id)? {
-                    // An intent recorded as expired replays its recorded 410;
+                    // An intent recorded as expired replays its recorded reply;
                     // one whose window ended but is not recorded yet is
                     // expired all the same.
                     let expired = rec.status == IntentStatus::PendingApproval
