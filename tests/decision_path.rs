@@ -240,3 +240,30 @@ async fn every_decision_path_writes_the_sequence_admission_writes() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signature_that_fails_verification_keeps_its_code_and_is_never_released() {
+    let c = case(100).await;
+    c.svc.mock.corrupt_next_signatures(1);
+    let req = transfer("bad-sig", &random_pubkey(), "0.01");
+    match c.svc.signer.submit(&c.agent(), req.clone()).await {
+        Err(e) => {
+            assert_eq!(e.code(), "hsm_bad_signature", "{e}");
+            assert!(matches!(
+                e,
+                keyward::service::SubmitError::Hsm(keyward::hsm::HsmError::BadSignature(_))
+            ));
+        }
+        Ok(other) => panic!("a signature that does not verify was released: {other:?}"),
+    }
+    let after = c.after("bad-sig", "policy_evaluated");
+    assert_eq!(names(&after), ["signing_denied"], "{after:?}");
+    assert_eq!(after[0].1["code"], "hsm_bad_signature");
+    // Released and forgotten: the same intent signs once the device is right.
+    let view = c.svc.signer.policy_view(&c.agent()).await.unwrap();
+    assert_eq!(view.limits[0].spent_24h_base_units, 0);
+    assert!(matches!(
+        c.svc.signer.submit(&c.agent(), req).await.unwrap(),
+        SubmitOutcome::Signed(_)
+    ));
+}

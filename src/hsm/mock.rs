@@ -82,6 +82,8 @@ pub struct MockHsm {
     objects: Mutex<Objects>,
     workers: usize,
     faults: [OpFaults; HsmOp::ALL.len()],
+    /// Signatures still to be returned corrupted (one bit flipped).
+    corrupt_signatures: AtomicU64,
 }
 
 impl std::fmt::Debug for MockHsm {
@@ -111,6 +113,7 @@ impl MockHsm {
             }),
             workers: 1,
             faults: Default::default(),
+            corrupt_signatures: AtomicU64::new(0),
         }
     }
 
@@ -122,6 +125,13 @@ impl MockHsm {
 
     fn op(&self, op: HsmOp) -> &OpFaults {
         &self.faults[HsmOp::ALL.iter().position(|o| *o == op).unwrap_or(0)]
+    }
+
+    /// The next `n` signatures come back with one bit flipped: a device
+    /// that answers, but wrongly (keyward's software check must refuse
+    /// them).
+    pub fn corrupt_next_signatures(&self, n: u64) {
+        self.corrupt_signatures.store(n, Ordering::SeqCst);
     }
 
     /// Every later call of `op` takes at least `delay` inside the device.
@@ -262,13 +272,21 @@ impl Hsm for MockHsm {
             .key_ref
             .as_object_id()
             .ok_or_else(|| foreign_key_ref("sign", key))?;
-        self.device(HsmOp::Sign, |o| {
+        let mut sig = self.device(HsmOp::Sign, |o| {
             o.keys
                 .values()
                 .find(|(i, _)| *i == id)
                 .map(|(_, k)| k.sign(message).to_bytes())
                 .ok_or_else(|| HsmError::KeyNotFound(key.name.to_string()))
-        })
+        })?;
+        let corrupt = self
+            .corrupt_signatures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if corrupt {
+            sig[0] ^= 1;
+        }
+        Ok(sig)
     }
 
     fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>, HsmError> {
