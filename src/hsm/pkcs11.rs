@@ -447,6 +447,7 @@ impl Pkcs11Hsm {
             })
     }
 
+    /// The protection attributes of a key object (a private or a secret key).
     fn attributes_of(session: &Session, private: ObjectHandle) -> Result<KeyAttributes, HsmError> {
         let attrs = session
             .get_attributes(
@@ -602,33 +603,15 @@ impl Pkcs11Hsm {
         session: &Session,
         h: ObjectHandle,
     ) -> Result<SecretKeyAttributes, HsmError> {
-        let attrs = session
-            .get_attributes(
-                h,
-                &[
-                    AttributeType::Token,
-                    AttributeType::Private,
-                    AttributeType::Sensitive,
-                    AttributeType::Extractable,
-                ],
-            )
-            .map_err(device("C_GetAttributeValue"))?;
-        let mut a = SecretKeyAttributes {
-            token: false,
-            private: false,
-            sensitive: false,
-            extractable: true,
-        };
-        for attr in attrs {
-            match attr {
-                Attribute::Token(v) => a.token = v,
-                Attribute::Private(v) => a.private = v,
-                Attribute::Sensitive(v) => a.sensitive = v,
-                Attribute::Extractable(v) => a.extractable = v,
-                _ => {}
-            }
-        }
-        Ok(a)
+        // The same reading as a private key's (missing attributes count as
+        // the unsafe answer); a secret key has no pair, so only the flags.
+        let a = Self::attributes_of(session, h)?;
+        Ok(SecretKeyAttributes {
+            token: a.token,
+            private: a.private,
+            sensitive: a.sensitive,
+            extractable: a.extractable,
+        })
     }
 
     /// The attributes of the secret key `label` (for tests and audits).
