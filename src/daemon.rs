@@ -16,9 +16,9 @@ use crate::config::{Config, ConfigError};
 use crate::hsm::{ExecutorSettings, Hsm, HsmError, HsmExecutor, HsmKey};
 use crate::ledger::{Ledger, LedgerError, LedgerOptions, events};
 use crate::policy::Policy;
-use crate::service::Signer;
 use crate::service::checkpoints::Checkpointer;
 use crate::service::history::Established;
+use crate::service::{Core, Operations, Signer};
 use crate::types::KeyName;
 
 /// Why the daemon could not start or stopped with an error.
@@ -141,6 +141,7 @@ pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
 struct Opened {
     ledger: Ledger,
     signer: Arc<Signer>,
+    operations: Arc<Operations>,
     checkpointer: Arc<Checkpointer>,
     audit_key: HsmKey,
 }
@@ -164,7 +165,7 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
     let audit_key = established.key.clone();
     record_start(cfg, &ledger, &hsm, &keys, &policy, &established).await?;
     let hsm_for_checkpoints = Arc::clone(&hsm);
-    let signer = Signer::new(
+    let core = Core::new(
         ledger.clone(),
         hsm,
         keys,
@@ -172,6 +173,8 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
         cfg.daemon.policy.clone(),
         Duration::from_secs(cfg.daemon.approval_ttl_s),
     );
+    let signer = Signer::new(Arc::clone(&core));
+    let operations = Operations::new(core);
     // Signed checkpoints of the Merkle tree, over verified entries only. The
     // first covers this start before anything is recorded for an agent.
     let origin = cfg
@@ -185,7 +188,7 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
         audit_key.clone(),
         origin,
         established.walker,
-        Arc::clone(signer.history_gate()),
+        Arc::clone(operations.core().history_gate()),
     ));
     let (every, interval) = checkpoint_cadence(cfg);
     match checkpointer.maybe(every, interval, true).await {
@@ -198,7 +201,7 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
             });
         }
     }
-    let recovered = signer.recover().await?;
+    let recovered = operations.recover().await?;
     if recovered > 0 {
         tracing::warn!(
             recovered,
@@ -208,6 +211,7 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
     Ok(Opened {
         ledger,
         signer,
+        operations,
         checkpointer,
         audit_key,
     })
@@ -459,6 +463,7 @@ async fn serve(cfg: &Config, opened: Opened, bound: Bound) -> Result<(), DaemonE
     let Opened {
         ledger,
         signer,
+        operations,
         checkpointer,
         audit_key,
     } = opened;
@@ -469,6 +474,7 @@ async fn serve(cfg: &Config, opened: Opened, bound: Bound) -> Result<(), DaemonE
     } = bound;
     let state = AppState {
         signer: Arc::clone(&signer),
+        operations: Arc::clone(&operations),
         max_body: cfg.daemon.max_body_bytes,
         audit_key: Some((
             audit_key.public_key.to_base58(),
@@ -506,7 +512,7 @@ async fn serve(cfg: &Config, opened: Opened, bound: Bound) -> Result<(), DaemonE
         },
         stop_rx.clone(),
     );
-    let tasks = spawn_background(cfg, &ledger, &signer, &checkpointer, &stop_rx);
+    let tasks = spawn_background(cfg, &ledger, &operations, &checkpointer, &stop_rx);
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!(
@@ -517,7 +523,7 @@ async fn serve(cfg: &Config, opened: Opened, bound: Bound) -> Result<(), DaemonE
     let servers = tokio::spawn(async move {
         tokio::join!(agent_srv, admin_srv);
     });
-    wait_for_stop(signals, &signer).await;
+    wait_for_stop(signals, &operations).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     if let Err(e) = servers.await {
@@ -535,7 +541,7 @@ async fn serve(cfg: &Config, opened: Opened, bound: Bound) -> Result<(), DaemonE
 fn spawn_background(
     cfg: &Config,
     ledger: &Ledger,
-    signer: &Arc<Signer>,
+    operations: &Arc<Operations>,
     checkpointer: &Arc<Checkpointer>,
     stop_rx: &watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -550,7 +556,7 @@ fn spawn_background(
             m.max_unmirrored_entries,
             Duration::from_secs(m.max_unmirrored_age_s),
         ));
-        signer.set_mirror_gate(Arc::clone(&gate));
+        operations.core().set_mirror_gate(Arc::clone(&gate));
         let ledger = ledger.clone();
         let stop = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -592,7 +598,7 @@ fn spawn_background(
     }));
 
     // Expire pending intents whose approval window has ended.
-    let expiry_signer = Arc::clone(signer);
+    let expiry = Arc::clone(operations);
     let expiry_stop = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
         loop {
@@ -600,7 +606,7 @@ fn spawn_background(
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = shutdown_signal(expiry_stop.clone()) => return,
             }
-            match expiry_signer.expire_due().await {
+            match expiry.expire_due().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(expired = n, "pending intents expired"),
                 Err(e) => {
@@ -611,7 +617,7 @@ fn spawn_background(
     }));
 
     // Retry recording interrupted intents while the ledger was failing.
-    let recovery_signer = Arc::clone(signer);
+    let recovery = Arc::clone(operations);
     let recovery_stop = stop_rx.clone();
     tasks.push(tokio::spawn(async move {
         loop {
@@ -619,9 +625,9 @@ fn spawn_background(
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 _ = shutdown_signal(recovery_stop.clone()) => return,
             }
-            if recovery_signer.needs_recovery()
-                && !recovery_signer.ledger().health().breaker_open
-                && let Err(e) = recovery_signer.recover().await
+            if recovery.needs_recovery()
+                && !recovery.core().ledger().health().breaker_open
+                && let Err(e) = recovery.recover().await
             {
                 tracing::warn!(error = %e, "recording interrupted intents failed; will retry");
             }
@@ -631,7 +637,7 @@ fn spawn_background(
 }
 
 /// Waits for SIGTERM or SIGINT; reloads the policy on SIGHUP meanwhile.
-async fn wait_for_stop(signals: Signals, signer: &Signer) {
+async fn wait_for_stop(signals: Signals, operations: &Operations) {
     let Signals {
         term: mut sigterm,
         int: mut sigint,
@@ -649,7 +655,7 @@ async fn wait_for_stop(signals: Signals, signer: &Signer) {
             }
             _ = sighup.recv() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-                match signer.reload_policy("SIGHUP").await {
+                match operations.reload_policy("SIGHUP").await {
                     Ok(r) => tracing::info!(policy_sha256 = %r.policy_sha256, seq = r.ledger_seq, "SIGHUP: policy reloaded"),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: policy reload refused; the old policy stays in force"),
                 }

@@ -29,7 +29,7 @@ struct Case {
 
 async fn case(max_denials: u32) -> Case {
     let svc = mock_service(&policy(max_denials), 2, settings(64, 1_000, 60_000));
-    let alice = svc.signer.add_approver("alice", "test").await.unwrap();
+    let alice = svc.operations.add_approver("alice", "test").await.unwrap();
     Case { svc, alice }
 }
 

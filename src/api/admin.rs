@@ -1,5 +1,9 @@
 //! The admin API (admin socket, mode 0600): operator actions, each recorded
-//! in the ledger.
+//! in the ledger. They are the [`Operations`](crate::service::Operations)
+//! service's, except the relay of approval tokens and the list of what
+//! waits for approvals, which are the signing service's (a relayed token
+//! takes the agent's approval path), and the health view both sockets
+//! share.
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, State};
@@ -53,12 +57,7 @@ async fn reset_breaker(
 ) -> Result<Response, ApiError> {
     let uid = operator(peer)?;
     if name != "audit" {
-        let agent_known = state
-            .signer
-            .policy()
-            .agents
-            .iter()
-            .any(|a| a.name.as_str() == name);
+        let agent_known = state.operations.core().agent_named(&name).is_some();
         if !agent_known {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -69,7 +68,7 @@ async fn reset_breaker(
             ));
         }
         let seq = state
-            .signer
+            .operations
             .reset_agent_breaker(&name, &format!("uid:{uid}"))
             .await
             .map_err(|e| {
@@ -87,10 +86,9 @@ async fn reset_breaker(
         })
         .into_response());
     }
-    let entry = state
-        .signer
-        .ledger()
-        .reset_breaker(&format!("uid:{uid}"))
+    let seq = state
+        .operations
+        .reset_audit_breaker(&format!("uid:{uid}"))
         .await
         .map_err(|e| {
             ApiError::new(
@@ -99,14 +97,11 @@ async fn reset_breaker(
                 e.to_string(),
             )
         })?;
-    tracing::warn!(uid, seq = entry.seq.0, "audit breaker reset by operator");
-    if let Err(e) = state.signer.recover().await {
-        tracing::error!(error = %e, "recovery of interrupted intents failed after breaker reset");
-    }
+    tracing::warn!(uid, seq, "audit breaker reset by operator");
     Ok(axum::Json(BreakerResetView {
         breaker: name,
         state: "closed".to_owned(),
-        ledger_seq: entry.seq.0,
+        ledger_seq: seq,
     })
     .into_response())
 }
@@ -118,7 +113,7 @@ async fn add_approver(
 ) -> Result<Response, ApiError> {
     let uid = operator(peer)?;
     let key = state
-        .signer
+        .operations
         .add_approver(&name, &format!("uid:{uid}"))
         .await?;
     // The key leaves keywardd this once, to the operator; it is never logged.
@@ -138,7 +133,7 @@ async fn remove_approver(
 ) -> Result<Response, ApiError> {
     let uid = operator(peer)?;
     let seq = state
-        .signer
+        .operations
         .remove_approver(&name, &format!("uid:{uid}"))
         .await
         .map_err(|e| match e {
@@ -162,7 +157,7 @@ async fn list_approvers(
 ) -> Result<Response, ApiError> {
     operator(peer)?;
     let list: Vec<keyward_client::wire::ApproverInfo> = state
-        .signer
+        .operations
         .approvers()?
         .into_iter()
         .map(|a| keyward_client::wire::ApproverInfo {
@@ -236,7 +231,7 @@ async fn reload_policy(
     ConnectInfo(peer): ConnectInfo<PeerCred>,
 ) -> Result<Response, ApiError> {
     let uid = operator(peer)?;
-    match state.signer.reload_policy(&format!("uid:{uid}")).await {
+    match state.operations.reload_policy(&format!("uid:{uid}")).await {
         Ok(r) => Ok(axum::Json(keyward_client::wire::PolicyReloadView {
             policy_sha256: r.policy_sha256,
             previous_sha256: r.previous_sha256,
@@ -265,9 +260,9 @@ async fn keys(
     ConnectInfo(peer): ConnectInfo<PeerCred>,
 ) -> Result<Response, ApiError> {
     operator(peer)?;
-    let policy = state.signer.policy();
-    let mut keys: Vec<AdminKeyInfo> = state
-        .signer
+    let core = state.operations.core();
+    let policy = core.policy();
+    let mut keys: Vec<AdminKeyInfo> = core
         .keys()
         .values()
         .map(|k| AdminKeyInfo {

@@ -24,13 +24,16 @@ pub use agent::agent_router;
 pub use error::{ApiError, intent_reply_status, submit_error_status};
 pub use peer::PeerCred;
 
-use crate::service::Signer;
+use crate::service::{Operations, Signer};
 
 /// State shared by the handlers of one socket.
 #[derive(Clone)]
 pub struct AppState {
-    /// The signing service.
+    /// The signing service (the agent socket's, and the admin socket's
+    /// relay of approval tokens).
     pub signer: Arc<Signer>,
+    /// The operations service (the admin socket's).
+    pub operations: Arc<Operations>,
     /// Largest request body in bytes.
     pub max_body: usize,
     /// The audit key that signs checkpoints: (public key, verifier key).

@@ -9,7 +9,7 @@ use keyward_client::wire::{
 };
 
 use super::decision::{Decided, DecisionInput, record_breaker, record_decision, retry_after_s};
-use super::{Signer, SubmitError, SubmitOutcome, denial_body};
+use super::{Core, Signer, SubmitError, SubmitOutcome, denial_body};
 use crate::approval::{self, ApprovalError, Verdict, store};
 use crate::intents::{self, IntentStatus, reply_json};
 use crate::ledger::LedgerError;
@@ -159,8 +159,8 @@ impl Signer {
         intent_id: &str,
         p: &intents::Pending,
     ) -> Result<Figures, SubmitError> {
-        let need = current_need(agent, &self.keys(), p)?;
-        let reader = self.ledger.reader()?;
+        let need = current_need(agent, &self.core.keys(), p)?;
+        let reader = self.core.ledger.reader()?;
         let mut received = 0;
         for (approver, decision, _) in store::decisions(&reader, agent.name.as_str(), intent_id)
             .map_err(LedgerError::Sqlite)?
@@ -189,16 +189,6 @@ pub(super) fn counts_now(
         return Ok(false);
     }
     Ok(store::approver(conn, approver)?.is_some_and(|a| a.removed_ms.is_none()))
-}
-
-/// The agent named `name` in the policy in force now.
-pub(super) fn agent_now(signer: &Signer, name: &str) -> Option<AgentPolicy> {
-    signer
-        .policy()
-        .agents
-        .iter()
-        .find(|a| a.name.as_str() == name)
-        .cloned()
 }
 
 /// Records a refused approval in `txn`. For the agent's own request it
@@ -291,6 +281,7 @@ impl Signer {
         let token = token.cloned();
         let by = relay.by();
         let recorded = self
+            .core
             .ledger
             .write(move |txn| {
                 let relay = match &by {
@@ -325,7 +316,7 @@ impl Signer {
         })?;
         let intent_id = id.as_str();
         let agent_name = agent.name.to_string();
-        let reader = self.ledger.reader()?;
+        let reader = self.core.ledger.reader()?;
         let exists = intents::get(&reader, &agent_name, intent_id)
             .map_err(LedgerError::Sqlite)?
             .is_some();
@@ -338,6 +329,7 @@ impl Signer {
         if locked.is_some() {
             let (name, id) = (agent_name.clone(), intent_id.to_owned());
             let recorded = self
+                .core
                 .ledger
                 .write(move |txn| {
                     let now = txn.now_ms();
@@ -373,7 +365,7 @@ impl Signer {
         let t = parsed.payload.clone();
 
         // Read-only checks first: nothing is written for an unknown intent.
-        let reader = self.ledger.reader()?;
+        let reader = self.core.ledger.reader()?;
         let rec = intents::get(&reader, &agent_name, intent_id).map_err(LedgerError::Sqlite)?;
         let Some(rec) = rec else {
             return Err(SubmitError::NotFound);
@@ -391,7 +383,7 @@ impl Signer {
                 return Ok(Err(ApprovalError::NotPending("expired".into())));
             }
             // Who may approve is what the policy in force now says.
-            let need = current_need(agent, &self.keys(), p)?;
+            let need = current_need(agent, &self.core.keys(), p)?;
             if !counts_now(&reader, &t.approver, &need.of)? {
                 return Ok(Err(ApprovalError::ApproverNotAllowed(t.approver.clone())));
             }
@@ -409,7 +401,7 @@ impl Signer {
 
         // The MAC, inside the HSM with the approver's stored key.
         let label = approval::key_label(&t.approver);
-        let expected = self.hsm.hmac_sha256(&label, &parsed.mac_input()).await;
+        let expected = self.core.hsm.hmac_sha256(&label, &parsed.mac_input()).await;
         let mac_ok = match expected {
             Ok(mac) => parsed.mac_matches(&mac),
             Err(crate::hsm::HsmError::KeyNotFound(_)) => false,
@@ -437,14 +429,15 @@ impl Signer {
         // Record it; re-check everything that can change in the meantime,
         // with the approver registry and the policy as they are inside
         // this transaction.
-        let _flight = self.begin_flight(&agent_name, intent_id);
-        let signer = Arc::clone(self);
+        let _flight = self.core.begin_flight(&agent_name, intent_id);
+        let core = Arc::clone(&self.core);
         let agent_req = agent.clone();
         let id = intent_id.to_owned();
         let by = relay.by();
         let recorded = self
+            .core
             .ledger
-            .write(move |txn| record_approval(txn, &signer, &agent_req, &id, &t, by.as_deref()))
+            .write(move |txn| record_approval(txn, &core, &agent_req, &id, &t, by.as_deref()))
             .await?;
         let Recorded::Quorum(q) = recorded else {
             return Ok(recorded.early());
@@ -482,7 +475,7 @@ impl Signer {
 /// longer asks for one) the intent is decided again on its exact bytes.
 fn record_approval(
     txn: &mut crate::ledger::LedgerTxn<'_>,
-    signer: &Signer,
+    core: &Core,
     agent_req: &AgentPolicy,
     id: &str,
     t: &approval::TokenPayload,
@@ -492,7 +485,7 @@ fn record_approval(
         Some(b) => Relay::Operator(b),
         None => Relay::Agent,
     };
-    let Some(agent_c) = agent_now(signer, agent_req.name.as_str()) else {
+    let Some(agent_c) = core.agent_named(agent_req.name.as_str()) else {
         // Nothing can be signed for an agent the policy no
         // longer names; the intent waits to expire.
         let e = ApprovalError::ApproverNotAllowed(t.approver.clone());
@@ -515,7 +508,7 @@ fn record_approval(
             );
         }
     };
-    let need = current_need(&agent_c, &signer.keys(), &p)?;
+    let need = current_need(&agent_c, &core.keys(), &p)?;
     if !counts_now(txn.conn(), &t.approver, &need.of)? {
         return refuse(
             txn,
@@ -603,7 +596,7 @@ fn record_approval(
             pre_reasons: Vec::new(),
             intent_id: id,
             mode: engine::Mode::CommitApproved,
-            policy_sha256: &signer.policy().hash_hex(),
+            policy_sha256: &core.policy().hash_hex(),
             after_approvals: Some(received),
         },
     )?;

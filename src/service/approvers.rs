@@ -1,17 +1,17 @@
-//! The approver registry: enrolling (a key made in the HSM, given out
-//! once) and removing approvers, each recorded in the ledger.
+//! The approver registry, an operator action: enrolling (a key made in the
+//! HSM, given out once) and removing approvers, each recorded in the ledger.
 
 use base64::Engine as _;
 use keyward_client::wire::codes;
 use zeroize::Zeroizing;
 
-use super::{Signer, SubmitError};
+use super::{Operations, SubmitError};
 use crate::approval::{self, store};
 use crate::hsm::HsmOp;
 use crate::ledger::LedgerError;
 use crate::ledger::events::{ApproverAdded, ApproverRemoved};
 
-impl Signer {
+impl Operations {
     /// Enrolls an approver: 32 random bytes from the HSM become a
     /// sensitive, non-extractable HMAC key in the HSM, `approver_added` is
     /// recorded, and the key is returned once for the approver's key file.
@@ -24,7 +24,7 @@ impl Signer {
             code: codes::INVALID_REQUEST,
             message: e.to_string().replace("agent name", "approver name"),
         })?;
-        let reader = self.ledger.reader()?;
+        let reader = self.core.ledger.reader()?;
         if store::approver(&reader, name)
             .map_err(LedgerError::Sqlite)?
             .is_some()
@@ -37,6 +37,7 @@ impl Signer {
         drop(reader);
         let label = approval::key_label(name);
         let key = self
+            .core
             .hsm
             .call(HsmOp::ImportHmac, move |hsm| {
                 let key = hsm.random(32)?;
@@ -47,6 +48,7 @@ impl Signer {
             .map_err(SubmitError::Hsm)?;
         let (n, b) = (name.to_owned(), by.to_owned());
         let recorded = self
+            .core
             .ledger
             .write(move |txn| {
                 let now = txn.now_ms();
@@ -61,7 +63,11 @@ impl Signer {
             .await;
         if let Err(e) = recorded {
             // Not recorded, so not enrolled: the key must not linger.
-            let _ = self.hsm.delete_secret(&approval::key_label(name)).await;
+            let _ = self
+                .core
+                .hsm
+                .delete_secret(&approval::key_label(name))
+                .await;
             return Err(e.into());
         }
         Ok(key)
@@ -72,6 +78,7 @@ impl Signer {
     pub async fn remove_approver(&self, name: &str, by: &str) -> Result<u64, SubmitError> {
         let (n, b) = (name.to_owned(), by.to_owned());
         let seq = self
+            .core
             .ledger
             .write(move |txn| {
                 let now = txn.now_ms();
@@ -83,7 +90,12 @@ impl Signer {
             })
             .await?
             .ok_or(SubmitError::NotFound)?;
-        if let Err(e) = self.hsm.delete_secret(&approval::key_label(name)).await {
+        if let Err(e) = self
+            .core
+            .hsm
+            .delete_secret(&approval::key_label(name))
+            .await
+        {
             tracing::error!(approver = name, error = %e, "approver removed, but destroying the key failed; it no longer counts");
         }
         Ok(seq)
@@ -91,7 +103,7 @@ impl Signer {
 
     /// Every approver with their state.
     pub fn approvers(&self) -> Result<Vec<store::ApproverRecord>, SubmitError> {
-        let reader = self.ledger.reader()?;
+        let reader = self.core.ledger.reader()?;
         Ok(store::approvers(&reader).map_err(LedgerError::Sqlite)?)
     }
 }

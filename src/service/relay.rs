@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use keyward_client::wire::{ApprovalRecordInfo, PendingApprovalInfo};
 
-use super::approvals::{Figures, Relay, agent_now, counts_now, current_need};
+use super::approvals::{Figures, Relay, counts_now, current_need};
 use super::{ApprovalOutcome, Signer, SubmitError};
 use crate::approval::{self, store};
 use crate::intents;
@@ -37,7 +37,7 @@ impl Signer {
                 message: format!("intent_hash: {e}"),
             }
         })?;
-        let reader = self.ledger.reader()?;
+        let reader = self.core.ledger.reader()?;
         let found = intents::pending_by_hash(&reader, &hash).map_err(LedgerError::Sqlite)?;
         drop(reader);
         let (agent_name, intent_id) = match found.as_slice() {
@@ -58,7 +58,7 @@ impl Signer {
                 });
             }
         };
-        let Some(agent) = agent_now(self, &agent_name) else {
+        let Some(agent) = self.core.agent_named(&agent_name) else {
             return Err(SubmitError::BadRequest {
                 code: "unknown_agent",
                 message: format!("agent {agent_name:?} is no longer in the policy"),
@@ -73,13 +73,13 @@ impl Signer {
     /// Every intent waiting for approvals, with the figures of the policy
     /// in force now and every decision recorded so far.
     pub fn pending_approvals(&self) -> Result<Vec<PendingApprovalInfo>, SubmitError> {
-        let reader = self.ledger.reader()?;
-        let keys = self.keys();
+        let reader = self.core.ledger.reader()?;
+        let keys = self.core.keys();
         let mut out = Vec::new();
         for (agent_name, intent_id, p) in
             intents::all_pending(&reader, now_ms()).map_err(LedgerError::Sqlite)?
         {
-            let agent = agent_now(self, &agent_name);
+            let agent = self.core.agent_named(&agent_name);
             // No agent, no signature: nobody's approval counts.
             let approvers = match &agent {
                 Some(agent) => current_need(agent, &keys, &p)?.of,

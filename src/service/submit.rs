@@ -1,7 +1,6 @@
 //! `POST /v1/intents`: decide, reserve, sign, record, release.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use base64::Engine as _;
 use keyward_client::wire::{
@@ -56,12 +55,12 @@ impl Signer {
     ) -> Result<SubmitOutcome, SubmitError> {
         // Fail closed on a broken history and while the external copy of
         // the ledger lags.
-        self.check_history()?;
-        if let Some(gate) = self.mirror_gate() {
-            gate.check(self.ledger.health().head_seq)
+        self.core.check_history()?;
+        if let Some(gate) = self.core.mirror_gate() {
+            gate.check(self.core.ledger.health().head_seq)
                 .map_err(SubmitError::MirrorLagging)?;
         }
-        let keys = self.keys();
+        let keys = self.core.keys();
         let allowed_key = agent
             .keys
             .iter()
@@ -70,7 +69,7 @@ impl Signer {
         let prepared = prepare(&req, agent, allowed_key)?;
         let agent_name = agent.name.to_string();
         let intent_id = prepared.intent_id.to_string();
-        let _flight = self.begin_flight(&agent_name, &intent_id);
+        let _flight = self.core.begin_flight(&agent_name, &intent_id);
 
         let admission = self.admit(agent, &prepared).await?;
         let sol_spend = match admission {
@@ -92,7 +91,7 @@ impl Signer {
         else {
             // evaluate() denies when there is no key or message; reaching
             // this is a bug, and the reservation is left for recovery.
-            self.needs_recovery.store(true, Ordering::SeqCst);
+            self.core.mark_needs_recovery();
             return Err(SubmitError::Internal(
                 "allowed intent without key or message".into(),
             ));
@@ -119,7 +118,7 @@ impl Signer {
         sol_spend: Lamports,
     ) -> Result<SubmitOutcome, SubmitError> {
         let Some(signer_index) = effects.our_index else {
-            self.needs_recovery.store(true, Ordering::SeqCst);
+            self.core.mark_needs_recovery();
             return Err(SubmitError::Internal(
                 "allowed intent where our key does not sign".into(),
             ));
@@ -127,15 +126,15 @@ impl Signer {
 
         // Never sign on a history found broken since admission; the
         // reservation is released by recovery.
-        if let Err(e) = self.check_history() {
-            self.needs_recovery.store(true, Ordering::SeqCst);
+        if let Err(e) = self.core.check_history() {
+            self.core.mark_needs_recovery();
             return Err(e);
         }
         // Sign in the HSM with no lock held, then verify in software. A
         // full queue (`hsm_busy`) or a timeout is a failed signature like
         // any other: released below, and a signature that comes after a
         // timeout is dropped by the executor, unread.
-        let signed = self.hsm.sign_verified(&key, message).await;
+        let signed = self.core.hsm.sign_verified(&key, message).await;
 
         let message_sha256 = hex::encode(Sha256::digest(message));
         let agent_c = agent_name.clone();
@@ -153,6 +152,7 @@ impl Signer {
                     sol_spend_lamports: sol_spend.0,
                 };
                 let result = self
+                    .core
                     .ledger
                     .write(move |txn| {
                         let entry = txn.record(Some(&id_c), Some(&agent_c), &created)?;
@@ -181,7 +181,7 @@ impl Signer {
                     Ok(response) => Ok(SubmitOutcome::Signed(response)),
                     Err(e) => {
                         // The signature is dropped here, unreleased.
-                        self.needs_recovery.store(true, Ordering::SeqCst);
+                        self.core.mark_needs_recovery();
                         Err(SubmitError::AuditUnavailable(e))
                     }
                 }
@@ -191,11 +191,12 @@ impl Signer {
                 tracing::error!(agent = %agent_name, intent = %intent_id, error = %detail, "HSM signing failed");
                 let code = hsm_err.code();
                 let recorded = self
+                    .core
                     .ledger
                     .write(move |txn| abandon_intent(txn, &agent_c, &id_c, code, detail))
                     .await;
                 if recorded.is_err() {
-                    self.needs_recovery.store(true, Ordering::SeqCst);
+                    self.core.mark_needs_recovery();
                 }
                 Err(SubmitError::Hsm(hsm_err))
             }
@@ -207,7 +208,7 @@ impl Signer {
     /// or the reservation, all in one durable transaction.
     async fn admit(&self, agent: &AgentPolicy, p: &Prepared) -> Result<Admission, LedgerError> {
         let agent = agent.clone();
-        let policy_hash = self.policy().hash_hex();
+        let policy_hash = self.core.policy().hash_hex();
         let intent_id = p.intent_id.to_string();
         let key = p.key.clone();
         let content_hash = p.content_hash;
@@ -216,7 +217,7 @@ impl Signer {
         let message = p.message.as_ref().map(|(m, _, _)| m.clone());
 
         let signer_key = p.hsm_key.as_ref().map(|k| k.public_key);
-        let approval_ttl_ms = self.approval_ttl_ms;
+        let approval_ttl_ms = self.core.approval_ttl_ms;
         let received = IntentReceived {
             key: p.key.to_string(),
             action: p.summary.clone(),
@@ -231,7 +232,8 @@ impl Signer {
                 .map(|(m, _, _)| hex::encode(Sha256::digest(m))),
             effects: effects.as_ref().map(request::effects_record),
         };
-        self.ledger
+        self.core
+            .ledger
             .write(move |txn| {
                 let agent_name = agent.name.as_str();
                 if let Some(rec) = intents::get(txn.conn(), agent_name, &intent_id)? {

@@ -36,7 +36,7 @@ impl Signer {
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let ledger = self.ledger.clone();
+        let ledger = self.core.ledger.clone();
         tokio::task::spawn_blocking(move || {
             let conn = ledger.reader().map_err(SubmitError::AuditUnavailable)?;
             f(&conn).map_err(SubmitError::from)
@@ -56,7 +56,7 @@ impl Signer {
         agent: &AgentPolicy,
         req: &keyward_client::wire::IntentRequest,
     ) -> Result<keyward_client::wire::DryRunResult, SubmitError> {
-        let keys = self.keys();
+        let keys = self.core.keys();
         let allowed_key = agent
             .keys
             .iter()
@@ -71,6 +71,7 @@ impl Signer {
         let id = intent_id.clone();
         let content_sha256 = hex::encode(p.content_hash);
         let verdict = self
+            .core
             .ledger
             .write(move |txn| {
                 let now = txn.now_ms();
@@ -240,7 +241,7 @@ impl Signer {
 
     /// Keys the agent may use.
     pub fn keys_view(&self, agent: &AgentPolicy) -> KeysView {
-        let keys = self.keys();
+        let keys = self.core.keys();
         KeysView {
             keys: agent
                 .keys
@@ -260,7 +261,7 @@ impl Signer {
         self: &Arc<Self>,
         agent: &AgentPolicy,
     ) -> Result<PolicyView, SubmitError> {
-        let policy = self.policy();
+        let policy = self.core.policy();
         let agent_name = agent.name.to_string();
         let assets: Vec<(String, AssetLimits)> = agent
             .limits
@@ -333,11 +334,11 @@ impl Signer {
 
     /// Health of the HSM and the ledger.
     pub async fn health_view(self: &Arc<Self>) -> HealthView {
-        let backend = self.hsm.backend();
-        let hsm_state = self.hsm.health().await.map_err(|e| e.to_string());
-        let l = self.ledger.health();
+        let backend = self.core.hsm.backend();
+        let hsm_state = self.core.hsm.health().await.map_err(|e| e.to_string());
+        let l = self.core.ledger.health();
         let ledger_ok = !l.breaker_open;
-        let mirror = self.mirror_gate().map(|g| {
+        let mirror = self.core.mirror_gate().map(|g| {
             let (entries, age_ms) = g.lag(l.head_seq);
             let check = g.check(l.head_seq);
             keyward_client::wire::MirrorHealth {
@@ -357,7 +358,7 @@ impl Signer {
             }
         });
         let mirror_ok = mirror.as_ref().is_none_or(|m| m.ok);
-        let history = self.history_gate().check();
+        let history = self.core.history_gate().check();
         HealthView {
             status: if history.is_err() {
                 "failed"
@@ -381,7 +382,7 @@ impl Signer {
                 commits: l.commits,
                 largest_batch: l.largest_batch,
                 history_ok: history.is_ok(),
-                verified_seq: self.history_gate().verified_seq(),
+                verified_seq: self.core.history_gate().verified_seq(),
                 history_detail: history.err(),
             },
             mirror,

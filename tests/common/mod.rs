@@ -952,14 +952,16 @@ pub struct MockService {
     pub _dir: tempfile::TempDir,
     /// The ledger database.
     pub db: PathBuf,
-    /// The policy file (rewrite it and call `reload_policy`).
+    /// The policy file (rewrite it and call `Operations::reload_policy`).
     pub policy_path: PathBuf,
     /// The mock device.
     pub mock: std::sync::Arc<keyward::hsm::mock::MockHsm>,
     /// The executor every HSM call goes through.
     pub exec: std::sync::Arc<keyward::hsm::HsmExecutor>,
-    /// The service.
+    /// The signing service.
     pub signer: std::sync::Arc<keyward::service::Signer>,
+    /// The operations service, on the same core.
+    pub operations: std::sync::Arc<keyward::service::Operations>,
     /// The key `hot`.
     pub hot: keyward::hsm::HsmKey,
 }
@@ -1009,7 +1011,7 @@ pub fn mock_service(
         )
         .unwrap(),
     );
-    let signer = keyward::service::Signer::new(
+    let core = keyward::service::Core::new(
         ledger,
         std::sync::Arc::clone(&exec),
         std::collections::HashMap::from([(hot.name.clone(), hot.clone())]),
@@ -1017,6 +1019,8 @@ pub fn mock_service(
         policy_path.clone(),
         Duration::from_secs(900),
     );
+    let signer = keyward::service::Signer::new(std::sync::Arc::clone(&core));
+    let operations = keyward::service::Operations::new(core);
     MockService {
         db: cfg.ledger_path(),
         policy_path,
@@ -1024,6 +1028,7 @@ pub fn mock_service(
         mock,
         exec,
         signer,
+        operations,
         hot,
     }
 }
