@@ -83,3 +83,27 @@ async fn an_invalid_policy_reloaded_through_operations_leaves_the_signer_on_the_
     assert_eq!(svc.signer.policy().hash_hex(), hash);
     assert!(svc.signer.agent_for_uid(NEW_UID).is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_resets_the_breaker_of_an_agent_in_force_and_refuses_any_other_name() {
+    let policy = format!(
+        "[agents.dev]\nuid = {DEV_UID}\nkeys = [\"hot\"]\n\n{}",
+        limits("dev")
+    );
+    let svc = mock_service(&policy, 1, settings(8, 1_000, 10_000));
+
+    let refused = svc
+        .operations
+        .reset_breaker("nobody", "uid:0")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), "unknown_breaker");
+    assert!(common::ledger_entries(&svc.db, "breaker_reset").is_empty());
+
+    let seq = svc.operations.reset_breaker("dev", "uid:0").await.unwrap();
+    let resets = common::ledger_entries(&svc.db, "breaker_reset");
+    assert_eq!(resets.len(), 1, "{resets:?}");
+    assert_eq!(resets[0].1["breaker"], "dev");
+    assert_eq!(resets[0].1["by"], "uid:0");
+    assert!(seq > 0);
+}

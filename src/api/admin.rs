@@ -14,6 +14,7 @@ use keyward_client::wire::{AdminKeyInfo, BreakerResetView, codes};
 
 use super::error::{fallback, method_fallback};
 use super::{ApiError, AppState, PeerCred};
+use crate::service::{AUDIT_BREAKER, BreakerError};
 
 /// Routes of the admin socket.
 pub fn admin_router(state: AppState) -> Router {
@@ -56,48 +57,22 @@ async fn reset_breaker(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let uid = operator(peer)?;
-    if name != "audit" {
-        let agent_known = state.operations.core().agent_named(&name).is_some();
-        if !agent_known {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_breaker",
-                format!(
-                    "no breaker named {name:?}: give `audit` or the name of an agent in the policy"
-                ),
-            ));
-        }
-        let seq = state
-            .operations
-            .reset_agent_breaker(&name, &format!("uid:{uid}"))
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    codes::AUDIT_UNAVAILABLE,
-                    e.to_string(),
-                )
-            })?;
-        tracing::warn!(uid, agent = %name, seq, "agent breaker reset by operator");
-        return Ok(axum::Json(BreakerResetView {
-            breaker: name,
-            state: "closed".to_owned(),
-            ledger_seq: seq,
-        })
-        .into_response());
-    }
     let seq = state
         .operations
-        .reset_audit_breaker(&format!("uid:{uid}"))
+        .reset_breaker(&name, &format!("uid:{uid}"))
         .await
         .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                codes::AUDIT_UNAVAILABLE,
-                e.to_string(),
-            )
+            let status = match &e {
+                BreakerError::Unknown(_) => StatusCode::NOT_FOUND,
+                BreakerError::Ledger(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            ApiError::new(status, e.code(), e.to_string())
         })?;
-    tracing::warn!(uid, seq, "audit breaker reset by operator");
+    if name == AUDIT_BREAKER {
+        tracing::warn!(uid, seq, "audit breaker reset by operator");
+    } else {
+        tracing::warn!(uid, agent = %name, seq, "agent breaker reset by operator");
+    }
     Ok(axum::Json(BreakerResetView {
         breaker: name,
         state: "closed".to_owned(),

@@ -1,5 +1,6 @@
 //! The service's errors: what a request gets when nothing was recorded as
-//! its decision, and why a reload changed nothing. Each has a stable
+//! its decision, why a reload changed nothing, and why a breaker reset was
+//! refused. Each has a stable
 //! snake_case code; the API maps them to HTTP.
 
 use keyward_client::wire::codes;
@@ -107,6 +108,28 @@ impl ReloadError {
             ReloadError::MissingKey { .. } => "key_not_found",
             ReloadError::Ledger(_) => codes::AUDIT_UNAVAILABLE,
             ReloadError::Internal(_) => codes::INTERNAL,
+        }
+    }
+}
+
+/// Why a breaker reset changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum BreakerError {
+    /// No breaker by that name: neither `audit` nor an agent of the policy
+    /// in force.
+    #[error("no breaker named {0:?}: give `audit` or the name of an agent in the policy")]
+    Unknown(String),
+    /// The reset could not be recorded.
+    #[error("{0}")]
+    Ledger(#[from] LedgerError),
+}
+
+impl BreakerError {
+    /// Stable snake_case code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BreakerError::Unknown(_) => "unknown_breaker",
+            BreakerError::Ledger(_) => codes::AUDIT_UNAVAILABLE,
         }
     }
 }

@@ -31,8 +31,8 @@ mod views;
 
 pub use approvals::ApprovalOutcome;
 pub use approvers::encode_key;
-pub use error::{ReloadError, SubmitError};
-pub use operations::{Operations, ReloadOutcome};
+pub use error::{BreakerError, ReloadError, SubmitError};
+pub use operations::{AUDIT_BREAKER, Operations, ReloadOutcome};
 pub use shared::{Core, Keys};
 pub use signer::{Signer, SubmitOutcome};
 pub use submit::denial_body;

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use keyward_client::wire::codes;
 
 use super::decision;
-use super::error::ReloadError;
+use super::error::{BreakerError, ReloadError};
 use super::shared::{Core, live_flights};
 use crate::ledger::LedgerError;
 use crate::ledger::events::{BreakerReset, IntentExpired, PolicyLoaded};
@@ -49,6 +49,9 @@ pub struct ReloadOutcome {
     /// Sequence number of its `policy_loaded` entry.
     pub ledger_seq: u64,
 }
+
+/// The name of the audit breaker (the ledger's), beside the agents' breakers.
+pub const AUDIT_BREAKER: &str = "audit";
 
 /// The operations service shared by the admin API and the daemon's
 /// signal handler and background tasks.
@@ -116,6 +119,21 @@ impl Operations {
             previous_sha256: previous,
             ledger_seq: seq,
         })
+    }
+
+    /// Resets the breaker named `name` on an operator's (`actor`'s)
+    /// request: `audit` (see [`Operations::reset_audit_breaker`]) or an
+    /// agent of the policy in force (see
+    /// [`Operations::reset_agent_breaker`]). Returns the sequence of its
+    /// `breaker_reset` entry.
+    pub async fn reset_breaker(&self, name: &str, actor: &str) -> Result<u64, BreakerError> {
+        if name == AUDIT_BREAKER {
+            return Ok(self.reset_audit_breaker(actor).await?);
+        }
+        if self.core.agent_named(name).is_none() {
+            return Err(BreakerError::Unknown(name.to_owned()));
+        }
+        Ok(self.reset_agent_breaker(name, actor).await?)
     }
 
     /// Clears an agent's denial breaker on an operator's request and
