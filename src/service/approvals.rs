@@ -485,7 +485,10 @@ fn record_approval(
         Some(b) => Relay::Operator(b),
         None => Relay::Agent,
     };
-    let Some(agent_c) = core.agent_named(agent_req.name.as_str()) else {
+    // One snapshot of the policy and its keys for the whole decision, even
+    // if a reload puts another in force meanwhile.
+    let in_force = core.in_force();
+    let Some(agent_c) = in_force.agent_named(agent_req.name.as_str()) else {
         // Nothing can be signed for an agent the policy no
         // longer names; the intent waits to expire.
         let e = ApprovalError::ApproverNotAllowed(t.approver.clone());
@@ -508,7 +511,7 @@ fn record_approval(
             );
         }
     };
-    let need = current_need(&agent_c, &core.keys(), &p)?;
+    let need = current_need(&agent_c, &in_force.keys, &p)?;
     if !counts_now(txn.conn(), &t.approver, &need.of)? {
         return refuse(
             txn,
@@ -596,7 +599,7 @@ fn record_approval(
             pre_reasons: Vec::new(),
             intent_id: id,
             mode: engine::Mode::CommitApproved,
-            policy_sha256: &core.policy().hash_hex(),
+            policy_sha256: &in_force.policy.hash_hex(),
             after_approvals: Some(received),
         },
     )?;

@@ -41,10 +41,22 @@ pub struct Core {
     needs_recovery: AtomicBool,
 }
 
+/// A policy and the keys it refers to, as put in force together.
 #[derive(Clone)]
-struct InForce {
-    policy: Arc<Policy>,
-    keys: Arc<Keys>,
+pub(super) struct InForce {
+    pub(super) policy: Arc<Policy>,
+    pub(super) keys: Arc<Keys>,
+}
+
+impl InForce {
+    /// The agent named `name` in this policy.
+    pub(super) fn agent_named(&self, name: &str) -> Option<AgentPolicy> {
+        self.policy
+            .agents
+            .iter()
+            .find(|a| a.name.as_str() == name)
+            .cloned()
+    }
 }
 
 impl Core {
@@ -76,7 +88,9 @@ impl Core {
         })
     }
 
-    fn in_force(&self) -> InForce {
+    /// The policy and keys in force, read together: one snapshot for a
+    /// decision that needs both.
+    pub(super) fn in_force(&self) -> InForce {
         match self.in_force.read() {
             Ok(f) => f.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -112,11 +126,7 @@ impl Core {
 
     /// The agent named `name` in the policy in force now.
     pub fn agent_named(&self, name: &str) -> Option<AgentPolicy> {
-        self.policy()
-            .agents
-            .iter()
-            .find(|a| a.name.as_str() == name)
-            .cloned()
+        self.in_force().agent_named(name)
     }
 
     /// The ledger.
