@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{mock_service, random_pubkey, settings, transfer};
+use common::{MockService, mock_service, random_pubkey, settings, transfer};
 use keyward::hsm::Hsm as _;
 use keyward::service::SubmitOutcome;
 use keyward::types::KeyName;
@@ -17,13 +17,23 @@ fn limits(agent: &str) -> String {
     format!("[agents.{agent}.limits.SOL]\nper_tx = \"1\"\nper_day = \"10\"\n\n")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_policy_reloaded_through_operations_is_in_force_for_the_signer_with_its_new_key() {
-    let before = format!(
+/// A policy with agent `dev` on key `hot`.
+fn dev_policy() -> String {
+    format!(
         "[agents.dev]\nuid = {DEV_UID}\nkeys = [\"hot\"]\n\n{}",
         limits("dev")
-    );
-    let svc = mock_service(&before, 1, settings(8, 1_000, 10_000));
+    )
+}
+
+/// The services on the mock HSM under [`dev_policy`].
+fn service() -> MockService {
+    mock_service(&dev_policy(), 1, settings(8, 1_000, 10_000))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_reloaded_through_operations_is_in_force_for_the_signer_with_its_new_key() {
+    let before = dev_policy();
+    let svc = service();
     assert!(svc.signer.agent_for_uid(NEW_UID).is_none());
     // A key the HSM has but the policy in force does not name yet.
     let cold = svc
@@ -62,11 +72,8 @@ async fn a_policy_reloaded_through_operations_is_in_force_for_the_signer_with_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_policy_reloaded_through_operations_leaves_the_signer_on_the_old_one() {
-    let before = format!(
-        "[agents.dev]\nuid = {DEV_UID}\nkeys = [\"hot\"]\n\n{}",
-        limits("dev")
-    );
-    let svc = mock_service(&before, 1, settings(8, 1_000, 10_000));
+    let before = dev_policy();
+    let svc = service();
     let hash = svc.signer.policy().hash_hex();
     std::fs::write(
         &svc.policy_path,
@@ -86,11 +93,7 @@ async fn an_invalid_policy_reloaded_through_operations_leaves_the_signer_on_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_resets_the_breaker_of_an_agent_in_force_and_refuses_any_other_name() {
-    let policy = format!(
-        "[agents.dev]\nuid = {DEV_UID}\nkeys = [\"hot\"]\n\n{}",
-        limits("dev")
-    );
-    let svc = mock_service(&policy, 1, settings(8, 1_000, 10_000));
+    let svc = service();
 
     let refused = svc
         .operations
