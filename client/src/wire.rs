@@ -555,6 +555,17 @@ impl std::fmt::Debug for ApproverCreated {
     }
 }
 
+/// Admin API: body of `DELETE /v1/admin/approvers/{name}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApproverRemoved {
+    /// Approver name.
+    pub approver: String,
+    /// Always `removed`.
+    pub state: String,
+    /// Sequence of the `approver_removed` entry.
+    pub ledger_seq: u64,
+}
+
 /// Admin API: one approver in `GET /v1/admin/approvers`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApproverInfo {

@@ -120,10 +120,12 @@ async fn remove_approver(
             other => other.into(),
         })?;
     tracing::warn!(uid, approver = %name, seq, "approver removed");
-    Ok(
-        axum::Json(serde_json::json!({ "approver": name, "state": "removed", "ledger_seq": seq }))
-            .into_response(),
-    )
+    Ok(axum::Json(keyward_client::wire::ApproverRemoved {
+        approver: name,
+        state: "removed".to_owned(),
+        ledger_seq: seq,
+    })
+    .into_response())
 }
 
 async fn list_approvers(

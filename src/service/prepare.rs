@@ -49,6 +49,21 @@ fn parse_address(field: &str, value: &str) -> Result<PublicKey, SubmitError> {
     })
 }
 
+/// Parses and prepares a request of `agent` against the keys served now:
+/// the key it names counts only if the agent's policy lists it.
+pub(crate) fn prepare_with_keys(
+    req: &IntentRequest,
+    agent: &AgentPolicy,
+    keys: &std::collections::HashMap<KeyName, HsmKey>,
+) -> Result<Prepared, SubmitError> {
+    let allowed_key = agent
+        .keys
+        .iter()
+        .find(|n| n.as_str() == req.key)
+        .and_then(|n| keys.get(n));
+    prepare(req, agent, allowed_key)
+}
+
 /// Parses and prepares a request for an agent allowed to use `allowed_key`
 /// (the HSM key for `req.key`, or `None` if the agent may not use it).
 pub(crate) fn prepare(

@@ -10,7 +10,7 @@ use keyward_client::wire::{
 use sha2::{Digest, Sha256};
 
 use super::decision::{Decided, DecisionInput, abandon_intent, record_decision};
-use super::prepare::{Prepared, prepare};
+use super::prepare::{Prepared, prepare_with_keys};
 use super::{Signer, SubmitError, SubmitOutcome};
 use crate::approval::request;
 use crate::intents::{self, IntentStatus, reply_json};
@@ -60,13 +60,7 @@ impl Signer {
             gate.check(self.core.ledger.health().head_seq)
                 .map_err(SubmitError::MirrorLagging)?;
         }
-        let keys = self.core.keys();
-        let allowed_key = agent
-            .keys
-            .iter()
-            .find(|n| n.as_str() == req.key)
-            .and_then(|n| keys.get(n));
-        let prepared = prepare(&req, agent, allowed_key)?;
+        let prepared = prepare_with_keys(&req, agent, &self.core.keys())?;
         let agent_name = agent.name.to_string();
         let intent_id = prepared.intent_id.to_string();
         let _flight = self.core.begin_flight(&agent_name, &intent_id);

@@ -56,13 +56,7 @@ impl Signer {
         agent: &AgentPolicy,
         req: &keyward_client::wire::IntentRequest,
     ) -> Result<keyward_client::wire::DryRunResult, SubmitError> {
-        let keys = self.core.keys();
-        let allowed_key = agent
-            .keys
-            .iter()
-            .find(|n| n.as_str() == req.key)
-            .and_then(|n| keys.get(n));
-        let p = super::prepare::prepare(req, agent, allowed_key)?;
+        let p = super::prepare::prepare_with_keys(req, agent, &self.core.keys())?;
         let agent_c = agent.clone();
         let intent_id = p.intent_id.to_string();
         let key = p.key.clone();

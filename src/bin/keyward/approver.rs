@@ -85,9 +85,9 @@ pub(crate) fn run(config: &Path, command: ApproverCommand) -> Result<(), Failure
         }
         ApproverCommand::Remove { name } => {
             valid(&name)?;
-            let v: serde_json::Value =
+            let v: keyward_client::wire::ApproverRemoved =
                 admin_call(&cfg, "DELETE", &format!("/v1/admin/approvers/{name}"))?;
-            println!("approver {name} removed (ledger seq {})", v["ledger_seq"]);
+            println!("approver {name} removed (ledger seq {})", v.ledger_seq);
             Ok(())
         }
     }
