@@ -198,6 +198,34 @@ mod tests {
     }
 
     #[test]
+    fn there_is_no_proof_for_entry_zero_or_beyond_the_checkpoint() {
+        let (_d, path) = ledger_with(3);
+        let l = Ledger::open(&path, LedgerOptions::default()).unwrap();
+        l.write_blocking(|t| {
+            t.record(
+                None,
+                None,
+                &crate::ledger::checkpoint::CheckpointRecord {
+                    origin: "test".into(),
+                    size: 3,
+                    root: "00".repeat(32),
+                    note: String::new(),
+                    key: "audit".into(),
+                    public_key: String::new(),
+                    verifier_key: String::new(),
+                },
+            )
+        })
+        .unwrap();
+        l.close_blocking().unwrap();
+        let conn = open_read_only(&path).unwrap();
+        assert!(prove(&conn, 0).unwrap().is_none(), "entry 0 does not exist");
+        assert!(prove(&conn, 4).unwrap().is_none(), "not covered yet");
+        let p = prove(&conn, 2).unwrap().unwrap();
+        assert_eq!((p.seq, p.leaf_index, p.tree_size), (2, 1, 3));
+    }
+
+    #[test]
     fn untouched_ledger_verifies() {
         let (_d, path) = ledger_with(5);
         let r = crate::ledger::verify_chain(&path).unwrap();
