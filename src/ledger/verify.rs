@@ -225,6 +225,35 @@ mod tests {
         assert_eq!((p.seq, p.leaf_index, p.tree_size), (2, 1, 3));
     }
 
+    /// A proof whose root is not the signed checkpoint's is refused even
+    /// when its size is, and its path leads to the root it claims.
+    #[test]
+    fn a_proof_under_a_root_the_checkpoint_did_not_sign_is_refused() {
+        use crate::ledger::checkpoint::{AUDIT_KEY, body, note, verifier_key};
+        use crate::ledger::merkle::leaf_hash;
+        use ed25519_dalek::Signer as _;
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let pk = crate::types::PublicKey(sk.verifying_key().to_bytes());
+        let vkey = verifier_key(AUDIT_KEY, &pk);
+        let signed_entry = [1u8; 32];
+        let root = leaf_hash(&signed_entry);
+        let text = body("test", 1, &root);
+        let sig = sk.sign(text.as_bytes()).to_bytes();
+        let proof = |entry: [u8; 32]| InclusionProof {
+            seq: 1,
+            leaf_index: 0,
+            entry_hash: hex::encode(entry),
+            tree_size: 1,
+            root: hex::encode(leaf_hash(&entry)),
+            proof: Vec::new(),
+            checkpoint: note(&text, AUDIT_KEY, &pk, &sig),
+            verifier_key: vkey.clone(),
+        };
+        assert_eq!(verify_proof(&proof(signed_entry), &vkey), Ok(()));
+        let forged = verify_proof(&proof([2; 32]), &vkey).unwrap_err();
+        assert!(forged.contains("not the signed checkpoint's"), "{forged}");
+    }
+
     #[test]
     fn untouched_ledger_verifies() {
         let (_d, path) = ledger_with(5);
