@@ -21,13 +21,13 @@ cd "$(dirname "$0")/.."
 groups=(
   "request|src/approval/request.rs|--lib --test approvals --test approval_hardening"
   "approval|src/approval/mod.rs src/approval/store.rs|--lib --test approvals --test approval_hardening"
-  "submit|src/service/submit.rs|--test release_path --test signing --test concurrency --test ledger_failure --test denials --test policy_rules --test approvals"
+  "submit|src/service/submit.rs src/service/decision.rs|--test release_path --test signing --test concurrency --test ledger_failure --test denials --test policy_rules --test approvals --test decision_path --test hsm_executor"
   "evaluate|src/policy/evaluate.rs|--lib --test policy_rules --test policy_properties --test denials --test dry_runs"
   "engine|src/policy/engine.rs|--lib --test policy_rules --test policy_properties --test denials --test dry_runs --test approval_hardening"
   "verify|src/ledger/verify.rs src/ledger/history.rs|--lib --test audit_tamper --test audit_anchor --test checkpoints"
   "writer|src/ledger/writer.rs|--lib --test ledger_failure --test concurrency"
   "effects|src/solana/effects.rs|--lib --test solana_crosscheck --test spl --test denials --test signing"
-  "service|src/service/approvals.rs src/service/mod.rs|--lib --test approvals --test approval_hardening --test concurrency --test release_path"
+  "service|src/service/approvals.rs src/service/signer.rs src/service/operations.rs src/service/shared.rs src/mirror/gate.rs|--lib --test approvals --test approval_hardening --test concurrency --test release_path --test decision_path --test operations --test mirror"
 )
 
 if [ "${1:-}" = "--list" ]; then
