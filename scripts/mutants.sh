@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 groups=(
   "request|src/approval/request.rs|--lib --test approvals --test approval_hardening"
   "approval|src/approval/mod.rs src/approval/store.rs|--lib --test approvals --test approval_hardening"
-  "submit|src/service/submit.rs src/service/decision.rs|--test release_path --test signing --test concurrency --test ledger_failure --test denials --test policy_rules --test approvals --test decision_path --test hsm_executor"
+  "submit|src/service/submit.rs src/service/decision.rs|--test release_path --test signing --test concurrency --test ledger_failure --test denials --test policy_rules --test approvals --test approval_hardening --test dry_runs --test decision_path --test hsm_executor"
   "evaluate|src/policy/evaluate.rs|--lib --test policy_rules --test policy_properties --test denials --test dry_runs"
   "engine|src/policy/engine.rs|--lib --test policy_rules --test policy_properties --test denials --test dry_runs --test approval_hardening"
   "verify|src/ledger/verify.rs src/ledger/history.rs|--lib --test audit_tamper --test audit_anchor --test checkpoints"
