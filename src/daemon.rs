@@ -310,20 +310,8 @@ async fn record_start(
         );
     }
     if established.generated {
-        let generated = events::KeyGenerated {
-            key: audit_key.name.to_string(),
-            public_key: audit_key.public_key.to_base58(),
-            purpose: Some("checkpoints".to_owned()),
-            verifier_key: Some(crate::ledger::checkpoint::verifier_key(
-                crate::ledger::checkpoint::AUDIT_KEY,
-                &audit_key.public_key,
-            )),
-            pinned_in: None,
-            backend: None,
-            token_label: None,
-            sensitive: None,
-            extractable: None,
-        };
+        let generated =
+            events::KeyGenerated::audit_key(audit_key.name.as_str(), &audit_key.public_key, None);
         ledger
             .write(move |txn| txn.record(None, None, &generated).map(|_| ()))
             .await?;

@@ -388,6 +388,31 @@ pub struct KeyGenerated {
     pub extractable: Option<bool>,
 }
 
+impl KeyGenerated {
+    /// The audit key (it signs checkpoints), with its C2SP verifier key and
+    /// where it was pinned, when it was.
+    pub fn audit_key(
+        name: &str,
+        public_key: &crate::types::PublicKey,
+        pinned_in: Option<String>,
+    ) -> KeyGenerated {
+        KeyGenerated {
+            key: name.to_owned(),
+            public_key: public_key.to_base58(),
+            purpose: Some("checkpoints".to_owned()),
+            verifier_key: Some(super::checkpoint::verifier_key(
+                super::checkpoint::AUDIT_KEY,
+                public_key,
+            )),
+            pinned_in,
+            backend: None,
+            token_label: None,
+            sensitive: None,
+            extractable: None,
+        }
+    }
+}
+
 /// `key_rotated`: a key name moved to a successor generated in the HSM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRotated {

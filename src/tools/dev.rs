@@ -186,17 +186,11 @@ pub fn init_dev(dir: &Path, module: &Path, uid: u32) -> Result<DevInstance, DevE
         &crate::ledger::TrustedKey::file_text(&audit_vkey),
     )?;
     let ledger = crate::daemon::open_ledger(&cfg).map_err(|e| DevError::Ledger(e.to_string()))?;
-    let audit_generated = KeyGenerated {
-        key: audit.name.to_string(),
-        public_key: audit.public_key.to_base58(),
-        purpose: Some("checkpoints".to_owned()),
-        verifier_key: Some(audit_vkey),
-        pinned_in: Some(cfg.audit_vkey_path().display().to_string()),
-        backend: None,
-        token_label: None,
-        sensitive: None,
-        extractable: None,
-    };
+    let audit_generated = KeyGenerated::audit_key(
+        audit.name.as_str(),
+        &audit.public_key,
+        Some(cfg.audit_vkey_path().display().to_string()),
+    );
     let generated = KeyGenerated {
         key: key.name.to_string(),
         public_key: key.public_key.to_base58(),
