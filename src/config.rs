@@ -182,7 +182,7 @@ fn default_unmirrored_age() -> u64 {
 pub struct DaemonConfig {
     /// Agent socket path.
     pub agent_socket: PathBuf,
-    /// Admin socket path (mode 0600).
+    /// Admin socket path (mode 0600, or 0660 with `admin_socket_group`).
     pub admin_socket: PathBuf,
     /// State directory; the ledger database lives here.
     pub state_dir: PathBuf,
@@ -191,6 +191,11 @@ pub struct DaemonConfig {
     /// Group that owns the agent socket (mode 0660), e.g. `keyward-agents`.
     #[serde(default)]
     pub agent_socket_group: Option<String>,
+    /// Group that owns the admin socket, e.g. `keyward-admin`: when set the
+    /// socket is mode 0660 and that group's members may run the operator
+    /// commands; when absent it is mode 0600 (the daemon's user only).
+    #[serde(default)]
+    pub admin_socket_group: Option<String>,
     /// Largest accepted request body in bytes (default 64 KiB).
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: usize,

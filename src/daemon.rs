@@ -11,7 +11,9 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::api::serve::{Admission, Limits, Socket, serve as serve_socket};
-use crate::api::{AppState, admin_router, agent_router, bind_socket, with_request_timeout};
+use crate::api::{
+    AdminGroup, AppState, admin_router, agent_router, bind_socket, with_request_timeout,
+};
 use crate::config::{Config, ConfigError};
 use crate::hsm::{ExecutorSettings, Hsm, HsmError, HsmExecutor, HsmKey};
 use crate::ledger::{Ledger, LedgerError, LedgerOptions, events};
@@ -361,6 +363,8 @@ async fn record_start(
 struct Bound {
     agent: tokio::net::UnixListener,
     admin: tokio::net::UnixListener,
+    /// `daemon.admin_socket_group`, resolved when the socket was given to it.
+    admin_group: Option<AdminGroup>,
     signals: Signals,
 }
 
@@ -379,28 +383,30 @@ fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
         cfg.daemon.agent_socket.display()
     )))?;
     if let Some(group) = &cfg.daemon.agent_socket_group {
-        let gid = nix::unistd::Group::from_name(group)
-            .ok()
-            .flatten()
-            .ok_or_else(|| {
-                ConfigError::new(
-                    &cfg.file,
-                    "daemon.agent_socket_group",
-                    format!("no group named {group:?}"),
-                )
-            })?
-            .gid;
-        nix::unistd::chown(&cfg.daemon.agent_socket, None, Some(gid)).map_err(|e| {
-            io(format!(
-                "cannot chown {}",
-                cfg.daemon.agent_socket.display()
-            ))(e.into())
-        })?;
+        chown_socket_group(
+            cfg,
+            &cfg.daemon.agent_socket,
+            "daemon.agent_socket_group",
+            group,
+        )?;
     }
-    let admin_listener = bind_socket(&cfg.daemon.admin_socket, 0o600).map_err(io(format!(
+    let admin_mode = match cfg.daemon.admin_socket_group {
+        Some(_) => 0o660,
+        None => 0o600,
+    };
+    let admin_listener = bind_socket(&cfg.daemon.admin_socket, admin_mode).map_err(io(format!(
         "cannot bind admin socket {}",
         cfg.daemon.admin_socket.display()
     )))?;
+    let admin_group = match &cfg.daemon.admin_socket_group {
+        Some(group) => Some(chown_socket_group(
+            cfg,
+            &cfg.daemon.admin_socket,
+            "daemon.admin_socket_group",
+            group,
+        )?),
+        None => None,
+    };
     let signals = Signals {
         term: signal(SignalKind::terminate()).map_err(io("cannot install SIGTERM handler"))?,
         int: signal(SignalKind::interrupt()).map_err(io("cannot install SIGINT handler"))?,
@@ -409,8 +415,31 @@ fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
     Ok(Bound {
         agent: agent_listener,
         admin: admin_listener,
+        admin_group,
         signals,
     })
+}
+
+/// Gives `socket` to `group` (the config's `key`) and returns the group
+/// with its listed members; the daemon's user must be a member of it (no
+/// capability is needed then).
+fn chown_socket_group(
+    cfg: &Config,
+    socket: &std::path::Path,
+    key: &str,
+    group: &str,
+) -> Result<AdminGroup, DaemonError> {
+    let resolved = AdminGroup::resolve(group)
+        .ok_or_else(|| ConfigError::new(&cfg.file, key, format!("no group named {group:?}")))?;
+    nix::unistd::chown(socket, None, Some(nix::unistd::Gid::from_raw(resolved.gid))).map_err(
+        |e| {
+            io(format!(
+                "cannot chown {} to group {group}",
+                socket.display()
+            ))(e.into())
+        },
+    )?;
+    Ok(resolved)
 }
 
 /// Step 3, the lockdown: the single place that restricts the process once
@@ -458,12 +487,14 @@ async fn serve(cfg: &Config, opened: Opened, bound: Bound) -> Result<(), DaemonE
     let Bound {
         agent: agent_listener,
         admin: admin_listener,
+        admin_group,
         signals,
     } = bound;
     let state = AppState {
         signer: Arc::clone(&signer),
         operations: Arc::clone(&operations),
         max_body: cfg.daemon.max_body_bytes,
+        admin_group: admin_group.clone(),
         audit_key: Some((
             audit_key.public_key.to_base58(),
             crate::ledger::checkpoint::verifier_key(
@@ -495,7 +526,7 @@ async fn serve(cfg: &Config, opened: Opened, bound: Bound) -> Result<(), DaemonE
             name: "admin",
             listener: admin_listener,
             router: with_request_timeout(admin_router(state), request_timeout),
-            admission: Admission::Operators,
+            admission: Admission::Operators(admin_group),
             limits,
         },
         stop_rx.clone(),

@@ -20,6 +20,7 @@ pub mod hsm;
 pub mod intents;
 pub mod ledger;
 pub mod logging;
+pub mod manpage;
 pub mod mirror;
 pub mod policy;
 pub mod process;

@@ -1,4 +1,5 @@
-//! The admin API (admin socket, mode 0600): operator actions, each recorded
+//! The admin API (admin socket, mode 0600, or 0660 with
+//! `daemon.admin_socket_group`): operator actions, each recorded
 //! in the ledger. They are the [`Operations`](crate::service::Operations)
 //! service's, except the relay of approval tokens and the list of what
 //! waits for approvals, which are the signing service's (a relayed token
@@ -13,7 +14,8 @@ use axum::routing::{get, post};
 use keyward_client::wire::{AdminKeyInfo, BreakerResetView, codes};
 
 use super::error::{fallback, method_fallback};
-use super::{ApiError, AppState, PeerCred};
+use super::peer::is_operator;
+use super::{AdminGroup, ApiError, AppState, PeerCred};
 use crate::service::{AUDIT_BREAKER, BreakerError};
 
 /// Routes of the admin socket.
@@ -37,26 +39,29 @@ pub fn admin_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Only root and the daemon's own user may use the admin socket (the socket
-/// mode already says so; this is the second lock).
-fn operator(peer: PeerCred) -> Result<u32, ApiError> {
-    let me = nix::unistd::geteuid().as_raw();
+/// Only root, the daemon's own user and members of
+/// `daemon.admin_socket_group` may use the admin socket (the socket's mode
+/// and group already say so; this is the second lock).
+fn operator(group: &Option<AdminGroup>, peer: PeerCred) -> Result<u32, ApiError> {
     match peer.uid {
-        Some(uid) if uid == 0 || uid == me => Ok(uid),
+        Some(uid) if is_operator(group.as_ref(), &peer) => Ok(uid),
         _ => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "not_an_operator",
-            "only root or the daemon's user may use the admin socket",
+            NOT_AN_OPERATOR,
         )),
     }
 }
+
+/// The message of a `not_an_operator` refusal.
+pub(super) const NOT_AN_OPERATOR: &str = "only root, the daemon's user or a member of daemon.admin_socket_group may use the admin socket";
 
 async fn reset_breaker(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<PeerCred>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let uid = operator(peer)?;
+    let uid = operator(&state.admin_group, peer)?;
     let seq = state
         .operations
         .reset_breaker(&name, &format!("uid:{uid}"))
@@ -86,7 +91,7 @@ async fn add_approver(
     ConnectInfo(peer): ConnectInfo<PeerCred>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let uid = operator(peer)?;
+    let uid = operator(&state.admin_group, peer)?;
     let key = state
         .operations
         .add_approver(&name, &format!("uid:{uid}"))
@@ -106,7 +111,7 @@ async fn remove_approver(
     ConnectInfo(peer): ConnectInfo<PeerCred>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let uid = operator(peer)?;
+    let uid = operator(&state.admin_group, peer)?;
     let seq = state
         .operations
         .remove_approver(&name, &format!("uid:{uid}"))
@@ -132,7 +137,7 @@ async fn list_approvers(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<PeerCred>,
 ) -> Result<Response, ApiError> {
-    operator(peer)?;
+    operator(&state.admin_group, peer)?;
     let list: Vec<keyward_client::wire::ApproverInfo> = state
         .operations
         .approvers()?
@@ -160,7 +165,7 @@ async fn relay_approval(
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let uid = operator(peer)?;
+    let uid = operator(&state.admin_group, peer)?;
     let sub: keyward_client::wire::RelayedApproval =
         super::body::read_json(&headers, body, state.max_body).await?;
     let signer = std::sync::Arc::clone(&state.signer);
@@ -195,7 +200,7 @@ async fn list_pending_approvals(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<PeerCred>,
 ) -> Result<Response, ApiError> {
-    operator(peer)?;
+    operator(&state.admin_group, peer)?;
     let signer = std::sync::Arc::clone(&state.signer);
     let list = tokio::task::spawn_blocking(move || signer.pending_approvals())
         .await
@@ -207,7 +212,7 @@ async fn reload_policy(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<PeerCred>,
 ) -> Result<Response, ApiError> {
-    let uid = operator(peer)?;
+    let uid = operator(&state.admin_group, peer)?;
     match state.operations.reload_policy(&format!("uid:{uid}")).await {
         Ok(r) => Ok(axum::Json(keyward_client::wire::PolicyReloadView {
             policy_sha256: r.policy_sha256,
@@ -236,7 +241,7 @@ async fn keys(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<PeerCred>,
 ) -> Result<Response, ApiError> {
-    operator(peer)?;
+    operator(&state.admin_group, peer)?;
     let core = state.operations.core();
     let policy = core.policy();
     let mut keys: Vec<AdminKeyInfo> = core
@@ -272,6 +277,6 @@ async fn health(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<PeerCred>,
 ) -> Result<Response, ApiError> {
-    operator(peer)?;
+    operator(&state.admin_group, peer)?;
     Ok(axum::Json(state.signer.health_view().await).into_response())
 }

@@ -22,7 +22,7 @@ use keyward_client::wire::codes;
 pub use admin::admin_router;
 pub use agent::agent_router;
 pub use error::{ApiError, intent_reply_status, submit_error_status};
-pub use peer::PeerCred;
+pub use peer::{AdminGroup, PeerCred};
 
 use crate::service::{Operations, Signer};
 
@@ -38,6 +38,8 @@ pub struct AppState {
     pub max_body: usize,
     /// The audit key that signs checkpoints: (public key, verifier key).
     pub audit_key: Option<(String, String)>,
+    /// `daemon.admin_socket_group`, whose members may use the admin API.
+    pub admin_group: Option<AdminGroup>,
 }
 
 /// Binds a Unix socket at `path` with `mode`, refusing to take over a socket

@@ -77,10 +77,12 @@ fn peer_cred(stream: &UnixStream) -> PeerCred {
     match stream.peer_cred() {
         Ok(cred) => PeerCred {
             uid: Some(cred.uid()),
+            gid: Some(cred.gid()),
             pid: cred.pid(),
         },
         Err(_) => PeerCred {
             uid: None,
+            gid: None,
             pid: None,
         },
     }

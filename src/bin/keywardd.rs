@@ -9,7 +9,7 @@ use keyward::daemon::{DaemonError, StartOptions, run};
 
 /// The keyward signing daemon: serves the agent and admin sockets.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// keyward.toml
     #[arg(long, default_value = DEFAULT_CONFIG)]
@@ -19,10 +19,26 @@ struct Args {
     /// is recorded in the ledger; it holds for this start only.
     #[arg(long, value_name = "SEQ")]
     accept_broken_history: Option<u64>,
+    /// Packaging: write the manual page keywardd.8 into DIR and exit.
+    #[arg(long, value_name = "DIR", hide = true)]
+    write_man_page: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(dir) = &args.write_man_page {
+        use clap::CommandFactory;
+        return match keyward::manpage::write(Args::command().name("keywardd"), "8", dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "keywardd: cannot write the manual page into {}: {e}",
+                    dir.display()
+                );
+                ExitCode::from(2)
+            }
+        };
+    }
     keyward::logging::init();
     // Test builds only (feature `test-hooks`, never in a release build).
     #[cfg(feature = "test-hooks")]

@@ -344,11 +344,7 @@ impl Ledger {
         // Before the journal mode or the file's mode is touched: a newer
         // database is left exactly as it is.
         crate::schema::check_readable(&conn)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| open_err(path, e))?;
-        }
+        set_file_modes(path)?;
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
             .map_err(|e| open_err(path, e))?;
@@ -627,6 +623,34 @@ struct Writer {
     checkpointer: Option<Checkpointer>,
     /// Held until the writer thread ends: one writer per database.
     _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Mode of the ledger database and its `-wal` and `-shm` files: the
+/// daemon writes, its group (`keyward-ledger` through the setgid state
+/// directory of the package) reads, so that the mirror and auditors open it
+/// read-only; a WAL reader needs the `-shm` file readable too. SQLite
+/// creates `-wal` and `-shm` with the database file's mode; those left by an
+/// older version (0600) are brought to this mode here.
+pub const LEDGER_FILE_MODE: u32 = 0o640;
+
+fn set_file_modes(path: &Path) -> Result<(), LedgerError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(LEDGER_FILE_MODE))
+        .map_err(|e| open_err(path, e))?;
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        match std::fs::set_permissions(&side, std::fs::Permissions::from_mode(LEDGER_FILE_MODE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(open_err(
+                    path,
+                    format!("cannot set the mode of {}: {e}", side.to_string_lossy()),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Takes the exclusive writer lock `<db>.lock`, so that a second daemon (or

@@ -10,7 +10,8 @@ use keyward_client::wire::{ErrorBody, ErrorDetail, codes};
 use tokio::net::UnixStream;
 
 use super::Limits;
-use crate::api::PeerCred;
+use crate::api::peer::is_operator;
+use crate::api::{AdminGroup, PeerCred};
 use crate::service::Signer;
 
 /// How long a refused connection is held (never read) before it is
@@ -27,15 +28,18 @@ pub enum Admission {
     /// The agent socket: uids the policy in force binds to an agent (looked
     /// up on each accept, so a policy reload takes effect at once).
     Agents(Arc<Signer>),
-    /// The admin socket: root and the daemon's own effective uid.
-    Operators,
+    /// The admin socket: root, the daemon's own effective uid and the
+    /// members of `daemon.admin_socket_group` when it is set.
+    Operators(Option<AdminGroup>),
 }
 
 impl Admission {
-    fn admits(&self, uid: u32) -> bool {
+    fn admits(&self, peer: &PeerCred) -> bool {
         match self {
-            Admission::Agents(signer) => signer.policy().agent_for_uid(uid).is_some(),
-            Admission::Operators => uid == 0 || uid == nix::unistd::geteuid().as_raw(),
+            Admission::Agents(signer) => peer
+                .uid
+                .is_some_and(|uid| signer.policy().agent_for_uid(uid).is_some()),
+            Admission::Operators(group) => is_operator(group.as_ref(), peer),
         }
     }
 }
@@ -74,10 +78,10 @@ fn refusal_response(admission: &Admission, refusal: Refusal) -> Vec<u8> {
             "this uid is not an agent in the policy",
             None,
         ),
-        (Refusal::Stranger, Admission::Operators) => (
+        (Refusal::Stranger, Admission::Operators(_)) => (
             "403 Forbidden",
             "not_an_operator",
-            "only root or the daemon's user may use the admin socket",
+            crate::api::admin::NOT_AN_OPERATOR,
             None,
         ),
         (Refusal::Socket | Refusal::Uid, _) => (
@@ -270,7 +274,7 @@ impl Gate {
     /// (within the log budget).
     pub(super) fn admit(&mut self, peer: PeerCred) -> Result<Slot, Refusal> {
         let name = self.name;
-        let Some(uid) = peer.uid.filter(|&uid| self.admission.admits(uid)) else {
+        let Some(uid) = peer.uid.filter(|_| self.admission.admits(&peer)) else {
             if self.log.allow(name) {
                 tracing::warn!(
                     socket = name,
@@ -380,8 +384,11 @@ mod tests {
 
     #[test]
     fn refusals_answer_with_the_api_error_shape() {
-        let text =
-            String::from_utf8(refusal_response(&Admission::Operators, Refusal::Stranger)).unwrap();
+        let text = String::from_utf8(refusal_response(
+            &Admission::Operators(None),
+            Refusal::Stranger,
+        ))
+        .unwrap();
         assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(
@@ -391,7 +398,7 @@ mod tests {
         let parsed: ErrorBody = serde_json::from_str(body).unwrap();
         assert_eq!(parsed.error.code, "not_an_operator");
         let text =
-            String::from_utf8(refusal_response(&Admission::Operators, Refusal::Uid)).unwrap();
+            String::from_utf8(refusal_response(&Admission::Operators(None), Refusal::Uid)).unwrap();
         assert!(text.starts_with("HTTP/1.1 503"), "{text}");
         assert!(text.contains("retry-after: 1\r\n"), "{text}");
         assert!(text.contains("\"too_many_connections\""), "{text}");

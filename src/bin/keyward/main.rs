@@ -28,7 +28,7 @@ use keyward::config::{Config, DEFAULT_CONFIG};
 
 /// keyward: the operator's CLI for the keyward signing appliance.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// keyward.toml of the instance to act on.
     #[arg(long, global = true, default_value = DEFAULT_CONFIG)]
@@ -83,6 +83,12 @@ enum Command {
     /// ledger appends, on a scratch SoftHSM2 instance (no real instance is
     /// touched).
     Bench(bench::BenchArgs),
+    /// Packaging: write the manual pages keyward.1 and keyward-*.1 into DIR.
+    #[command(hide = true)]
+    WriteManPage {
+        /// Directory to write the pages into.
+        dir: PathBuf,
+    },
 }
 
 /// A failure with the exit status it maps to.
@@ -120,6 +126,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Approval { command } => approval::run(config, command),
         Command::Approve(args) => approve::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::WriteManPage { dir } => {
+            use clap::CommandFactory;
+            keyward::manpage::write(Cli::command().name("keyward"), "1", &dir)
+                .with_context(|| format!("cannot write the manual page into {}", dir.display()))?;
+            Ok(())
+        }
     }
 }
 
