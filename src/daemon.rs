@@ -166,6 +166,14 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
     let established = establish_history(cfg, &hsm, &ledger, opts).await?;
     let audit_key = established.key.clone();
     record_start(cfg, &ledger, &hsm, &keys, &policy, &established).await?;
+    // Keys made while keywardd was not running (`keyward setup`, `keyward
+    // key create`): recorded once, now.
+    let pinned_in = established
+        .unpinned
+        .is_none()
+        .then(|| cfg.audit_vkey_path().display().to_string());
+    crate::service::keys::record_offline_keys(&ledger, &hsm, cfg.hsm.device_label(), pinned_in)
+        .await?;
     let hsm_for_checkpoints = Arc::clone(&hsm);
     let core = Core::new(
         ledger.clone(),
@@ -175,6 +183,7 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
         cfg.daemon.policy.clone(),
         Duration::from_secs(cfg.daemon.approval_ttl_s),
     );
+    core.set_device_label(cfg.hsm.device_label());
     let signer = Signer::new(Arc::clone(&core));
     let operations = Operations::new(core);
     // Signed checkpoints of the Merkle tree, over verified entries only. The

@@ -1,0 +1,744 @@
+//! `keyward setup`: prepares a signer box's HSM for keywardd, with the
+//! installed layout (`/etc/keyward`, `/var/lib/keyward`), every path taken
+//! from `keyward.toml` so a test can point it at a temporary directory.
+//!
+//! 1. SoftHSM2 (`--softhsm`): writes SoftHSM's configuration (the file
+//!    `[hsm] env.SOFTHSM2_CONF` names) if it is missing, with its token
+//!    directory `<state_dir>/softhsm/tokens`, and initialises the token
+//!    `hsm.token_label` with a random SO PIN and user PIN, or finds it.
+//!    A vendor module (`--module`, `--token-label`): the vendor's tools
+//!    have initialised the token; the operator's PIN must log in.
+//! 2. The user PIN goes to the credential file (`<config dir>/credentials/
+//!    hsm.pin`, root-only 0400 in a 0700 directory, written atomically),
+//!    which the unit hands to keywardd with `LoadCredential=pin:...`.
+//!    SoftHSM's SO PIN goes beside it (`so.pin`, 0400): keywardd never
+//!    reads it; it lets root reset the user PIN without wiping the token,
+//!    and gives root nothing it could not do with the user PIN it can
+//!    read anyway. Secrets are never printed.
+//! 3. The audit key (it signs checkpoints) is generated in the HSM, or
+//!    found, and its verifier key pinned where keywardd expects it
+//!    ([`Config::audit_vkey_path`]), 0444: readable by the daemon, not
+//!    writable by it.
+//!
+//! Every step first looks at what is there: a second run changes nothing
+//! and says so. An interrupted run resumes: the PINs are written before
+//! the token is initialised with them, so a token never has a PIN that
+//! was not saved.
+//!
+//! Run as root where the user `keyward` exists (the package's case), the
+//! HSM work runs as root and the SoftHSM token directory is then chowned
+//! to `keyward:keyward` ([`DaemonUser`]), recursively: simpler and easier
+//! to check than dropping privileges around a module that may keep root's
+//! file descriptors, and it also repairs a tree an interrupted run left.
+//! Without that user (tests, installs by hand) everything belongs to the
+//! invoking user. The ledger is never touched: keywardd records the audit
+//! key at its first start (see [`crate::service::keys`]).
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use cryptoki::session::UserType;
+use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
+
+use crate::config::{Config, Pkcs11BackendConfig};
+use crate::hsm::pkcs11::{context, find_token};
+use crate::hsm::{HsmError, HsmKey};
+use crate::ledger::TrustedKey;
+use crate::ledger::checkpoint::AUDIT_KEY;
+use crate::types::KeyName;
+
+/// Name of the PIN credential file in the credentials directory.
+pub const PIN_CREDENTIAL: &str = "hsm.pin";
+/// Name of SoftHSM's SO PIN file beside it.
+pub const SO_PIN_FILE: &str = "so.pin";
+/// The system user keywardd runs as in the package.
+pub const DAEMON_USER: &str = "keyward";
+
+/// Why set-up stopped. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// keyward.toml does not say what set-up needs, or says something else
+    /// than the command line.
+    #[error("{0}")]
+    Config(String),
+    /// The token exists, but its PIN is not known here.
+    #[error("{0}")]
+    Token(String),
+    /// HSM failure.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    /// The pinned audit key differs from the HSM's.
+    #[error(
+        "{path} pins {pinned}, but the HSM's audit key is {hsm}; not replaced. Find out why before you re-pin by hand"
+    )]
+    PinnedKeyDiffers {
+        /// The pin file.
+        path: PathBuf,
+        /// What it pins.
+        pinned: String,
+        /// The HSM's audit key.
+        hsm: String,
+    },
+    /// A key was refused.
+    #[error(transparent)]
+    Key(#[from] crate::service::KeyCreateError),
+    /// I/O failure.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl SetupError {
+    /// Stable snake_case code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SetupError::Config(_) => "invalid_config",
+            SetupError::Token(_) => "token_pin_unknown",
+            SetupError::Hsm(e) => e.code(),
+            SetupError::PinnedKeyDiffers { .. } => "audit_key_mismatch",
+            SetupError::Key(e) => e.code(),
+            SetupError::Io { .. } => "io_error",
+        }
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SetupError {
+    let what = what.into();
+    move |source| SetupError::Io { what, source }
+}
+
+fn nix_io(what: impl Into<String>) -> impl FnOnce(nix::Error) -> SetupError {
+    let what = what.into();
+    move |e| SetupError::Io {
+        what,
+        source: e.into(),
+    }
+}
+
+/// Which HSM to set up.
+pub enum Target {
+    /// SoftHSM2: the module keyward.toml names (checked against where
+    /// SoftHSM2 is installed).
+    SoftHsm,
+    /// A vendor's PKCS#11 module whose token the vendor's tools
+    /// initialised, with the user PIN the operator gave.
+    Vendor {
+        /// The module (must be keyward.toml's `hsm.module`).
+        module: PathBuf,
+        /// The token label (must be keyward.toml's `hsm.token_label`).
+        token_label: String,
+        /// The user PIN.
+        pin: SecretString,
+    },
+}
+
+/// The user that must own the SoftHSM token files: `keyward` when set-up
+/// runs as root and that user exists, else nobody (files stay the
+/// invoking user's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DaemonUser {
+    /// Its uid.
+    pub uid: nix::unistd::Uid,
+    /// Its primary group.
+    pub gid: nix::unistd::Gid,
+}
+
+impl DaemonUser {
+    /// `keyward`, when this process is root and the user exists.
+    pub fn find() -> Option<DaemonUser> {
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        let user = nix::unistd::User::from_name(DAEMON_USER).ok().flatten()?;
+        Some(DaemonUser {
+            uid: user.uid,
+            gid: user.gid,
+        })
+    }
+}
+
+/// One thing set-up did or found already done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Whether it changed something.
+    pub changed: bool,
+    /// What it did or found.
+    pub what: String,
+}
+
+/// What set-up did.
+#[derive(Debug)]
+pub struct Report {
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+    /// The audit key.
+    pub audit_key: HsmKey,
+    /// Its verifier key, as pinned.
+    pub audit_vkey: String,
+    /// The PIN credential file.
+    pub pin_file: PathBuf,
+}
+
+impl Report {
+    /// Whether anything changed.
+    pub fn changed(&self) -> bool {
+        self.steps.iter().any(|s| s.changed)
+    }
+}
+
+/// The steps taken so far.
+#[derive(Default)]
+struct Steps(Vec<Step>);
+
+impl Steps {
+    fn done(&mut self, what: String) {
+        self.0.push(Step {
+            changed: true,
+            what,
+        });
+    }
+
+    fn found(&mut self, what: String) {
+        self.0.push(Step {
+            changed: false,
+            what,
+        });
+    }
+}
+
+/// The file holding the HSM user PIN, as root and the CLI see it outside
+/// systemd: an absolute `hsm.pin_file` as is; a relative one (a systemd
+/// credential, the package's `pin_file = "pin"`) in
+/// `$CREDENTIALS_DIRECTORY` when that is set, else the file the unit loads
+/// it from, `<config dir>/credentials/hsm.pin`.
+pub fn pin_source(cfg: &Config, p: &Pkcs11BackendConfig) -> PathBuf {
+    if p.pin_file.is_absolute() {
+        return p.pin_file.clone();
+    }
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        return Path::new(&dir).join(&p.pin_file);
+    }
+    credentials_dir(cfg).join(PIN_CREDENTIAL)
+}
+
+/// `<config dir>/credentials`.
+pub fn credentials_dir(cfg: &Config) -> PathBuf {
+    let file = std::path::absolute(&cfg.file).unwrap_or_else(|_| cfg.file.clone());
+    file.parent().unwrap_or(Path::new("/")).join("credentials")
+}
+
+/// `[hsm]` with `pin_file` replaced by [`pin_source`]: what a tool outside
+/// systemd opens the HSM with.
+pub fn offline_hsm_config(cfg: &Config) -> Result<crate::config::HsmConfig, SetupError> {
+    let p = pkcs11(cfg)?;
+    let mut hsm = cfg.hsm.clone();
+    let mut p2 = p.clone();
+    p2.pin_file = pin_source(cfg, p);
+    hsm.backend = crate::config::HsmBackendConfig::Pkcs11(p2);
+    Ok(hsm)
+}
+
+fn pkcs11(cfg: &Config) -> Result<&Pkcs11BackendConfig, SetupError> {
+    cfg.hsm.pkcs11().ok_or_else(|| {
+        SetupError::Config(format!(
+            "{}: set-up supports [hsm] backend = \"pkcs11\"",
+            cfg.file.display()
+        ))
+    })
+}
+
+/// The SoftHSM2 configuration keyward.toml passes to the module
+/// (`[hsm] env.SOFTHSM2_CONF`), if any.
+pub fn softhsm_conf(cfg: &Config) -> Option<PathBuf> {
+    cfg.hsm.env.get("SOFTHSM2_CONF").map(PathBuf::from)
+}
+
+/// The token directory a SoftHSM2 configuration names.
+pub fn softhsm_token_dir(conf: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(conf).ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == "directories.tokendir").then(|| PathBuf::from(v.trim()))
+    })
+}
+
+/// Sets up the HSM `target` for the instance `cfg` describes (see the
+/// module docs). `[hsm] env` must already be in this process's
+/// environment ([`crate::process::apply_module_env`]).
+pub fn setup(cfg: &Config, target: Target) -> Result<Report, SetupError> {
+    let p = pkcs11(cfg)?.clone();
+    let owner = DaemonUser::find();
+    let pin_file = pin_source(cfg, &p);
+    let mut steps = Steps::default();
+    match target {
+        Target::SoftHsm => softhsm(cfg, &p, owner, &pin_file, &mut steps)?,
+        Target::Vendor {
+            module,
+            token_label,
+            pin,
+        } => vendor(cfg, &p, &module, &token_label, &pin, &pin_file, &mut steps)?,
+    }
+    let (audit_key, audit_vkey) = audit_key(cfg, &mut steps)?;
+    if let Some(owner) = owner {
+        give_tokens_to(cfg, owner)?;
+    }
+    Ok(Report {
+        steps: steps.0,
+        audit_key,
+        audit_vkey,
+        pin_file,
+    })
+}
+
+/// After HSM work as root: the SoftHSM token directory keyward.toml's
+/// SoftHSM configuration names goes (back) to `owner`. Nothing for other
+/// modules.
+pub fn give_tokens_to(cfg: &Config, owner: DaemonUser) -> Result<(), SetupError> {
+    if let Some(tokens) = softhsm_conf(cfg).and_then(|c| softhsm_token_dir(&c))
+        && tokens.is_dir()
+    {
+        chown_tree(&tokens, owner)?;
+    }
+    Ok(())
+}
+
+fn cryptoki_err(op: &'static str) -> impl FnOnce(cryptoki::error::Error) -> HsmError {
+    move |e| HsmError::Device {
+        op,
+        detail: e.to_string(),
+    }
+}
+
+/// SoftHSM2: configuration, token directory, PINs, token.
+fn softhsm(
+    cfg: &Config,
+    p: &Pkcs11BackendConfig,
+    owner: Option<DaemonUser>,
+    pin_file: &Path,
+    steps: &mut Steps,
+) -> Result<(), SetupError> {
+    if !p.module.exists() {
+        let hint = crate::tools::dev::find_softhsm_module()
+            .map(|m| format!("SoftHSM2 is at {}: set hsm.module to it", m.display()))
+            .unwrap_or_else(|e| e.to_string());
+        return Err(SetupError::Config(format!(
+            "{}: hsm.module {} does not exist; {hint}",
+            cfg.file.display(),
+            p.module.display()
+        )));
+    }
+    let conf = softhsm_conf(cfg).ok_or_else(|| {
+        SetupError::Config(format!(
+            "{}: [hsm] env must name SoftHSM's configuration, e.g. env = {{ SOFTHSM2_CONF = \"/etc/keyward/softhsm2.conf\" }}",
+            cfg.file.display()
+        ))
+    })?;
+    if std::env::var_os("SOFTHSM2_CONF").as_deref() != Some(conf.as_os_str()) {
+        return Err(SetupError::Config(format!(
+            "SOFTHSM2_CONF must be set to {} before the module is loaded",
+            conf.display()
+        )));
+    }
+    let tokens = if conf.exists() {
+        let tokens = softhsm_token_dir(&conf).ok_or_else(|| {
+            SetupError::Config(format!(
+                "{} names no directories.tokendir; fix it or remove it to have it written",
+                conf.display()
+            ))
+        })?;
+        steps.found(format!("SoftHSM2 configuration {} kept", conf.display()));
+        tokens
+    } else {
+        let tokens = cfg.daemon.state_dir.join("softhsm").join("tokens");
+        let text = format!(
+            "# SoftHSM2 configuration of keyward (written by `keyward setup --softhsm`).\n\
+             directories.tokendir = {}\n\
+             objectstore.backend = file\n\
+             log.level = ERROR\n\
+             slots.removable = false\n",
+            tokens.display()
+        );
+        // root:keyward 0640 in the package: the daemon reads it, only root
+        // changes it.
+        write_atomic(&conf, 0o640, text.as_bytes())?;
+        if let Some(o) = owner {
+            nix::unistd::chown(&conf, Some(nix::unistd::Uid::from_raw(0)), Some(o.gid))
+                .map_err(nix_io(format!("cannot chown {}", conf.display())))?;
+        }
+        steps.done(format!("wrote SoftHSM2 configuration {}", conf.display()));
+        tokens
+    };
+    if !tokens.is_dir() {
+        make_dirs(&tokens, 0o700, owner)?;
+        steps.done(format!("created token directory {}", tokens.display()));
+    }
+
+    let ctx = context(&p.module)?;
+    let so_file = pin_file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(SO_PIN_FILE);
+    match find_token(&ctx, &p.token_label) {
+        Ok(slot) => {
+            let info = ctx
+                .get_token_info(slot)
+                .map_err(cryptoki_err("C_GetTokenInfo"))?;
+            let user_pin = read_pin_or(pin_file, || {
+                format!(
+                    "token {:?} exists but its PIN file {} does not; keyward cannot log in. \
+                     Restore the PIN file, or reset the user PIN with the SO PIN (softhsm2-util / pkcs11-tool --init-pin)",
+                    p.token_label,
+                    pin_file.display()
+                )
+            })?;
+            if !info.user_pin_initialized() {
+                // An earlier run stopped between C_InitToken and C_InitPIN.
+                let so = read_pin_or(&so_file, || {
+                    format!(
+                        "token {:?} has no user PIN and the SO PIN file {} is missing; \
+                         delete the token (softhsm2-util --delete-token) and run set-up again",
+                        p.token_label,
+                        so_file.display()
+                    )
+                })?;
+                init_user_pin(&ctx, slot, &so, &user_pin)?;
+                steps.done(format!("set the user PIN of token {:?}", p.token_label));
+            }
+            login_check(&ctx, slot, &p.token_label, &user_pin)?;
+            steps.found(format!(
+                "token {:?} found; the PIN in {} logs in",
+                p.token_label,
+                pin_file.display()
+            ));
+        }
+        Err(HsmError::TokenNotFound(_)) => {
+            // The PINs are saved before the token gets them.
+            let so = ensure_pin(
+                &so_file,
+                steps,
+                "SO PIN (root only; keywardd never reads it)",
+            )?;
+            let user = ensure_pin(pin_file, steps, "user PIN credential")?;
+            let slot = ctx
+                .get_all_slots()
+                .map_err(cryptoki_err("C_GetSlotList"))?
+                .into_iter()
+                .find(|s| ctx.get_token_info(*s).is_ok_and(|t| !t.token_initialized()))
+                .ok_or_else(|| {
+                    SetupError::Token("SoftHSM2 offers no uninitialized slot".to_owned())
+                })?;
+            ctx.init_token(slot, &so, &p.token_label)
+                .map_err(cryptoki_err("C_InitToken"))?;
+            // SoftHSM2 moves an initialized token to a new slot: find it.
+            let slot = find_token(&ctx, &p.token_label)?;
+            init_user_pin(&ctx, slot, &so, &user)?;
+            login_check(&ctx, slot, &p.token_label, &user)?;
+            steps.done(format!(
+                "initialised SoftHSM2 token {:?} in {}",
+                p.token_label,
+                tokens.display()
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// A vendor module: the token exists; the PIN must log in before it is
+/// saved.
+fn vendor(
+    cfg: &Config,
+    p: &Pkcs11BackendConfig,
+    module: &Path,
+    token_label: &str,
+    pin: &SecretString,
+    pin_file: &Path,
+    steps: &mut Steps,
+) -> Result<(), SetupError> {
+    if module != p.module || token_label != p.token_label {
+        return Err(SetupError::Config(format!(
+            "{} says module = {} and token_label = {:?}; keywardd uses those: set them to {} and {token_label:?} first",
+            cfg.file.display(),
+            p.module.display(),
+            p.token_label,
+            module.display()
+        )));
+    }
+    let ctx = context(module)?;
+    let slot = find_token(&ctx, token_label)?;
+    login_check(&ctx, slot, token_label, pin)?;
+    steps.found(format!(
+        "token {token_label:?} found; the PIN given logs in"
+    ));
+    match std::fs::symlink_metadata(pin_file) {
+        Ok(_) => {
+            let saved = crate::secret_file::read_secret_file(pin_file, 4096)
+                .map_err(|e| SetupError::Token(e.to_string()))?;
+            if saved.expose_secret() == pin.expose_secret() {
+                steps.found(format!("PIN credential {} kept", pin_file.display()));
+            } else {
+                write_credential(pin_file, pin.expose_secret().as_bytes())?;
+                steps.done(format!(
+                    "replaced the PIN credential {} (it held another PIN)",
+                    pin_file.display()
+                ));
+            }
+        }
+        Err(_) => {
+            write_credential(pin_file, pin.expose_secret().as_bytes())?;
+            steps.done(format!("wrote the PIN credential {}", pin_file.display()));
+        }
+    }
+    Ok(())
+}
+
+/// The audit key, found or generated, and its pinned verifier key.
+fn audit_key(cfg: &Config, steps: &mut Steps) -> Result<(HsmKey, String), SetupError> {
+    let hsm = crate::hsm::open(&offline_hsm_config(cfg)?)?;
+    let name = KeyName::new(AUDIT_KEY).map_err(|e| SetupError::Config(e.to_string()))?;
+    let key = match hsm.find_ed25519(&name) {
+        Ok(k) => {
+            steps.found(format!("audit key {AUDIT_KEY:?} found in the HSM"));
+            k
+        }
+        Err(HsmError::KeyNotFound(_)) => {
+            let k = hsm.generate_ed25519(&name)?;
+            steps.done(format!("generated the audit key {AUDIT_KEY:?} in the HSM"));
+            k
+        }
+        Err(e) => return Err(e.into()),
+    };
+    drop(hsm);
+    let vkey = crate::service::history::audit_vkey(&key);
+    let path = cfg.audit_vkey_path();
+    if path.exists() {
+        let pinned = TrustedKey::from_file(&path).map_err(SetupError::Config)?;
+        if pinned.vkey() != vkey {
+            return Err(SetupError::PinnedKeyDiffers {
+                path,
+                pinned: pinned.vkey().to_owned(),
+                hsm: vkey,
+            });
+        }
+        steps.found(format!(
+            "audit verifier key already pinned in {}",
+            path.display()
+        ));
+    } else {
+        // Root-owned (or the invoking user's) 0444: keywardd reads it and
+        // cannot change it.
+        write_atomic(&path, 0o444, TrustedKey::file_text(&vkey).as_bytes())?;
+        steps.done(format!(
+            "pinned the audit verifier key in {}",
+            path.display()
+        ));
+    }
+    Ok((key, vkey))
+}
+
+/// A random PIN of 48 hex digits (192 bits).
+fn random_pin() -> Zeroizing<String> {
+    let mut bytes = Zeroizing::new([0u8; 24]);
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes[..]);
+    Zeroizing::new(hex::encode(&bytes[..]))
+}
+
+fn read_pin_or(path: &Path, missing: impl FnOnce() -> String) -> Result<SecretString, SetupError> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Err(SetupError::Token(missing()));
+    }
+    crate::secret_file::read_secret_file(path, 4096).map_err(|e| SetupError::Token(e.to_string()))
+}
+
+/// The PIN in `path`, or a new random one saved there first.
+fn ensure_pin(path: &Path, steps: &mut Steps, what: &str) -> Result<SecretString, SetupError> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        let pin = crate::secret_file::read_secret_file(path, 4096)
+            .map_err(|e| SetupError::Token(e.to_string()))?;
+        steps.found(format!("{what} {} kept", path.display()));
+        return Ok(pin);
+    }
+    let pin = random_pin();
+    write_credential(path, pin.as_bytes())?;
+    steps.done(format!("wrote a random {what} to {}", path.display()));
+    Ok(SecretString::from(pin.as_str().to_owned()))
+}
+
+fn init_user_pin(
+    ctx: &cryptoki::context::Pkcs11,
+    slot: cryptoki::slot::Slot,
+    so: &SecretString,
+    user: &SecretString,
+) -> Result<(), SetupError> {
+    let session = ctx
+        .open_rw_session(slot)
+        .map_err(cryptoki_err("C_OpenSession"))?;
+    session
+        .login(UserType::So, Some(so))
+        .map_err(cryptoki_err("C_Login(SO)"))?;
+    session.init_pin(user).map_err(cryptoki_err("C_InitPIN"))?;
+    session.logout().map_err(cryptoki_err("C_Logout"))?;
+    Ok(())
+}
+
+/// Logs in as the user with `pin` and out again.
+fn login_check(
+    ctx: &cryptoki::context::Pkcs11,
+    slot: cryptoki::slot::Slot,
+    label: &str,
+    pin: &SecretString,
+) -> Result<(), SetupError> {
+    let session = ctx
+        .open_ro_session(slot)
+        .map_err(cryptoki_err("C_OpenSession"))?;
+    match session.login(UserType::User, Some(pin)) {
+        Ok(()) => {}
+        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => {
+            return Err(HsmError::Login {
+                token: label.to_owned(),
+                detail: e.to_string(),
+            }
+            .into());
+        }
+    }
+    let _ = session.logout();
+    Ok(())
+}
+
+/// Writes the PIN credential `path`: the directory is created 0700, the
+/// file 0400, both owned by this process's user (root in the package).
+fn write_credential(path: &Path, content: &[u8]) -> Result<(), SetupError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        make_dirs(dir, 0o700, None)?;
+    } else {
+        let mode = std::fs::metadata(dir)
+            .map_err(io(format!("cannot read {}", dir.display())))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("cannot chmod {}", dir.display())))?;
+        }
+    }
+    write_atomic(path, 0o400, content)
+}
+
+/// Writes `path` whole or not at all: a new temporary file beside it
+/// (`mode`, synced), renamed over it, the directory synced.
+pub fn write_atomic(path: &Path, mode: u32, content: &[u8]) -> Result<(), SetupError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let what = format!("cannot write {}", path.display());
+    let _ = std::fs::remove_file(&tmp);
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask may have narrowed `mode`; set it as asked.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(content)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io(what))
+}
+
+/// Creates `dir` and its missing parents with `mode`, owned by `owner`
+/// when given.
+fn make_dirs(dir: &Path, mode: u32, owner: Option<DaemonUser>) -> Result<(), SetupError> {
+    let mut missing = Vec::new();
+    let mut d = Some(dir);
+    while let Some(p) = d {
+        if p.exists() {
+            break;
+        }
+        missing.push(p.to_path_buf());
+        d = p.parent();
+    }
+    for p in missing.iter().rev() {
+        std::fs::DirBuilder::new()
+            .mode(mode)
+            .create(p)
+            .map_err(io(format!("cannot create {}", p.display())))?;
+        if let Some(o) = owner {
+            nix::unistd::chown(p, Some(o.uid), Some(o.gid))
+                .map_err(nix_io(format!("cannot chown {}", p.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives `dir` and everything in it to `owner` (SoftHSM2 wrote the token
+/// files as root).
+pub fn chown_tree(dir: &Path, owner: DaemonUser) -> Result<(), SetupError> {
+    nix::unistd::chown(dir, Some(owner.uid), Some(owner.gid))
+        .map_err(nix_io(format!("cannot chown {}", dir.display())))?;
+    let entries = std::fs::read_dir(dir).map_err(io(format!("cannot read {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(io(format!("cannot read {}", dir.display())))?;
+        let path = entry.path();
+        let ft = entry
+            .file_type()
+            .map_err(io(format!("cannot stat {}", path.display())))?;
+        if ft.is_symlink() {
+            continue;
+        }
+        if ft.is_dir() {
+            chown_tree(&path, owner)?;
+        } else {
+            nix::unistd::chown(&path, Some(owner.uid), Some(owner.gid))
+                .map_err(nix_io(format!("cannot chown {}", path.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// `keyward key create NAME` while keywardd is not running: the key is
+/// generated in the HSM opened with the PIN credential ([`pin_source`]),
+/// and the ledger is not touched (keywardd records it at its next start).
+/// As root with the user `keyward`, the SoftHSM token files are given back
+/// to it afterwards.
+pub fn create_key_offline(cfg: &Config, name: &str) -> Result<HsmKey, SetupError> {
+    let name = crate::service::new_key_name(name)?;
+    let hsm = crate::hsm::open(&offline_hsm_config(cfg)?)?;
+    let key = hsm
+        .generate_ed25519(&name)
+        .map_err(|e| SetupError::Key(e.into()))?;
+    drop(hsm);
+    if let Some(owner) = DaemonUser::find() {
+        give_tokens_to(cfg, owner)?;
+    }
+    Ok(key)
+}
+
+/// Where the configuration check runs after set-up. The `doctor` branch
+/// builds the check (`keywardd --check-config`, `keyward doctor`); until
+/// it is merged this is the one call point, and it checks what set-up
+/// itself can: that the configuration loads and the HSM opens with the
+/// PIN as keywardd will read it.
+pub fn run_config_check(cfg: &Config) -> Result<Vec<String>, SetupError> {
+    let hsm = crate::hsm::open(&offline_hsm_config(cfg)?)?;
+    hsm.health()?;
+    Ok(vec![format!(
+        "the HSM opens with the PIN credential and answers (token {:?})",
+        cfg.hsm.device_label()
+    )])
+}
