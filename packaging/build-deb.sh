@@ -18,5 +18,6 @@ done
 rm -rf "$release/man"
 "$release/keywardd" --write-man-page "$release/man"
 "$release/keyward" write-man-page "$release/man"
+gzip -9n "$release"/man/*
 cargo deb --no-build --locked --output "$CARGO_TARGET_DIR/debian/" >&2
 ls -t "$CARGO_TARGET_DIR"/debian/keyward_*.deb | head -n 1

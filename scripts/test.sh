@@ -9,3 +9,6 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The Debian package, installed and used in a clean Debian 12 root (root
+# only; it prints SKIP otherwise).
+packaging/test/install-test.sh

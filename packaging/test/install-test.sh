@@ -79,7 +79,7 @@ fi
 echo "package: $deb"
 
 step "lintian: no errors, no warnings"
-lintian --fail-on error,warning --info --suppress-tags-from-file /dev/null "$deb" ||
+lintian --fail-on error,warning --info "$deb" ||
 	fail "lintian reported errors or warnings (above)"
 
 step "clean Debian 12 root"
@@ -145,7 +145,7 @@ done
 groups_of() { in_root id -nG "$1" | tr ' ' '\n' | sort | tr '\n' ' '; }
 [ "$(groups_of keyward)" = "keyward keyward-admin keyward-agents " ] ||
 	fail "keyward's groups: $(groups_of keyward)"
-[ "$(groups_of keyward-mirror)" = "keyward-ledger keyward-mirror " ] ||
+[ "$(groups_of keyward-mirror)" = "keyward keyward-ledger keyward-mirror " ] ||
 	fail "keyward-mirror's groups: $(groups_of keyward-mirror)"
 for u in keyward keyward-mirror; do
 	uid=$(in_root id -u "$u")
