@@ -6,18 +6,31 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keyward/target}"
 export PATH="$HOME/.cargo/bin:$PATH"
+# The features a release build of the package resolves: none (test-hooks
+# and mock-hsm are turned on only by the dev-dependency on itself).
+features=$(cargo tree --locked -e normal -p keyward --depth 0 -f '{f}' 2>/dev/null)
+case "$features" in
+*test-hooks* | *mock-hsm*)
+	echo "build-deb: a release build would enable test features: $features" >&2
+	exit 1
+	;;
+esac
 cargo build --release --locked --bin keywardd --bin keyward >&2
 release="$CARGO_TARGET_DIR/release"
-# The shipped binaries must not carry the test hooks.
+# And the binaries built: neither the fault-injection hook nor the mock HSM.
 for bin in keywardd keyward; do
-	if grep -q "TEST BUILD: fault injection" "$release/$bin"; then
-		echo "build-deb: $release/$bin was built with feature test-hooks" >&2
-		exit 1
-	fi
+	for marker in "fault injection in force" "injected by the mock HSM"; do
+		if grep -q "$marker" "$release/$bin"; then
+			echo "build-deb: $release/$bin contains \"$marker\": built with a test feature" >&2
+			exit 1
+		fi
+	done
 done
 rm -rf "$release/man"
 "$release/keywardd" --write-man-page "$release/man"
 "$release/keyward" write-man-page "$release/man"
 gzip -9n "$release"/man/*
-cargo deb --no-build --locked --output "$CARGO_TARGET_DIR/debian/" >&2
+# Stripped: the binaries are built with line tables (profile.release),
+# which the package does not ship (lintian: unstripped-binary-or-object).
+cargo deb --no-build --locked --strip --no-dbgsym --output "$CARGO_TARGET_DIR/debian/" >&2
 ls -t "$CARGO_TARGET_DIR"/debian/keyward_*.deb | head -n 1
