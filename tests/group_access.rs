@@ -158,10 +158,11 @@ fn a_ledger_group_member_verifies_the_live_wal_database_it_does_not_own() {
     std::fs::copy(inst.audit_vkey_file(), &vkey).unwrap();
     set_mode(&vkey, 0o644);
 
+    let db = inst.db.clone();
     let verify = |gid: u32| {
         Command::new(&bin)
             .args(["audit", "verify", "--db"])
-            .arg(&inst.db)
+            .arg(&db)
             .arg("--vkey-file")
             .arg(&vkey)
             .uid(OTHER_UID)
