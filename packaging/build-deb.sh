@@ -17,15 +17,12 @@ case "$features" in
 esac
 cargo build --release --locked --bin keywardd --bin keyward >&2
 release="$CARGO_TARGET_DIR/release"
-# And the binaries built: neither the fault-injection hook nor the mock HSM.
-for bin in keywardd keyward; do
-	for marker in "fault injection in force" "injected by the mock HSM"; do
-		if grep -q "$marker" "$release/$bin"; then
-			echo "build-deb: $release/$bin contains \"$marker\": built with a test feature" >&2
-			exit 1
-		fi
-	done
-done
+# And the daemon built: without the fault-injection hook (the mock HSM is
+# not reachable from the binaries at all; the feature check above covers it).
+if grep -q "fault injection in force" "$release/keywardd"; then
+	echo "build-deb: $release/keywardd was built with feature test-hooks" >&2
+	exit 1
+fi
 rm -rf "$release/man"
 "$release/keywardd" --write-man-page "$release/man"
 "$release/keyward" write-man-page "$release/man"
