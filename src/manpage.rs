@@ -57,20 +57,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn page_lists_visible_options_and_leaves_hidden_ones_out() {
+    fn pages_list_visible_options_and_subcommands_and_leave_hidden_ones_out() {
         let dir = tempfile::tempdir().unwrap();
         let cmd = clap::Command::new("demo")
             .about("A demo")
             .arg(clap::Arg::new("config").long("config").help("the config"))
-            .arg(clap::Arg::new("secret").long("secret-flag").hide(true));
-        let path = write(cmd, "8", dir.path()).unwrap();
-        assert_eq!(path, dir.path().join("demo.8"));
-        let text = std::fs::read_to_string(path).unwrap();
+            .arg(clap::Arg::new("secret").long("secret-flag").hide(true))
+            .subcommand(clap::Command::new("audit").about("Audit things"))
+            .subcommand(clap::Command::new("internal").hide(true));
+        let mut pages = write(cmd, "1", dir.path()).unwrap();
+        pages.sort();
+        assert_eq!(
+            pages,
+            [dir.path().join("demo-audit.1"), dir.path().join("demo.1")]
+        );
+        let text = std::fs::read_to_string(dir.path().join("demo.1")).unwrap();
+        assert!(text.contains(".TH demo 1"), "{text}");
+        assert!(text.contains("config") && text.contains("audit"), "{text}");
         assert!(
-            text.starts_with(".ie") || text.contains(".TH demo 8"),
+            !text.contains("secret") && !text.contains("internal"),
             "{text}"
         );
-        assert!(text.contains("config"), "{text}");
-        assert!(!text.contains("secret"), "{text}");
     }
 }

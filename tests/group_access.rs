@@ -5,6 +5,7 @@
 //! its owner runs `keyward audit verify` on the database a running keywardd
 //! holds open in WAL mode (the mirror's read-only open is the same call).
 //! Needs root to run the second uid (the tests run as root, as CI does).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
