@@ -246,3 +246,47 @@ fn a_valid_extension_is_merged_and_the_daemon_serves() {
     assert!(inst.log().contains("vendor.json"), "{}", inst.log());
     assert_eq!(inst.stop().code(), Some(0));
 }
+
+/// `keyward mirror` applies its own filter once started, on every thread,
+/// and ships entries under it.
+#[test]
+fn the_mirror_runs_filtered_and_ships_under_its_filter() {
+    let mut inst = Instance::init();
+    let copy = inst.dir.path().join("copy").join("ledger.jsonl");
+    let ack_dir = inst.inst_dir().join("state").join("mirror");
+    let cfg = std::fs::read_to_string(&inst.config).unwrap();
+    std::fs::write(
+        &inst.config,
+        format!("{cfg}\n[mirror]\nfile = \"{}\"\n", copy.display()),
+    )
+    .unwrap();
+    inst.start();
+    let mut mirror = start_mirror(&inst);
+    wait_until("the mirror's first ack", Duration::from_secs(20), || {
+        keyward::mirror::read_ack(&ack_dir, "file") > 0
+    });
+    let first = keyward::mirror::read_ack(&ack_dir, "file");
+    assert_filtered(mirror.id());
+    let r = rt()
+        .block_on(
+            inst.client()
+                .submit_intent(&transfer("m-1", &random_pubkey(), "0.01")),
+        )
+        .unwrap();
+    assert!(
+        matches!(r, keyward_client::IntentOutcome::Signed(_)),
+        "{r:?}"
+    );
+    wait_until(
+        "the mirror to ship the signature",
+        Duration::from_secs(20),
+        || keyward::mirror::read_ack(&ack_dir, "file") > first,
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(mirror.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = mirror.wait().unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -538,4 +538,22 @@ mod tests {
         let base = Filter::compiled(Role::Daemon).unwrap();
         assert_ne!(merged.main, base.main);
     }
+
+    #[test]
+    fn the_readme_gives_every_rule_with_its_reason() {
+        let readme = include_str!("../../seccomp/README.md");
+        for role in [Role::Daemon, Role::Mirror] {
+            let doc: serde_json::Value = serde_json::from_str(role.json()).unwrap();
+            for filter in doc.as_object().unwrap().values() {
+                for rule in filter["filter"].as_array().unwrap() {
+                    let row = format!("| `{}` |", rule["syscall"].as_str().unwrap());
+                    let why = rule["comment"].as_str().unwrap();
+                    assert!(
+                        readme.contains(&row) && readme.contains(why),
+                        "seccomp/README.md lacks {row} {why}"
+                    );
+                }
+            }
+        }
+    }
 }
