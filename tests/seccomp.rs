@@ -121,12 +121,18 @@ fn keywardd_running_as_another_user_is_not_dumpable() {
     let owner = std::fs::metadata(format!("/proc/{pid}/environ"))
         .unwrap()
         .uid();
-    assert_filtered(pid);
+    let states = thread_states(pid);
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(
         owner, 0,
         "/proc/{pid}/environ belongs to uid {owner}: the daemon running as uid {OTHER_UID} is dumpable"
+    );
+    assert!(
+        states
+            .iter()
+            .all(|(_, s, n)| s == "Seccomp:\t2" && n == "NoNewPrivs:\t1"),
+        "{states:?}"
     );
 }
 
@@ -242,6 +248,11 @@ fn a_valid_extension_is_merged_and_the_daemon_serves() {
             "allow": [{"syscall": "uname", "comment": "gethostname"}]}"#,
     );
     inst.start();
+    // The sockets accept (into their backlog) from the moment they are
+    // bound, before the lockdown: wait for the daemon to serve.
+    wait_until("keywardd ready", Duration::from_secs(30), || {
+        inst.log().contains("keywardd ready")
+    });
     assert_filtered(inst.pid());
     assert!(inst.log().contains("vendor.json"), "{}", inst.log());
     assert_eq!(inst.stop().code(), Some(0));
