@@ -75,15 +75,30 @@ pub fn writable_paths(cfg: &Config, extra: &[PathBuf]) -> Vec<PathBuf> {
             paths.push(dir.to_path_buf());
         }
     }
-    if let Some(conf) = cfg.hsm.env.get("SOFTHSM2_CONF")
-        && let Some(dir) = softhsm_token_dir(Path::new(conf))
-    {
+    if let Some(dir) = softhsm_conf(cfg).and_then(|conf| softhsm_token_dir(&conf)) {
         paths.push(dir);
     }
     paths.extend(extra.iter().cloned());
     paths.sort();
     paths.dedup();
     paths
+}
+
+/// SoftHSM2's configuration file: `SOFTHSM2_CONF` from `[hsm] env` or the
+/// environment, else SoftHSM's default when the module is SoftHSM's.
+fn softhsm_conf(cfg: &Config) -> Option<PathBuf> {
+    if let Some(conf) = cfg.hsm.env.get("SOFTHSM2_CONF") {
+        return Some(PathBuf::from(conf));
+    }
+    if let Some(conf) = std::env::var_os("SOFTHSM2_CONF") {
+        return Some(PathBuf::from(conf));
+    }
+    let crate::config::HsmBackendConfig::Pkcs11(p) = &cfg.hsm.backend;
+    let is_softhsm = p
+        .module
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().contains("softhsm"));
+    is_softhsm.then(|| PathBuf::from("/etc/softhsm/softhsm2.conf"))
 }
 
 /// `directories.tokendir` of a SoftHSM2 configuration file.
