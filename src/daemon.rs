@@ -49,6 +49,10 @@ pub enum DaemonError {
     /// The open-file limit cannot hold the connection limits and the reserve.
     #[error("{0}")]
     Descriptors(#[from] crate::fds::FdBudgetError),
+    /// The seccomp filter could not be applied: the daemon does not serve
+    /// unconfined.
+    #[error("lockdown: {0}")]
+    Seccomp(#[from] crate::harden::seccomp::SeccompError),
     /// An I/O failure.
     #[error("{what}: {source}")]
     Io {
@@ -69,6 +73,7 @@ impl DaemonError {
             DaemonError::History(e) => e.code(),
             DaemonError::Io { .. } => "io_error",
             DaemonError::Descriptors(_) => "invalid_config",
+            DaemonError::Seccomp(e) => e.code(),
         }
     }
 }
@@ -116,6 +121,10 @@ pub struct StartOptions {
     /// Start on a history that fails verification at exactly this sequence
     /// number (recorded as `history_acknowledged`).
     pub accept_broken_history: Option<u64>,
+    /// The seccomp filter [`lockdown`] applies to every thread. keywardd's
+    /// `main` always sets it; it is an option so that tests calling the
+    /// daemon's steps in their own process are never filtered.
+    pub seccomp: Option<crate::harden::seccomp::Filter>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, in four steps:
@@ -129,9 +138,10 @@ pub struct StartOptions {
 /// 4. [`serve`]: the sockets and the background tasks until a stop signal,
 ///    then the orderly shutdown.
 pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
+    let seccomp = opts.seccomp.clone();
     let opened = open(&cfg, opts).await?;
     let bound = bind(&cfg)?;
-    for warning in lockdown() {
+    for warning in lockdown(seccomp.as_ref())? {
         tracing::warn!("{warning}");
     }
     serve(&cfg, opened, bound).await
@@ -416,17 +426,19 @@ fn bind(cfg: &Config) -> Result<Bound, DaemonError> {
 /// Step 3, the lockdown: the single place that restricts the process once
 /// the PKCS#11 module is loaded (with whatever threads and files it opens),
 /// the ledger is open and the sockets are bound, and before any request is
-/// read. This is where the daemon's seccomp filter will be applied to all
-/// threads; the steps before it may make any system call, serving after it
-/// may not make new kinds.
+/// read. It applies the daemon's seccomp filter to all threads (TSYNC;
+/// threads started later inherit it): the steps before it may make any
+/// system call, serving after it may not make new kinds. If the filter
+/// cannot be applied the daemon does not serve (fail closed).
 ///
 /// What [`crate::harden::harden_process`] does stays at the top of `main`,
 /// on purpose: the umask must be in force before the ledger and the
 /// sockets are created, and core dumps, ptrace and swap must be shut before
-/// the PIN is read and the module handles secrets. Today the lockdown
-/// checks that those are still in force (a seccomp filter needs
-/// `no_new_privs`) and returns what is not, as warnings.
-pub fn lockdown() -> crate::harden::Warnings {
+/// the PIN is read and the module handles secrets. The lockdown checks that
+/// those are still in force and returns what is not, as warnings.
+pub fn lockdown(
+    seccomp: Option<&crate::harden::seccomp::Filter>,
+) -> Result<crate::harden::Warnings, DaemonError> {
     let mut warnings = Vec::new();
     match nix::sys::prctl::get_no_new_privs() {
         Ok(true) => {}
@@ -441,7 +453,15 @@ pub fn lockdown() -> crate::harden::Warnings {
         ),
         Err(e) => warnings.push(format!("lockdown: cannot read the dumpable flag: {e}")),
     }
-    warnings
+    if let Some(filter) = seccomp {
+        filter.apply()?;
+        tracing::info!(
+            filter = filter.role().name(),
+            extensions = ?filter.extensions,
+            "seccomp filter applied to every thread"
+        );
+    }
+    Ok(warnings)
 }
 
 /// Step 4: serves both sockets and runs the background tasks until SIGTERM

@@ -1,6 +1,74 @@
 //! Process hardening applied at daemon start, before any untrusted input is
 //! read.
 
+pub mod landlock;
+pub mod seccomp;
+pub mod self_test;
+
+/// Why keywardd cannot confine itself (it then refuses to start).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfineError {
+    /// The seccomp filter (with its extension files) is unusable.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    /// Landlock could not be set up.
+    #[error(transparent)]
+    Landlock(#[from] landlock::LandlockError),
+    /// The state directory could not be created.
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl ConfineError {
+    /// Stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ConfineError::Seccomp(e) => e.code(),
+            ConfineError::Landlock(e) => e.code(),
+            ConfineError::StateDir { .. } => "io_error",
+        }
+    }
+}
+
+/// keywardd's confinement, set up in `main` while it has one thread: loads
+/// the daemon's seccomp filter (with `seccomp.d/` beside the configuration
+/// file) for the lockdown step to apply, and restricts file-system writes
+/// with Landlock to the directories keywardd writes ([`landlock`]). Without
+/// Landlock in the kernel, that half is logged and skipped.
+pub fn confine_daemon(cfg: &crate::config::Config) -> Result<seccomp::Filter, ConfineError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let filter = seccomp::Filter::load(seccomp::Role::Daemon, &cfg.file)?;
+    // Landlock allows only existing paths; the ledger's step would create
+    // the state directory the same way.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.daemon.state_dir)
+        .map_err(|source| ConfineError::StateDir {
+            path: cfg.daemon.state_dir.clone(),
+            source,
+        })?;
+    let paths = landlock::writable_paths(cfg, &filter.write_paths);
+    match landlock::restrict_writes(&paths)? {
+        landlock::Enforced::Fully => {
+            tracing::info!(paths = ?paths, "Landlock: writes only beneath these paths")
+        }
+        landlock::Enforced::Partly => tracing::warn!(
+            paths = ?paths,
+            "Landlock: writes restricted, but this kernel's Landlock does not cover every kind of write"
+        ),
+        landlock::Enforced::No => tracing::warn!(
+            "Landlock: this kernel has none; file-system writes rest on the unit's ProtectSystem=strict"
+        ),
+    }
+    Ok(filter)
+}
+
 /// What could not be applied (logged as warnings; none is fatal).
 pub type Warnings = Vec<String>;
 

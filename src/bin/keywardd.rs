@@ -19,10 +19,29 @@ struct Args {
     /// is recorded in the ledger; it holds for this start only.
     #[arg(long, value_name = "SEQ")]
     accept_broken_history: Option<u64>,
+    /// Apply the seccomp filter (and Landlock) in child processes, try
+    /// execve, socket(AF_INET), ptrace and a write outside the writable
+    /// directories; exit 0 only if each is refused.
+    #[arg(long)]
+    seccomp_self_test: bool,
+    /// One probe of the self-test (run by it in a child process).
+    #[arg(long, hide = true, value_name = "NAME")]
+    seccomp_probe: Option<String>,
+    /// The file the `open-write` probe tries to create.
+    #[arg(long, hide = true, value_name = "PATH")]
+    seccomp_probe_path: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(code) = keyward::harden::self_test::dispatch(
+        args.seccomp_self_test,
+        args.seccomp_probe.as_deref(),
+        args.seccomp_probe_path.as_deref(),
+        &args.config,
+    ) {
+        return ExitCode::from(code);
+    }
     keyward::logging::init();
     // Test builds only (feature `test-hooks`, never in a release build).
     #[cfg(feature = "test-hooks")]
@@ -47,6 +66,14 @@ fn main() -> ExitCode {
     // The PKCS#11 module reads its environment when it is loaded; set it now,
     // while this process has a single thread.
     keyward::process::apply_module_env(&cfg);
+    // The lockdown's filter and, while there is one thread, Landlock.
+    let seccomp = match keyward::harden::confine_daemon(&cfg) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("keywardd: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -61,6 +88,7 @@ fn main() -> ExitCode {
         cfg,
         StartOptions {
             accept_broken_history: args.accept_broken_history,
+            seccomp: Some(seccomp),
         },
     )) {
         Ok(()) => ExitCode::SUCCESS,
