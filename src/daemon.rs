@@ -49,6 +49,10 @@ pub enum DaemonError {
     /// The open-file limit cannot hold the connection limits and the reserve.
     #[error("{0}")]
     Descriptors(#[from] crate::fds::FdBudgetError),
+    /// Not configured, or configured unsafely: the checks of
+    /// [`crate::doctor`] name each file, what is wrong and the fix.
+    #[error("refusing to start: {0}")]
+    Refused(#[from] crate::doctor::Refusal),
     /// An I/O failure.
     #[error("{what}: {source}")]
     Io {
@@ -69,6 +73,7 @@ impl DaemonError {
             DaemonError::History(e) => e.code(),
             DaemonError::Io { .. } => "io_error",
             DaemonError::Descriptors(_) => "invalid_config",
+            DaemonError::Refused(r) => r.code(),
         }
     }
 }
@@ -149,6 +154,11 @@ struct Opened {
 /// Step 1: everything the daemon needs before it can serve, and the record
 /// of this start in the ledger.
 async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
+    // Before anything is opened: files others could change, a PIN that is
+    // missing or readable by others, a state directory everyone reads.
+    for warning in crate::doctor::refuse_unsafe(cfg)? {
+        tracing::warn!(code = warning.code.as_str(), "{warning}");
+    }
     // Before the HSM or the ledger opens a file: the connection limits must
     // leave them descriptors.
     let nofile = crate::fds::reserve(cfg.daemon.max_connections)?;
@@ -246,23 +256,41 @@ async fn open_hsm_and_keys(
         .map_err(|e| DaemonError::Io {
             what: "HSM start-up task".into(),
             source: std::io::Error::other(e.to_string()),
-        })??;
+        })?
+        .map_err(|e| match crate::doctor::hsm_finding(cfg, &e) {
+            // No token, no PIN, a PIN refused: only the operator can mend it.
+            Some(finding) => DaemonError::Refused(crate::doctor::Refusal(vec![finding])),
+            None => DaemonError::Hsm(e),
+        })?;
     // Test builds only: the HSM's signatures fail or wait on request.
     #[cfg(feature = "test-hooks")]
     let hsm = crate::faults::wrap_hsm(hsm);
     // From here on every HSM call goes through the executor.
     let hsm = Arc::new(HsmExecutor::start(hsm, ExecutorSettings::of(&cfg.hsm))?);
     let mut keys = HashMap::new();
+    let mut missing = Vec::new();
     for name in policy.all_keys() {
-        let key = hsm
-            .find_ed25519(&name)
-            .await
-            .map_err(|source| DaemonError::MissingKey {
-                policy: cfg.daemon.policy.clone(),
-                key: name.to_string(),
-                source,
-            })?;
-        keys.insert(name, key);
+        match hsm.find_ed25519(&name).await {
+            Ok(key) => {
+                keys.insert(name, key);
+            }
+            // Every key that is not there or not usable, named at once.
+            Err(
+                e @ (HsmError::KeyNotFound(_)
+                | HsmError::AmbiguousKey(_)
+                | HsmError::UnprotectedKey { .. }),
+            ) => missing.push(crate::doctor::key_finding(cfg, name.as_str(), &e)),
+            Err(source) => {
+                return Err(DaemonError::MissingKey {
+                    policy: cfg.daemon.policy.clone(),
+                    key: name.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(crate::doctor::Refusal(missing).into());
     }
     Ok((hsm, keys))
 }

@@ -19,11 +19,20 @@ struct Args {
     /// is recorded in the ledger; it holds for this start only.
     #[arg(long, value_name = "SEQ")]
     accept_broken_history: Option<u64>,
+    /// Check the configuration, its files' owners and modes, the HSM token,
+    /// PIN and keys, the ledger and the mirror's files; print every finding
+    /// with its fix and exit: 0 when keywardd would start, 1 otherwise.
+    /// Safe beside a running daemon (nothing is written).
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     keyward::logging::init();
+    if args.check_config {
+        return ExitCode::from(keyward::doctor::run_cli(&args.config));
+    }
     // Test builds only (feature `test-hooks`, never in a release build).
     #[cfg(feature = "test-hooks")]
     match keyward::faults::install_from_env() {
@@ -70,6 +79,7 @@ fn main() -> ExitCode {
             match e {
                 DaemonError::Config(_)
                 | DaemonError::MissingKey { .. }
+                | DaemonError::Refused(_)
                 | DaemonError::Descriptors(_) => ExitCode::from(2),
                 DaemonError::History(_) => ExitCode::from(3),
                 _ => ExitCode::from(1),

@@ -89,6 +89,11 @@ enum Command {
     /// ledger appends, on a scratch SoftHSM2 instance (no real instance is
     /// touched).
     Bench(bench::BenchArgs),
+    /// Check this instance as `keywardd --check-config` does: files' owners
+    /// and modes, the HSM token, PIN and keys, the ledger (read-only) and
+    /// the mirror's files; every finding with its fix. Exit 0 when keywardd
+    /// would start, 1 otherwise. Safe beside a running daemon.
+    Doctor,
 }
 
 /// A failure with the exit status it maps to.
@@ -127,6 +132,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Approval { command } => approval::run(config, command),
         Command::Approve(args) => approve::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Doctor => match keyward::doctor::run_cli(config) {
+            0 => Ok(()),
+            code => Err(Failure(
+                code,
+                anyhow!("keywardd would refuse to start with {}", config.display()),
+            )),
+        },
     }
 }
 
