@@ -35,6 +35,13 @@ impl Box_ {
         for d in ["etc", "var/lib/keyward", "run"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
+        // The package's state directory is 2750; the configuration check
+        // refuses one everybody may read.
+        std::fs::set_permissions(
+            root.join("var/lib/keyward"),
+            std::fs::Permissions::from_mode(0o750),
+        )
+        .unwrap();
         let module = keyward::tools::dev::find_softhsm_module().unwrap();
         let config = format!(
             "[daemon]\n\
@@ -287,8 +294,12 @@ fn setup_softhsm_initialises_the_token_pin_credential_and_audit_key_and_a_second
     assert!(vkey.contains(printed_vkey), "{vkey} vs {first}");
     assert!(printed_vkey.starts_with("keyward-audit+"), "{first}");
     assert!(first.contains("Audit key \"keyward-audit\": "), "{first}");
+    // The configuration check ran (the HSM opens with the credential as
+    // keywardd will read it), and names the next step: the key the
+    // policy names.
+    assert!(first.contains("PIN accepted"), "{first}");
     assert!(
-        first.contains("keyward key create"),
+        first.contains("key create hot"),
         "names the next step: {first}"
     );
     // Set-up never creates the ledger (keywardd does, as its own user).

@@ -80,6 +80,35 @@ pub fn resolve_pin(pin_file: &Path) -> PinSource {
     }
 }
 
+/// Where the package's unit loads the PIN credential from, beside the
+/// configuration: `<config dir>/credentials/hsm.pin` (`keyward setup`
+/// writes it there).
+pub fn layout_credential_source(cfg: &Config) -> PathBuf {
+    let file = std::path::absolute(&cfg.file).unwrap_or_else(|_| cfg.file.clone());
+    file.parent()
+        .unwrap_or(Path::new("/"))
+        .join("credentials")
+        .join("hsm.pin")
+}
+
+/// [`resolve_pin`] for the instance `cfg`: a credential neither a
+/// credentials directory nor an installed unit resolves is looked for
+/// where the installed layout keeps it ([`layout_credential_source`]),
+/// when it is there (an instance set up by hand, or in a test).
+pub fn resolve_pin_for(cfg: &Config, pin_file: &Path) -> PinSource {
+    match resolve_pin(pin_file) {
+        PinSource::Unresolved { name } => {
+            let path = layout_credential_source(cfg);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                PinSource::UnitSource { name, path }
+            } else {
+                PinSource::Unresolved { name }
+            }
+        }
+        other => other,
+    }
+}
+
 /// The values of `key=` in `keywardd.service` as systemd would combine
 /// them: the first unit file found, then the drop-ins of every unit
 /// directory in file-name order; an empty assignment clears the list.
@@ -164,7 +193,7 @@ fn runtime_dirs_in(dirs: &[&Path]) -> Vec<PathBuf> {
 /// (root or the daemon's user) may access. Never reads it.
 pub(super) fn check_pin_file(cfg: &Config) -> Option<Finding> {
     let pkcs11 = cfg.hsm.pkcs11()?;
-    let source = resolve_pin(&pkcs11.pin_file);
+    let source = resolve_pin_for(cfg, &pkcs11.pin_file);
     let Some(path) = source.path() else {
         return Some(Finding::error(
             Code::PinUnresolved,

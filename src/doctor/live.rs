@@ -137,7 +137,7 @@ pub(super) fn check_hsm(cfg: &Config, policy: Option<&Policy>, report: &mut Repo
     let mut hsm_cfg = cfg.hsm.clone();
     match &mut hsm_cfg.backend {
         HsmBackendConfig::Pkcs11(p) => {
-            if let Some(path) = super::resolve_pin(&p.pin_file).path() {
+            if let Some(path) = super::resolve_pin_for(cfg, &p.pin_file).path() {
                 p.pin_file = path.to_path_buf();
             }
             // One session is enough to look.

@@ -27,7 +27,9 @@ mod perms;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use credential::{PinSource, resolve_pin, unit_credential_source};
+pub use credential::{
+    PinSource, layout_credential_source, resolve_pin, resolve_pin_for, unit_credential_source,
+};
 pub use live::{hsm_finding, key_finding};
 
 use crate::config::Config;

@@ -49,8 +49,6 @@ use crate::ledger::TrustedKey;
 use crate::ledger::checkpoint::AUDIT_KEY;
 use crate::types::KeyName;
 
-/// Name of the PIN credential file in the credentials directory.
-pub const PIN_CREDENTIAL: &str = "hsm.pin";
 /// Name of SoftHSM's SO PIN file beside it.
 pub const SO_PIN_FILE: &str = "so.pin";
 /// The system user keywardd runs as in the package.
@@ -215,22 +213,15 @@ impl Steps {
 /// The file holding the HSM user PIN, as root and the CLI see it outside
 /// systemd: an absolute `hsm.pin_file` as is; a relative one (a systemd
 /// credential, the package's `pin_file = "pin"`) in
-/// `$CREDENTIALS_DIRECTORY` when that is set, else the file the unit loads
-/// it from, `<config dir>/credentials/hsm.pin`.
+/// `$CREDENTIALS_DIRECTORY` when that is set, else the file the installed
+/// unit loads it from, else where the layout keeps it,
+/// `<config dir>/credentials/hsm.pin`
+/// ([`crate::doctor::resolve_pin_for`], the configuration check's reading).
 pub fn pin_source(cfg: &Config, p: &Pkcs11BackendConfig) -> PathBuf {
-    if p.pin_file.is_absolute() {
-        return p.pin_file.clone();
-    }
-    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-        return Path::new(&dir).join(&p.pin_file);
-    }
-    credentials_dir(cfg).join(PIN_CREDENTIAL)
-}
-
-/// `<config dir>/credentials`.
-pub fn credentials_dir(cfg: &Config) -> PathBuf {
-    let file = std::path::absolute(&cfg.file).unwrap_or_else(|_| cfg.file.clone());
-    file.parent().unwrap_or(Path::new("/")).join("credentials")
+    crate::doctor::resolve_pin_for(cfg, &p.pin_file)
+        .path()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| crate::doctor::layout_credential_source(cfg))
 }
 
 /// `[hsm]` with `pin_file` replaced by [`pin_source`]: what a tool outside
@@ -729,16 +720,8 @@ pub fn create_key_offline(cfg: &Config, name: &str) -> Result<HsmKey, SetupError
     Ok(key)
 }
 
-/// Where the configuration check runs after set-up. The `doctor` branch
-/// builds the check (`keywardd --check-config`, `keyward doctor`); until
-/// it is merged this is the one call point, and it checks what set-up
-/// itself can: that the configuration loads and the HSM opens with the
-/// PIN as keywardd will read it.
-pub fn run_config_check(cfg: &Config) -> Result<Vec<String>, SetupError> {
-    let hsm = crate::hsm::open(&offline_hsm_config(cfg)?)?;
-    hsm.health()?;
-    Ok(vec![format!(
-        "the HSM opens with the PIN credential and answers (token {:?})",
-        cfg.hsm.device_label()
-    )])
+/// The configuration check after set-up: [`crate::doctor::check`], what
+/// `keyward doctor` and `keywardd --check-config` run.
+pub fn run_config_check(cfg: &Config) -> crate::doctor::Report {
+    crate::doctor::check(&cfg.file)
 }
