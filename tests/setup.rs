@@ -495,3 +495,107 @@ fn recorded(db: &Path) -> Vec<(i64, String)> {
         .map(Result::unwrap)
         .collect()
 }
+
+#[test]
+fn setup_with_a_vendor_module_saves_the_pin_only_once_it_logs_in() {
+    let b = Box_::new();
+    // The vendor's tools initialise the token (SoftHSM2 stands in for the
+    // vendor module here).
+    let tokens = b.path("vendor-tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    std::fs::write(
+        b.path("etc/softhsm2.conf"),
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let pin = "vendor-PIN-271828";
+    let out = Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "keyward",
+            "--so-pin",
+            "so-314159",
+        ])
+        .args(["--pin", pin])
+        .env("SOFTHSM2_CONF", b.path("etc/softhsm2.conf"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let module = keyward::tools::dev::find_softhsm_module().unwrap();
+    let module = module.to_str().unwrap();
+    let credential = b.path("etc/credentials/hsm.pin");
+    let write_pin_file = |name: &str, content: &str| {
+        let p = b.path(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();
+        p
+    };
+
+    // A wrong PIN is refused and not saved.
+    let wrong = write_pin_file("wrong.pin", "not-the-pin\n");
+    let out = b.keyward(&[
+        "setup",
+        "--module",
+        module,
+        "--token-label",
+        "keyward",
+        "--pin-file",
+        wrong.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("login"), "{}", text(&out));
+    assert!(!credential.exists(), "a PIN that does not log in was saved");
+
+    // A label keyward.toml does not name is refused (keywardd would not
+    // find the token).
+    let right = write_pin_file("right.pin", &format!("{pin}\n"));
+    let out = b.keyward(&[
+        "setup",
+        "--module",
+        module,
+        "--token-label",
+        "other",
+        "--pin-file",
+        right.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("token_label"), "{}", text(&out));
+    assert!(!credential.exists());
+
+    // The right PIN on stdin: saved 0400, never shown; the audit key made.
+    let mut child = Command::new(KEYWARD)
+        .arg("--config")
+        .arg(b.config())
+        .args(["setup", "--module", module, "--token-label", "keyward"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{pin}").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !text(&out).contains(pin),
+        "the PIN was printed: {}",
+        text(&out)
+    );
+    assert_eq!(mode(&credential), 0o400);
+    assert_eq!(std::fs::read_to_string(&credential).unwrap().trim(), pin);
+    assert!(
+        !b.path("etc/credentials/so.pin").exists(),
+        "no SO PIN is known"
+    );
+    assert_eq!(mode(&b.path("etc/audit.vkey")), 0o444);
+    // The saved credential opens the token for the next command.
+    b.create_key("hot");
+}
