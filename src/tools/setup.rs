@@ -34,13 +34,16 @@
 //! invoking user. The ledger is never touched: keywardd records the audit
 //! key at its first start (see [`crate::service::keys`]).
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use cryptoki::session::UserType;
 use secrecy::{ExposeSecret, SecretString};
-use zeroize::Zeroizing;
+
+mod files;
+mod token;
+
+pub use files::{chown_tree, write_atomic};
+use files::{make_dirs, random_pin, read_pin_or, write_credential};
+use token::{cryptoki_err, init_user_pin, login_check};
 
 use crate::config::{Config, Pkcs11BackendConfig};
 use crate::hsm::pkcs11::{context, find_token};
@@ -106,12 +109,12 @@ impl SetupError {
     }
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SetupError {
+pub(super) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SetupError {
     let what = what.into();
     move |source| SetupError::Io { what, source }
 }
 
-fn nix_io(what: impl Into<String>) -> impl FnOnce(nix::Error) -> SetupError {
+pub(super) fn nix_io(what: impl Into<String>) -> impl FnOnce(nix::Error) -> SetupError {
     let what = what.into();
     move |e| SetupError::Io {
         what,
@@ -297,13 +300,6 @@ pub fn give_tokens_to(cfg: &Config, owner: DaemonUser) -> Result<(), SetupError>
         chown_tree(&tokens, owner)?;
     }
     Ok(())
-}
-
-fn cryptoki_err(op: &'static str) -> impl FnOnce(cryptoki::error::Error) -> HsmError {
-    move |e| HsmError::Device {
-        op,
-        detail: e.to_string(),
-    }
 }
 
 /// SoftHSM2: configuration, token directory, PINs, token.
@@ -533,20 +529,6 @@ fn audit_key(cfg: &Config, steps: &mut Steps) -> Result<(HsmKey, String), SetupE
     Ok((key, vkey))
 }
 
-/// A random PIN of 48 hex digits (192 bits).
-fn random_pin() -> Zeroizing<String> {
-    let mut bytes = Zeroizing::new([0u8; 24]);
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes[..]);
-    Zeroizing::new(hex::encode(&bytes[..]))
-}
-
-fn read_pin_or(path: &Path, missing: impl FnOnce() -> String) -> Result<SecretString, SetupError> {
-    if std::fs::symlink_metadata(path).is_err() {
-        return Err(SetupError::Token(missing()));
-    }
-    crate::secret_file::read_secret_file(path, 4096).map_err(|e| SetupError::Token(e.to_string()))
-}
-
 /// The PIN in `path`, or a new random one saved there first.
 fn ensure_pin(path: &Path, steps: &mut Steps, what: &str) -> Result<SecretString, SetupError> {
     if std::fs::symlink_metadata(path).is_ok() {
@@ -559,147 +541,6 @@ fn ensure_pin(path: &Path, steps: &mut Steps, what: &str) -> Result<SecretString
     write_credential(path, pin.as_bytes())?;
     steps.done(format!("wrote a random {what} to {}", path.display()));
     Ok(SecretString::from(pin.as_str().to_owned()))
-}
-
-fn init_user_pin(
-    ctx: &cryptoki::context::Pkcs11,
-    slot: cryptoki::slot::Slot,
-    so: &SecretString,
-    user: &SecretString,
-) -> Result<(), SetupError> {
-    let session = ctx
-        .open_rw_session(slot)
-        .map_err(cryptoki_err("C_OpenSession"))?;
-    session
-        .login(UserType::So, Some(so))
-        .map_err(cryptoki_err("C_Login(SO)"))?;
-    session.init_pin(user).map_err(cryptoki_err("C_InitPIN"))?;
-    session.logout().map_err(cryptoki_err("C_Logout"))?;
-    Ok(())
-}
-
-/// Logs in as the user with `pin` and out again.
-fn login_check(
-    ctx: &cryptoki::context::Pkcs11,
-    slot: cryptoki::slot::Slot,
-    label: &str,
-    pin: &SecretString,
-) -> Result<(), SetupError> {
-    let session = ctx
-        .open_ro_session(slot)
-        .map_err(cryptoki_err("C_OpenSession"))?;
-    match session.login(UserType::User, Some(pin)) {
-        Ok(()) => {}
-        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => {
-            return Err(HsmError::Login {
-                token: label.to_owned(),
-                detail: e.to_string(),
-            }
-            .into());
-        }
-    }
-    let _ = session.logout();
-    Ok(())
-}
-
-/// Writes the PIN credential `path`: the directory is created 0700, the
-/// file 0400, both owned by this process's user (root in the package).
-fn write_credential(path: &Path, content: &[u8]) -> Result<(), SetupError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        make_dirs(dir, 0o700, None)?;
-    } else {
-        let mode = std::fs::metadata(dir)
-            .map_err(io(format!("cannot read {}", dir.display())))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io(format!("cannot chmod {}", dir.display())))?;
-        }
-    }
-    write_atomic(path, 0o400, content)
-}
-
-/// Writes `path` whole or not at all: a new temporary file beside it
-/// (`mode`, synced), renamed over it, the directory synced.
-pub fn write_atomic(path: &Path, mode: u32, content: &[u8]) -> Result<(), SetupError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let what = format!("cannot write {}", path.display());
-    let _ = std::fs::remove_file(&tmp);
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask may have narrowed `mode`; set it as asked.
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(content)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map_err(io(what))
-}
-
-/// Creates `dir` and its missing parents with `mode`, owned by `owner`
-/// when given.
-fn make_dirs(dir: &Path, mode: u32, owner: Option<DaemonUser>) -> Result<(), SetupError> {
-    let mut missing = Vec::new();
-    let mut d = Some(dir);
-    while let Some(p) = d {
-        if p.exists() {
-            break;
-        }
-        missing.push(p.to_path_buf());
-        d = p.parent();
-    }
-    for p in missing.iter().rev() {
-        std::fs::DirBuilder::new()
-            .mode(mode)
-            .create(p)
-            .map_err(io(format!("cannot create {}", p.display())))?;
-        if let Some(o) = owner {
-            nix::unistd::chown(p, Some(o.uid), Some(o.gid))
-                .map_err(nix_io(format!("cannot chown {}", p.display())))?;
-        }
-    }
-    Ok(())
-}
-
-/// Gives `dir` and everything in it to `owner` (SoftHSM2 wrote the token
-/// files as root).
-pub fn chown_tree(dir: &Path, owner: DaemonUser) -> Result<(), SetupError> {
-    nix::unistd::chown(dir, Some(owner.uid), Some(owner.gid))
-        .map_err(nix_io(format!("cannot chown {}", dir.display())))?;
-    let entries = std::fs::read_dir(dir).map_err(io(format!("cannot read {}", dir.display())))?;
-    for entry in entries {
-        let entry = entry.map_err(io(format!("cannot read {}", dir.display())))?;
-        let path = entry.path();
-        let ft = entry
-            .file_type()
-            .map_err(io(format!("cannot stat {}", path.display())))?;
-        if ft.is_symlink() {
-            continue;
-        }
-        if ft.is_dir() {
-            chown_tree(&path, owner)?;
-        } else {
-            nix::unistd::chown(&path, Some(owner.uid), Some(owner.gid))
-                .map_err(nix_io(format!("cannot chown {}", path.display())))?;
-        }
-    }
-    Ok(())
 }
 
 /// `keyward key create NAME` while keywardd is not running: the key is
