@@ -599,3 +599,30 @@ fn setup_with_a_vendor_module_saves_the_pin_only_once_it_logs_in() {
     // The saved credential opens the token for the next command.
     b.create_key("hot");
 }
+
+#[test]
+fn setup_interrupted_after_saving_the_pins_resumes_with_them() {
+    let b = Box_::new();
+    // An earlier run saved the PINs and stopped before the token existed.
+    let creds = b.path("etc/credentials");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for (name, pin) in [
+        ("hsm.pin", "saved-user-pin-1"),
+        ("so.pin", "saved-so-pin-2"),
+    ] {
+        let p = creds.join(name);
+        std::fs::write(&p, format!("{pin}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();
+    }
+    let out = b.setup();
+    assert!(out.contains("initialised SoftHSM2 token"), "{out}");
+    assert!(!out.contains("saved-user-pin-1") && !out.contains("saved-so-pin-2"));
+    assert_eq!(
+        std::fs::read_to_string(creds.join("hsm.pin")).unwrap(),
+        "saved-user-pin-1\n",
+        "the saved PIN is the token's"
+    );
+    // The token takes the saved PIN: keys can be made with it.
+    b.create_key("hot");
+}
