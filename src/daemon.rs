@@ -53,6 +53,10 @@ pub enum DaemonError {
     /// unconfined.
     #[error("lockdown: {0}")]
     Seccomp(#[from] crate::harden::seccomp::SeccompError),
+    /// Not configured, or configured unsafely: the checks of
+    /// [`crate::doctor`] name each file, what is wrong and the fix.
+    #[error("refusing to start: {0}")]
+    Refused(#[from] crate::doctor::Refusal),
     /// An I/O failure.
     #[error("{what}: {source}")]
     Io {
@@ -74,6 +78,7 @@ impl DaemonError {
             DaemonError::Io { .. } => "io_error",
             DaemonError::Descriptors(_) => "invalid_config",
             DaemonError::Seccomp(e) => e.code(),
+            DaemonError::Refused(r) => r.code(),
         }
     }
 }
@@ -159,6 +164,11 @@ struct Opened {
 /// Step 1: everything the daemon needs before it can serve, and the record
 /// of this start in the ledger.
 async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
+    // Before anything is opened: files others could change, a PIN that is
+    // missing or readable by others, a state directory everyone reads.
+    for warning in crate::doctor::refuse_unsafe(cfg)? {
+        tracing::warn!(code = warning.code.as_str(), "{warning}");
+    }
     // Before the HSM or the ledger opens a file: the connection limits must
     // leave them descriptors.
     let nofile = crate::fds::reserve(cfg.daemon.max_connections)?;
@@ -174,6 +184,14 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
     let established = establish_history(cfg, &hsm, &ledger, opts).await?;
     let audit_key = established.key.clone();
     record_start(cfg, &ledger, &hsm, &keys, &policy, &established).await?;
+    // Keys made while keywardd was not running (`keyward setup`, `keyward
+    // key create`): recorded once, now.
+    let pinned_in = established
+        .unpinned
+        .is_none()
+        .then(|| cfg.audit_vkey_path().display().to_string());
+    crate::service::keys::record_offline_keys(&ledger, &hsm, cfg.hsm.device_label(), pinned_in)
+        .await?;
     let hsm_for_checkpoints = Arc::clone(&hsm);
     let core = Core::new(
         ledger.clone(),
@@ -183,6 +201,7 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
         cfg.daemon.policy.clone(),
         Duration::from_secs(cfg.daemon.approval_ttl_s),
     );
+    core.set_device_label(cfg.hsm.device_label());
     let signer = Signer::new(Arc::clone(&core));
     let operations = Operations::new(core);
     // Signed checkpoints of the Merkle tree, over verified entries only. The
@@ -247,23 +266,41 @@ async fn open_hsm_and_keys(
         .map_err(|e| DaemonError::Io {
             what: "HSM start-up task".into(),
             source: std::io::Error::other(e.to_string()),
-        })??;
+        })?
+        .map_err(|e| match crate::doctor::hsm_finding(cfg, &e) {
+            // No token, no PIN, a PIN refused: only the operator can mend it.
+            Some(finding) => DaemonError::Refused(crate::doctor::Refusal(vec![finding])),
+            None => DaemonError::Hsm(e),
+        })?;
     // Test builds only: the HSM's signatures fail or wait on request.
     #[cfg(feature = "test-hooks")]
     let hsm = crate::faults::wrap_hsm(hsm);
     // From here on every HSM call goes through the executor.
     let hsm = Arc::new(HsmExecutor::start(hsm, ExecutorSettings::of(&cfg.hsm))?);
     let mut keys = HashMap::new();
+    let mut missing = Vec::new();
     for name in policy.all_keys() {
-        let key = hsm
-            .find_ed25519(&name)
-            .await
-            .map_err(|source| DaemonError::MissingKey {
-                policy: cfg.daemon.policy.clone(),
-                key: name.to_string(),
-                source,
-            })?;
-        keys.insert(name, key);
+        match hsm.find_ed25519(&name).await {
+            Ok(key) => {
+                keys.insert(name, key);
+            }
+            // Every key that is not there or not usable, named at once.
+            Err(
+                e @ (HsmError::KeyNotFound(_)
+                | HsmError::AmbiguousKey(_)
+                | HsmError::UnprotectedKey { .. }),
+            ) => missing.push(crate::doctor::key_finding(cfg, name.as_str(), &e)),
+            Err(source) => {
+                return Err(DaemonError::MissingKey {
+                    policy: cfg.daemon.policy.clone(),
+                    key: name.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(crate::doctor::Refusal(missing).into());
     }
     Ok((hsm, keys))
 }

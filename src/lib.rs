@@ -12,6 +12,7 @@ pub mod api;
 pub mod approval;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 #[cfg(feature = "test-hooks")]
 pub mod faults;
 pub mod fds;

@@ -606,3 +606,25 @@ pub struct AdminKeyInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verifier_key: Option<String>,
 }
+
+/// Admin API: `POST /v1/admin/keys`, a new signing key generated inside
+/// the HSM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyCreateRequest {
+    /// Key name: 1-64 characters of `[A-Za-z0-9_.-]`, not starting with
+    /// `keyward-` (reserved).
+    pub name: String,
+}
+
+/// Admin API: the answer to `POST /v1/admin/keys`, sent once the key's
+/// `key_generated` entry is committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyCreated {
+    /// Key name.
+    pub name: String,
+    /// Base58 public key (the Solana address).
+    pub public_key: String,
+    /// Sequence number of its `key_generated` entry.
+    pub ledger_seq: u64,
+}

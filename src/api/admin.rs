@@ -20,7 +20,7 @@ use crate::service::{AUDIT_BREAKER, BreakerError};
 pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/v1/admin/breakers/{name}/reset", post(reset_breaker))
-        .route("/v1/admin/keys", get(keys))
+        .route("/v1/admin/keys", get(keys).post(create_key))
         .route("/v1/admin/policy/reload", post(reload_policy))
         .route("/v1/admin/approvers", get(list_approvers))
         .route(
@@ -230,6 +230,44 @@ async fn reload_policy(
             ))
         }
     }
+}
+
+/// `POST /v1/admin/keys`: a new signing key generated inside the HSM,
+/// answered once its `key_generated` entry is committed.
+async fn create_key(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    use crate::service::KeyCreateError;
+    let uid = operator(peer)?;
+    let req: keyward_client::wire::KeyCreateRequest =
+        super::body::read_json(&headers, body, state.max_body).await?;
+    let operations = std::sync::Arc::clone(&state.operations);
+    let by = format!("uid:{uid}");
+    // Runs to completion even if the operator's client goes away.
+    let created = tokio::spawn(async move { operations.create_key(&req.name, &by).await })
+        .await
+        .map_err(ApiError::from)?
+        .map_err(|e| {
+            let status = match &e {
+                KeyCreateError::InvalidName(_) | KeyCreateError::Reserved(_) => {
+                    StatusCode::BAD_REQUEST
+                }
+                KeyCreateError::Exists(_) => StatusCode::CONFLICT,
+                KeyCreateError::Hsm(_) | KeyCreateError::Ledger(_) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            };
+            ApiError::new(status, e.code(), e.to_string())
+        })?;
+    Ok(axum::Json(keyward_client::wire::KeyCreated {
+        name: created.key.name.to_string(),
+        public_key: created.key.public_key.to_base58(),
+        ledger_seq: created.ledger_seq,
+    })
+    .into_response())
 }
 
 async fn keys(

@@ -30,6 +30,12 @@ struct Args {
     /// The file the `open-write` probe tries to create.
     #[arg(long, hide = true, value_name = "PATH")]
     seccomp_probe_path: Option<PathBuf>,
+    /// Check the configuration, its files' owners and modes, the HSM token,
+    /// PIN and keys, the ledger and the mirror's files; print every finding
+    /// with its fix and exit: 0 when keywardd would start, 1 otherwise.
+    /// Safe beside a running daemon (nothing is written).
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -43,6 +49,9 @@ fn main() -> ExitCode {
         return ExitCode::from(code);
     }
     keyward::logging::init();
+    if args.check_config {
+        return ExitCode::from(keyward::doctor::run_cli(&args.config));
+    }
     // Test builds only (feature `test-hooks`, never in a release build).
     #[cfg(feature = "test-hooks")]
     match keyward::faults::install_from_env() {
@@ -98,6 +107,7 @@ fn main() -> ExitCode {
             match e {
                 DaemonError::Config(_)
                 | DaemonError::MissingKey { .. }
+                | DaemonError::Refused(_)
                 | DaemonError::Descriptors(_) => ExitCode::from(2),
                 DaemonError::History(_) => ExitCode::from(3),
                 _ => ExitCode::from(1),

@@ -386,6 +386,15 @@ pub struct KeyGenerated {
     /// Whether the private key is extractable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extractable: Option<bool>,
+    /// How the key came to be recorded: `admin_socket` (made by keywardd
+    /// on an operator's request), `offline` (made while keywardd was not
+    /// running, by `keyward setup` or `keyward key create`, and recorded
+    /// at its next start). Absent in entries of earlier releases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    /// Who asked for it (`uid:N`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 impl KeyGenerated {
@@ -409,8 +418,41 @@ impl KeyGenerated {
             token_label: None,
             sensitive: None,
             extractable: None,
+            created: None,
+            by: None,
         }
     }
+
+    /// A signing key generated inside the HSM as sensitive and
+    /// non-extractable (the only way keyward makes one).
+    pub fn signing_key(
+        name: &str,
+        public_key: &crate::types::PublicKey,
+        backend: &str,
+        token_label: Option<&str>,
+    ) -> KeyGenerated {
+        KeyGenerated {
+            key: name.to_owned(),
+            public_key: public_key.to_base58(),
+            purpose: None,
+            verifier_key: None,
+            pinned_in: None,
+            backend: Some(backend.to_owned()),
+            token_label: token_label.map(str::to_owned),
+            sensitive: Some(true),
+            extractable: Some(false),
+            created: None,
+            by: None,
+        }
+    }
+}
+
+/// How keys come to be recorded (`KeyGenerated::created`).
+pub mod created {
+    /// Made by keywardd on an operator's request through the admin socket.
+    pub const ADMIN_SOCKET: &str = "admin_socket";
+    /// Made while keywardd was not running; recorded at its next start.
+    pub const OFFLINE: &str = "offline";
 }
 
 /// `key_rotated`: a key name moved to a successor generated in the HSM.

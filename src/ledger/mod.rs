@@ -29,6 +29,7 @@
 pub mod checkpoint;
 pub mod events;
 mod history;
+mod keys;
 pub mod merkle;
 mod verify;
 mod writer;
@@ -39,6 +40,7 @@ pub use history::{
     Expectations, HistoryReport, TrustedKey, VerifyError, VerifyReport, Walker, verify_chain,
     verify_history, verify_history_conn,
 };
+pub use keys::generated_keys;
 pub use verify::{
     InclusionProof, PayloadFinding, entries_after, export_jsonl, latest_checkpoint, open_read_only,
     payload_findings, prove, trail, verify_proof,

@@ -34,6 +34,8 @@ pub struct Core {
     pub(super) reload_lock: tokio::sync::Mutex<()>,
     pub(super) approval_ttl_ms: i64,
     mirror_gate: OnceLock<Arc<MirrorGate>>,
+    /// The label of the HSM device (PKCS#11 token label), for records.
+    device_label: OnceLock<String>,
     history: Arc<HistoryGate>,
     /// Intents being processed by a request right now, shared with the
     /// ledger writer so recovery can read it inside its write.
@@ -82,6 +84,7 @@ impl Core {
             reload_lock: tokio::sync::Mutex::new(()),
             approval_ttl_ms: i64::try_from(approval_ttl.as_millis()).unwrap_or(i64::MAX / 2),
             mirror_gate: OnceLock::new(),
+            device_label: OnceLock::new(),
             history: Arc::new(HistoryGate::default()),
             in_flight: Arc::new(Mutex::new(HashMap::new())),
             needs_recovery: AtomicBool::new(false),
@@ -142,6 +145,17 @@ impl Core {
     /// Makes signing depend on the mirror keeping up (set once, at start).
     pub fn set_mirror_gate(&self, gate: Arc<MirrorGate>) {
         let _ = self.mirror_gate.set(gate);
+    }
+
+    /// Names the HSM device (the PKCS#11 token label) for the records of
+    /// keys made through the admin socket; set once at start.
+    pub fn set_device_label(&self, label: &str) {
+        let _ = self.device_label.set(label.to_owned());
+    }
+
+    /// The HSM device's label, once set.
+    pub fn device_label(&self) -> Option<&str> {
+        self.device_label.get().map(String::as_str)
     }
 
     /// The mirror gate, when a mirror is configured.

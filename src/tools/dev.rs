@@ -191,17 +191,12 @@ pub fn init_dev(dir: &Path, module: &Path, uid: u32) -> Result<DevInstance, DevE
         &audit.public_key,
         Some(cfg.audit_vkey_path().display().to_string()),
     );
-    let generated = KeyGenerated {
-        key: key.name.to_string(),
-        public_key: key.public_key.to_base58(),
-        purpose: None,
-        verifier_key: None,
-        pinned_in: None,
-        backend: Some(hsm.backend().to_owned()),
-        token_label: Some(DEV_TOKEN_LABEL.to_owned()),
-        sensitive: Some(true),
-        extractable: Some(false),
-    };
+    let generated = KeyGenerated::signing_key(
+        key.name.as_str(),
+        &key.public_key,
+        hsm.backend(),
+        Some(DEV_TOKEN_LABEL),
+    );
     ledger
         .write_blocking(move |txn| {
             txn.record(None, None, &generated)?;

@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod dev;
+pub mod setup;
 
 #[cfg(test)]
 mod tests {

@@ -18,6 +18,7 @@ mod key;
 mod key_file;
 mod mirror;
 mod policy;
+mod setup;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Prepare this signer box's HSM for keywardd: SoftHSM2 (--softhsm) or a
+    /// vendor module's token (--module PATH --token-label LABEL); writes the
+    /// PIN credential (root only, 0400), generates the audit key and pins
+    /// its verifier key, then checks the configuration. Safe to run again.
+    Setup(setup::SetupArgs),
     /// Create a development instance: a SoftHSM2 token, config, policy and a key `hot`, all in DIR.
     Init(init::InitArgs),
     /// Offline ledger commands (no daemon needed).
@@ -83,6 +89,11 @@ enum Command {
     /// ledger appends, on a scratch SoftHSM2 instance (no real instance is
     /// touched).
     Bench(bench::BenchArgs),
+    /// Check this instance as `keywardd --check-config` does: files' owners
+    /// and modes, the HSM token, PIN and keys, the ledger (read-only) and
+    /// the mirror's files; every finding with its fix. Exit 0 when keywardd
+    /// would start, 1 otherwise. Safe beside a running daemon.
+    Doctor,
 }
 
 /// A failure with the exit status it maps to.
@@ -111,6 +122,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let config = &cli.config;
     match cli.command {
         Command::Init(args) => init::run(args),
+        Command::Setup(args) => setup::run(config, args),
         Command::Audit { command } => audit::run(config, command),
         Command::Key { command } => key::run(config, command),
         Command::Breaker { command } => breaker::run(config, command),
@@ -120,6 +132,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Approval { command } => approval::run(config, command),
         Command::Approve(args) => approve::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Doctor => match keyward::doctor::run_cli(config) {
+            0 => Ok(()),
+            code => Err(Failure(
+                code,
+                anyhow!("keywardd would refuse to start with {}", config.display()),
+            )),
+        },
     }
 }
 
@@ -137,19 +156,62 @@ fn admin_call<T: serde::de::DeserializeOwned>(
     method: &str,
     path: &str,
 ) -> Result<T, Failure> {
+    admin_call_with::<(), T>(cfg, method, path, None).map_err(|e| match e {
+        AdminError::NotRunning(why) => Failure(
+            2,
+            anyhow!(
+                "cannot connect to {}: {why}",
+                cfg.daemon.admin_socket.display()
+            ),
+        ),
+        AdminError::Failed(f) => f,
+    })
+}
+
+/// Why an admin call did not succeed.
+enum AdminError {
+    /// Nothing serves the admin socket (it is absent, or refuses
+    /// connections): the daemon is not running.
+    NotRunning(String),
+    /// Any other failure, or the daemon's refusal.
+    Failed(Failure),
+}
+
+/// [`admin_call`] with a JSON body, telling "the daemon is not running"
+/// apart from every other failure.
+fn admin_call_with<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+    cfg: &Config,
+    method: &str,
+    path: &str,
+    body: Option<&B>,
+) -> Result<T, AdminError> {
+    let failed = |e: anyhow::Error| AdminError::Failed(Failure(2, e));
     let client = keyward_client::Client::new(&cfg.daemon.admin_socket);
-    let rt = admin_runtime()?;
-    let method =
-        keyward_client::Method::from_bytes(method.as_bytes()).map_err(|e| anyhow!("{e}"))?;
-    let result = rt.block_on(client.request_json::<()>(method, path, None));
-    let (status, body) = result.map_err(|e| anyhow!("{e}"))?;
+    let rt = admin_runtime().map_err(AdminError::Failed)?;
+    let method = keyward_client::Method::from_bytes(method.as_bytes())
+        .map_err(|e| failed(anyhow!("{e}")))?;
+    let result = rt.block_on(client.request_json(method, path, body));
+    let (status, body) = match result {
+        Ok(answer) => answer,
+        Err(keyward_client::ClientError::Connect { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(AdminError::NotRunning(source.to_string()));
+        }
+        Err(e) => return Err(failed(anyhow!("{e}"))),
+    };
     if status.is_success() {
-        Ok(serde_json::from_slice(&body).context("unexpected answer from the daemon")?)
+        serde_json::from_slice(&body)
+            .context("unexpected answer from the daemon")
+            .map_err(failed)
     } else {
         let msg = serde_json::from_slice::<keyward_client::wire::ErrorBody>(&body)
             .map(|b| format!("{} ({})", b.error.message, b.error.code))
             .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-        Err(Failure(2, anyhow!("the daemon refused: {msg}")))
+        Err(failed(anyhow!("the daemon refused: {msg}")))
     }
 }
 
