@@ -1,8 +1,8 @@
 //! The shipped systemd units (`systemd/*.service`) and their drop-ins
 //! (`systemd/drop-ins/*.conf`): exposure scores within their bounds, the
 //! invariants that matter beyond the score, every drop-in loading cleanly
-//! on top of its unit, the unit's system call filter allowing what keywardd
-//! really calls, and memory locking working under the unit's
+//! on top of its unit, the units' system call filters allowing what keywardd
+//! and the mirror really call, and memory locking working under the unit's
 //! `LimitMEMLOCK=` for an unprivileged daemon.
 //!
 //! Scores and loading use `systemd-analyze` offline (no running systemd is
@@ -586,15 +586,15 @@ fn expand_syscalls(analyze: &str, item: &str, out: &mut BTreeSet<String>) {
     }
 }
 
-/// The system calls keywardd.service's `SystemCallFilter=` lines allow
-/// (an allow list: the first line allows, `~` lines remove, later plain
-/// lines add, in order).
-fn unit_allowed_syscalls(analyze: &str) -> BTreeSet<String> {
-    let ds = directives(&unit_path("keywardd.service"));
+/// The system calls `unit`'s `SystemCallFilter=` lines allow (an allow
+/// list: the first line allows, `~` lines remove, later plain lines add, in
+/// order).
+fn unit_allowed_syscalls(analyze: &str, unit: &str) -> BTreeSet<String> {
+    let ds = directives(&unit_path(unit));
     let lines = service_values(&ds, "SystemCallFilter");
     assert!(
         lines.first().is_some_and(|l| !l.starts_with('~')),
-        "keywardd.service's SystemCallFilter= must start with an allow list: {lines:?}"
+        "{unit}'s SystemCallFilter= must start with an allow list: {lines:?}"
     );
     let mut allowed = BTreeSet::new();
     for line in lines {
@@ -635,17 +635,157 @@ fn traced_syscalls(log: &str) -> BTreeSet<String> {
     names
 }
 
+/// Whether strace is installed; says the test is skipped if not.
+fn have_strace(test: &str) -> bool {
+    if Command::new("strace").arg("-V").output().is_ok() {
+        return true;
+    }
+    say!("SKIPPED {test}: strace is not installed (apt-get install strace)");
+    false
+}
+
+/// `program` where `nobody` may run it (cargo's target directory may be in
+/// root's private home): a hard link (or copy) in the instance directory,
+/// made after [`give_to_nobody`] so the original keeps its owner.
+fn runnable_by_nobody(inst: &Instance, program: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = inst.dir.path().join("bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let to = dir.join(Path::new(program).file_name().unwrap());
+    if std::fs::hard_link(program, &to).is_err() {
+        std::fs::copy(program, &to).unwrap();
+    }
+    to
+}
+
+/// `strace -f` of `program` into `trace`, both run as `nobody` with no
+/// groups (add `program`'s arguments).
+fn strace_as_nobody(trace: &Path, program: &Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        &format!("--reuid={NOBODY}"),
+        &format!("--regid={NOBODY}"),
+        "--clear-groups",
+        "--",
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+    ])
+    .arg(trace)
+    .arg(program);
+    c
+}
+
+/// The pid of the process strace (pid `strace`) started.
+fn traced_child(strace: u32) -> u32 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children")).unwrap();
+    children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("strace has no child: {children:?}"))
+}
+
+/// The calls in `trace` that `unit`'s filter does not allow; fails if the
+/// trace misses `expected` (then it is not a whole run).
+fn calls_outside_filter(analyze: &str, unit: &str, trace: &Path, expected: &[&str]) -> Vec<String> {
+    let allowed = unit_allowed_syscalls(analyze, unit);
+    let called = traced_syscalls(&std::fs::read_to_string(trace).unwrap());
+    for e in expected {
+        assert!(called.contains(*e), "the trace lacks {e}: {called:?}");
+    }
+    let refused: Vec<String> = called
+        .iter()
+        .filter(|s| !allowed.contains(*s))
+        .cloned()
+        .collect();
+    say!(
+        "{unit}: {} distinct system calls traced; outside the unit's filter: {refused:?}",
+        called.len()
+    );
+    refused
+}
+
+#[test]
+fn the_mirror_units_system_call_filter_allows_every_call_the_mirror_makes() {
+    let test = "the_mirror_units_system_call_filter_allows_every_call_the_mirror_makes";
+    let Some(analyze) = systemd_analyze(test) else {
+        return;
+    };
+    if !have_strace(test) || !can_run_as_other_user(test) {
+        return;
+    }
+    // keywardd with a file sink; the mirror, as an unprivileged user like
+    // keywardd (as root SQLite also chowns the files it creates), traced
+    // from exec until it has shipped the ledger and stopped on SIGTERM.
+    let inst = Instance::init();
+    let copy = inst.dir.path().join("log").join("ledger.jsonl");
+    let ack_dir = inst.inst_dir().join("state").join("mirror");
+    let cfg = std::fs::read_to_string(&inst.config).unwrap();
+    std::fs::write(
+        &inst.config,
+        format!("{cfg}\n[mirror]\nfile = \"{}\"\n", copy.display()),
+    )
+    .unwrap();
+    give_to_nobody(&inst);
+    let mut daemon = start_as_nobody(&inst, DEBIAN_DEFAULT_MEMLOCK, "keywardd.log");
+    sign_one(&inst, "mirrored-1");
+    let trace = inst.dir.path().join("mirror-strace.log");
+    let mut mirror = strace_as_nobody(&trace, &runnable_by_nobody(&inst, KEYWARD))
+        .arg("--config")
+        .arg(&inst.config)
+        .arg("mirror")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let head = || {
+        rt().block_on(inst.client().health())
+            .unwrap()
+            .ledger
+            .head_seq
+    };
+    let target = head();
+    wait_until(
+        "the mirror to ship the ledger",
+        Duration::from_secs(60),
+        || keyward::mirror::read_ack(&ack_dir, "file") >= target,
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(traced_child(mirror.id()) as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_until("the mirror to stop", Duration::from_secs(30), || {
+        mirror.try_wait().unwrap().is_some()
+    });
+    daemon.stop();
+    let refused = calls_outside_filter(
+        analyze,
+        "keyward-mirror.service",
+        &trace,
+        &["execve", "openat"],
+    );
+    assert!(
+        refused.is_empty(),
+        "keyward-mirror.service's SystemCallFilter= would kill the mirror on {refused:?}"
+    );
+}
+
 #[test]
 fn the_units_system_call_filter_allows_every_call_keywardd_makes() {
     let test = "the_units_system_call_filter_allows_every_call_keywardd_makes";
     let Some(analyze) = systemd_analyze(test) else {
         return;
     };
-    if Command::new("strace").arg("-V").output().is_err() {
-        say!("SKIPPED {test}: strace is not installed (apt-get install strace)");
+    if !have_strace(test) || !can_run_as_other_user(test) {
         return;
     }
-    let allowed = unit_allowed_syscalls(analyze);
+    let allowed = unit_allowed_syscalls(analyze, "keywardd.service");
     for must in [
         "mlockall",
         "prctl",
@@ -657,15 +797,15 @@ fn the_units_system_call_filter_allows_every_call_keywardd_makes() {
         assert!(allowed.contains(must), "the unit's filter lacks {must}");
     }
 
-    // keywardd on SoftHSM2, from exec to a clean exit after a signature.
+    // keywardd on SoftHSM2 as an unprivileged user (as root, SQLite also
+    // chowns the files it creates), from exec to a clean exit after a
+    // signature and a reload.
     let inst = Instance::init();
+    give_to_nobody(&inst);
     let trace = inst.dir.path().join("strace.log");
     let log = inst.dir.path().join("keywardd.log");
     let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new("strace")
-        .args(["-f", "-qq", "-o"])
-        .arg(&trace)
-        .arg(KEYWARDD)
+    let child = strace_as_nobody(&trace, &runnable_by_nobody(&inst, KEYWARDD))
         .arg("--config")
         .arg(&inst.config)
         .stdin(Stdio::null())
@@ -677,12 +817,7 @@ fn the_units_system_call_filter_allows_every_call_keywardd_makes() {
     let mut daemon = Daemon { child, pid, log };
     daemon.wait_ready(&inst);
     // Signals go to keywardd, strace's child.
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
-    daemon.pid = children
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("strace has no child: {children:?}"));
+    daemon.pid = traced_child(pid);
     sign_one(&inst, "strace-1");
     // SIGHUP reloads the policy; the reload is over when a second policy
     // document is in the ledger.
@@ -694,16 +829,8 @@ fn the_units_system_call_filter_allows_every_call_keywardd_makes() {
     sign_one(&inst, "strace-2");
     daemon.stop();
 
-    let called = traced_syscalls(&std::fs::read_to_string(&trace).unwrap());
-    assert!(
-        called.contains("mlockall") && called.contains("execve"),
-        "the trace looks incomplete: {called:?}"
-    );
-    let refused: Vec<&String> = called.iter().filter(|s| !allowed.contains(*s)).collect();
-    say!(
-        "keywardd made {} distinct system calls; outside keywardd.service's filter: {refused:?}",
-        called.len()
-    );
+    let refused =
+        calls_outside_filter(analyze, "keywardd.service", &trace, &["execve", "mlockall"]);
     assert!(
         refused.is_empty(),
         "keywardd.service's SystemCallFilter= would kill keywardd on {refused:?}"
