@@ -678,15 +678,16 @@ fn strace_as_nobody(trace: &Path, program: &Path) -> Command {
     c
 }
 
-/// The pid of the process strace (pid `strace`) started.
+/// The pid of the process strace (pid `strace`) started, once it has.
 fn traced_child(strace: u32) -> u32 {
-    let children =
-        std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children")).unwrap();
-    children
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("strace has no child: {children:?}"))
+    let mut pid = None;
+    wait_until("strace to start its child", Duration::from_secs(30), || {
+        pid = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()));
+        pid.is_some()
+    });
+    pid.unwrap()
 }
 
 /// The calls in `trace` that `unit`'s filter does not allow; fails if the
@@ -734,15 +735,19 @@ fn the_mirror_units_system_call_filter_allows_every_call_the_mirror_makes() {
     let mut daemon = start_as_nobody(&inst, DEBIAN_DEFAULT_MEMLOCK, "keywardd.log");
     sign_one(&inst, "mirrored-1");
     let trace = inst.dir.path().join("mirror-strace.log");
-    let mut mirror = strace_as_nobody(&trace, &runnable_by_nobody(&inst, KEYWARD))
+    let log = inst.dir.path().join("mirror.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let child = strace_as_nobody(&trace, &runnable_by_nobody(&inst, KEYWARD))
         .arg("--config")
         .arg(&inst.config)
         .arg("mirror")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
         .spawn()
         .unwrap();
+    let pid = traced_child(child.id());
+    let mut mirror = Daemon { child, pid, log };
     let head = || {
         rt().block_on(inst.client().health())
             .unwrap()
@@ -755,14 +760,7 @@ fn the_mirror_units_system_call_filter_allows_every_call_the_mirror_makes() {
         Duration::from_secs(60),
         || keyward::mirror::read_ack(&ack_dir, "file") >= target,
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(traced_child(mirror.id()) as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    wait_until("the mirror to stop", Duration::from_secs(30), || {
-        mirror.try_wait().unwrap().is_some()
-    });
+    mirror.stop();
     daemon.stop();
     let refused = calls_outside_filter(
         analyze,
@@ -813,11 +811,10 @@ fn the_units_system_call_filter_allows_every_call_keywardd_makes() {
         .stderr(out)
         .spawn()
         .unwrap();
-    let pid = child.id();
+    // Signals go to keywardd, strace's child.
+    let pid = traced_child(child.id());
     let mut daemon = Daemon { child, pid, log };
     daemon.wait_ready(&inst);
-    // Signals go to keywardd, strace's child.
-    daemon.pid = traced_child(pid);
     sign_one(&inst, "strace-1");
     // SIGHUP reloads the policy; the reload is over when a second policy
     // document is in the ledger.
@@ -880,18 +877,10 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(
-                    status.success(),
-                    "keywardd exited with {status}: {}",
-                    self.log()
-                );
+                assert!(status.success(), "exited with {status}: {}", self.log());
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "keywardd did not stop: {}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "did not stop: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -909,6 +898,15 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // Under strace, killing strace alone would leave keywardd running;
+        // its pid is only signalled while strace still runs (so it cannot
+        // have been reaped and reused).
+        if self.pid != self.child.id() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
