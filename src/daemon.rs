@@ -557,9 +557,20 @@ async fn serve(cfg: &Config, opened: Opened, bound: Bound) -> Result<(), DaemonE
         },
         stop_rx.clone(),
     );
-    let tasks = spawn_background(cfg, &ledger, &operations, &checkpointer, &stop_rx);
+    let mut tasks = spawn_background(cfg, &ledger, &operations, &checkpointer, &stop_rx);
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // systemd counts WatchdogSec= from READY=1: the pings start after it.
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        let (period, deadline) = crate::watchdog::timing(interval);
+        tasks.push(tokio::spawn(crate::watchdog::run(
+            ledger.clone(),
+            Arc::clone(operations.core().hsm()),
+            period,
+            deadline,
+            stop_rx.clone(),
+        )));
+    }
     tracing::info!(
         agent_socket = %cfg.daemon.agent_socket.display(),
         admin_socket = %cfg.daemon.admin_socket.display(),

@@ -30,3 +30,4 @@ pub mod service;
 pub mod solana;
 pub mod tools;
 pub mod types;
+pub mod watchdog;

@@ -246,6 +246,13 @@ impl HsmExecutor {
         }
     }
 
+    /// Calls the workers have finished since the start, whether their
+    /// callers still waited or not: while it grows, the HSM is working (a
+    /// long backlog of signatures is progress, not a wedge).
+    pub fn calls_finished(&self) -> u64 {
+        self.counters.finished.load(Ordering::SeqCst)
+    }
+
     fn queued(&self) -> usize {
         self.settings
             .queue_depth
@@ -310,6 +317,7 @@ impl HsmExecutor {
                 });
             let ran = micros(started.elapsed());
             counters.running.fetch_sub(1, Ordering::SeqCst);
+            counters.finished.fetch_add(1, Ordering::SeqCst);
             counters.with(op, |s| {
                 s.run_total_us = s.run_total_us.saturating_add(ran);
                 s.run_max_us = s.run_max_us.max(ran);
