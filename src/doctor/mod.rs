@@ -200,6 +200,8 @@ pub struct Report {
     pub findings: Vec<Finding>,
     /// The checks that passed, in words (`HSM token "keyward" found`).
     pub passed: Vec<String>,
+    /// The checks not made, and why.
+    pub skipped: Vec<String>,
 }
 
 impl Report {
@@ -217,6 +219,9 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for p in &self.passed {
             writeln!(f, "ok       {p}")?;
+        }
+        for s in &self.skipped {
+            writeln!(f, "skipped  {s}")?;
         }
         for finding in &self.findings {
             let tag = match finding.severity {
@@ -336,6 +341,10 @@ fn check_loaded(cfg: &Config, report: &mut Report) {
     };
     if hsm_possible {
         live::check_hsm(cfg, policy.as_ref(), report);
+    } else {
+        report
+            .skipped
+            .push("the HSM token, PIN login and keys: mend the PIN file or module first".into());
     }
     live::check_ledger(cfg, report);
     live::check_mirror(cfg, report);
