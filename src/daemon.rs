@@ -51,6 +51,14 @@ pub enum DaemonError {
     /// The open-file limit cannot hold the connection limits and the reserve.
     #[error("{0}")]
     Descriptors(#[from] crate::fds::FdBudgetError),
+    /// The seccomp filter could not be applied: the daemon does not serve
+    /// unconfined.
+    #[error("lockdown: {0}")]
+    Seccomp(#[from] crate::harden::seccomp::SeccompError),
+    /// Not configured, or configured unsafely: the checks of
+    /// [`crate::doctor`] name each file, what is wrong and the fix.
+    #[error("refusing to start: {0}")]
+    Refused(#[from] crate::doctor::Refusal),
     /// An I/O failure.
     #[error("{what}: {source}")]
     Io {
@@ -71,6 +79,8 @@ impl DaemonError {
             DaemonError::History(e) => e.code(),
             DaemonError::Io { .. } => "io_error",
             DaemonError::Descriptors(_) => "invalid_config",
+            DaemonError::Seccomp(e) => e.code(),
+            DaemonError::Refused(r) => r.code(),
         }
     }
 }
@@ -118,6 +128,10 @@ pub struct StartOptions {
     /// Start on a history that fails verification at exactly this sequence
     /// number (recorded as `history_acknowledged`).
     pub accept_broken_history: Option<u64>,
+    /// The seccomp filter [`lockdown`] applies to every thread. keywardd's
+    /// `main` always sets it; it is an option so that tests calling the
+    /// daemon's steps in their own process are never filtered.
+    pub seccomp: Option<crate::harden::seccomp::Filter>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, in four steps:
@@ -131,9 +145,10 @@ pub struct StartOptions {
 /// 4. [`serve`]: the sockets and the background tasks until a stop signal,
 ///    then the orderly shutdown.
 pub async fn run(cfg: Config, opts: StartOptions) -> Result<(), DaemonError> {
+    let seccomp = opts.seccomp.clone();
     let opened = open(&cfg, opts).await?;
     let bound = bind(&cfg)?;
-    for warning in lockdown() {
+    for warning in lockdown(seccomp.as_ref())? {
         tracing::warn!("{warning}");
     }
     serve(&cfg, opened, bound).await
@@ -151,6 +166,11 @@ struct Opened {
 /// Step 1: everything the daemon needs before it can serve, and the record
 /// of this start in the ledger.
 async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
+    // Before anything is opened: files others could change, a PIN that is
+    // missing or readable by others, a state directory everyone reads.
+    for warning in crate::doctor::refuse_unsafe(cfg)? {
+        tracing::warn!(code = warning.code.as_str(), "{warning}");
+    }
     // Before the HSM or the ledger opens a file: the connection limits must
     // leave them descriptors.
     let nofile = crate::fds::reserve(cfg.daemon.max_connections)?;
@@ -248,23 +268,41 @@ async fn open_hsm_and_keys(
         .map_err(|e| DaemonError::Io {
             what: "HSM start-up task".into(),
             source: std::io::Error::other(e.to_string()),
-        })??;
+        })?
+        .map_err(|e| match crate::doctor::hsm_finding(cfg, &e) {
+            // No token, no PIN, a PIN refused: only the operator can mend it.
+            Some(finding) => DaemonError::Refused(crate::doctor::Refusal(vec![finding])),
+            None => DaemonError::Hsm(e),
+        })?;
     // Test builds only: the HSM's signatures fail or wait on request.
     #[cfg(feature = "test-hooks")]
     let hsm = crate::faults::wrap_hsm(hsm);
     // From here on every HSM call goes through the executor.
     let hsm = Arc::new(HsmExecutor::start(hsm, ExecutorSettings::of(&cfg.hsm))?);
     let mut keys = HashMap::new();
+    let mut missing = Vec::new();
     for name in policy.all_keys() {
-        let key = hsm
-            .find_ed25519(&name)
-            .await
-            .map_err(|source| DaemonError::MissingKey {
-                policy: cfg.daemon.policy.clone(),
-                key: name.to_string(),
-                source,
-            })?;
-        keys.insert(name, key);
+        match hsm.find_ed25519(&name).await {
+            Ok(key) => {
+                keys.insert(name, key);
+            }
+            // Every key that is not there or not usable, named at once.
+            Err(
+                e @ (HsmError::KeyNotFound(_)
+                | HsmError::AmbiguousKey(_)
+                | HsmError::UnprotectedKey { .. }),
+            ) => missing.push(crate::doctor::key_finding(cfg, name.as_str(), &e)),
+            Err(source) => {
+                return Err(DaemonError::MissingKey {
+                    policy: cfg.daemon.policy.clone(),
+                    key: name.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(crate::doctor::Refusal(missing).into());
     }
     Ok((hsm, keys))
 }
@@ -454,17 +492,19 @@ fn chown_socket_group(
 /// Step 3, the lockdown: the single place that restricts the process once
 /// the PKCS#11 module is loaded (with whatever threads and files it opens),
 /// the ledger is open and the sockets are bound, and before any request is
-/// read. This is where the daemon's seccomp filter will be applied to all
-/// threads; the steps before it may make any system call, serving after it
-/// may not make new kinds.
+/// read. It applies the daemon's seccomp filter to all threads (TSYNC;
+/// threads started later inherit it): the steps before it may make any
+/// system call, serving after it may not make new kinds. If the filter
+/// cannot be applied the daemon does not serve (fail closed).
 ///
 /// What [`crate::harden::harden_process`] does stays at the top of `main`,
 /// on purpose: the umask must be in force before the ledger and the
 /// sockets are created, and core dumps, ptrace and swap must be shut before
-/// the PIN is read and the module handles secrets. Today the lockdown
-/// checks that those are still in force (a seccomp filter needs
-/// `no_new_privs`) and returns what is not, as warnings.
-pub fn lockdown() -> crate::harden::Warnings {
+/// the PIN is read and the module handles secrets. The lockdown checks that
+/// those are still in force and returns what is not, as warnings.
+pub fn lockdown(
+    seccomp: Option<&crate::harden::seccomp::Filter>,
+) -> Result<crate::harden::Warnings, DaemonError> {
     let mut warnings = Vec::new();
     match nix::sys::prctl::get_no_new_privs() {
         Ok(true) => {}
@@ -479,7 +519,15 @@ pub fn lockdown() -> crate::harden::Warnings {
         ),
         Err(e) => warnings.push(format!("lockdown: cannot read the dumpable flag: {e}")),
     }
-    warnings
+    if let Some(filter) = seccomp {
+        filter.apply()?;
+        tracing::info!(
+            filter = filter.role().name(),
+            extensions = ?filter.extensions,
+            "seccomp filter applied to every thread"
+        );
+    }
+    Ok(warnings)
 }
 
 /// Step 4: serves both sockets and runs the background tasks until SIGTERM
@@ -540,9 +588,20 @@ async fn serve(cfg: &Config, opened: Opened, bound: Bound) -> Result<(), DaemonE
         },
         stop_rx.clone(),
     );
-    let tasks = spawn_background(cfg, &ledger, &operations, &checkpointer, &stop_rx);
+    let mut tasks = spawn_background(cfg, &ledger, &operations, &checkpointer, &stop_rx);
 
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    // systemd counts WatchdogSec= from READY=1: the pings start after it.
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        let (period, deadline) = crate::watchdog::timing(interval);
+        tasks.push(tokio::spawn(crate::watchdog::run(
+            ledger.clone(),
+            Arc::clone(operations.core().hsm()),
+            period,
+            deadline,
+            stop_rx.clone(),
+        )));
+    }
     tracing::info!(
         agent_socket = %cfg.daemon.agent_socket.display(),
         admin_socket = %cfg.daemon.admin_socket.display(),

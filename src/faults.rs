@@ -19,7 +19,11 @@
 //!   the audit key, do not count and never fail);
 //! - `hsm:sign_waits_for:PATH`: every signature the signing service asks
 //!   the HSM for waits until the file `PATH` exists (at most
-//!   [`MAX_HOLD`]), so a test can hold a request inside the HSM call.
+//!   [`MAX_HOLD`]), so a test can hold a request inside the HSM call;
+//! - `ledger:writer_wedged_while:PATH`: while the file `PATH` exists
+//!   (at most [`MAX_HOLD`] at a time), the ledger writer thread stops
+//!   before its next batch as a wedged writer would (the watchdog's test:
+//!   create the file to wedge it, remove it to release it).
 //!
 //! ```text
 //! KEYWARD_TEST_FAULTS=ledger:signature_created:1,hsm:sign_fails:3 keywardd --config ...
@@ -49,6 +53,7 @@ pub struct Faults {
     ledger: Vec<LedgerFault>,
     sign_fails: Vec<u64>,
     sign_waits_for: Option<PathBuf>,
+    writer_wedged_while: Option<PathBuf>,
     /// Signatures asked for so far.
     signs: AtomicU64,
 }
@@ -89,6 +94,9 @@ impl Faults {
                 why: why.to_owned(),
             };
             match entry.splitn(3, ':').collect::<Vec<_>>()[..] {
+                ["ledger", "writer_wedged_while", path] if !path.is_empty() => {
+                    faults.writer_wedged_while = Some(PathBuf::from(path));
+                }
                 ["ledger", event, n] => faults.ledger.push(LedgerFault {
                     event: EventType::parse(event).ok_or_else(|| bad("unknown event type"))?,
                     nth: nth(entry, n)?,
@@ -100,7 +108,7 @@ impl Faults {
                 }
                 _ => {
                     return Err(bad(
-                        "expected ledger:EVENT:N, hsm:sign_fails:N or hsm:sign_waits_for:PATH",
+                        "expected ledger:EVENT:N, ledger:writer_wedged_while:PATH, hsm:sign_fails:N or hsm:sign_waits_for:PATH",
                     ));
                 }
             }
@@ -144,6 +152,23 @@ pub(crate) fn ledger_append(event: EventType) -> Result<(), LedgerError> {
         )));
     }
     Ok(())
+}
+
+/// Called by the ledger writer thread before each batch: holds the thread
+/// while the `writer_wedged_while` file exists (at most [`MAX_HOLD`]).
+pub(crate) fn ledger_writer_gate() {
+    let Some(path) = FAULTS.get().and_then(|f| f.writer_wedged_while.as_ref()) else {
+        return;
+    };
+    if !path.exists() {
+        return;
+    }
+    tracing::warn!(path = %path.display(), "{INJECTED}: ledger writer wedged");
+    let deadline = Instant::now() + MAX_HOLD;
+    while path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tracing::warn!("{INJECTED}: ledger writer released");
 }
 
 /// keywardd's HSM, wrapped when signature faults are set (before the
@@ -240,7 +265,7 @@ mod tests {
     #[test]
     fn parses_every_kind_and_keeps_colons_in_paths() {
         let f = Faults::parse(
-            "ledger:signature_created:2, hsm:sign_fails:1,hsm:sign_waits_for:/tmp/a:b",
+            "ledger:signature_created:2, hsm:sign_fails:1,hsm:sign_waits_for:/tmp/a:b,ledger:writer_wedged_while:/tmp/w",
         )
         .unwrap();
         assert_eq!(f.ledger.len(), 1);
@@ -248,6 +273,7 @@ mod tests {
         assert_eq!(f.ledger[0].nth, 2);
         assert_eq!(f.sign_fails, vec![1]);
         assert_eq!(f.sign_waits_for, Some(PathBuf::from("/tmp/a:b")));
+        assert_eq!(f.writer_wedged_while, Some(PathBuf::from("/tmp/w")));
         assert!(Faults::parse("").unwrap().ledger.is_empty());
     }
 
@@ -260,6 +286,7 @@ mod tests {
             "ledger:signature_created",
             "hsm:sign_fails:-1",
             "hsm:sign_waits_for:",
+            "ledger:writer_wedged_while:",
             "hsm:explode:1",
             "disk:full",
         ] {

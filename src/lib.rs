@@ -12,6 +12,7 @@ pub mod api;
 pub mod approval;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 #[cfg(feature = "test-hooks")]
 pub mod faults;
 pub mod fds;
@@ -30,3 +31,4 @@ pub mod service;
 pub mod solana;
 pub mod tools;
 pub mod types;
+pub mod watchdog;

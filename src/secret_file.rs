@@ -33,7 +33,7 @@ pub enum SecretFileError {
         path: String,
     },
     /// Group or others have some access.
-    #[error("{path} has mode {mode:04o}; group and others must have no access (chmod 0400)")]
+    #[error("{path} has mode {mode:04o}; group and others must have no access (chmod 0400 {path})")]
     Mode {
         /// The file.
         path: String,
@@ -82,19 +82,22 @@ impl SecretFileError {
     }
 }
 
-/// Reads the secret in `path` (at most `max_len` bytes) after checking the
-/// file as described in the [module docs](self).
-pub fn read_secret_file(path: &Path, max_len: u64) -> Result<SecretString, SecretFileError> {
+/// Checks the file at `path` as a secret file without reading it: a
+/// regular file that group and others cannot access at all, owned by this
+/// process's user or root. The checks [`read_secret_file`] makes before it
+/// reads; `keyward doctor` makes them on files it must not read.
+pub fn check_secret_file(path: &Path) -> Result<(), SecretFileError> {
+    let meta = std::fs::metadata(path).map_err(|source| SecretFileError::Io {
+        what: "stat",
+        path: path.display().to_string(),
+        source,
+    })?;
+    check_metadata(path, &meta)
+}
+
+/// The checks of [`check_secret_file`] on metadata already read.
+fn check_metadata(path: &Path, meta: &std::fs::Metadata) -> Result<(), SecretFileError> {
     let shown = || path.display().to_string();
-    let io = |what| {
-        move |source| SecretFileError::Io {
-            what,
-            path: shown(),
-            source,
-        }
-    };
-    let mut file = std::fs::File::open(path).map_err(io("open"))?;
-    let meta = file.metadata().map_err(io("stat"))?;
     if !meta.file_type().is_file() {
         return Err(SecretFileError::NotRegular { path: shown() });
     }
@@ -113,6 +116,23 @@ pub fn read_secret_file(path: &Path, max_len: u64) -> Result<SecretString, Secre
             euid,
         });
     }
+    Ok(())
+}
+
+/// Reads the secret in `path` (at most `max_len` bytes) after checking the
+/// file as described in the [module docs](self).
+pub fn read_secret_file(path: &Path, max_len: u64) -> Result<SecretString, SecretFileError> {
+    let shown = || path.display().to_string();
+    let io = |what| {
+        move |source| SecretFileError::Io {
+            what,
+            path: shown(),
+            source,
+        }
+    };
+    let mut file = std::fs::File::open(path).map_err(io("open"))?;
+    let meta = file.metadata().map_err(io("stat"))?;
+    check_metadata(path, &meta)?;
     if meta.len() > max_len {
         return Err(SecretFileError::TooLarge {
             path: shown(),

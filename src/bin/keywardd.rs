@@ -22,6 +22,23 @@ struct Args {
     /// Packaging: write the manual page keywardd.8 into DIR and exit.
     #[arg(long, value_name = "DIR", hide = true)]
     write_man_page: Option<PathBuf>,
+    /// Apply the seccomp filter (and Landlock) in child processes, try
+    /// execve, socket(AF_INET), ptrace and a write outside the writable
+    /// directories; exit 0 only if each is refused.
+    #[arg(long)]
+    seccomp_self_test: bool,
+    /// One probe of the self-test (run by it in a child process).
+    #[arg(long, hide = true, value_name = "NAME")]
+    seccomp_probe: Option<String>,
+    /// The file the `open-write` probe tries to create.
+    #[arg(long, hide = true, value_name = "PATH")]
+    seccomp_probe_path: Option<PathBuf>,
+    /// Check the configuration, its files' owners and modes, the HSM token,
+    /// PIN and keys, the ledger and the mirror's files; print every finding
+    /// with its fix and exit: 0 when keywardd would start, 1 otherwise.
+    /// Safe beside a running daemon (nothing is written).
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -39,7 +56,18 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(code) = keyward::harden::self_test::dispatch(
+        args.seccomp_self_test,
+        args.seccomp_probe.as_deref(),
+        args.seccomp_probe_path.as_deref(),
+        &args.config,
+    ) {
+        return ExitCode::from(code);
+    }
     keyward::logging::init();
+    if args.check_config {
+        return ExitCode::from(keyward::doctor::run_cli(&args.config));
+    }
     // Test builds only (feature `test-hooks`, never in a release build).
     #[cfg(feature = "test-hooks")]
     match keyward::faults::install_from_env() {
@@ -63,6 +91,14 @@ fn main() -> ExitCode {
     // The PKCS#11 module reads its environment when it is loaded; set it now,
     // while this process has a single thread.
     keyward::process::apply_module_env(&cfg);
+    // The lockdown's filter and, while there is one thread, Landlock.
+    let seccomp = match keyward::harden::confine_daemon(&cfg) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("keywardd: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -77,6 +113,7 @@ fn main() -> ExitCode {
         cfg,
         StartOptions {
             accept_broken_history: args.accept_broken_history,
+            seccomp: Some(seccomp),
         },
     )) {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,6 +123,7 @@ fn main() -> ExitCode {
             match e {
                 DaemonError::Config(_)
                 | DaemonError::MissingKey { .. }
+                | DaemonError::Refused(_)
                 | DaemonError::Descriptors(_) => ExitCode::from(2),
                 DaemonError::History(_) => ExitCode::from(3),
                 _ => ExitCode::from(1),

@@ -163,6 +163,9 @@ pub struct HsmExecutor {
     places: Arc<Semaphore>,
     jobs: Mutex<mpsc::Sender<Job>>,
     counters: Arc<Counters>,
+    /// Disconnects once every worker has returned and dropped its handle
+    /// on the backend (see the `Drop` impl).
+    workers_done: Mutex<mpsc::Receiver<()>>,
 }
 
 impl std::fmt::Debug for HsmExecutor {
@@ -172,6 +175,35 @@ impl std::fmt::Debug for HsmExecutor {
             .field("workers", &self.workers)
             .field("settings", &self.settings)
             .finish_non_exhaustive()
+    }
+}
+
+/// Dropping the executor closes its queue and waits (at most the call
+/// timeout and 2 s more) for the workers to finish the call in hand and
+/// release the backend. The process must not exit while a worker is still
+/// inside the PKCS#11 module or finalizing it: a module's own exit-time
+/// destructors racing a worker crash the process, which turned a clean
+/// refusal to start (exit 2 or 3) into death by a signal.
+impl Drop for HsmExecutor {
+    fn drop(&mut self) {
+        // Replacing the sender drops the one the workers listen on.
+        drop(std::mem::replace(&mut *lock(&self.jobs), mpsc::channel().0));
+        let deadline = Instant::now() + self.settings.call_timeout + Duration::from_secs(2);
+        let done = lock(&self.workers_done);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match done.recv_timeout(left) {
+                Ok(()) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    tracing::warn!(
+                        backend = self.backend,
+                        "HSM workers still busy at shutdown; not waiting longer"
+                    );
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -186,8 +218,9 @@ impl HsmExecutor {
         };
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
+        let (done_tx, done_rx) = mpsc::channel::<()>();
         for i in 0..workers {
-            let (rx, hsm) = (Arc::clone(&rx), Arc::clone(&hsm));
+            let (rx, hsm, done) = (Arc::clone(&rx), Arc::clone(&hsm), done_tx.clone());
             std::thread::Builder::new()
                 .name(format!("hsm-{i}"))
                 .spawn(move || {
@@ -197,9 +230,13 @@ impl HsmExecutor {
                         let job = lock(&rx).recv();
                         match job {
                             Ok(job) => job(&*hsm),
-                            Err(_) => return,
+                            Err(_) => break,
                         }
                     }
+                    // The backend first (the last handle finalizes the
+                    // module), then the sign that this worker is gone.
+                    drop(hsm);
+                    drop(done);
                 })
                 .map_err(|e| HsmError::Device {
                     op: "start HSM worker",
@@ -213,6 +250,7 @@ impl HsmExecutor {
             settings,
             jobs: Mutex::new(tx),
             counters: Arc::new(Counters::default()),
+            workers_done: Mutex::new(done_rx),
         })
     }
 
@@ -244,6 +282,13 @@ impl HsmExecutor {
             waiting_for_room: self.counters.waiting_for_room.load(Ordering::SeqCst),
             ops: HsmOp::ALL.iter().map(|op| (*op, ops[op.index()])).collect(),
         }
+    }
+
+    /// Calls the workers have finished since the start, whether their
+    /// callers still waited or not: while it grows, the HSM is working (a
+    /// long backlog of signatures is progress, not a wedge).
+    pub fn calls_finished(&self) -> u64 {
+        self.counters.finished.load(Ordering::SeqCst)
     }
 
     fn queued(&self) -> usize {
@@ -310,6 +355,7 @@ impl HsmExecutor {
                 });
             let ran = micros(started.elapsed());
             counters.running.fetch_sub(1, Ordering::SeqCst);
+            counters.finished.fetch_add(1, Ordering::SeqCst);
             counters.with(op, |s| {
                 s.run_total_us = s.run_total_us.saturating_add(ran);
                 s.run_max_us = s.run_max_us.max(ran);

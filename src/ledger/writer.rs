@@ -198,6 +198,9 @@ enum Job {
         reply: Reply,
         bypass_breaker: bool,
     },
+    /// A round trip through the writer thread: answered once the batch it
+    /// arrived with is committed (see [`Ledger::ping`]).
+    Ping(Reply),
     Close(Reply),
 }
 
@@ -577,6 +580,20 @@ impl Ledger {
         }
     }
 
+    /// A no-op round trip through the writer thread: answered once the
+    /// writer has taken it from its queue and committed the batch it came
+    /// with. A writer stuck in a job, a commit or a lock never answers, which
+    /// is what the systemd watchdog ([`crate::watchdog`]) looks for. It
+    /// writes nothing and does not wait for the disk sync (the syncer is a
+    /// thread of its own).
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Ping(Reply::Async(tx)))
+            .map_err(|_| LedgerError::Closed)?;
+        downcast(rx.await.map_err(|_| LedgerError::Closed)?)
+    }
+
     /// Finishes every queued write, checkpoints the WAL and closes the
     /// database. Later writes fail with [`LedgerError::Closed`].
     pub async fn close(&self) -> Result<(), LedgerError> {
@@ -679,11 +696,16 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Job>) {
         let mut closing: Option<Reply> = None;
         while let Ok(first) = rx.recv() {
+            // Test builds only: a writer wedged on request (the watchdog's test).
+            #[cfg(feature = "test-hooks")]
+            crate::faults::ledger_writer_gate();
             let mut batch = Vec::new();
+            let mut pings = Vec::new();
             match first {
                 Job::Close(reply) => {
                     closing = Some(reply);
                 }
+                Job::Ping(reply) => pings.push(reply),
                 Job::Write {
                     f,
                     reply,
@@ -705,6 +727,7 @@ impl Writer {
                             reply,
                             bypass_breaker,
                         }) => batch.push((f, reply, bypass_breaker)),
+                        Ok(Job::Ping(reply)) => pings.push(reply),
                         Ok(Job::Close(reply)) => {
                             closing = Some(reply);
                             break;
@@ -716,6 +739,9 @@ impl Writer {
             if !batch.is_empty() {
                 self.run_batch(batch);
             }
+            for reply in pings {
+                reply.send(Ok(Box::new(())));
+            }
             if closing.is_some() {
                 break;
             }
@@ -723,7 +749,7 @@ impl Writer {
         // Refuse anything still queued, then close the database cleanly.
         while let Ok(job) = rx.try_recv() {
             match job {
-                Job::Write { reply, .. } | Job::Close(reply) => {
+                Job::Write { reply, .. } | Job::Ping(reply) | Job::Close(reply) => {
                     reply.send(Err(LedgerError::Closed))
                 }
             }
@@ -1091,6 +1117,25 @@ mod tests {
         let report = super::super::verify_chain(&dir.path().join("l.sqlite3")).unwrap();
         assert_eq!(report.entries, 3);
         assert_eq!(report.head_hash, c.hash);
+    }
+
+    #[test]
+    fn a_ping_is_a_round_trip_through_the_writer_that_records_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let l = open(d.path());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let before = l.health();
+        rt.block_on(l.ping()).unwrap();
+        let after = l.health();
+        assert_eq!(
+            (after.head_seq, after.commits, after.syncs),
+            (before.head_seq, before.commits, before.syncs)
+        );
+        l.close_blocking().unwrap();
+        assert!(matches!(rt.block_on(l.ping()), Err(LedgerError::Closed)));
     }
 
     #[test]

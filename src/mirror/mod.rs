@@ -42,6 +42,10 @@ pub enum MirrorError {
     /// could not be read.
     #[error("NATS password file: {0}")]
     Secret(#[from] crate::secret_file::SecretFileError),
+    /// The mirror's seccomp filter could not be applied: it does not run
+    /// unconfined.
+    #[error("lockdown: {0}")]
+    Lockdown(#[from] crate::harden::seccomp::SeccompError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MirrorError {
@@ -245,6 +249,19 @@ impl FileSink {
 /// sink in order, then records that sink's acknowledged sequence number. A
 /// sink that fails (a NATS server down) is retried; the others go on.
 pub fn run(cfg: &crate::config::Config, stop: &AtomicBool) -> Result<(), MirrorError> {
+    run_locked(cfg, stop, None)
+}
+
+/// [`run`], applying `seccomp` (to every thread) once start-up is done:
+/// the runtime built, the file sink opened and checked, its
+/// acknowledgement written; before the first entry is read for shipping.
+/// `keyward mirror` passes the mirror's filter; tests calling the mirror in
+/// their own process pass none.
+pub fn run_locked(
+    cfg: &crate::config::Config,
+    stop: &AtomicBool,
+    seccomp: Option<&crate::harden::seccomp::Filter>,
+) -> Result<(), MirrorError> {
     let m = cfg
         .mirror
         .clone()
@@ -268,6 +285,13 @@ pub fn run(cfg: &crate::config::Config, stop: &AtomicBool) -> Result<(), MirrorE
     };
     let mut nats: Option<nats::NatsSink> = None;
     let mut nats_wait = std::time::Instant::now();
+    if let Some(filter) = seccomp {
+        filter.apply()?;
+        tracing::info!(
+            filter = filter.role().name(),
+            "seccomp filter applied to every thread"
+        );
+    }
     while !stop.load(Ordering::SeqCst) {
         let mut shipped = 0;
         if let Some(sink) = file.as_mut() {

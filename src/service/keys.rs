@@ -182,3 +182,35 @@ pub async fn record_offline_keys(
     }
     Ok(recorded)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_key_name_is_a_key_name_keyward_does_not_keep_for_itself() {
+        assert_eq!(new_key_name("hot").unwrap().as_str(), "hot");
+        assert_eq!(new_key_name("cold-2.b_x").unwrap().as_str(), "cold-2.b_x");
+        for (name, code) in [
+            ("", "invalid_key_name"),
+            ("a b", "invalid_key_name"),
+            (&"k".repeat(65), "invalid_key_name"),
+            (AUDIT_KEY, "key_name_reserved"),
+            ("keyward-checkpoint-mark", "key_name_reserved"),
+            ("keyward-", "key_name_reserved"),
+        ] {
+            assert_eq!(new_key_name(name).unwrap_err().code(), code, "{name:?}");
+        }
+        // Only the prefix is reserved.
+        assert!(new_key_name("keyward").is_ok());
+        assert!(new_key_name("my-keyward-key").is_ok());
+    }
+
+    #[test]
+    fn an_existing_key_in_the_hsm_is_key_exists() {
+        let e: KeyCreateError = HsmError::KeyExists("hot".into()).into();
+        assert_eq!(e.code(), "key_exists");
+        let e: KeyCreateError = HsmError::KeyNotFound("hot".into()).into();
+        assert_eq!(e.code(), "key_not_found");
+    }
+}

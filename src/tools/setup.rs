@@ -34,13 +34,16 @@
 //! invoking user. The ledger is never touched: keywardd records the audit
 //! key at its first start (see [`crate::service::keys`]).
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use cryptoki::session::UserType;
 use secrecy::{ExposeSecret, SecretString};
-use zeroize::Zeroizing;
+
+mod files;
+mod token;
+
+pub use files::{chown_tree, write_atomic};
+use files::{make_dirs, random_pin, read_pin_or, write_credential};
+use token::{cryptoki_err, init_user_pin, login_check};
 
 use crate::config::{Config, Pkcs11BackendConfig};
 use crate::hsm::pkcs11::{context, find_token};
@@ -49,8 +52,6 @@ use crate::ledger::TrustedKey;
 use crate::ledger::checkpoint::AUDIT_KEY;
 use crate::types::KeyName;
 
-/// Name of the PIN credential file in the credentials directory.
-pub const PIN_CREDENTIAL: &str = "hsm.pin";
 /// Name of SoftHSM's SO PIN file beside it.
 pub const SO_PIN_FILE: &str = "so.pin";
 /// The system user keywardd runs as in the package.
@@ -108,12 +109,12 @@ impl SetupError {
     }
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SetupError {
+pub(super) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SetupError {
     let what = what.into();
     move |source| SetupError::Io { what, source }
 }
 
-fn nix_io(what: impl Into<String>) -> impl FnOnce(nix::Error) -> SetupError {
+pub(super) fn nix_io(what: impl Into<String>) -> impl FnOnce(nix::Error) -> SetupError {
     let what = what.into();
     move |e| SetupError::Io {
         what,
@@ -215,22 +216,15 @@ impl Steps {
 /// The file holding the HSM user PIN, as root and the CLI see it outside
 /// systemd: an absolute `hsm.pin_file` as is; a relative one (a systemd
 /// credential, the package's `pin_file = "pin"`) in
-/// `$CREDENTIALS_DIRECTORY` when that is set, else the file the unit loads
-/// it from, `<config dir>/credentials/hsm.pin`.
+/// `$CREDENTIALS_DIRECTORY` when that is set, else the file the installed
+/// unit loads it from, else where the layout keeps it,
+/// `<config dir>/credentials/hsm.pin`
+/// ([`crate::doctor::resolve_pin_for`], the configuration check's reading).
 pub fn pin_source(cfg: &Config, p: &Pkcs11BackendConfig) -> PathBuf {
-    if p.pin_file.is_absolute() {
-        return p.pin_file.clone();
-    }
-    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-        return Path::new(&dir).join(&p.pin_file);
-    }
-    credentials_dir(cfg).join(PIN_CREDENTIAL)
-}
-
-/// `<config dir>/credentials`.
-pub fn credentials_dir(cfg: &Config) -> PathBuf {
-    let file = std::path::absolute(&cfg.file).unwrap_or_else(|_| cfg.file.clone());
-    file.parent().unwrap_or(Path::new("/")).join("credentials")
+    crate::doctor::resolve_pin_for(cfg, &p.pin_file)
+        .path()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| crate::doctor::layout_credential_source(cfg))
 }
 
 /// `[hsm]` with `pin_file` replaced by [`pin_source`]: what a tool outside
@@ -306,13 +300,6 @@ pub fn give_tokens_to(cfg: &Config, owner: DaemonUser) -> Result<(), SetupError>
         chown_tree(&tokens, owner)?;
     }
     Ok(())
-}
-
-fn cryptoki_err(op: &'static str) -> impl FnOnce(cryptoki::error::Error) -> HsmError {
-    move |e| HsmError::Device {
-        op,
-        detail: e.to_string(),
-    }
 }
 
 /// SoftHSM2: configuration, token directory, PINs, token.
@@ -542,20 +529,6 @@ fn audit_key(cfg: &Config, steps: &mut Steps) -> Result<(HsmKey, String), SetupE
     Ok((key, vkey))
 }
 
-/// A random PIN of 48 hex digits (192 bits).
-fn random_pin() -> Zeroizing<String> {
-    let mut bytes = Zeroizing::new([0u8; 24]);
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes[..]);
-    Zeroizing::new(hex::encode(&bytes[..]))
-}
-
-fn read_pin_or(path: &Path, missing: impl FnOnce() -> String) -> Result<SecretString, SetupError> {
-    if std::fs::symlink_metadata(path).is_err() {
-        return Err(SetupError::Token(missing()));
-    }
-    crate::secret_file::read_secret_file(path, 4096).map_err(|e| SetupError::Token(e.to_string()))
-}
-
 /// The PIN in `path`, or a new random one saved there first.
 fn ensure_pin(path: &Path, steps: &mut Steps, what: &str) -> Result<SecretString, SetupError> {
     if std::fs::symlink_metadata(path).is_ok() {
@@ -568,147 +541,6 @@ fn ensure_pin(path: &Path, steps: &mut Steps, what: &str) -> Result<SecretString
     write_credential(path, pin.as_bytes())?;
     steps.done(format!("wrote a random {what} to {}", path.display()));
     Ok(SecretString::from(pin.as_str().to_owned()))
-}
-
-fn init_user_pin(
-    ctx: &cryptoki::context::Pkcs11,
-    slot: cryptoki::slot::Slot,
-    so: &SecretString,
-    user: &SecretString,
-) -> Result<(), SetupError> {
-    let session = ctx
-        .open_rw_session(slot)
-        .map_err(cryptoki_err("C_OpenSession"))?;
-    session
-        .login(UserType::So, Some(so))
-        .map_err(cryptoki_err("C_Login(SO)"))?;
-    session.init_pin(user).map_err(cryptoki_err("C_InitPIN"))?;
-    session.logout().map_err(cryptoki_err("C_Logout"))?;
-    Ok(())
-}
-
-/// Logs in as the user with `pin` and out again.
-fn login_check(
-    ctx: &cryptoki::context::Pkcs11,
-    slot: cryptoki::slot::Slot,
-    label: &str,
-    pin: &SecretString,
-) -> Result<(), SetupError> {
-    let session = ctx
-        .open_ro_session(slot)
-        .map_err(cryptoki_err("C_OpenSession"))?;
-    match session.login(UserType::User, Some(pin)) {
-        Ok(()) => {}
-        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => {
-            return Err(HsmError::Login {
-                token: label.to_owned(),
-                detail: e.to_string(),
-            }
-            .into());
-        }
-    }
-    let _ = session.logout();
-    Ok(())
-}
-
-/// Writes the PIN credential `path`: the directory is created 0700, the
-/// file 0400, both owned by this process's user (root in the package).
-fn write_credential(path: &Path, content: &[u8]) -> Result<(), SetupError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        make_dirs(dir, 0o700, None)?;
-    } else {
-        let mode = std::fs::metadata(dir)
-            .map_err(io(format!("cannot read {}", dir.display())))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io(format!("cannot chmod {}", dir.display())))?;
-        }
-    }
-    write_atomic(path, 0o400, content)
-}
-
-/// Writes `path` whole or not at all: a new temporary file beside it
-/// (`mode`, synced), renamed over it, the directory synced.
-pub fn write_atomic(path: &Path, mode: u32, content: &[u8]) -> Result<(), SetupError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let what = format!("cannot write {}", path.display());
-    let _ = std::fs::remove_file(&tmp);
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask may have narrowed `mode`; set it as asked.
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(content)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written.map_err(io(what))
-}
-
-/// Creates `dir` and its missing parents with `mode`, owned by `owner`
-/// when given.
-fn make_dirs(dir: &Path, mode: u32, owner: Option<DaemonUser>) -> Result<(), SetupError> {
-    let mut missing = Vec::new();
-    let mut d = Some(dir);
-    while let Some(p) = d {
-        if p.exists() {
-            break;
-        }
-        missing.push(p.to_path_buf());
-        d = p.parent();
-    }
-    for p in missing.iter().rev() {
-        std::fs::DirBuilder::new()
-            .mode(mode)
-            .create(p)
-            .map_err(io(format!("cannot create {}", p.display())))?;
-        if let Some(o) = owner {
-            nix::unistd::chown(p, Some(o.uid), Some(o.gid))
-                .map_err(nix_io(format!("cannot chown {}", p.display())))?;
-        }
-    }
-    Ok(())
-}
-
-/// Gives `dir` and everything in it to `owner` (SoftHSM2 wrote the token
-/// files as root).
-pub fn chown_tree(dir: &Path, owner: DaemonUser) -> Result<(), SetupError> {
-    nix::unistd::chown(dir, Some(owner.uid), Some(owner.gid))
-        .map_err(nix_io(format!("cannot chown {}", dir.display())))?;
-    let entries = std::fs::read_dir(dir).map_err(io(format!("cannot read {}", dir.display())))?;
-    for entry in entries {
-        let entry = entry.map_err(io(format!("cannot read {}", dir.display())))?;
-        let path = entry.path();
-        let ft = entry
-            .file_type()
-            .map_err(io(format!("cannot stat {}", path.display())))?;
-        if ft.is_symlink() {
-            continue;
-        }
-        if ft.is_dir() {
-            chown_tree(&path, owner)?;
-        } else {
-            nix::unistd::chown(&path, Some(owner.uid), Some(owner.gid))
-                .map_err(nix_io(format!("cannot chown {}", path.display())))?;
-        }
-    }
-    Ok(())
 }
 
 /// `keyward key create NAME` while keywardd is not running: the key is
@@ -729,16 +561,8 @@ pub fn create_key_offline(cfg: &Config, name: &str) -> Result<HsmKey, SetupError
     Ok(key)
 }
 
-/// Where the configuration check runs after set-up. The `doctor` branch
-/// builds the check (`keywardd --check-config`, `keyward doctor`); until
-/// it is merged this is the one call point, and it checks what set-up
-/// itself can: that the configuration loads and the HSM opens with the
-/// PIN as keywardd will read it.
-pub fn run_config_check(cfg: &Config) -> Result<Vec<String>, SetupError> {
-    let hsm = crate::hsm::open(&offline_hsm_config(cfg)?)?;
-    hsm.health()?;
-    Ok(vec![format!(
-        "the HSM opens with the PIN credential and answers (token {:?})",
-        cfg.hsm.device_label()
-    )])
+/// The configuration check after set-up: [`crate::doctor::check`], what
+/// `keyward doctor` and `keywardd --check-config` run.
+pub fn run_config_check(cfg: &Config) -> crate::doctor::Report {
+    crate::doctor::check(&cfg.file)
 }

@@ -95,6 +95,11 @@ enum Command {
         /// Directory to write the pages into.
         dir: PathBuf,
     },
+    /// Check this instance as `keywardd --check-config` does: files' owners
+    /// and modes, the HSM token, PIN and keys, the ledger (read-only) and
+    /// the mirror's files; every finding with its fix. Exit 0 when keywardd
+    /// would start, 1 otherwise. Safe beside a running daemon.
+    Doctor,
 }
 
 /// A failure with the exit status it maps to.
@@ -139,6 +144,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .with_context(|| format!("cannot write the manual page into {}", dir.display()))?;
             Ok(())
         }
+        Command::Doctor => match keyward::doctor::run_cli(config) {
+            0 => Ok(()),
+            code => Err(Failure(
+                code,
+                anyhow!("keywardd would refuse to start with {}", config.display()),
+            )),
+        },
     }
 }
 

@@ -17,9 +17,13 @@ pub(crate) fn run(config: &Path) -> Result<(), Failure> {
             anyhow!("{} has no [mirror] section", config.display()),
         ));
     }
+    // The filter is applied by the mirror once its start-up is done.
+    let filter = keyward::harden::seccomp::Filter::compiled(keyward::harden::seccomp::Role::Mirror)
+        .map_err(|e| Failure(1, anyhow!("{e}")))?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     ctrl_stop(std::sync::Arc::clone(&stop))?;
-    keyward::mirror::run(&cfg, &stop).map_err(|e| Failure(1, anyhow!("mirror stopped: {e}")))
+    keyward::mirror::run_locked(&cfg, &stop, Some(&filter))
+        .map_err(|e| Failure(1, anyhow!("mirror stopped: {e}")))
 }
 
 /// Sets `flag` on SIGTERM or SIGINT (a small thread waiting on a signal set).

@@ -49,17 +49,42 @@ pub(crate) fn run(config: &Path, args: SetupArgs) -> Result<(), Failure> {
     let report = keyward::tools::setup::setup(&cfg, target)?;
     print_report(&report);
     println!();
-    println!("Configuration check:");
-    for finding in keyward::tools::setup::run_config_check(&cfg)? {
-        println!("  ok: {finding}");
-    }
+    println!("Configuration check (as `keyward doctor`):");
+    let check = keyward::tools::setup::run_config_check(&cfg);
+    print!("{check}");
     println!();
+    // Keys the policy names are made next (`keyward key create`); anything
+    // else wrong stops here.
+    let missing: Vec<&str> = check
+        .findings
+        .iter()
+        .filter(|f| f.code == keyward::doctor::Code::KeyMissing)
+        .map(|f| f.fix.as_str())
+        .collect();
+    let blocking = check.findings.iter().any(|f| {
+        f.severity == keyward::doctor::Severity::Error
+            && f.code != keyward::doctor::Code::KeyMissing
+    });
+    if blocking {
+        return Err(Failure(
+            1,
+            anyhow!(
+                "the HSM is set up, but keywardd would refuse to start with {}: fix what is listed above, then run `keyward doctor`",
+                cfg.file.display()
+            ),
+        ));
+    }
     println!("Next:");
-    println!(
-        "  keyward key create NAME          # a signing key; name it in {}",
-        cfg.daemon.policy.display()
-    );
-    println!("  systemctl restart keywardd       # then `keyward key list`");
+    for fix in &missing {
+        println!("  {fix}");
+    }
+    if missing.is_empty() {
+        println!(
+            "  keyward key create NAME       # a signing key; name it in {}",
+            cfg.daemon.policy.display()
+        );
+    }
+    println!("  systemctl restart keywardd    # then `keyward key list`");
     Ok(())
 }
 

@@ -73,6 +73,9 @@ pub(super) struct Counters {
     pub(super) running: AtomicUsize,
     pub(super) waiting_for_room: AtomicUsize,
     pub(super) max_queued: AtomicUsize,
+    /// Calls the workers have finished (answered or not in time): the
+    /// progress the watchdog looks for.
+    pub(super) finished: std::sync::atomic::AtomicU64,
 }
 
 impl Counters {

@@ -170,3 +170,35 @@ async fn backend_failures_are_answered_and_counted() {
     assert_eq!(exec.stats().op(HsmOp::StoreData).completed, 1);
     assert_eq!(mock.load_data("mark").unwrap(), vec![b"1".to_vec()]);
 }
+
+/// The process exits only after the executor is gone; a worker still
+/// inside the module (or finalizing it) while the module's exit-time
+/// destructors run crashed keywardd on refusals to start. Dropping the
+/// executor therefore waits for the call in hand and for the workers to
+/// release the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_executor_waits_for_the_call_in_hand_and_releases_the_backend() {
+    let (mock, exec, key) = setup(1, settings(4, 0, 60_000));
+    mock.close_gate(HsmOp::Sign);
+    let call = sign(&exec, &key);
+    wait_until("one held", || mock.held(HsmOp::Sign) == 1).await;
+    // The caller gives up; the worker is still inside the backend.
+    call.abort();
+    let _ = call.await;
+    assert_eq!(Arc::strong_count(&exec), 1, "only this test holds it");
+    assert_eq!(Arc::strong_count(&mock), 2, "this test and the worker");
+    let dropper = std::thread::spawn(move || drop(exec));
+    // A drop that does not wait returns at once: give it the chance.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !dropper.is_finished(),
+        "the drop returned while a worker was still inside the backend"
+    );
+    mock.open_gate(HsmOp::Sign);
+    dropper.join().unwrap();
+    assert_eq!(
+        Arc::strong_count(&mock),
+        1,
+        "the worker released the backend before the drop returned"
+    );
+}
