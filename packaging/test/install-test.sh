@@ -145,7 +145,7 @@ done
 groups_of() { in_root id -nG "$1" | tr ' ' '\n' | sort | tr '\n' ' '; }
 [ "$(groups_of keyward)" = "keyward keyward-admin keyward-agents " ] ||
 	fail "keyward's groups: $(groups_of keyward)"
-[ "$(groups_of keyward-mirror)" = "keyward keyward-ledger keyward-mirror " ] ||
+[ "$(groups_of keyward-mirror)" = "keyward-ledger keyward-mirror " ] ||
 	fail "keyward-mirror's groups: $(groups_of keyward-mirror)"
 for u in keyward keyward-mirror; do
 	uid=$(in_root id -u "$u")
@@ -160,6 +160,8 @@ for f in /etc/keyward/keyward.toml /etc/keyward/policy.toml; do
 done
 
 step "keywardd refuses to start before set-up"
+# The unit's RuntimeDirectory=, so that what is refused is the missing set-up.
+in_root install -d -o keyward -g keyward -m 0751 /run/keyward
 if out=$(in_root setpriv --reuid=keyward --regid=keyward --init-groups \
 	env CREDENTIALS_DIRECTORY=/nonexistent keywardd --config /etc/keyward/keyward.toml 2>&1); then
 	fail "keywardd started without a token or PIN: $out"
@@ -214,7 +216,8 @@ done
 expect /run/keyward/agent.sock keyward:keyward-agents 660
 expect /run/keyward/admin.sock keyward:keyward-admin 660
 expect /var/lib/keyward/ledger.sqlite3 keyward:keyward-ledger 640
-in_root keyward key list | grep -q hot || fail "keyward key list does not show hot"
+keys=$(in_root keyward key list) || fail "keyward key list: $keys"
+grep -q hot <<<"$keys" || fail "keyward key list does not show hot: $keys"
 
 # A minimal HTTP/1.1 client over the agent socket (perl-base is in every
 # Debian root); prints the answer, or "connect failed: <reason>".
@@ -239,10 +242,15 @@ answer=$(in_root runuser -u outsider -- perl /tmp/http.pl /run/keyward/agent.soc
 grep -q '^connect failed: Permission denied' <<<"$answer" || fail "outsider was not refused: $answer"
 
 step "keyward mirror as user keyward-mirror ships to its file"
+# What systemd does for the unit: keyward.toml handed over as a credential
+# (the mirror's user cannot read /etc/keyward), UMask=0027.
+in_root install -d -o keyward-mirror -g keyward-mirror -m 0500 /run/credentials/keyward-mirror.service
+in_root install -o keyward-mirror -g keyward-mirror -m 0400 /etc/keyward/keyward.toml \
+	/run/credentials/keyward-mirror.service/keyward.toml
 chroot "$root" setpriv --reuid=keyward-mirror --regid=keyward-mirror --init-groups \
 	--inh-caps=-all --bounding-set=-all --no-new-privs \
-	env -i PATH=/usr/bin:/bin \
-	sh -c 'umask 0027; exec keyward --config /etc/keyward/keyward.toml mirror' \
+	env -i PATH=/usr/bin:/bin CREDENTIALS_DIRECTORY=/run/credentials/keyward-mirror.service \
+	sh -c 'umask 0027; exec keyward --config "$CREDENTIALS_DIRECTORY/keyward.toml" mirror' \
 	>"$root/tmp/mirror.log" 2>&1 &
 mirror_pid=$!
 pids+=("$mirror_pid")
