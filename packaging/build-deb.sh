@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keyward/target}"
 export PATH="$HOME/.cargo/bin:$PATH"
+if ! cargo deb --version >/dev/null 2>&1; then
+	echo "build-deb: installing cargo-deb (cargo install --locked)" >&2
+	cargo install --locked --quiet cargo-deb --version 3.8.0 >&2
+fi
 # The features a release build of the package resolves: none (test-hooks
 # and mock-hsm are turned on only by the dev-dependency on itself).
 features=$(cargo tree --locked -e normal -p keyward --depth 0 -f '{f}' 2>/dev/null)

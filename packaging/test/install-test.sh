@@ -20,6 +20,16 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 started=$(date +%s)
+# What this test needs beyond the suite's own dependencies, installed when
+# missing (a bare Debian 12 machine has none of them).
+tools=()
+command -v debootstrap >/dev/null 2>&1 || tools+=(debootstrap)
+command -v lintian >/dev/null 2>&1 || tools+=(lintian)
+if ((${#tools[@]})); then
+	echo "install-test: installing ${tools[*]}"
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${tools[@]}" >/dev/null
+fi
 STEP="start"
 step() {
 	STEP=$1

@@ -27,6 +27,20 @@ pub struct DevToken {
     pub token_dir: PathBuf,
 }
 
+/// SoftHSM2's configuration file for keyward: file object store, tokens in
+/// `token_dir`, errors only in the log; `what` names the instance in its
+/// first line.
+pub fn conf_text(what: &str, token_dir: &Path) -> String {
+    format!(
+        "# SoftHSM2 configuration of {what}.\n\
+         directories.tokendir = {}\n\
+         objectstore.backend = file\n\
+         log.level = ERROR\n\
+         slots.removable = false\n",
+        token_dir.display()
+    )
+}
+
 /// Path of the SoftHSM2 configuration of a token provisioned in `dir`.
 pub fn conf_path(dir: &Path) -> PathBuf {
     dir.join("softhsm2.conf")
@@ -69,14 +83,7 @@ pub fn provision_dev_token(dir: &Path, module: &Path, label: &str) -> Result<Dev
         .mode(0o700)
         .create(&token_dir)
         .map_err(io(format!("cannot create {}", token_dir.display())))?;
-    let conf = format!(
-        "# SoftHSM2 configuration of a keyward development instance.\n\
-         directories.tokendir = {}\n\
-         objectstore.backend = file\n\
-         log.level = ERROR\n\
-         slots.removable = false\n",
-        token_dir.display()
-    );
+    let conf = conf_text("a keyward development instance", &token_dir);
     write_new(&conf_file, 0o600, conf.as_bytes())?;
 
     let ctx = context(module)?;

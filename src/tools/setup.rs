@@ -343,13 +343,9 @@ fn softhsm(
         tokens
     } else {
         let tokens = cfg.daemon.state_dir.join("softhsm").join("tokens");
-        let text = format!(
-            "# SoftHSM2 configuration of keyward (written by `keyward setup --softhsm`).\n\
-             directories.tokendir = {}\n\
-             objectstore.backend = file\n\
-             log.level = ERROR\n\
-             slots.removable = false\n",
-            tokens.display()
+        let text = crate::hsm::softhsm::conf_text(
+            "keyward (written by `keyward setup --softhsm`)",
+            &tokens,
         );
         // root:keyward 0640 in the package: the daemon reads it, only root
         // changes it.
