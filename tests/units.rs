@@ -868,8 +868,14 @@ impl Daemon {
         }
     }
 
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig).unwrap();
+    fn signal(&mut self, sig: nix::sys::signal::Signal) {
+        if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig) {
+            let status = self.child.try_wait().ok().flatten();
+            panic!(
+                "cannot send {sig} to keywardd ({e}); it is gone (exit {status:?}): {}",
+                self.log()
+            );
+        }
     }
 
     fn stop(&mut self) {
