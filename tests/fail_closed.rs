@@ -34,18 +34,9 @@ fn spent(inst: &Instance) -> u64 {
 #[test]
 fn entries_older_than_the_mirror_age_limit_stop_signing_until_the_mirror_catches_up() {
     let mut inst = Instance::init();
-    let copy = inst.dir.path().join("copy").join("ledger.jsonl");
-    let ack_dir = inst.inst_dir().join("state").join("mirror");
-    let cfg = std::fs::read_to_string(&inst.config).unwrap();
     // The entry limit is far away: only the age stops signing.
-    std::fs::write(
-        &inst.config,
-        format!(
-            "{cfg}\n[mirror]\nfile = \"{}\"\nmax_unmirrored_entries = 100000\nmax_unmirrored_age_s = 1\n",
-            copy.display()
-        ),
-    )
-    .unwrap();
+    let (_copy, ack_dir) =
+        inst.with_file_mirror("max_unmirrored_entries = 100000\nmax_unmirrored_age_s = 1\n");
     inst.start();
 
     // No mirror runs: once the oldest entry (the start's) is older than

@@ -40,17 +40,8 @@ fn submit(inst: &Instance, id: &str) -> Result<IntentOutcome, ClientError> {
 #[test]
 fn mirror_lag_fails_closed_and_the_copy_is_exact() {
     let mut inst = Instance::init();
-    let copy = inst.dir.path().join("copy").join("ledger.jsonl");
-    let ack_dir = inst.inst_dir().join("state").join("mirror");
-    let cfg = std::fs::read_to_string(&inst.config).unwrap();
-    std::fs::write(
-        &inst.config,
-        format!(
-            "{cfg}\n[mirror]\nfile = \"{}\"\nmax_unmirrored_entries = 12\nmax_unmirrored_age_s = 3600\n",
-            copy.display()
-        ),
-    )
-    .unwrap();
+    let (copy, ack_dir) =
+        inst.with_file_mirror("max_unmirrored_entries = 12\nmax_unmirrored_age_s = 3600\n");
     inst.start();
 
     // No mirror running: signing goes on while at most 12 entries wait

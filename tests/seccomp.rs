@@ -263,14 +263,7 @@ fn a_valid_extension_is_merged_and_the_daemon_serves() {
 #[test]
 fn the_mirror_runs_filtered_and_ships_under_its_filter() {
     let mut inst = Instance::init();
-    let copy = inst.dir.path().join("copy").join("ledger.jsonl");
-    let ack_dir = inst.inst_dir().join("state").join("mirror");
-    let cfg = std::fs::read_to_string(&inst.config).unwrap();
-    std::fs::write(
-        &inst.config,
-        format!("{cfg}\n[mirror]\nfile = \"{}\"\n", copy.display()),
-    )
-    .unwrap();
+    let (_copy, ack_dir) = inst.with_file_mirror("");
     inst.start();
     let mut mirror = start_mirror(&inst);
     wait_until("the mirror's first ack", Duration::from_secs(20), || {

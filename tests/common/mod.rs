@@ -143,6 +143,21 @@ impl Instance {
         self.config.parent().unwrap()
     }
 
+    /// Appends a `[mirror]` section with a file sink (and the `extra`
+    /// lines) to the configuration; returns the copy's path and the
+    /// acknowledgement directory.
+    pub fn with_file_mirror(&self, extra: &str) -> (PathBuf, PathBuf) {
+        let copy = self.dir.path().join("copy").join("ledger.jsonl");
+        let ack_dir = self.inst_dir().join("state").join("mirror");
+        let cfg = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(
+            &self.config,
+            format!("{cfg}\n[mirror]\nfile = \"{}\"\n{extra}", copy.display()),
+        )
+        .unwrap();
+        (copy, ack_dir)
+    }
+
     /// Path of the daemon log of the n-th start.
     pub fn log_path(&self, n: usize) -> PathBuf {
         self.dir.path().join(format!("keywardd-{n}.log"))
