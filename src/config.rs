@@ -286,6 +286,99 @@ pub struct HsmConfig {
 pub enum HsmBackendConfig {
     /// `backend = "pkcs11"` (the default): any PKCS#11 module.
     Pkcs11(Pkcs11BackendConfig),
+    /// `backend = "yubihsm"`: a YubiHSM 2 over its native protocol.
+    YubiHsm(YubiHsmBackendConfig),
+}
+
+/// The settings of `backend = "yubihsm"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct YubiHsmBackendConfig {
+    /// How the device is reached (`hsm.connector`).
+    pub connector: YubiHsmConnector,
+    /// File holding `AUTH_KEY_ID:PASSWORD` of the signer's authentication
+    /// key (`hsm.credential_file`); a relative path is looked up in
+    /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`), like `pin_file`.
+    pub credential_file: PathBuf,
+    /// The domains (1-16) of the objects keyward creates (`hsm.domains`,
+    /// default `[1]`); they must be among the authentication key's.
+    pub domains: Vec<u8>,
+    /// Whether new Ed25519 keys may be exported under a wrap key, for
+    /// backups (`hsm.exportable_under_wrap`, default false). When false,
+    /// keyward also refuses keys that could be.
+    pub exportable_under_wrap: bool,
+    /// Timeout of one exchange with the device or connector, in ms
+    /// (`hsm.timeout_ms`, default 10000).
+    pub timeout_ms: u64,
+}
+
+/// Where a YubiHSM 2 is (`hsm.connector`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum YubiHsmConnector {
+    /// `"http://ADDR:PORT"`: a `yubihsm-connector` (normally on
+    /// 127.0.0.1:12345).
+    Http {
+        /// Host address (an IP address).
+        addr: String,
+        /// TCP port.
+        port: u16,
+    },
+    /// `"usb"` or `"usb:SERIAL"`: the device on USB, directly.
+    Usb {
+        /// The device's serial number (10 digits), when more than one may
+        /// be attached.
+        serial: Option<String>,
+    },
+}
+
+/// Default `hsm.timeout_ms` of the YubiHSM backend.
+pub const DEFAULT_YUBIHSM_TIMEOUT_MS: u64 = 10_000;
+
+impl YubiHsmConnector {
+    /// Parses `hsm.connector`.
+    pub fn parse(s: &str) -> Result<YubiHsmConnector, String> {
+        if s == "usb" {
+            return Ok(YubiHsmConnector::Usb { serial: None });
+        }
+        if let Some(serial) = s.strip_prefix("usb:") {
+            if serial.len() != 10 || !serial.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!(
+                    "{s:?}: a YubiHSM serial number is 10 digits (\"usb:0123456789\")"
+                ));
+            }
+            return Ok(YubiHsmConnector::Usb {
+                serial: Some(serial.to_owned()),
+            });
+        }
+        let Some(rest) = s.strip_prefix("http://") else {
+            return Err(format!(
+                "{s:?}: expected \"http://ADDR:PORT\" (a yubihsm-connector), \"usb\" or \"usb:SERIAL\""
+            ));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let addr: std::net::SocketAddr = rest.parse().map_err(|_| {
+            format!("{s:?}: expected \"http://IP:PORT\" with an IP address and a port")
+        })?;
+        if addr.port() == 0 {
+            return Err(format!("{s:?}: port 0 is not a connector's port"));
+        }
+        Ok(YubiHsmConnector::Http {
+            addr: addr.ip().to_string(),
+            port: addr.port(),
+        })
+    }
+}
+
+impl std::fmt::Display for YubiHsmConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            YubiHsmConnector::Http { addr, port } if addr.contains(':') => {
+                write!(f, "http://[{addr}]:{port}")
+            }
+            YubiHsmConnector::Http { addr, port } => write!(f, "http://{addr}:{port}"),
+            YubiHsmConnector::Usb { serial: None } => f.write_str("usb"),
+            YubiHsmConnector::Usb { serial: Some(s) } => write!(f, "usb:{s}"),
+        }
+    }
 }
 
 /// The settings of `backend = "pkcs11"`.
@@ -308,6 +401,7 @@ impl HsmConfig {
     pub fn backend_name(&self) -> &'static str {
         match &self.backend {
             HsmBackendConfig::Pkcs11(_) => "pkcs11",
+            HsmBackendConfig::YubiHsm(_) => "yubihsm",
         }
     }
 
@@ -316,6 +410,7 @@ impl HsmConfig {
     pub fn device_label(&self) -> &str {
         match &self.backend {
             HsmBackendConfig::Pkcs11(p) => &p.token_label,
+            HsmBackendConfig::YubiHsm(_) => "yubihsm",
         }
     }
 
@@ -323,6 +418,15 @@ impl HsmConfig {
     pub fn pkcs11(&self) -> Option<&Pkcs11BackendConfig> {
         match &self.backend {
             HsmBackendConfig::Pkcs11(p) => Some(p),
+            HsmBackendConfig::YubiHsm(_) => None,
+        }
+    }
+
+    /// The YubiHSM settings, when that is the backend.
+    pub fn yubihsm(&self) -> Option<&YubiHsmBackendConfig> {
+        match &self.backend {
+            HsmBackendConfig::YubiHsm(y) => Some(y),
+            HsmBackendConfig::Pkcs11(_) => None,
         }
     }
 }
@@ -352,6 +456,16 @@ struct RawHsm {
     #[serde(default)]
     max_sessions: Option<usize>,
     #[serde(default)]
+    connector: Option<String>,
+    #[serde(default)]
+    credential_file: Option<PathBuf>,
+    #[serde(default)]
+    domains: Option<Vec<u8>>,
+    #[serde(default)]
+    exportable_under_wrap: Option<bool>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
     env: BTreeMap<String, String>,
     #[serde(default)]
     queue_depth: Option<usize>,
@@ -371,7 +485,33 @@ impl RawHsm {
     ) -> Result<HsmConfig, ConfigError> {
         let err =
             |key: &str, problem: String| ConfigError::new(file, format!("hsm.{key}"), problem);
-        let backend = match self.backend.as_deref().unwrap_or("pkcs11") {
+        let backend_name = self.backend.as_deref().unwrap_or("pkcs11");
+        // A key of the other backend is a mistake worth a clear refusal.
+        let pkcs11_keys = [
+            ("module", self.module.is_some()),
+            ("token_label", self.token_label.is_some()),
+            ("pin_file", self.pin_file.is_some()),
+            ("max_sessions", self.max_sessions.is_some()),
+        ];
+        let yubihsm_keys = [
+            ("connector", self.connector.is_some()),
+            ("credential_file", self.credential_file.is_some()),
+            ("domains", self.domains.is_some()),
+            ("exportable_under_wrap", self.exportable_under_wrap.is_some()),
+            ("timeout_ms", self.timeout_ms.is_some()),
+        ];
+        let foreign = match backend_name {
+            "pkcs11" => &yubihsm_keys[..],
+            "yubihsm" => &pkcs11_keys[..],
+            _ => &[][..],
+        };
+        if let Some((key, _)) = foreign.iter().find(|(_, set)| *set) {
+            return Err(err(
+                key,
+                format!("is not a setting of backend {backend_name:?}"),
+            ));
+        }
+        let backend = match backend_name {
             "pkcs11" => {
                 let need = |key: &str, what: &str| {
                     err(key, format!("missing: backend \"pkcs11\" needs {what}"))
@@ -402,15 +542,53 @@ impl RawHsm {
                 })
             }
             "yubihsm" => {
-                return Err(err(
-                    "backend",
-                    "\"yubihsm\" is not implemented in this version; use \"pkcs11\"".into(),
-                ));
+                let need = |key: &str, what: &str| {
+                    err(key, format!("missing: backend \"yubihsm\" needs {what}"))
+                };
+                let connector = self.connector.ok_or_else(|| {
+                    need(
+                        "connector",
+                        "the device's connector (\"http://127.0.0.1:12345\" or \"usb\")",
+                    )
+                })?;
+                let connector =
+                    YubiHsmConnector::parse(&connector).map_err(|e| err("connector", e))?;
+                let credential_file = self.credential_file.ok_or_else(|| {
+                    need(
+                        "credential_file",
+                        "the file holding the authentication key id and password",
+                    )
+                })?;
+                let mut domains = self.domains.unwrap_or_else(|| vec![1]);
+                domains.sort_unstable();
+                domains.dedup();
+                if domains.is_empty() || domains.iter().any(|d| !(1..=16).contains(d)) {
+                    return Err(err(
+                        "domains",
+                        "must list domains between 1 and 16 (at least one)".into(),
+                    ));
+                }
+                let timeout_ms = self.timeout_ms.unwrap_or(DEFAULT_YUBIHSM_TIMEOUT_MS);
+                if !(100..=600_000).contains(&timeout_ms) {
+                    return Err(err(
+                        "timeout_ms",
+                        "must be between 100 and 600000 (ten minutes)".into(),
+                    ));
+                }
+                HsmBackendConfig::YubiHsm(YubiHsmBackendConfig {
+                    connector,
+                    credential_file,
+                    domains,
+                    exportable_under_wrap: self.exportable_under_wrap.unwrap_or(false),
+                    timeout_ms,
+                })
             }
             other => {
                 return Err(err(
                     "backend",
-                    format!("unknown backend {other:?}; this version supports \"pkcs11\""),
+                    format!(
+                        "unknown backend {other:?}; this version supports \"pkcs11\" and \"yubihsm\""
+                    ),
                 ));
             }
         };
@@ -875,7 +1053,7 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
     }
 
     #[test]
-    fn hsm_backend_defaults_to_pkcs11_and_yubihsm_is_refused_by_name() {
+    fn hsm_backend_defaults_to_pkcs11_and_refuses_the_other_backends_keys() {
         let explicit = Config::parse(Path::new("/etc/kw/k.toml"), GOOD).unwrap();
         let implicit = Config::parse(
             Path::new("/etc/kw/k.toml"),
@@ -889,14 +1067,16 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
         assert_eq!(p.module, Path::new("/usr/lib/softhsm/libsofthsm2.so"));
         assert_eq!(p.max_sessions, None);
         assert_eq!(explicit.hsm.env.len(), 1);
+        assert!(explicit.hsm.yubihsm().is_none());
 
+        // pkcs11 settings under backend "yubihsm": refused by key.
         let err = Config::parse(
             Path::new("k.toml"),
             &GOOD.replace("\"pkcs11\"", "\"yubihsm\""),
         )
         .unwrap_err();
-        assert_eq!(err.key, "hsm.backend");
-        assert!(err.problem.contains("not implemented"), "{err}");
+        assert_eq!(err.key, "hsm.module");
+        assert!(err.problem.contains("not a setting of backend"), "{err}");
         let err = Config::parse(
             Path::new("k.toml"),
             &GOOD.replace("module = \"/usr/lib/softhsm/libsofthsm2.so\"\n", ""),
@@ -904,6 +1084,93 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
         .unwrap_err();
         assert_eq!(err.key, "hsm.module");
         assert!(err.to_string().contains("pkcs11"), "{err}");
+        let err = Config::parse(
+            Path::new("k.toml"),
+            &format!("{GOOD}connector = \"usb\"\n"),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "hsm.connector");
+        let err = Config::parse(
+            Path::new("k.toml"),
+            &GOOD.replace("\"pkcs11\"", "\"cloudhsm\""),
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "hsm.backend");
+        assert!(err.problem.contains("\"yubihsm\""), "{err}");
+    }
+
+    /// `GOOD` with its `[hsm]` section replaced by `hsm`.
+    fn with_hsm(hsm: &str) -> String {
+        let start = GOOD.find("[hsm]").unwrap();
+        let end = GOOD[start + 1..]
+            .find("\n[")
+            .map_or(GOOD.len(), |i| start + 1 + i + 1);
+        format!("{}{hsm}\n{}", &GOOD[..start], &GOOD[end..])
+    }
+
+    #[test]
+    fn yubihsm_backend_parses_its_connector_credentials_and_domains() {
+        let cfg = Config::parse(
+            Path::new("/etc/kw/k.toml"),
+            &with_hsm(
+                "[hsm]\nbackend = \"yubihsm\"\nconnector = \"http://127.0.0.1:12345\"\ncredential_file = \"yubihsm-auth\"\n",
+            ),
+        )
+        .unwrap();
+        assert_eq!(cfg.hsm.backend_name(), "yubihsm");
+        let y = cfg.hsm.yubihsm().unwrap();
+        assert_eq!(
+            y.connector,
+            YubiHsmConnector::Http {
+                addr: "127.0.0.1".into(),
+                port: 12345
+            }
+        );
+        assert_eq!(y.connector.to_string(), "http://127.0.0.1:12345");
+        assert_eq!(y.credential_file, Path::new("yubihsm-auth"));
+        assert_eq!(y.domains, vec![1]);
+        assert!(!y.exportable_under_wrap);
+        assert_eq!(y.timeout_ms, DEFAULT_YUBIHSM_TIMEOUT_MS);
+        assert!(cfg.hsm.pkcs11().is_none());
+
+        let cfg = Config::parse(
+            Path::new("k.toml"),
+            &with_hsm(
+                "[hsm]\nbackend = \"yubihsm\"\nconnector = \"usb:0012345678\"\ncredential_file = \"/etc/kw/auth\"\ndomains = [3, 1, 3]\nexportable_under_wrap = true\ntimeout_ms = 2000\n",
+            ),
+        )
+        .unwrap();
+        let y = cfg.hsm.yubihsm().unwrap();
+        assert_eq!(
+            y.connector,
+            YubiHsmConnector::Usb {
+                serial: Some("0012345678".into())
+            }
+        );
+        assert_eq!(y.domains, vec![1, 3]);
+        assert!(y.exportable_under_wrap);
+        assert_eq!(y.timeout_ms, 2000);
+
+        for (hsm, key) in [
+            ("connector = \"usb\"", "hsm.credential_file"),
+            ("credential_file = \"a\"", "hsm.connector"),
+            ("connector = \"usb:12\"\ncredential_file = \"a\"", "hsm.connector"),
+            ("connector = \"tcp://1.2.3.4:1\"\ncredential_file = \"a\"", "hsm.connector"),
+            ("connector = \"http://localhost:12345\"\ncredential_file = \"a\"", "hsm.connector"),
+            ("connector = \"http://127.0.0.1:0\"\ncredential_file = \"a\"", "hsm.connector"),
+            ("connector = \"usb\"\ncredential_file = \"a\"\ndomains = [0]", "hsm.domains"),
+            ("connector = \"usb\"\ncredential_file = \"a\"\ndomains = [17]", "hsm.domains"),
+            ("connector = \"usb\"\ncredential_file = \"a\"\ndomains = []", "hsm.domains"),
+            ("connector = \"usb\"\ncredential_file = \"a\"\ntimeout_ms = 5", "hsm.timeout_ms"),
+            ("connector = \"usb\"\ncredential_file = \"a\"\npin_file = \"p\"", "hsm.pin_file"),
+        ] {
+            let err = Config::parse(
+                Path::new("k.toml"),
+                &with_hsm(&format!("[hsm]\nbackend = \"yubihsm\"\n{hsm}\n")),
+            )
+            .unwrap_err();
+            assert_eq!(err.key, key, "{hsm}: {err}");
+        }
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //!   (generated PIN) and shares one `Pkcs11Hsm` across its tests; each
 //!   fixture gets its own name prefix so tests never see each other's keys.
 //! - `mock`: the in-memory test backend (`src/hsm/mock.rs`), fresh per test.
+//! - `yubihsm`: the YubiHSM backend (`src/hsm/yubihsm/`) on the yubihsm
+//!   crate's MockHsm, fresh per test (what MockHsm cannot show, such as
+//!   capabilities and domains, is listed in the README as needing
+//!   hardware).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +24,7 @@ use hmac::Mac;
 use keyward::hsm::mock::MockHsm;
 use keyward::hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
 use keyward::hsm::softhsm::{conf_path, provision_dev_token};
+use keyward::hsm::yubihsm::{YubiHsm, YubiHsmSettings};
 use keyward::hsm::{ExecutorSettings, Hsm, HsmError, HsmExecutor, HsmKey, sign_verified};
 use keyward::types::KeyName;
 
@@ -70,6 +75,21 @@ fn mock() -> Box<dyn Fixture> {
     Box::new(Shared {
         prefix: unique_prefix("mock"),
         hsm: Arc::new(MockHsm::new().with_workers(4)),
+    })
+}
+
+/// The YubiHSM backend on a fresh MockHsm (the yubihsm crate's software
+/// YubiHSM 2) for each test, through its factory authentication key.
+fn yubihsm() -> Box<dyn Fixture> {
+    let hsm = YubiHsm::mock(YubiHsmSettings {
+        domains: vec![1],
+        exportable_under_wrap: false,
+        device: "mockhsm".into(),
+    })
+    .unwrap();
+    Box::new(Shared {
+        prefix: unique_prefix("yh"),
+        hsm: Arc::new(hsm),
     })
 }
 
@@ -150,6 +170,43 @@ fn signatures_are_deterministic_and_distinct(f: Box<dyn Fixture>) {
     verify(&a, b"", &hsm.sign_ed25519(&a, b"").unwrap());
     let big = vec![7u8; 1232];
     verify(&a, &big, &hsm.sign_ed25519(&a, &big).unwrap());
+}
+
+/// Names as long as keyward allows (64-byte key names, approver labels of
+/// more than 80 bytes; a YubiHSM label holds 40) work like short ones, and
+/// two long names that share their first 40 bytes stay two keys.
+fn longest_names_work(f: Box<dyn Fixture>) {
+    let hsm = f.hsm();
+    let pad = |base: &str, len: usize| {
+        let head = format!("{}-{base}", f.prefix());
+        format!("{head}{}", "x".repeat(len - head.len()))
+    };
+    let a = KeyName::new(&pad("a", 64)).unwrap();
+    let b = KeyName::new(&format!("{}b", &a.as_str()[..63])).unwrap();
+    assert_eq!(b.as_str().len(), 64);
+    let ka = hsm.generate_ed25519(&a).unwrap();
+    let kb = hsm.generate_ed25519(&b).unwrap();
+    assert_ne!(ka.public_key, kb.public_key);
+    assert_eq!(hsm.find_ed25519(&a).unwrap(), ka);
+    assert_eq!(hsm.find_ed25519(&b).unwrap(), kb);
+    verify(&kb, b"long", &hsm.sign_ed25519(&kb, b"long").unwrap());
+    let listed = hsm.list_ed25519().unwrap();
+    assert!(listed.contains(&ka) && listed.contains(&kb), "{listed:?}");
+    assert_eq!(
+        hsm.generate_ed25519(&a).unwrap_err().code(),
+        "key_exists"
+    );
+
+    let label = format!("keyward-approver:{}", pad("approver", 64));
+    hsm.import_hmac_key(&label, &[9u8; 32]).unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&[9u8; 32]).unwrap();
+    mac.update(b"m");
+    mac.verify_slice(&hsm.hmac_sha256(&label, b"m").unwrap())
+        .expect("tag equals software HMAC");
+    assert_eq!(
+        hsm.hmac_sha256(&format!("{label}2"), b"m").unwrap_err().code(),
+        "key_not_found"
+    );
 }
 
 /// Finding a key that does not exist: `key_not_found`.
@@ -343,6 +400,7 @@ macro_rules! contract {
                 signs_and_verifies,
                 signatures_are_deterministic_and_distinct,
                 missing_key_is_key_not_found,
+                longest_names_work,
                 generating_an_existing_name_is_key_exists,
                 lists_generated_keys_sorted,
                 hmac_approver_keys,
@@ -365,3 +423,4 @@ macro_rules! contract {
 
 contract!(pkcs11, super::pkcs11);
 contract!(mock, super::mock);
+contract!(yubihsm, super::yubihsm);

@@ -143,6 +143,11 @@ pub(super) fn check_hsm(cfg: &Config, policy: Option<&Policy>, report: &mut Repo
             // One session is enough to look.
             p.max_sessions = Some(1);
         }
+        HsmBackendConfig::YubiHsm(y) => {
+            if let Some(path) = super::resolve_pin_for(cfg, &y.credential_file).path() {
+                y.credential_file = path.to_path_buf();
+            }
+        }
     }
     let hsm = match crate::hsm::open(&hsm_cfg) {
         Ok(hsm) => hsm,

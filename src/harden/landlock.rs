@@ -93,7 +93,7 @@ fn softhsm_conf(cfg: &Config) -> Option<PathBuf> {
     if let Some(conf) = std::env::var_os("SOFTHSM2_CONF") {
         return Some(PathBuf::from(conf));
     }
-    let crate::config::HsmBackendConfig::Pkcs11(p) = &cfg.hsm.backend;
+    let p = cfg.hsm.pkcs11()?;
     let is_softhsm = p
         .module
         .file_name()

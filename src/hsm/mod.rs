@@ -17,6 +17,7 @@ pub mod mock;
 pub mod pin;
 pub mod pkcs11;
 pub mod softhsm;
+pub mod yubihsm;
 
 use std::sync::Arc;
 
@@ -159,7 +160,6 @@ impl KeyRef {
     }
 
     /// A key addressed by a 16-bit object id.
-    #[cfg_attr(not(feature = "mock-hsm"), allow(dead_code))]
     pub(crate) fn object_id(id: u16) -> KeyRef {
         KeyRef(Repr::ObjectId(id))
     }
@@ -173,7 +173,6 @@ impl KeyRef {
     }
 
     /// The object id, for a backend that addresses keys by id.
-    #[cfg_attr(not(feature = "mock-hsm"), allow(dead_code))]
     pub(crate) fn as_object_id(&self) -> Option<u16> {
         match &self.0 {
             Repr::ObjectId(id) => Some(*id),
@@ -290,6 +289,7 @@ pub fn open(cfg: &HsmConfig) -> Result<Arc<dyn Hsm>, HsmError> {
             })?;
             Ok(Arc::new(hsm))
         }
+        HsmBackendConfig::YubiHsm(y) => Ok(Arc::new(yubihsm::YubiHsm::open(y)?)),
     }
 }
 

@@ -13,6 +13,8 @@ mod approver;
 mod audit;
 mod bench;
 mod breaker;
+#[cfg(feature = "yubihsm-mock")]
+mod hsm;
 mod init;
 mod key;
 mod key_file;
@@ -95,6 +97,12 @@ enum Command {
         /// Directory to write the pages into.
         dir: PathBuf,
     },
+    /// The HSM itself.
+    #[cfg(feature = "yubihsm-mock")]
+    Hsm {
+        #[command(subcommand)]
+        command: hsm::HsmCommand,
+    },
     /// Check this instance as `keywardd --check-config` does: files' owners
     /// and modes, the HSM token, PIN and keys, the ledger (read-only) and
     /// the mirror's files; every finding with its fix. Exit 0 when keywardd
@@ -138,6 +146,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Approval { command } => approval::run(config, command),
         Command::Approve(args) => approve::run(args),
         Command::Bench(args) => bench::run(args),
+        #[cfg(feature = "yubihsm-mock")]
+        Command::Hsm { command } => hsm::run(command),
         Command::WriteManPage { dir } => {
             use clap::CommandFactory;
             keyward::manpage::write(Cli::command().name("keyward"), "1", &dir)
