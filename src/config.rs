@@ -497,7 +497,10 @@ impl RawHsm {
             ("connector", self.connector.is_some()),
             ("credential_file", self.credential_file.is_some()),
             ("domains", self.domains.is_some()),
-            ("exportable_under_wrap", self.exportable_under_wrap.is_some()),
+            (
+                "exportable_under_wrap",
+                self.exportable_under_wrap.is_some(),
+            ),
             ("timeout_ms", self.timeout_ms.is_some()),
         ];
         let foreign = match backend_name {
@@ -1084,11 +1087,8 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
         .unwrap_err();
         assert_eq!(err.key, "hsm.module");
         assert!(err.to_string().contains("pkcs11"), "{err}");
-        let err = Config::parse(
-            Path::new("k.toml"),
-            &format!("{GOOD}connector = \"usb\"\n"),
-        )
-        .unwrap_err();
+        let err = Config::parse(Path::new("k.toml"), &format!("{GOOD}connector = \"usb\"\n"))
+            .unwrap_err();
         assert_eq!(err.key, "hsm.connector");
         let err = Config::parse(
             Path::new("k.toml"),
@@ -1154,15 +1154,42 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
         for (hsm, key) in [
             ("connector = \"usb\"", "hsm.credential_file"),
             ("credential_file = \"a\"", "hsm.connector"),
-            ("connector = \"usb:12\"\ncredential_file = \"a\"", "hsm.connector"),
-            ("connector = \"tcp://1.2.3.4:1\"\ncredential_file = \"a\"", "hsm.connector"),
-            ("connector = \"http://localhost:12345\"\ncredential_file = \"a\"", "hsm.connector"),
-            ("connector = \"http://127.0.0.1:0\"\ncredential_file = \"a\"", "hsm.connector"),
-            ("connector = \"usb\"\ncredential_file = \"a\"\ndomains = [0]", "hsm.domains"),
-            ("connector = \"usb\"\ncredential_file = \"a\"\ndomains = [17]", "hsm.domains"),
-            ("connector = \"usb\"\ncredential_file = \"a\"\ndomains = []", "hsm.domains"),
-            ("connector = \"usb\"\ncredential_file = \"a\"\ntimeout_ms = 5", "hsm.timeout_ms"),
-            ("connector = \"usb\"\ncredential_file = \"a\"\npin_file = \"p\"", "hsm.pin_file"),
+            (
+                "connector = \"usb:12\"\ncredential_file = \"a\"",
+                "hsm.connector",
+            ),
+            (
+                "connector = \"tcp://1.2.3.4:1\"\ncredential_file = \"a\"",
+                "hsm.connector",
+            ),
+            (
+                "connector = \"http://localhost:12345\"\ncredential_file = \"a\"",
+                "hsm.connector",
+            ),
+            (
+                "connector = \"http://127.0.0.1:0\"\ncredential_file = \"a\"",
+                "hsm.connector",
+            ),
+            (
+                "connector = \"usb\"\ncredential_file = \"a\"\ndomains = [0]",
+                "hsm.domains",
+            ),
+            (
+                "connector = \"usb\"\ncredential_file = \"a\"\ndomains = [17]",
+                "hsm.domains",
+            ),
+            (
+                "connector = \"usb\"\ncredential_file = \"a\"\ndomains = []",
+                "hsm.domains",
+            ),
+            (
+                "connector = \"usb\"\ncredential_file = \"a\"\ntimeout_ms = 5",
+                "hsm.timeout_ms",
+            ),
+            (
+                "connector = \"usb\"\ncredential_file = \"a\"\npin_file = \"p\"",
+                "hsm.pin_file",
+            ),
         ] {
             let err = Config::parse(
                 Path::new("k.toml"),

@@ -192,10 +192,7 @@ fn longest_names_work(f: Box<dyn Fixture>) {
     verify(&kb, b"long", &hsm.sign_ed25519(&kb, b"long").unwrap());
     let listed = hsm.list_ed25519().unwrap();
     assert!(listed.contains(&ka) && listed.contains(&kb), "{listed:?}");
-    assert_eq!(
-        hsm.generate_ed25519(&a).unwrap_err().code(),
-        "key_exists"
-    );
+    assert_eq!(hsm.generate_ed25519(&a).unwrap_err().code(), "key_exists");
 
     let label = format!("keyward-approver:{}", pad("approver", 64));
     hsm.import_hmac_key(&label, &[9u8; 32]).unwrap();
@@ -204,7 +201,9 @@ fn longest_names_work(f: Box<dyn Fixture>) {
     mac.verify_slice(&hsm.hmac_sha256(&label, b"m").unwrap())
         .expect("tag equals software HMAC");
     assert_eq!(
-        hsm.hmac_sha256(&format!("{label}2"), b"m").unwrap_err().code(),
+        hsm.hmac_sha256(&format!("{label}2"), b"m")
+            .unwrap_err()
+            .code(),
         "key_not_found"
     );
 }

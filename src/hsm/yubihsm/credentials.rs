@@ -24,7 +24,10 @@ pub fn read_credentials(credential_file: &Path) -> Result<(u16, yubihsm::Credent
         .map_err(|e| HsmError::Pin(e.to_string()))?;
     let (id, password) = parse(secret.expose_secret())
         .map_err(|why| HsmError::Pin(format!("{}: {why}", path.display())))?;
-    Ok((id, yubihsm::Credentials::from_password(id, password.as_bytes())))
+    Ok((
+        id,
+        yubihsm::Credentials::from_password(id, password.as_bytes()),
+    ))
 }
 
 /// Splits `ID:PASSWORD`; the reason of a refusal names no secret.
@@ -53,7 +56,14 @@ mod tests {
     fn parses_id_and_password_and_refuses_the_rest() {
         assert_eq!(parse("2:s3cret").unwrap(), (2, "s3cret"));
         assert_eq!(parse("2:a:b").unwrap(), (2, "a:b"), "colons in passwords");
-        for bad in ["s3cret", "x:s3cret", "0:s3cret", "65535:s3cret", "2:", ":pw"] {
+        for bad in [
+            "s3cret",
+            "x:s3cret",
+            "0:s3cret",
+            "65535:s3cret",
+            "2:",
+            ":pw",
+        ] {
             let why = parse(bad).unwrap_err();
             assert!(!why.contains("s3cret"), "{why}");
         }

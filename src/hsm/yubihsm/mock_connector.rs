@@ -112,8 +112,10 @@ async fn run(opts: MockConnectorOptions) -> Result<(), MockConnectorError> {
     }
 
     let (online_tx, online_rx) = watch::channel(true);
-    let mut down = signal(SignalKind::user_defined1()).map_err(|e| MockConnectorError(e.to_string()))?;
-    let mut up = signal(SignalKind::user_defined2()).map_err(|e| MockConnectorError(e.to_string()))?;
+    let mut down =
+        signal(SignalKind::user_defined1()).map_err(|e| MockConnectorError(e.to_string()))?;
+    let mut up =
+        signal(SignalKind::user_defined2()).map_err(|e| MockConnectorError(e.to_string()))?;
     tokio::spawn(async move {
         loop {
             tokio::select! {

@@ -253,7 +253,12 @@ impl YubiHsm {
     /// The one Ed25519 key labelled for `name`, checked, with its public key.
     fn find_key(&self, name: &KeyName) -> Result<HsmKey, HsmError> {
         let label = names::device_label(name.as_str());
-        let ids = self.objects("find", object::Type::AsymmetricKey, &label, Some(ed25519_alg()))?;
+        let ids = self.objects(
+            "find",
+            object::Type::AsymmetricKey,
+            &label,
+            Some(ed25519_alg()),
+        )?;
         let id = match ids.as_slice() {
             [] => return Err(HsmError::KeyNotFound(name.to_string())),
             [id] => *id,
@@ -276,17 +281,14 @@ impl YubiHsm {
             });
         }
         let public = self.call("find", Retry::Once, |c| c.get_public_key(id))?;
-        let bytes: [u8; 32] = public
-            .as_ref()
-            .try_into()
-            .map_err(|_| HsmError::Device {
-                op: "find",
-                detail: format!(
-                    "key {:?} (object {id:#06x}) has a {}-byte public key, not an Ed25519 one",
-                    name.as_str(),
-                    public.as_ref().len()
-                ),
-            })?;
+        let bytes: [u8; 32] = public.as_ref().try_into().map_err(|_| HsmError::Device {
+            op: "find",
+            detail: format!(
+                "key {:?} (object {id:#06x}) has a {}-byte public key, not an Ed25519 one",
+                name.as_str(),
+                public.as_ref().len()
+            ),
+        })?;
         lock(&self.known).insert(name.to_string(), id);
         Ok(HsmKey {
             name: name.clone(),
@@ -312,7 +314,9 @@ impl YubiHsm {
         if !extra.is_empty() {
             weak.push(format!("it may do more than sign ({extra:?})"));
         }
-        if info.capabilities.contains(Capability::EXPORTABLE_UNDER_WRAP)
+        if info
+            .capabilities
+            .contains(Capability::EXPORTABLE_UNDER_WRAP)
             && !self.settings.exportable_under_wrap
         {
             weak.push(
@@ -493,7 +497,9 @@ impl super::Hsm for YubiHsm {
             .key_ref
             .as_object_id()
             .ok_or_else(|| foreign_key_ref("sign", key))?;
-        let sig = self.call("sign", Retry::Once, |c| c.sign_ed25519(id, message.to_vec()))?;
+        let sig = self.call("sign", Retry::Once, |c| {
+            c.sign_ed25519(id, message.to_vec())
+        })?;
         Ok(sig.to_bytes())
     }
 
@@ -502,7 +508,8 @@ impl super::Hsm for YubiHsm {
         // The device returns at most about 2 KB per command.
         while out.len() < len {
             let n = (len - out.len()).min(1024);
-            let chunk = Zeroizing::new(self.call("random", Retry::Once, |c| c.get_pseudo_random(n))?);
+            let chunk =
+                Zeroizing::new(self.call("random", Retry::Once, |c| c.get_pseudo_random(n))?);
             if chunk.len() != n {
                 return Err(HsmError::Device {
                     op: "random",

@@ -80,7 +80,11 @@ mod tests {
         let label = device_label(&long);
         assert_eq!(label.len(), LABEL_MAX);
         assert!(label.starts_with('~'));
-        assert_ne!(label, device_label(&format!("{long}c")), "distinct names, distinct labels");
+        assert_ne!(
+            label,
+            device_label(&format!("{long}c")),
+            "distinct names, distinct labels"
+        );
         assert_eq!(label, device_label(&long), "stable");
         // A name that looks hashed is hashed itself, so it cannot collide.
         assert_ne!(device_label(&label), label);
