@@ -2,8 +2,11 @@
 //!
 //! Each behaviour is a function taking a [`Fixture`]; the [`contract!`]
 //! macro instantiates every behaviour as its own `#[test]` for a backend
-//! (`pkcs11_signs_and_verifies`, `mock_signs_and_verifies`, ...). Adding a
-//! backend is one `contract!(name, factory)` line plus its factory.
+//! (`pkcs11::signs_and_verifies`, `mock::signs_and_verifies`, ...). Adding a
+//! backend is one `contract!(name, factory, outage_factory)` line plus its
+//! factories; the outage factory's fixture can take the device away and
+//! bring it back (SoftHSM2: the token's directory; MockHsm: its connector;
+//! the mock: unplugged) for `recovers_after_an_outage`.
 //!
 //! Backends today:
 //! - `pkcs11`: the PKCS#11 backend on a real SoftHSM2 token. SoftHSM2 reads
@@ -18,13 +21,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use hmac::Mac;
+use keyward::config::YubiHsmConnector;
 use keyward::hsm::mock::MockHsm;
 use keyward::hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
 use keyward::hsm::softhsm::{conf_path, provision_dev_token};
-use keyward::hsm::yubihsm::{YubiHsm, YubiHsmSettings};
+use keyward::hsm::yubihsm::mock_connector::{MockConnector, MockConnectorOptions};
+use keyward::hsm::yubihsm::{Credentials, YubiHsm, YubiHsmSettings, connector_for};
 use keyward::hsm::{ExecutorSettings, Hsm, HsmError, HsmExecutor, HsmKey, sign_verified};
 use keyward::types::KeyName;
 
@@ -37,6 +43,9 @@ trait Fixture {
     fn hsm(&self) -> Arc<dyn Hsm>;
     /// A prefix unique to this fixture.
     fn prefix(&self) -> &str;
+    /// A way to take the device away and bring it back (fixtures made by
+    /// a backend's outage factory).
+    fn outage(&self) -> &dyn Outage;
 
     /// A key name unique to this fixture.
     fn key(&self, base: &str) -> KeyName {
@@ -46,6 +55,23 @@ trait Fixture {
     fn label(&self, base: &str) -> String {
         format!("{}-{base}", self.prefix())
     }
+}
+
+/// The device going away (unplugged, connector stopped, token lost) and
+/// coming back, as the backend's callers would see it.
+trait Outage: Send + Sync {
+    fn down(&self);
+    fn up(&self);
+}
+
+/// For fixtures whose factory made no outage.
+struct NoOutage;
+
+impl Outage for NoOutage {
+    fn down(&self) {
+        panic!("this fixture was not made by an outage factory");
+    }
+    fn up(&self) {}
 }
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -59,6 +85,27 @@ fn unique_prefix(backend: &str) -> String {
 struct Shared {
     prefix: String,
     hsm: Arc<dyn Hsm>,
+    outage: Box<dyn Outage>,
+    /// Held for the fixture's life: a shared backend's outage test runs
+    /// alone (it holds the write side).
+    _turn: Option<Turn>,
+}
+
+#[allow(dead_code)]
+enum Turn {
+    Shared(RwLockReadGuard<'static, ()>),
+    Alone(RwLockWriteGuard<'static, ()>),
+}
+
+impl Shared {
+    fn new(prefix: String, hsm: Arc<dyn Hsm>) -> Shared {
+        Shared {
+            prefix,
+            hsm,
+            outage: Box::new(NoOutage),
+            _turn: None,
+        }
+    }
 }
 
 impl Fixture for Shared {
@@ -68,14 +115,36 @@ impl Fixture for Shared {
     fn prefix(&self) -> &str {
         &self.prefix
     }
+    fn outage(&self) -> &dyn Outage {
+        &*self.outage
+    }
 }
 
 /// The in-memory mock, fresh for each test.
 fn mock() -> Box<dyn Fixture> {
-    Box::new(Shared {
-        prefix: unique_prefix("mock"),
-        hsm: Arc::new(MockHsm::new().with_workers(4)),
-    })
+    Box::new(Shared::new(
+        unique_prefix("mock"),
+        Arc::new(MockHsm::new().with_workers(4)),
+    ))
+}
+
+struct Unplug(Arc<MockHsm>);
+
+impl Outage for Unplug {
+    fn down(&self) {
+        self.0.set_unplugged(true);
+    }
+    fn up(&self) {
+        self.0.set_unplugged(false);
+    }
+}
+
+/// The mock, which can be unplugged.
+fn mock_outage() -> Box<dyn Fixture> {
+    let mock = Arc::new(MockHsm::new().with_workers(4));
+    let mut f = Shared::new(unique_prefix("mock"), Arc::clone(&mock) as Arc<dyn Hsm>);
+    f.outage = Box::new(Unplug(mock));
+    Box::new(f)
 }
 
 /// The YubiHSM backend on a fresh MockHsm (the yubihsm crate's software
@@ -87,16 +156,114 @@ fn yubihsm() -> Box<dyn Fixture> {
         device: "mockhsm".into(),
     })
     .unwrap();
-    Box::new(Shared {
-        prefix: unique_prefix("yh"),
-        hsm: Arc::new(hsm),
+    Box::new(Shared::new(unique_prefix("yh"), Arc::new(hsm)))
+}
+
+struct ConnectorOutage(MockConnector);
+
+impl Outage for ConnectorOutage {
+    fn down(&self) {
+        self.0.set_online(false);
+    }
+    fn up(&self) {
+        self.0.set_online(true);
+    }
+}
+
+/// The YubiHSM backend through the real HTTP connector client, talking to
+/// a MockHsm behind an in-process mock connector that can be stopped.
+fn yubihsm_outage() -> Box<dyn Fixture> {
+    let connector = MockConnector::start(MockConnectorOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        port_file: None,
+        latency: Duration::ZERO,
+        exit_when_gone: None,
     })
+    .unwrap();
+    let addr = connector.addr();
+    let hsm = YubiHsm::with_connector(
+        connector_for(
+            &YubiHsmConnector::Http {
+                addr: addr.ip().to_string(),
+                port: addr.port(),
+            },
+            2_000,
+        )
+        .unwrap(),
+        Credentials::default(),
+        YubiHsmSettings {
+            domains: vec![1],
+            exportable_under_wrap: false,
+            device: format!("http://{addr}"),
+        },
+    )
+    .unwrap();
+    let mut f = Shared::new(unique_prefix("yh"), Arc::new(hsm));
+    f.outage = Box::new(ConnectorOutage(connector));
+    Box::new(f)
 }
 
 /// The PKCS#11 backend on one SoftHSM2 token shared by this binary.
 fn pkcs11() -> Box<dyn Fixture> {
+    let turn = Turn::Shared(PKCS11_TURNS.read().unwrap_or_else(|p| p.into_inner()));
+    let (_, hsm) = pkcs11_token();
+    let mut f = Shared::new(unique_prefix("p11-"), Arc::clone(hsm));
+    f._turn = Some(turn);
+    Box::new(f)
+}
+
+/// The shared token's tests run side by side; its outage test alone.
+static PKCS11_TURNS: RwLock<()> = RwLock::new(());
+
+struct TokenOutage {
+    tokens: std::path::PathBuf,
+    away: std::path::PathBuf,
+    token: std::sync::Mutex<Option<std::ffi::OsString>>,
+}
+
+impl Outage for TokenOutage {
+    /// SoftHSM2 keeps a token in a directory of its own: taken away, the
+    /// module marks the token and its objects invalid.
+    fn down(&self) {
+        let entry = std::fs::read_dir(&self.tokens)
+            .unwrap()
+            .next()
+            .expect("the token's directory")
+            .unwrap();
+        std::fs::rename(entry.path(), &self.away).unwrap();
+        *self.token.lock().unwrap() = Some(entry.file_name());
+    }
+    fn up(&self) {
+        if let Some(name) = self.token.lock().unwrap().take() {
+            std::fs::rename(&self.away, self.tokens.join(name)).unwrap();
+        }
+    }
+}
+
+impl Drop for TokenOutage {
+    fn drop(&mut self) {
+        self.up();
+    }
+}
+
+/// The shared SoftHSM2 token, alone (no other test of this binary uses it
+/// meanwhile), with its directory to take away.
+fn pkcs11_outage() -> Box<dyn Fixture> {
+    let turn = Turn::Alone(PKCS11_TURNS.write().unwrap_or_else(|p| p.into_inner()));
+    let (tmp, hsm) = pkcs11_token();
+    let mut f = Shared::new(unique_prefix("p11-"), Arc::clone(hsm));
+    f.outage = Box::new(TokenOutage {
+        tokens: tmp.path().join("tokens"),
+        away: tmp.path().join("token-away"),
+        token: std::sync::Mutex::new(None),
+    });
+    f._turn = Some(turn);
+    Box::new(f)
+}
+
+fn pkcs11_token() -> &'static (tempfile::TempDir, Arc<dyn Hsm>) {
     static TOKEN: OnceLock<(tempfile::TempDir, Arc<dyn Hsm>)> = OnceLock::new();
-    let (_, hsm) = TOKEN.get_or_init(|| {
+    TOKEN.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
         // SAFETY: runs once, before this process loads the PKCS#11 module;
         // the other tests of this binary that may run meanwhile use the
@@ -114,10 +281,6 @@ fn pkcs11() -> Box<dyn Fixture> {
         })
         .unwrap();
         (tmp, Arc::new(hsm) as Arc<dyn Hsm>)
-    });
-    Box::new(Shared {
-        prefix: unique_prefix("p11-"),
-        hsm: Arc::clone(hsm),
     })
 }
 
@@ -364,6 +527,38 @@ fn concurrent_signing_through_the_executor(f: Box<dyn Fixture>) {
     assert!(exec.calls_finished() >= (THREADS * EACH) as u64);
 }
 
+/// The device goes away under a backend that holds keys: calls fail with
+/// `hsm_unavailable` (never a panic, never a signature), health fails; when
+/// it comes back the same backend object signs again by itself (no
+/// re-open by the caller) with the same key.
+fn recovers_after_an_outage(f: Box<dyn Fixture>) {
+    let hsm = f.hsm();
+    let key = hsm.generate_ed25519(&f.key("hot")).unwrap();
+    sign_verified(&*hsm, &key, b"before").unwrap();
+    hsm.health().unwrap();
+
+    f.outage().down();
+    let e = sign_verified(&*hsm, &key, b"during").unwrap_err();
+    assert_eq!(e.code(), "hsm_unavailable", "{e}");
+    assert!(hsm.health().is_err(), "health sees the outage");
+
+    f.outage().up();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sig = loop {
+        match sign_verified(&*hsm, &key, b"after") {
+            Ok(sig) => break sig,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.code(), "hsm_unavailable", "{e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("no recovery within 30 s: {e}"),
+        }
+    };
+    verify(&key, b"after", &sig);
+    hsm.health().unwrap();
+    assert_eq!(hsm.find_ed25519(&key.name).unwrap(), key);
+}
+
 /// Errors carry stable snake_case codes: a signature from a key the
 /// backend does not hold is refused (never a panic), and every code is
 /// one of the documented ones.
@@ -392,8 +587,12 @@ fn errors_carry_stable_codes(f: Box<dyn Fixture>) {
 }
 
 macro_rules! contract {
-    ($backend:ident, $factory:path) => {
+    ($backend:ident, $factory:path, $outage:path) => {
         mod $backend {
+            #[test]
+            fn recovers_after_an_outage() {
+                super::recovers_after_an_outage($outage());
+            }
             contract!(@each $factory;
                 generated_key_is_found_with_the_same_public_key,
                 signs_and_verifies,
@@ -420,6 +619,6 @@ macro_rules! contract {
     };
 }
 
-contract!(pkcs11, super::pkcs11);
-contract!(mock, super::mock);
-contract!(yubihsm, super::yubihsm);
+contract!(pkcs11, super::pkcs11, super::pkcs11_outage);
+contract!(mock, super::mock, super::mock_outage);
+contract!(yubihsm, super::yubihsm, super::yubihsm_outage);

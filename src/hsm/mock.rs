@@ -84,6 +84,8 @@ pub struct MockHsm {
     faults: [OpFaults; HsmOp::ALL.len()],
     /// Signatures still to be returned corrupted (one bit flipped).
     corrupt_signatures: AtomicU64,
+    /// While set, every call fails as with a device that is gone.
+    unplugged: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for MockHsm {
@@ -114,6 +116,7 @@ impl MockHsm {
             workers: 1,
             faults: Default::default(),
             corrupt_signatures: AtomicU64::new(0),
+            unplugged: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -161,6 +164,13 @@ impl MockHsm {
         *lock(&self.op(op).fail_next) = n;
     }
 
+    /// Unplugs the device (`true`): every call fails with
+    /// [`HsmError::StateLost`] (`hsm_unavailable`), objects kept, until it
+    /// is plugged in again (`false`).
+    pub fn set_unplugged(&self, unplugged: bool) {
+        self.unplugged.store(unplugged, Ordering::SeqCst);
+    }
+
     /// Calls of `op` that reached the device.
     pub fn calls(&self, op: HsmOp) -> u64 {
         self.op(op).entered.load(Ordering::SeqCst)
@@ -178,6 +188,12 @@ impl MockHsm {
         op: HsmOp,
         f: impl FnOnce(&mut Objects) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
+        if self.unplugged.load(Ordering::SeqCst) {
+            return Err(HsmError::StateLost {
+                op: op.as_str(),
+                detail: "the mock device is unplugged".into(),
+            });
+        }
         let faults = self.op(op);
         faults.entered.fetch_add(1, Ordering::SeqCst);
         let delay = *lock(&faults.delay);

@@ -64,33 +64,106 @@ struct Device {
     busy: Mutex<()>,
 }
 
-/// Serves until killed (blocking; builds its own runtime).
-pub fn serve(opts: MockConnectorOptions) -> Result<(), MockConnectorError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// A mock connector running on its own thread in this process (tests).
+pub struct MockConnector {
+    addr: SocketAddr,
+    online: watch::Sender<bool>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MockConnector {
+    /// Starts a fresh MockHsm behind a connector on `opts.listen`, on its
+    /// own thread (signals and `exit_when_gone` are the CLI's, not used).
+    pub fn start(opts: MockConnectorOptions) -> Result<MockConnector, MockConnectorError> {
+        let rt = runtime()?;
+        let listener = rt.block_on(bind(&opts))?;
+        let addr = local_addr(&listener)?;
+        let (online, online_rx) = watch::channel(true);
+        let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("mock-connector".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    tokio::select! {
+                        _ = accept_loop(listener, addr, device(&opts), online_rx) => {}
+                        _ = stop_rx => {}
+                    }
+                });
+            })
+            .map_err(|e| MockConnectorError(format!("cannot start a thread: {e}")))?;
+        Ok(MockConnector {
+            addr,
+            online,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Takes the connector down (`false`: listener closed, connections
+    /// dropped) or brings it back (`true`, same port, same MockHsm).
+    pub fn set_online(&self, online: bool) {
+        let _ = self.online.send(online);
+    }
+}
+
+impl Drop for MockConnector {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, MockConnectorError> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| MockConnectorError(format!("cannot start a runtime: {e}")))?;
-    rt.block_on(run(opts))
+        .map_err(|e| MockConnectorError(format!("cannot start a runtime: {e}")))
 }
 
-async fn run(opts: MockConnectorOptions) -> Result<(), MockConnectorError> {
+async fn bind(opts: &MockConnectorOptions) -> Result<TcpListener, MockConnectorError> {
+    TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| MockConnectorError(format!("cannot listen on {}: {e}", opts.listen)))
+}
+
+fn local_addr(l: &TcpListener) -> Result<SocketAddr, MockConnectorError> {
+    l.local_addr()
+        .map_err(|e| MockConnectorError(e.to_string()))
+}
+
+fn device(opts: &MockConnectorOptions) -> Router {
     let device = Arc::new(Device {
         connector: yubihsm::Connector::mockhsm(),
         latency: opts.latency,
         busy: Mutex::new(()),
     });
-    let app = Router::new()
+    Router::new()
         .route("/connector/api", post(api))
         .route("/connector/status", get(status))
-        .with_state(device);
+        .with_state(device)
+}
 
-    let first = TcpListener::bind(opts.listen)
-        .await
-        .map_err(|e| MockConnectorError(format!("cannot listen on {}: {e}", opts.listen)))?;
-    let addr = first
-        .local_addr()
-        .map_err(|e| MockConnectorError(e.to_string()))?;
+/// Serves until killed (blocking; builds its own runtime): the CLI's
+/// `keyward hsm mock-connector`, with the port file, the signals and
+/// `exit_when_gone`.
+pub fn serve(opts: MockConnectorOptions) -> Result<(), MockConnectorError> {
+    runtime()?.block_on(run(opts))
+}
+
+async fn run(opts: MockConnectorOptions) -> Result<(), MockConnectorError> {
+    let first = bind(&opts).await?;
+    let addr = local_addr(&first)?;
     if let Some(file) = &opts.port_file {
         let tmp = file.with_extension("tmp");
         std::fs::write(&tmp, format!("{}\n", addr.port()))
@@ -124,7 +197,18 @@ async fn run(opts: MockConnectorOptions) -> Result<(), MockConnectorError> {
             }
         }
     });
+    accept_loop(first, addr, device(&opts), online_rx).await;
+    Ok(())
+}
 
+/// Accepts and serves connections while online; offline, the listener is
+/// closed and open connections are dropped until online again.
+async fn accept_loop(
+    first: TcpListener,
+    addr: SocketAddr,
+    app: Router,
+    online_rx: watch::Receiver<bool>,
+) {
     let mut listener = Some(first);
     let mut online = online_rx.clone();
     loop {
@@ -145,13 +229,15 @@ async fn run(opts: MockConnectorOptions) -> Result<(), MockConnectorError> {
                         });
                     }
                     _ = online.wait_for(|on| !*on) => {
-                        tracing::info!("connector down (SIGUSR1)");
+                        tracing::info!("connector down");
                         listener = None;
                     }
                 }
             }
             None => {
-                let _ = online.wait_for(|on| *on).await;
+                if online.wait_for(|on| *on).await.is_err() {
+                    return;
+                }
                 // The same port again; a client may hold it in TIME_WAIT,
                 // which SO_REUSEADDR (set by tokio) allows.
                 loop {
@@ -166,7 +252,7 @@ async fn run(opts: MockConnectorOptions) -> Result<(), MockConnectorError> {
                         }
                     }
                 }
-                tracing::info!("connector up (SIGUSR2)");
+                tracing::info!("connector up");
             }
         }
     }

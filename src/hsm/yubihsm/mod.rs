@@ -31,8 +31,9 @@ pub mod names;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
+pub use yubihsm::Credentials;
 use yubihsm::object::{self, Filter, Origin};
-use yubihsm::{Capability, Client, Connector, Credentials, Domain, asymmetric};
+use yubihsm::{Capability, Client, Connector, Domain, asymmetric};
 use zeroize::Zeroizing;
 
 use super::{HsmError, HsmKey, KeyRef, foreign_key_ref};
