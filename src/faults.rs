@@ -243,6 +243,14 @@ impl Hsm for FaultyHsm {
     fn hmac_sha256(&self, label: &str, data: &[u8]) -> Result<[u8; 32], HsmError> {
         self.inner.hmac_sha256(label, data)
     }
+    fn verify_hmac_sha256(
+        &self,
+        label: &str,
+        data: &[u8],
+        tag: &[u8; 32],
+    ) -> Result<bool, HsmError> {
+        self.inner.verify_hmac_sha256(label, data, tag)
+    }
     fn delete_secret(&self, label: &str) -> Result<bool, HsmError> {
         self.inner.delete_secret(label)
     }

@@ -429,6 +429,19 @@ fn hmac_approver_keys(f: Box<dyn Fixture>) {
         "a wrong tag is refused"
     );
     assert_ne!(hsm.hmac_sha256(&label, b"other payload").unwrap(), tag);
+    // Verified by the backend (inside the device where it can).
+    assert!(hsm.verify_hmac_sha256(&label, data, &tag).unwrap());
+    assert!(!hsm.verify_hmac_sha256(&label, data, &forged).unwrap());
+    assert!(
+        !hsm.verify_hmac_sha256(&label, b"other payload", &tag)
+            .unwrap()
+    );
+    assert_eq!(
+        hsm.verify_hmac_sha256(&f.label("approver-nobody"), data, &tag)
+            .unwrap_err()
+            .code(),
+        "key_not_found"
+    );
 
     let e = hsm.import_hmac_key(&label, &[1u8; 32]).unwrap_err();
     assert_eq!(e.code(), "key_exists", "{e}");

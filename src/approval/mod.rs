@@ -127,6 +127,11 @@ impl ParsedToken {
         v
     }
 
+    /// The token's MAC.
+    pub fn mac(&self) -> &[u8; 32] {
+        &self.mac
+    }
+
     /// Constant-time comparison of the token's MAC with `expected`.
     pub fn mac_matches(&self, expected: &[u8; 32]) -> bool {
         bool::from(self.mac.ct_eq(expected))

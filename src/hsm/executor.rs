@@ -420,6 +420,20 @@ impl HsmExecutor {
             .await
     }
 
+    /// [`Hsm::verify_hmac_sha256`] on a worker.
+    pub async fn verify_hmac_sha256(
+        &self,
+        label: &str,
+        data: &[u8],
+        tag: &[u8; 32],
+    ) -> Result<bool, HsmError> {
+        let (label, data, tag) = (label.to_owned(), data.to_vec(), *tag);
+        self.call(HsmOp::Hmac, move |hsm| {
+            hsm.verify_hmac_sha256(&label, &data, &tag)
+        })
+        .await
+    }
+
     /// [`Hsm::random`] on a worker.
     pub async fn random(&self, len: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, HsmError> {
         self.call(HsmOp::Random, move |hsm| hsm.random(len)).await

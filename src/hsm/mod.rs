@@ -254,6 +254,23 @@ pub trait Hsm: Send + Sync {
     /// HMAC-SHA256 of `data` with the secret key `label`, inside the HSM.
     fn hmac_sha256(&self, label: &str, data: &[u8]) -> Result<[u8; 32], HsmError>;
 
+    /// Whether `tag` is the HMAC-SHA256 of `data` under the secret key
+    /// `label`. A device that verifies MACs itself (YubiHSM verify-hmac)
+    /// does so inside; the default computes the MAC in the HSM and compares
+    /// in constant time. A missing key is [`HsmError::KeyNotFound`].
+    fn verify_hmac_sha256(
+        &self,
+        label: &str,
+        data: &[u8],
+        tag: &[u8; 32],
+    ) -> Result<bool, HsmError> {
+        let mac = self.hmac_sha256(label, data)?;
+        Ok(bool::from(subtle::ConstantTimeEq::ct_eq(
+            &mac[..],
+            &tag[..],
+        )))
+    }
+
     /// Destroys the secret key `label`; `false` if there was none.
     fn delete_secret(&self, label: &str) -> Result<bool, HsmError>;
 

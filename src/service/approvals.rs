@@ -399,11 +399,15 @@ impl Signer {
             }
         };
 
-        // The MAC, inside the HSM with the approver's stored key.
+        // The MAC, verified inside the HSM with the approver's stored key.
         let label = approval::key_label(&t.approver);
-        let expected = self.core.hsm.hmac_sha256(&label, &parsed.mac_input()).await;
-        let mac_ok = match expected {
-            Ok(mac) => parsed.mac_matches(&mac),
+        let verified = self
+            .core
+            .hsm
+            .verify_hmac_sha256(&label, &parsed.mac_input(), parsed.mac())
+            .await;
+        let mac_ok = match verified {
+            Ok(ok) => ok,
             Err(crate::hsm::HsmError::KeyNotFound(_)) => false,
             Err(e) => return Err(SubmitError::Hsm(e)),
         };

@@ -53,6 +53,17 @@ impl Hsm for Blocking<'_> {
         let (label, data) = (label.to_owned(), data.to_vec());
         self.run(HsmOp::Hmac, move |h| h.hmac_sha256(&label, &data))
     }
+    fn verify_hmac_sha256(
+        &self,
+        label: &str,
+        data: &[u8],
+        tag: &[u8; 32],
+    ) -> Result<bool, HsmError> {
+        let (label, data, tag) = (label.to_owned(), data.to_vec(), *tag);
+        self.run(HsmOp::Hmac, move |h| {
+            h.verify_hmac_sha256(&label, &data, &tag)
+        })
+    }
     fn delete_secret(&self, label: &str) -> Result<bool, HsmError> {
         let label = label.to_owned();
         self.run(HsmOp::DeleteSecret, move |h| h.delete_secret(&label))
