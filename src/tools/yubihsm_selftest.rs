@@ -32,6 +32,13 @@ use subtle::ConstantTimeEq;
 use yubihsm::object::{Filter, Origin};
 use yubihsm::{Capability, Client, Connector, Credentials, Domain, asymmetric, object};
 
+mod manual;
+mod report;
+
+use manual::connector_url;
+pub use manual::manual_checks;
+pub use report::{Check, ManualCheck, Outcome, SelftestReport};
+
 use crate::hsm::yubihsm::names;
 use crate::tools::yubihsm_setup::plan::{
     self, FACTORY_AUTH_KEY_ID, capability_names, domain_numbers,
@@ -55,116 +62,6 @@ pub struct SelftestSettings {
     pub exportable_under_wrap: bool,
     /// The connector as keyward.toml spells it (`http://...`, `usb`).
     pub device: String,
-}
-
-/// The result of one check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Proven on this device.
-    Pass,
-    /// Failed: keywardd should not run on this device as it is.
-    Fail(String),
-    /// Not provable here (MockHsm does not enforce capabilities or domains).
-    NotProvable(String),
-}
-
-/// One check run on the device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Check {
-    /// What was checked.
-    pub name: String,
-    /// How it went.
-    pub outcome: Outcome,
-}
-
-/// A check that needs a real device or other credentials: what must hold,
-/// and the commands that show it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ManualCheck {
-    /// What must hold.
-    pub what: String,
-    /// `yubihsm-shell` commands (they prompt for the password).
-    pub commands: Vec<String>,
-}
-
-/// What the self-test found.
-#[derive(Debug, Clone)]
-pub struct SelftestReport {
-    /// The settings it ran with.
-    pub settings: SelftestSettings,
-    /// Whether the device is MockHsm.
-    pub mock: bool,
-    /// The checks run, in order.
-    pub checks: Vec<Check>,
-    /// The checks to run by hand.
-    pub manual: Vec<ManualCheck>,
-    /// Throw-away objects left on the device, with how to delete them.
-    pub left: Vec<String>,
-}
-
-impl SelftestReport {
-    /// Whether no check failed.
-    pub fn passed(&self) -> bool {
-        !self
-            .checks
-            .iter()
-            .any(|c| matches!(c.outcome, Outcome::Fail(_)))
-    }
-
-    fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
-        self.checks.iter().filter(|c| f(&c.outcome)).count()
-    }
-}
-
-impl std::fmt::Display for SelftestReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = &self.settings;
-        writeln!(
-            f,
-            "keyward hsm selftest: {} with authentication key {:#06x}, domains {:?}",
-            s.device, s.auth_key_id, s.domains
-        )?;
-        if self.mock {
-            writeln!(
-                f,
-                "  This is MockHsm (serial {MOCK_SERIAL}): it enforces neither capabilities nor domains, \
-                 so the checks that rely on them cannot be proven here."
-            )?;
-        }
-        for c in &self.checks {
-            match &c.outcome {
-                Outcome::Pass => writeln!(f, "  PASS  {}", c.name)?,
-                Outcome::Fail(why) => writeln!(f, "  FAIL  {}: {why}", c.name)?,
-                Outcome::NotProvable(why) => writeln!(f, "  MOCK  {}: not proven ({why})", c.name)?,
-            }
-        }
-        if !self.left.is_empty() {
-            writeln!(f, "Left on the device:")?;
-            for l in &self.left {
-                writeln!(f, "  {l}")?;
-            }
-        }
-        if !self.manual.is_empty() {
-            writeln!(
-                f,
-                "Manual checks on real hardware (once per device; yubihsm-shell prompts for each password):"
-            )?;
-            for (i, m) in self.manual.iter().enumerate() {
-                writeln!(f, "  {}. {}", i + 1, m.what)?;
-                for c in &m.commands {
-                    writeln!(f, "       $ {c}")?;
-                }
-            }
-        }
-        writeln!(
-            f,
-            "Summary: {} passed, {} failed, {} not provable on MockHsm, {} to check by hand",
-            self.count(|o| *o == Outcome::Pass),
-            self.count(|o| matches!(o, Outcome::Fail(_))),
-            self.count(|o| matches!(o, Outcome::NotProvable(_))),
-            self.manual.len()
-        )
-    }
 }
 
 /// The checks run so far.
@@ -557,92 +454,4 @@ fn visible_objects(client: &Client, domains: Domain) -> Result<(), String> {
     } else {
         Err(format!("it sees {}", foreign.join(", ")))
     }
-}
-
-/// `-C` of yubihsm-shell: `yhusb://` for USB.
-fn connector_url(device: &str) -> String {
-    match device.strip_prefix("usb") {
-        Some("") => "yhusb://".to_owned(),
-        Some(serial) => format!("yhusb://serial={}", serial.trim_start_matches(':')),
-        None => device.to_owned(),
-    }
-}
-
-/// The checks only a real device, or other credentials, can prove.
-pub fn manual_checks(s: &SelftestSettings) -> Vec<ManualCheck> {
-    let c = connector_url(&s.device);
-    let signer = s.auth_key_id;
-    let admin = plan::ADMIN_AUTH_KEY_ID;
-    let wrap = plan::WRAP_KEY_ID;
-    let d = s
-        .domains
-        .iter()
-        .map(u8::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    let other = (1u8..=16).find(|n| !s.domains.contains(n)).unwrap_or(16);
-    let mut checks = vec![
-        ManualCheck {
-            what: "signing with the signer key on an Ed25519 key without sign-eddsa must fail"
-                .to_owned(),
-            commands: vec![
-                format!(
-                    "yubihsm-shell -C {c} --authkey {signer} -a generate-asymmetric-key -i 0 -l nosign -d {d} -c none -A ed25519"
-                ),
-                format!(
-                    "echo test > msg; yubihsm-shell -C {c} --authkey {signer} -a sign-eddsa -i ID -A ed25519 --in msg   # must fail: insufficient permissions"
-                ),
-                format!(
-                    "yubihsm-shell -C {c} --authkey {admin} -a delete-object -i ID -t asymmetric-key"
-                ),
-            ],
-        },
-        ManualCheck {
-            what: format!("the signer key cannot see objects of another domain (here {other})"),
-            commands: vec![
-                format!(
-                    "# on a device with an object in domain {other} (e.g. before set-up, with the factory key): note its ID"
-                ),
-                format!(
-                    "yubihsm-shell -C {c} --authkey {signer} -a get-object-info -i ID -t opaque   # must fail: object not found"
-                ),
-            ],
-        },
-        ManualCheck {
-            what: "the signer key cannot export keys, nor create authentication keys".to_owned(),
-            commands: vec![
-                format!(
-                    "yubihsm-shell -C {c} --authkey {signer} -a get-wrapped -i KEYID -t asymmetric-key -w {wrap:#06x} --out k.wrap   # must fail"
-                ),
-                format!(
-                    "yubihsm-shell -C {c} --authkey {signer} -a put-authentication-key -i 0 -l x -d {d} -c sign-eddsa   # must fail"
-                ),
-            ],
-        },
-        ManualCheck {
-            what:
-                "the factory key is gone: a session with key 1 and password \"password\" must fail"
-                    .to_owned(),
-            commands: vec![format!(
-                "yubihsm-shell -C {c} --authkey 1 -a list-objects   # password: password; must fail"
-            )],
-        },
-    ];
-    if s.exportable_under_wrap {
-        checks.push(ManualCheck {
-            what: "backups: export_wrapped of a key, then import_wrapped, gives the same public key \
-                   (MockHsm's Ed25519 export does not round-trip; prove it on the device, with a throw-away key)"
-                .to_owned(),
-            commands: vec![
-                format!("yubihsm-shell -C {c} --authkey {signer} -a generate-asymmetric-key -i 0 -l wraptest -d {d} -c sign-eddsa,exportable-under-wrap -A ed25519"),
-                format!("yubihsm-shell -C {c} --authkey {signer} -a get-public-key -i ID --out before.pub"),
-                format!("yubihsm-shell -C {c} --authkey {admin} -a get-wrapped -i ID -t asymmetric-key -w {wrap:#06x} --out key.wrap"),
-                format!("yubihsm-shell -C {c} --authkey {admin} -a delete-object -i ID -t asymmetric-key"),
-                format!("yubihsm-shell -C {c} --authkey {admin} -a put-wrapped -w {wrap:#06x} --in key.wrap"),
-                format!("yubihsm-shell -C {c} --authkey {signer} -a get-public-key -i ID --out after.pub && cmp before.pub after.pub"),
-                format!("yubihsm-shell -C {c} --authkey {admin} -a delete-object -i ID -t asymmetric-key"),
-            ],
-        });
-    }
-    checks
 }

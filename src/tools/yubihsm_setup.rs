@@ -32,152 +32,20 @@
 
 pub mod plan;
 
+mod error;
 mod files;
+mod steps;
 
 use std::path::{Path, PathBuf};
 
 use secrecy::{ExposeSecret, SecretString};
-use yubihsm::{Client, Connector, Credentials, authentication, object, wrap};
+use yubihsm::{Client, Connector, Credentials, object, wrap};
 use zeroize::Zeroizing;
 
+pub use error::YubiHsmSetupError;
 pub use plan::{PlannedObject, Role};
 use plan::{capability_names, domain_numbers};
-
-/// Why set-up stopped. Each says what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum YubiHsmSetupError {
-    /// The options or keyward.toml do not make sense.
-    #[error("{0}")]
-    Config(String),
-    /// A credential file is already there.
-    #[error(
-        "{path} exists; set-up never replaces a credential. This device was probably provisioned already \
-         (use its credentials), or move the file away if it belongs to a device that was reset"
-    )]
-    CredentialExists {
-        /// The file.
-        path: PathBuf,
-    },
-    /// The authentication key set-up logs in with does not open a session.
-    #[error(
-        "authentication key {id} did not open a session on {device} ({detail}); a provisioned device has no \
-         factory key any more (use its admin credential), otherwise check --auth-key-id and --password-file"
-    )]
-    FactoryAuth {
-        /// The key id.
-        id: u16,
-        /// The connector.
-        device: String,
-        /// The client's error.
-        detail: String,
-    },
-    /// The device holds other objects than the key set-up logs in with.
-    #[error(
-        "the device is not fresh: it holds {}; set-up changed nothing. Provision a fresh or reset device \
-         (yubihsm-shell: reset), or pass --force-not-fresh to add keyward's keys beside these objects",
-        .objects.join(", ")
-    )]
-    NotFresh {
-        /// The objects found.
-        objects: Vec<String>,
-    },
-    /// An object id set-up uses is taken.
-    #[error("object {id:#06x} ({object_type:?}) already exists; set-up changed nothing")]
-    IdTaken {
-        /// The id.
-        id: u16,
-        /// Its type.
-        object_type: object::Type,
-    },
-    /// A device command failed.
-    #[error("{op} on {device}: {detail}{}", rollback_note(.rolled_back))]
-    Device {
-        /// What was being done.
-        op: String,
-        /// The connector.
-        device: String,
-        /// The client's error.
-        detail: String,
-        /// Whether what this run did was undone.
-        rolled_back: bool,
-    },
-    /// A new authentication key did not open a session or does not read
-    /// back as created.
-    #[error(
-        "the new {role} authentication key {id:#06x} failed its proof: {detail}; the factory key was NOT deleted{}",
-        rollback_note(.rolled_back)
-    )]
-    ProofFailed {
-        /// Whose key.
-        role: Role,
-        /// Its id.
-        id: u16,
-        /// Why.
-        detail: String,
-        /// Whether what this run did was undone.
-        rolled_back: bool,
-    },
-    /// Undoing a failed run failed too.
-    #[error(
-        "{cause}; undoing it failed too ({detail}): objects left on the device: {}. Delete them with the factory key \
-         (yubihsm-shell) and remove the credential files this run wrote",
-        .left.join(", ")
-    )]
-    RollbackIncomplete {
-        /// The first failure.
-        cause: String,
-        /// Why undoing failed.
-        detail: String,
-        /// What is left on the device.
-        left: Vec<String>,
-    },
-    /// The new keys work, but the factory key could not be deleted.
-    #[error(
-        "the new keys are in place and proven, but deleting authentication key {id} failed ({detail}): delete it \
-         with the admin credential (yubihsm-shell -a delete-object -i {id} -t authentication-key), it still opens \
-         a session with its old password"
-    )]
-    FactoryKeyKept {
-        /// Its id.
-        id: u16,
-        /// Why.
-        detail: String,
-    },
-    /// I/O failure.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
-fn rollback_note(rolled_back: &bool) -> &'static str {
-    if *rolled_back {
-        "; everything this run created was removed again (device and credential files)"
-    } else {
-        ""
-    }
-}
-
-impl YubiHsmSetupError {
-    /// Stable snake_case code.
-    pub fn code(&self) -> &'static str {
-        match self {
-            YubiHsmSetupError::Config(_) => "invalid_config",
-            YubiHsmSetupError::CredentialExists { .. } => "credential_exists",
-            YubiHsmSetupError::FactoryAuth { .. } => "factory_auth_failed",
-            YubiHsmSetupError::NotFresh { .. } => "device_not_fresh",
-            YubiHsmSetupError::IdTaken { .. } => "object_id_taken",
-            YubiHsmSetupError::Device { .. } => "hsm_device_error",
-            YubiHsmSetupError::ProofFailed { .. } => "credential_proof_failed",
-            YubiHsmSetupError::RollbackIncomplete { .. } => "rollback_incomplete",
-            YubiHsmSetupError::FactoryKeyKept { .. } => "factory_key_kept",
-            YubiHsmSetupError::Io { .. } => "io_error",
-        }
-    }
-}
+use steps::{Run, Secret, check_info, create, prove, random_bytes};
 
 /// What to provision.
 pub struct ProvisionOptions {
@@ -323,29 +191,6 @@ impl std::fmt::Display for ProvisionReport {
             self.deleted_auth_key
         )
     }
-}
-
-/// A secret of one object: an authentication key's password or the wrap
-/// key's bytes.
-enum Secret {
-    Password(Zeroizing<String>),
-    WrapKey(Zeroizing<Vec<u8>>),
-}
-
-impl Secret {
-    /// The credential file's content.
-    fn file_text(&self, id: u16) -> Zeroizing<String> {
-        match self {
-            Secret::Password(p) => Zeroizing::new(format!("{id}:{}", p.as_str())),
-            Secret::WrapKey(k) => Zeroizing::new(format!("{id}:{}", hex::encode(&k[..]))),
-        }
-    }
-}
-
-fn random_bytes(n: usize) -> Zeroizing<Vec<u8>> {
-    let mut bytes = Zeroizing::new(vec![0u8; n]);
-    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes[..]);
-    bytes
 }
 
 /// Provisions the device behind `connector` (see the module docs).
@@ -509,117 +354,4 @@ pub fn provision(
         deleted_auth_key: opts.auth_key_id,
         already_there,
     })
-}
-
-/// What a run has done so far, to undo it.
-struct Run<'a> {
-    factory: &'a Client,
-    written: Vec<PathBuf>,
-    created: Vec<(u16, object::Type)>,
-}
-
-impl Run<'_> {
-    /// Deletes the objects created and the files written, newest first;
-    /// returns `cause`, or what is left if undoing fails.
-    fn undo(self, cause: YubiHsmSetupError) -> YubiHsmSetupError {
-        let mut left = Vec::new();
-        let mut failure = None;
-        for (id, t) in self.created.iter().rev() {
-            if let Err(e) = self.factory.delete_object(*id, *t) {
-                left.push(format!("{id:#06x} ({t:?})"));
-                failure.get_or_insert(e.to_string());
-            }
-        }
-        files::remove_written(&self.written);
-        match failure {
-            None => cause,
-            Some(detail) => YubiHsmSetupError::RollbackIncomplete {
-                cause: cause.to_string(),
-                detail,
-                left,
-            },
-        }
-    }
-}
-
-/// Creates `o` with its secret through the factory session.
-fn create(
-    factory: &Client,
-    o: &PlannedObject,
-    secret: &Secret,
-) -> Result<(), yubihsm::client::Error> {
-    let label = object::Label::from(o.label);
-    match secret {
-        Secret::Password(password) => factory.put_authentication_key(
-            o.id,
-            label,
-            o.domains,
-            o.capabilities,
-            o.delegated,
-            authentication::Algorithm::YubicoAes,
-            authentication::Key::derive_from_password(password.as_bytes()),
-        ),
-        Secret::WrapKey(bytes) => factory.put_wrap_key(
-            o.id,
-            label,
-            o.domains,
-            o.capabilities,
-            o.delegated,
-            wrap::Algorithm::Aes256Ccm,
-            bytes.to_vec(),
-        ),
-    }
-    .map(|_| ())
-}
-
-/// Opens a session with the new key `o` and reads it back.
-fn prove(
-    connector: &Connector,
-    o: &PlannedObject,
-    password: &Zeroizing<String>,
-    opts: &ProvisionOptions,
-) -> Result<Client, String> {
-    let password: Zeroizing<String> = {
-        #[cfg(feature = "test-hooks")]
-        let wrong = opts.sabotage_proof == Some(o.role);
-        #[cfg(not(feature = "test-hooks"))]
-        let wrong = {
-            let _ = opts;
-            false
-        };
-        if wrong {
-            Zeroizing::new(format!("{}-sabotaged", password.as_str()))
-        } else {
-            password.clone()
-        }
-    };
-    let client = Client::open(
-        connector.clone(),
-        Credentials::from_password(o.id, password.as_bytes()),
-        false,
-    )
-    .map_err(|e| format!("it opens no session: {e}"))?;
-    check_info(&client, o)?;
-    Ok(client)
-}
-
-/// Whether the device reports `o` as it was asked to create it.
-fn check_info(client: &Client, o: &PlannedObject) -> Result<(), String> {
-    let info = client
-        .get_object_info(o.id, o.object_type)
-        .map_err(|e| format!("cannot read it back: {e}"))?;
-    let label = info.label.try_as_str().unwrap_or("").to_owned();
-    if info.capabilities != o.capabilities
-        || info.delegated_capabilities != o.delegated
-        || info.domains != o.domains
-        || label != o.label
-    {
-        return Err(format!(
-            "the device reports label {label:?}, capabilities [{}], delegated [{}], domains {:?}",
-            capability_names(info.capabilities),
-            capability_names(info.delegated_capabilities),
-            domain_numbers(info.domains)
-        ));
-    }
-    Ok(())
 }
