@@ -65,6 +65,9 @@ pub struct ProvisionOptions {
     pub signer_file: PathBuf,
     /// A name for messages (the connector).
     pub device: String,
+    /// With backups: the wrap key of an earlier device ([`parse_wrap_key`]),
+    /// so this one can import its backups; `None` makes a new random one.
+    pub wrap_key: Option<Zeroizing<Vec<u8>>>,
     /// Test seam: the proof of this role's key uses a wrong password.
     #[cfg(feature = "test-hooks")]
     pub sabotage_proof: Option<Role>,
@@ -79,6 +82,7 @@ impl ProvisionOptions {
             domains: vec![1],
             backups: false,
             force_not_fresh: false,
+            wrap_key: None,
             credentials_dir: credentials_dir.to_path_buf(),
             signer_file: signer_file.to_path_buf(),
             device: device.to_owned(),
@@ -133,6 +137,33 @@ pub fn signer_credential_source(
     }
     crate::doctor::unit_credential_source(&credential_file.to_string_lossy())
         .unwrap_or_else(|| credentials_dir_default(config_file).join(credential_file))
+}
+
+/// The wrap key material of a `yubihsm-wrap-key` file (`16:HEX` as
+/// written by set-up, or `0x0010:HEX`): 32 bytes of AES-256-CCM key. The
+/// reason of a refusal names no secret.
+pub fn parse_wrap_key(text: &str) -> Result<Zeroizing<Vec<u8>>, YubiHsmSetupError> {
+    let bad = |why: &str| YubiHsmSetupError::Config(format!("the wrap key file: {why}"));
+    let (id, key) = text
+        .trim_end_matches(['\n', '\r'])
+        .split_once(':')
+        .ok_or_else(|| bad("expected WRAP_KEY_ID:HEX"))?;
+    let id = match id.strip_prefix("0x") {
+        Some(h) => u16::from_str_radix(h, 16).ok(),
+        None => id.parse().ok(),
+    };
+    if id != Some(plan::WRAP_KEY_ID) {
+        return Err(bad(&format!(
+            "the id before the colon must be {:#06x}",
+            plan::WRAP_KEY_ID
+        )));
+    }
+    let key =
+        Zeroizing::new(hex::decode(key).map_err(|_| bad("the key after the colon is not hex"))?);
+    if key.len() != wrap::Algorithm::Aes256Ccm.key_len() {
+        return Err(bad("the key must be 32 bytes (64 hex digits)"));
+    }
+    Ok(key)
 }
 
 /// One object created, and where its credential went.
@@ -200,6 +231,11 @@ pub fn provision(
 ) -> Result<ProvisionReport, YubiHsmSetupError> {
     let domains = crate::hsm::yubihsm::domain_set(&opts.domains)
         .map_err(|e| YubiHsmSetupError::Config(e.to_string()))?;
+    if opts.wrap_key.is_some() && !opts.backups {
+        return Err(YubiHsmSetupError::Config(
+            "a wrap key was given without backups".to_owned(),
+        ));
+    }
     let planned = plan::plan(domains, opts.backups);
     let paths: Vec<PathBuf> = planned
         .iter()
@@ -264,7 +300,10 @@ pub fn provision(
     let secrets: Vec<Secret> = planned
         .iter()
         .map(|o| match o.role {
-            Role::Wrap => Secret::WrapKey(random_bytes(wrap::Algorithm::Aes256Ccm.key_len())),
+            Role::Wrap => Secret::WrapKey(match &opts.wrap_key {
+                Some(k) => k.clone(),
+                None => random_bytes(wrap::Algorithm::Aes256Ccm.key_len()),
+            }),
             _ => Secret::Password(Zeroizing::new(hex::encode(&random_bytes(24)[..]))),
         })
         .collect();
@@ -354,4 +393,26 @@ pub fn provision(
         deleted_auth_key: opts.auth_key_id,
         already_there,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_key_files_parse_and_refusals_name_no_secret() {
+        let hex = "ab".repeat(32);
+        assert_eq!(parse_wrap_key(&format!("16:{hex}\n")).unwrap().len(), 32);
+        assert_eq!(parse_wrap_key(&format!("0x0010:{hex}")).unwrap().len(), 32);
+        for bad in [
+            format!("17:{hex}"),
+            hex.clone(),
+            format!("16:{}", &hex[..62]),
+            format!("16:{}zz", &hex[..62]),
+        ] {
+            let err = parse_wrap_key(&bad).unwrap_err();
+            assert_eq!(err.code(), "invalid_config");
+            assert!(!err.to_string().contains(&hex[..16]), "{err}");
+        }
+    }
 }

@@ -14,7 +14,7 @@ use keyward::tools::yubihsm_selftest::{SelftestSettings, selftest};
 use keyward::tools::yubihsm_setup::{
     self, ProvisionOptions, SIGNER_CREDENTIAL, credentials_dir_default, signer_credential_source,
 };
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::Failure;
 
@@ -89,6 +89,11 @@ pub(crate) struct YubiHsmSetupArgs {
     /// exported under it (set hsm.exportable_under_wrap = true).
     #[arg(long)]
     backups: bool,
+    /// With --backups: the wrap key file (yubihsm-wrap-key) of an earlier
+    /// device instead of a new random wrap key, so this device can import
+    /// that device's backups.
+    #[arg(long, value_name = "FILE", requires = "backups")]
+    wrap_key_file: Option<PathBuf>,
     /// Provision even though the device holds other objects (keyward's
     /// object ids must still be free).
     #[arg(long)]
@@ -172,6 +177,14 @@ fn setup_yubihsm(config: &Path, args: YubiHsmSetupArgs) -> Result<(), Failure> {
     opts.domains = yh.map_or_else(|| vec![1], |y| y.domains.clone());
     opts.backups = args.backups;
     opts.force_not_fresh = args.force_not_fresh;
+    if let Some(f) = &args.wrap_key_file {
+        let text = keyward::secret_file::read_secret_file(f, 4096)
+            .with_context(|| format!("cannot read the wrap key from {}", f.display()))?;
+        opts.wrap_key = Some(
+            yubihsm_setup::parse_wrap_key(text.expose_secret())
+                .map_err(|e| anyhow!("{}: {e} ({})", f.display(), e.code()))?,
+        );
+    }
     let device = keyward::hsm::yubihsm::connector_for(&connector, timeout)?;
     let report =
         yubihsm_setup::provision(device, &opts).map_err(|e| anyhow!("{e} ({})", e.code()))?;
