@@ -262,39 +262,7 @@ pub fn provision(
         device: device.to_owned(),
         detail: e.to_string(),
     })?;
-    let dev_err = |op: &str, rolled_back: bool| {
-        let op = op.to_owned();
-        move |e: yubihsm::client::Error| YubiHsmSetupError::Device {
-            op,
-            device: device.to_owned(),
-            detail: e.to_string(),
-            rolled_back,
-        }
-    };
-    let entries = factory
-        .list_objects(&[])
-        .map_err(dev_err("list objects", false))?;
-    let others: Vec<String> = entries
-        .iter()
-        .filter(|e| {
-            !(e.object_id == opts.auth_key_id && e.object_type == object::Type::AuthenticationKey)
-        })
-        .map(|e| format!("{:#06x} ({:?})", e.object_id, e.object_type))
-        .collect();
-    if !others.is_empty() && !opts.force_not_fresh {
-        return Err(YubiHsmSetupError::NotFresh { objects: others });
-    }
-    for o in &planned {
-        let taken = entries
-            .iter()
-            .any(|e| e.object_id == o.id && e.object_type == o.object_type);
-        if taken {
-            return Err(YubiHsmSetupError::IdTaken {
-                id: o.id,
-                object_type: o.object_type,
-            });
-        }
-    }
+    let others = check_device(&factory, opts, &planned)?;
 
     // The secrets are saved before the device gets them.
     let secrets: Vec<Secret> = planned
@@ -322,65 +290,22 @@ pub fn provision(
     }
     for (o, secret) in planned.iter().zip(&secrets) {
         if let Err(e) = create(&factory, o, secret) {
-            let cause = dev_err(&format!("create the {} object {:#06x}", o.role, o.id), true)(e);
+            let cause = YubiHsmSetupError::Device {
+                op: format!("create the {} object {:#06x}", o.role, o.id),
+                device: opts.device.clone(),
+                detail: e.to_string(),
+                rolled_back: true,
+            };
             return Err(run.undo(cause));
         }
         run.created.push((o.id, o.object_type));
     }
 
-    // Each new authentication key opens its own session and reads itself back.
-    let mut admin = None;
-    for (o, secret) in planned.iter().zip(&secrets) {
-        let Secret::Password(password) = secret else {
-            if let Err(detail) = check_info(&factory, o) {
-                let cause = YubiHsmSetupError::ProofFailed {
-                    role: o.role,
-                    id: o.id,
-                    detail,
-                    rolled_back: true,
-                };
-                return Err(run.undo(cause));
-            }
-            continue;
-        };
-        match prove(&connector, o, password, opts) {
-            Ok(client) => {
-                if o.role == Role::Admin {
-                    admin = Some(client);
-                }
-            }
-            Err(detail) => {
-                let cause = YubiHsmSetupError::ProofFailed {
-                    role: o.role,
-                    id: o.id,
-                    detail,
-                    rolled_back: true,
-                };
-                return Err(run.undo(cause));
-            }
-        }
-    }
-
-    // Last: the key this run logged in with.
-    let kept = |detail: String| YubiHsmSetupError::FactoryKeyKept {
-        id: opts.auth_key_id,
-        detail,
+    let admin = match prove_all(&connector, &factory, opts, &planned, &secrets) {
+        Ok(admin) => admin,
+        Err(cause) => return Err(run.undo(cause)),
     };
-    factory
-        .delete_object(opts.auth_key_id, object::Type::AuthenticationKey)
-        .map_err(|e| kept(e.to_string()))?;
-    if let Some(admin) = admin {
-        match admin.get_object_info(opts.auth_key_id, object::Type::AuthenticationKey) {
-            Err(e) if e.device_error() == Some(yubihsm::device::ErrorKind::ObjectNotFound) => {}
-            Ok(_) => return Err(kept("the device still lists it".to_owned())),
-            Err(e) => return Err(kept(format!("cannot check it is gone: {e}"))),
-        }
-    }
-    let already_there = if others.is_empty() {
-        Vec::new()
-    } else {
-        others
-    };
+    delete_login_key(&factory, admin.as_ref(), opts.auth_key_id)?;
     Ok(ProvisionReport {
         created: planned
             .into_iter()
@@ -391,8 +316,101 @@ pub fn provision(
             })
             .collect(),
         deleted_auth_key: opts.auth_key_id,
-        already_there,
+        already_there: others,
     })
+}
+
+/// The objects on the device other than the login key; refuses a device
+/// that is not fresh (unless forced) or on which one of `planned`'s ids is
+/// taken.
+fn check_device(
+    factory: &Client,
+    opts: &ProvisionOptions,
+    planned: &[PlannedObject],
+) -> Result<Vec<String>, YubiHsmSetupError> {
+    let entries = factory
+        .list_objects(&[])
+        .map_err(|e| YubiHsmSetupError::Device {
+            op: "list objects".to_owned(),
+            device: opts.device.clone(),
+            detail: e.to_string(),
+            rolled_back: false,
+        })?;
+    let others: Vec<String> = entries
+        .iter()
+        .filter(|e| {
+            !(e.object_id == opts.auth_key_id && e.object_type == object::Type::AuthenticationKey)
+        })
+        .map(|e| format!("{:#06x} ({:?})", e.object_id, e.object_type))
+        .collect();
+    if !others.is_empty() && !opts.force_not_fresh {
+        return Err(YubiHsmSetupError::NotFresh { objects: others });
+    }
+    for o in planned {
+        let taken = entries
+            .iter()
+            .any(|e| e.object_id == o.id && e.object_type == o.object_type);
+        if taken {
+            return Err(YubiHsmSetupError::IdTaken {
+                id: o.id,
+                object_type: o.object_type,
+            });
+        }
+    }
+    Ok(others)
+}
+
+/// Each new authentication key opens its own session and reads itself
+/// back; the wrap key reads back through the login session. Returns the
+/// admin's session.
+fn prove_all(
+    connector: &Connector,
+    factory: &Client,
+    opts: &ProvisionOptions,
+    planned: &[PlannedObject],
+    secrets: &[Secret],
+) -> Result<Option<Client>, YubiHsmSetupError> {
+    let mut admin = None;
+    for (o, secret) in planned.iter().zip(secrets) {
+        let proven = match secret {
+            Secret::Password(password) => prove(connector, o, password, opts).map(Some),
+            Secret::WrapKey(_) => check_info(factory, o).map(|()| None),
+        };
+        match proven {
+            Ok(client) if o.role == Role::Admin => admin = client,
+            Ok(_) => {}
+            Err(detail) => {
+                return Err(YubiHsmSetupError::ProofFailed {
+                    role: o.role,
+                    id: o.id,
+                    detail,
+                    rolled_back: true,
+                });
+            }
+        }
+    }
+    Ok(admin)
+}
+
+/// Deletes the login key `id`, last, and checks through the admin's
+/// session that it is gone.
+fn delete_login_key(
+    factory: &Client,
+    admin: Option<&Client>,
+    id: u16,
+) -> Result<(), YubiHsmSetupError> {
+    let kept = |detail: String| YubiHsmSetupError::FactoryKeyKept { id, detail };
+    factory
+        .delete_object(id, object::Type::AuthenticationKey)
+        .map_err(|e| kept(e.to_string()))?;
+    if let Some(admin) = admin {
+        match admin.get_object_info(id, object::Type::AuthenticationKey) {
+            Err(e) if e.device_error() == Some(yubihsm::device::ErrorKind::ObjectNotFound) => {}
+            Ok(_) => return Err(kept("the device still lists it".to_owned())),
+            Err(e) => return Err(kept(format!("cannot check it is gone: {e}"))),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
