@@ -609,6 +609,42 @@ fn cli_setup_then_selftest_pass_on_mockhsm_and_no_secret_is_printed() {
         .collect();
     assert_eq!(before, after);
 
+    // Logged in with the admin key elsewhere: not fresh, nothing written.
+    let admin_text = std::fs::read_to_string(creds.join("yubihsm-admin")).unwrap();
+    let admin_pw = dir.path().join("admin-password");
+    std::fs::write(&admin_pw, admin_text.split_once(':').unwrap().1).unwrap();
+    std::fs::set_permissions(&admin_pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    let other_config = dir.path().join("other.toml");
+    write_config(
+        &other_config,
+        mock.port,
+        &elsewhere.join("yubihsm-signer"),
+        true,
+    );
+    let (code, out) = keyward(
+        &other_config,
+        &[
+            "hsm",
+            "setup",
+            "yubihsm",
+            "--backups",
+            "--auth-key-id",
+            "3",
+            "--password-file",
+            admin_pw.to_str().unwrap(),
+            "--credentials-dir",
+            elsewhere.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("device_not_fresh"), "{out}");
+    assert!(
+        !out.contains(admin_text.split_once(':').unwrap().1),
+        "{out}"
+    );
+    assert!(!elsewhere.exists(), "nothing written elsewhere");
+
     // A wrong password on the signer's id: refused cleanly, exit 1.
     let wrong = dir.path().join("wrong-credential");
     std::fs::write(&wrong, "2:not-the-password\n").unwrap();
