@@ -450,6 +450,52 @@ fn a_device_with_another_object_is_refused_unless_forced() {
     assert!(is_not_found(admin.get_object_info(1, AUTH)));
 }
 
+#[test]
+fn selftest_fails_a_device_that_was_never_provisioned() {
+    use keyward::tools::yubihsm_selftest::{Outcome, SelftestSettings, selftest};
+    let dev = Device::fresh();
+    // keywardd pointed at the factory key: it works, but it is not least
+    // privilege and the factory key is still there.
+    let report = selftest(
+        dev.connector.clone(),
+        Credentials::default(),
+        SelftestSettings {
+            auth_key_id: 1,
+            domains: vec![1],
+            exportable_under_wrap: false,
+            device: "mockhsm".to_owned(),
+        },
+    );
+    assert!(report.mock);
+    assert!(!report.passed(), "{report}");
+    let outcome = |name: &str| {
+        report
+            .checks
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no check {name:?}:\n{report}"))
+            .outcome
+            .clone()
+    };
+    assert!(matches!(
+        outcome("the factory authentication key 0x0001 is gone"),
+        Outcome::Fail(_)
+    ));
+    assert!(matches!(
+        outcome("the signer's key can do nothing more"),
+        Outcome::Fail(_)
+    ));
+    assert_eq!(
+        outcome("it signs, and the signature verifies in software"),
+        Outcome::Pass
+    );
+    assert!(
+        report
+            .to_string()
+            .contains("FAIL  the factory authentication key 0x0001 is gone")
+    );
+}
+
 // --- The CLI against `keyward hsm mock-connector` -----------------------
 
 /// A mock connector process serving its own MockHsm; killed on drop.
