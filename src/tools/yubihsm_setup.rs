@@ -249,6 +249,7 @@ pub fn provision(
             )));
         }
         files::ensure_absent(p)?;
+        files::check_dir(p)?;
     }
 
     let device = opts.device.as_str();

@@ -5,7 +5,7 @@
 //! hard-linked there, which fails if anything is there already.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::YubiHsmSetupError;
@@ -21,21 +21,35 @@ pub(super) fn ensure_absent(path: &Path) -> Result<(), YubiHsmSetupError> {
     }
 }
 
-/// Creates the directory of `path` (0700) if it is missing, or narrows an
-/// existing one that group or others may enter.
-pub(super) fn prepare_dir(path: &Path) -> Result<(), YubiHsmSetupError> {
+/// Refuses an existing directory of `path` that does not belong to this
+/// process's user or is open to group or others (it is not changed: a
+/// directory given by mistake, such as `/tmp`, is refused rather than
+/// narrowed). A missing one is fine: [`prepare_dir`] creates it.
+pub(super) fn check_dir(path: &Path) -> Result<(), YubiHsmSetupError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    if dir.is_dir() {
-        let mode = std::fs::metadata(dir)
-            .map_err(io(format!("cannot read {}", dir.display())))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io(format!("cannot chmod {}", dir.display())))?;
-        }
-        return Ok(());
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(format!("cannot read {}", dir.display()))(e)),
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me || mode & 0o077 != 0 {
+        return Err(YubiHsmSetupError::Config(format!(
+            "the credentials directory {} must be a directory of uid {me} closed to group and others \
+             (it is mode {mode:04o}, uid {}): chmod 700 it, or give another --credentials-dir",
+            dir.display(),
+            meta.uid()
+        )));
     }
+    Ok(())
+}
+
+/// [`check_dir`], then creates the directory of `path` (0700, parents
+/// too) if it is missing.
+pub(super) fn prepare_dir(path: &Path) -> Result<(), YubiHsmSetupError> {
+    check_dir(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -116,5 +130,18 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left.len(), 1, "no temporary file left: {left:?}");
+    }
+
+    #[test]
+    fn an_open_directory_is_refused_not_narrowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = prepare_dir(&open.join("signer")).unwrap_err();
+        assert_eq!(err.code(), "invalid_config");
+        assert!(err.to_string().contains("0755"), "{err}");
+        let mode = std::fs::metadata(&open).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755, "left as it was");
     }
 }
