@@ -71,13 +71,11 @@ struct Checks {
 }
 
 impl Checks {
-    fn record(&mut self, name: impl Into<String>, outcome: Outcome) -> bool {
-        let ok = outcome == Outcome::Pass;
+    fn record(&mut self, name: impl Into<String>, outcome: Outcome) {
         self.list.push(Check {
             name: name.into(),
             outcome,
         });
-        ok
     }
 
     fn result<T>(&mut self, name: &str, r: Result<T, String>) -> Option<T> {
@@ -93,11 +91,13 @@ impl Checks {
         }
     }
 
-    /// A check of something the device must refuse: refused is a pass;
-    /// done is a failure, or not provable on MockHsm.
-    fn refused<T, E: std::fmt::Display>(&mut self, name: &str, r: Result<T, E>, done: &str) {
+    /// A check of something the device must refuse: the device's refusal
+    /// is a pass; done is a failure, or not provable on MockHsm; any other
+    /// error (the connection) proves nothing and fails.
+    fn refused<T>(&mut self, name: &str, r: Result<T, yubihsm::client::Error>, done: &str) {
         let outcome = match r {
-            Err(_) => Outcome::Pass,
+            Err(e) if *e.kind() == yubihsm::client::ErrorKind::DeviceError => Outcome::Pass,
+            Err(e) => Outcome::Fail(format!("cannot tell: {e}")),
             Ok(_) if self.mock => Outcome::NotProvable(format!("MockHsm {done}")),
             Ok(_) => Outcome::Fail(format!("the device {done}")),
         };
