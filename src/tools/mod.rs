@@ -1,6 +1,7 @@
 //! Tools that sit above the daemon: the benchmark ([`bench`]) and the
 //! development instance ([`dev`]) behind `keyward bench` and `keyward init
-//! --dev`.
+//! --dev`, the HSM set-up ([`setup`], [`yubihsm_setup`]) and the YubiHSM
+//! self-test ([`yubihsm_selftest`]).
 //!
 //! They drive the core (config, HSM, ledger, service, a keywardd child
 //! process) from outside; nothing in the core imports them.
@@ -8,6 +9,8 @@
 pub mod bench;
 pub mod dev;
 pub mod setup;
+pub mod yubihsm_selftest;
+pub mod yubihsm_setup;
 
 #[cfg(test)]
 mod tests {

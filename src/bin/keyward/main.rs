@@ -13,7 +13,6 @@ mod approver;
 mod audit;
 mod bench;
 mod breaker;
-#[cfg(feature = "yubihsm-mock")]
 mod hsm;
 mod init;
 mod key;
@@ -97,8 +96,9 @@ enum Command {
         /// Directory to write the pages into.
         dir: PathBuf,
     },
-    /// The HSM itself.
-    #[cfg(feature = "yubihsm-mock")]
+    /// The HSM itself: `setup yubihsm` provisions a factory-fresh YubiHSM 2
+    /// with least-privilege authentication keys, `selftest` checks it with
+    /// keywardd's credential.
     Hsm {
         #[command(subcommand)]
         command: hsm::HsmCommand,
@@ -146,8 +146,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Approval { command } => approval::run(config, command),
         Command::Approve(args) => approve::run(args),
         Command::Bench(args) => bench::run(args),
-        #[cfg(feature = "yubihsm-mock")]
-        Command::Hsm { command } => hsm::run(command),
+        Command::Hsm { command } => hsm::run(config, command),
         Command::WriteManPage { dir } => {
             use clap::CommandFactory;
             keyward::manpage::write(Cli::command().name("keyward"), "1", &dir)
