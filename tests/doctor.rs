@@ -538,3 +538,26 @@ fn a_yubihsm_connector_that_is_down_is_named_and_passes_once_back() {
     let (code, out) = y.checks();
     assert_eq!(code, 0, "{out}");
 }
+
+#[test]
+fn a_yubihsm_on_usb_that_is_not_plugged_in_is_named_with_the_udev_fix() {
+    let y = YubiInstance::new();
+    let text = std::fs::read_to_string(&y.inst.config).unwrap();
+    std::fs::write(
+        &y.inst.config,
+        text.replace(
+            &format!("connector = \"{}\"", y.connector.url()),
+            "connector = \"usb:0012345678\"",
+        ),
+    )
+    .unwrap();
+    let (code, out) = y.checks();
+    assert_eq!(code, 1, "{out}");
+    // This machine has no YubiHSM 2 (none with that serial, at least).
+    assert!(out.contains("[hsm_connector_unreachable]"), "{out}");
+    assert!(
+        out.contains("no YubiHSM 2 with serial number 0012345678 is plugged in"),
+        "{out}"
+    );
+    assert!(out.contains("yubihsm-usb.conf"), "{out}");
+}

@@ -255,6 +255,14 @@ pub(super) fn check_device(
         // The preflight named it.
         return;
     };
+    if crate::secret_file::check_secret_file(path).is_err() {
+        // The preflight named it (as a warning when this user may not look).
+        report.skipped.push(format!(
+            "the YubiHSM session and keys: {} cannot be read here",
+            path.display()
+        ));
+        return;
+    }
     let (auth_key, creds) = match credentials::read_credentials(path) {
         Ok(v) => v,
         Err(HsmError::Pin(detail)) => {
