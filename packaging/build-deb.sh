@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Debian package: release binaries (never with the test features
-# test-hooks or mock-hsm), man pages rendered from the binaries' own clap
+# test-hooks, mock-hsm or yubihsm-mock, and checked to contain no MockHsm),
+# man pages rendered from the binaries' own clap
 # definitions, then `cargo deb --no-build`. Prints the .deb's path last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,11 +11,12 @@ if ! cargo deb --version >/dev/null 2>&1; then
 	echo "build-deb: installing cargo-deb (cargo install --locked)" >&2
 	cargo install --locked --quiet cargo-deb --version 3.8.0 >&2
 fi
-# The features a release build of the package resolves: none (test-hooks
-# and mock-hsm are turned on only by the dev-dependency on itself).
+# The features a release build of the package resolves: none (test-hooks,
+# mock-hsm and yubihsm-mock are turned on only by the dev-dependency on
+# itself).
 features=$(cargo tree --locked -e normal -p keyward --depth 0 -f '{f}' 2>/dev/null)
 case "$features" in
-*test-hooks* | *mock-hsm*)
+*test-hooks* | *mock-hsm* | *yubihsm-mock*)
 	echo "build-deb: a release build would enable test features: $features" >&2
 	exit 1
 	;;
@@ -27,6 +29,9 @@ if grep -q "fault injection in force" "$release/keywardd"; then
 	echo "build-deb: $release/keywardd was built with feature test-hooks" >&2
 	exit 1
 fi
+# And neither binary contains the yubihsm crate's MockHsm (symbols and
+# source paths; before `cargo deb --strip` removes the symbol table).
+packaging/check-no-mockhsm.sh "$release/keywardd" "$release/keyward" >&2
 rm -rf "$release/man"
 "$release/keywardd" --write-man-page "$release/man"
 "$release/keyward" write-man-page "$release/man"

@@ -226,3 +226,338 @@ fn a_key_the_policy_names_but_the_hsm_lacks_is_named_with_the_command_that_makes
     );
     assert_refused_everywhere(&mut inst, &[&expect, "key create cold", "key_missing"]);
 }
+
+// ---- backend = "yubihsm" (on MockHsm behind `keyward hsm mock-connector`) --
+
+/// A `keyward hsm mock-connector` (MockHsm over the connector's HTTP
+/// protocol) on a free port; killed when dropped, and gone with its
+/// directory in any case (`--exit-when-gone`).
+struct MockConnector {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl MockConnector {
+    fn start() -> MockConnector {
+        let dir = tempfile::Builder::new()
+            .prefix("kw-mockhsm-")
+            .tempdir()
+            .unwrap();
+        let port_file = dir.path().join("port");
+        let mut child = Command::new(KEYWARD)
+            .args(["hsm", "mock-connector", "--port-file"])
+            .arg(&port_file)
+            .arg("--exit-when-gone")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let port = loop {
+            if let Some(p) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|t| t.trim().parse::<u16>().ok())
+            {
+                break p;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the mock connector exited: {status}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the mock connector wrote no port"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        MockConnector {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// An inspecting client with MockHsm's factory key (id 1).
+    fn client(&self) -> yubihsm::Client {
+        let connector = yubihsm::Connector::http(&yubihsm::HttpConfig {
+            addr: "127.0.0.1".into(),
+            port: self.port,
+            timeout_ms: 10_000,
+        });
+        yubihsm::Client::open(connector, yubihsm::Credentials::default(), false).unwrap()
+    }
+
+    /// SIGUSR1: connector down; SIGUSR2: back up on the same port.
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    fn accepts(&self) -> bool {
+        std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+    }
+}
+
+impl Drop for MockConnector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An instance (`keyward init --dev`) moved to `backend = "yubihsm"` on a
+/// mock connector: a signer authentication key (id 2, a password made for
+/// this run) with its credential file, and the policy's key `hot`
+/// generated on the device as keyward generates keys.
+struct YubiInstance {
+    inst: Instance,
+    connector: MockConnector,
+    credential: PathBuf,
+    password: String,
+}
+
+impl YubiInstance {
+    fn new() -> YubiInstance {
+        let inst = Instance::init();
+        let connector = MockConnector::start();
+        let password = hex::encode(rand::random::<[u8; 16]>());
+        let client = connector.client();
+        let everything = yubihsm::Capability::all();
+        client
+            .put_authentication_key(
+                2,
+                "keyward-signer".into(),
+                yubihsm::Domain::DOM1,
+                everything,
+                everything,
+                yubihsm::authentication::Algorithm::YubicoAes,
+                yubihsm::authentication::Key::derive_from_password(password.as_bytes()),
+            )
+            .unwrap();
+        client
+            .generate_asymmetric_key(
+                0x0020,
+                "hot".into(),
+                yubihsm::Domain::DOM1,
+                yubihsm::Capability::SIGN_EDDSA,
+                yubihsm::asymmetric::Algorithm::Ed25519,
+            )
+            .unwrap();
+        let credential = inst.inst_dir().join("yubihsm-auth");
+        std::fs::write(&credential, format!("2:{password}\n")).unwrap();
+        chmod(&credential, 0o400);
+        let text = std::fs::read_to_string(&inst.config).unwrap();
+        let at = text.find("\n[hsm]").unwrap();
+        std::fs::write(
+            &inst.config,
+            format!(
+                "{}\n[hsm]\nbackend = \"yubihsm\"\nconnector = \"{}\"\ncredential_file = \"{}\"\ndomains = [1]\n",
+                &text[..at],
+                connector.url(),
+                credential.display()
+            ),
+        )
+        .unwrap();
+        YubiInstance {
+            inst,
+            connector,
+            credential,
+            password,
+        }
+    }
+
+    fn set_credential(&self, content: &str, mode: u32) {
+        chmod(&self.credential, 0o600);
+        std::fs::write(&self.credential, content).unwrap();
+        chmod(&self.credential, mode);
+    }
+
+    /// Both checks, which must agree: (exit code, output of
+    /// --check-config).
+    fn checks(&self) -> (i32, String) {
+        let (code, out) = check_config(&self.inst);
+        let (doctor_code, doc) = doctor(&self.inst);
+        assert_eq!(code, doctor_code, "{out}\n---\n{doc}");
+        assert!(!out.contains(&self.password), "the password printed: {out}");
+        assert!(!doc.contains(&self.password), "the password printed: {doc}");
+        (code, out)
+    }
+}
+
+#[test]
+fn a_yubihsm_instance_passes_with_its_credential_connector_session_and_keys() {
+    let y = YubiInstance::new();
+    let (code, out) = y.checks();
+    assert_eq!(code, 0, "{out}");
+    let url = y.connector.url();
+    for expected in [
+        format!(
+            "YubiHSM credential {} holds authentication key 2 and a password",
+            y.credential.display()
+        ),
+        format!("yubihsm-connector at {url} accepts connections"),
+        format!("the YubiHSM 2 at {url}: session opened with authentication key 2"),
+        "key \"hot\" found in the HSM".to_owned(),
+        "keywardd would start".to_owned(),
+    ] {
+        assert!(out.contains(&expected), "{expected:?} missing: {out}");
+    }
+    // The PKCS#11 wording is not used for this backend.
+    for wrong in ["PIN", "token", "module"] {
+        assert!(!out.contains(wrong), "{wrong:?} in {out}");
+    }
+}
+
+#[test]
+fn a_yubihsm_key_the_policy_names_that_is_missing_or_unprotected_is_named() {
+    let y = YubiInstance::new();
+    // An imported key under a name the policy uses.
+    y.connector
+        .client()
+        .put_asymmetric_key(
+            0x0021,
+            "imported".into(),
+            yubihsm::Domain::DOM1,
+            yubihsm::Capability::SIGN_EDDSA,
+            yubihsm::asymmetric::Algorithm::Ed25519,
+            rand::random::<[u8; 32]>().to_vec(),
+        )
+        .unwrap();
+    let policy = std::fs::read_to_string(&y.inst.policy).unwrap();
+    y.inst.write_policy(&policy.replace(
+        "keys = [\"hot\"]",
+        "keys = [\"hot\", \"imported\", \"absent\"]",
+    ));
+    let (code, out) = y.checks();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("[key_unprotected]"), "{out}");
+    assert!(out.contains("origin is Imported"), "{out}");
+    assert!(out.contains("[key_missing]"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "key \"absent\" named by policy {} is not in the YubiHSM 2 at {}",
+            y.inst.policy.display(),
+            y.connector.url()
+        )),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_world_readable_yubihsm_credential_is_refused_with_the_mode_it_needs() {
+    let mut y = YubiInstance::new();
+    chmod(&y.credential, 0o644);
+    let (code, out) = y.checks();
+    assert_eq!(code, 1, "{out}");
+    let shown = y.credential.display().to_string();
+    for expected in [
+        "[credential_refused]",
+        "mode 0644",
+        &format!("chmod 0400 {shown}"),
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing: {out}");
+    }
+    assert!(out.contains("mend the credential file first"), "{out}");
+    // keywardd refuses to start on it as well.
+    let (code, log) = y.inst.start_refused(&[]);
+    assert_eq!(code, 2, "{log}");
+    assert!(log.contains(&format!("chmod 0400 {shown}")), "{log}");
+}
+
+#[test]
+fn a_malformed_or_missing_yubihsm_credential_is_named_without_its_content() {
+    let mut y = YubiInstance::new();
+    let secret = hex::encode(rand::random::<[u8; 16]>());
+    y.set_credential(&format!("{secret}\n"), 0o400);
+    let (code, out) = y.checks();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("[credential_malformed]"), "{out}");
+    assert!(out.contains("AUTH_KEY_ID:PASSWORD"), "{out}");
+    assert!(!out.contains(&secret), "the file's content printed: {out}");
+    let (code, log) = y.inst.start_refused(&[]);
+    assert_eq!(code, 2, "{log}");
+    assert!(
+        log.contains("credential_malformed") || log.contains("AUTH_KEY_ID:PASSWORD"),
+        "{log}"
+    );
+    assert!(!log.contains(&secret), "{log}");
+
+    std::fs::remove_file(&y.credential).unwrap();
+    let (code, out) = y.checks();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("[credential_missing]"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "no credential: {} does not exist",
+            y.credential.display()
+        )),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_refused_yubihsm_password_is_named_hsm_auth_failed() {
+    let y = YubiInstance::new();
+    let wrong = hex::encode(rand::random::<[u8; 16]>());
+    y.set_credential(&format!("2:{wrong}\n"), 0o400);
+    let (code, out) = y.checks();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("[hsm_auth_failed]"), "{out}");
+    assert!(out.contains("refused authentication key 2"), "{out}");
+    assert!(!out.contains(&wrong), "{out}");
+}
+
+#[test]
+fn a_yubihsm_connector_that_is_down_is_named_and_passes_once_back() {
+    let y = YubiInstance::new();
+    y.connector.signal(nix::sys::signal::Signal::SIGUSR1);
+    wait_until(
+        "the connector down",
+        std::time::Duration::from_secs(10),
+        || !y.connector.accepts(),
+    );
+    let (code, out) = y.checks();
+    assert_eq!(code, 1, "{out}");
+    let url = y.connector.url();
+    assert!(out.contains("[hsm_connector_unreachable]"), "{out}");
+    assert!(
+        out.contains(&format!("nothing accepts connections at {url}")),
+        "{out}"
+    );
+    assert!(out.contains("systemctl start yubihsm-connector"), "{out}");
+
+    y.connector.signal(nix::sys::signal::Signal::SIGUSR2);
+    wait_until(
+        "the connector back",
+        std::time::Duration::from_secs(10),
+        || y.connector.accepts(),
+    );
+    let (code, out) = y.checks();
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn a_yubihsm_on_usb_that_is_not_plugged_in_is_named_with_the_udev_fix() {
+    let y = YubiInstance::new();
+    let text = std::fs::read_to_string(&y.inst.config).unwrap();
+    std::fs::write(
+        &y.inst.config,
+        text.replace(
+            &format!("connector = \"{}\"", y.connector.url()),
+            "connector = \"usb:0012345678\"",
+        ),
+    )
+    .unwrap();
+    let (code, out) = y.checks();
+    assert_eq!(code, 1, "{out}");
+    // This machine has no YubiHSM 2 (none with that serial, at least).
+    assert!(out.contains("[hsm_connector_unreachable]"), "{out}");
+    assert!(
+        out.contains("no YubiHSM 2 with serial number 0012345678 is plugged in"),
+        "{out}"
+    );
+    assert!(out.contains("yubihsm-usb.conf"), "{out}");
+}

@@ -3,8 +3,11 @@
 //! the `signature_created` write after the HSM signed, makes the HSM refuse
 //! to sign, or holds a signature inside the HSM call while the same intent
 //! arrives again. Also: a key the agent may not use, approval tokens bound
-//! to the exact message bytes, and that release builds never resolve the
-//! hook.
+//! to the exact message bytes, that release builds never resolve the
+//! hook, and that they contain no MockHsm (issue 17, criterion 6): not in
+//! the feature resolution, and the check packaging runs on the release
+//! binaries' symbols (packaging/check-no-mockhsm.sh) catches a build that
+//! has it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -430,6 +433,12 @@ fn an_approval_token_binds_the_exact_message_bytes_not_only_their_effects() {
 /// dev-dependencies (what `cargo build --release` resolves): the features of
 /// the package `keyward`.
 fn release_features(extra: &[&str]) -> String {
+    release_features_of("keyward", extra)
+}
+
+/// [`release_features`] for package `package` (`-i`): its features and what
+/// turns each one on.
+fn release_features_of(package: &str, extra: &[&str]) -> String {
     let out = Command::new(env!("CARGO"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args([
@@ -441,7 +450,7 @@ fn release_features(extra: &[&str]) -> String {
             "-e",
             "features,no-dev",
             "-i",
-            "keyward",
+            package,
             "--prefix",
             "none",
         ])
@@ -475,6 +484,97 @@ fn release_builds_never_resolve_the_fault_injection_hook_or_the_mock_hsm() {
         "{leaked}"
     );
     assert!(leaked.contains("keyward feature \"mock-hsm\""), "{leaked}");
+}
+
+#[test]
+fn release_builds_never_resolve_the_yubihsm_crates_mockhsm() {
+    let release = release_features_of("yubihsm", &[]);
+    // The backend's own features are there: the check looks at the right
+    // package.
+    for feature in ["http", "usb", "passwords"] {
+        assert!(
+            release.contains(&format!("yubihsm feature \"{feature}\"")),
+            "{feature}: {release}"
+        );
+    }
+    assert!(
+        !release.contains("mockhsm"),
+        "a build without dev-dependencies contains yubihsm's MockHsm: {release}"
+    );
+    assert!(!release.contains("yubihsm-mock"), "{release}");
+    // And it sees MockHsm when keyward's feature turns it on.
+    let leaked = release_features_of("yubihsm", &["--features", "yubihsm-mock"]);
+    assert!(leaked.contains("yubihsm feature \"mockhsm\""), "{leaked}");
+    assert!(
+        leaked.contains("keyward feature \"yubihsm-mock\""),
+        "{leaked}"
+    );
+}
+
+/// packaging/check-no-mockhsm.sh on `bin`: (exit code, stdout + stderr).
+fn check_no_mockhsm(args: &[&str]) -> (i32, String) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("packaging")
+        .join("check-no-mockhsm.sh");
+    let out = Command::new(script).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn the_release_binary_check_finds_mockhsm_in_a_test_build_and_packaging_runs_it() {
+    // The test build of `keyward` serves MockHsm (`keyward hsm
+    // mock-connector`): both looks of the check must find it there, or a
+    // clean result on the release binaries would prove nothing.
+    let test_build = env!("CARGO_BIN_EXE_keyward");
+    let (code, out) = check_no_mockhsm(&[test_build]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("contains MockHsm symbols"), "{out}");
+    assert!(out.contains("yubihsm..mockhsm.."), "{out}");
+    let (code, out) = check_no_mockhsm(&["--stripped", test_build]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("source paths of yubihsm's mockhsm module"),
+        "{out}"
+    );
+    // A binary without a symbol table is not passed by the symbol look.
+    let dir = tempfile::tempdir().unwrap();
+    let stripped = dir.path().join("keyward-stripped");
+    let st = Command::new("strip")
+        .arg("-o")
+        .arg(&stripped)
+        .arg(test_build)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (code, out) = check_no_mockhsm(&[stripped.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("has no symbol table"), "{out}");
+    // The packaging runs it on the release binaries before stripping them,
+    // and on the installed ones (the release build lives there, not in
+    // this suite: packaging/test/install-test.sh).
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let build = std::fs::read_to_string(root.join("packaging/build-deb.sh")).unwrap();
+    let check = build
+        .find("packaging/check-no-mockhsm.sh \"$release/keywardd\" \"$release/keyward\"")
+        .expect("build-deb.sh checks both release binaries");
+    let built = build.find("\ncargo build --release").unwrap();
+    let stripped_at = build.find("\ncargo deb --no-build").unwrap();
+    assert!(built < check && check < stripped_at, "{build}");
+    assert!(build.contains("*yubihsm-mock*"), "{build}");
+    let install = std::fs::read_to_string(root.join("packaging/test/install-test.sh")).unwrap();
+    assert!(
+        install.contains(
+            "packaging/check-no-mockhsm.sh --stripped \"$root/usr/bin/keywardd\" \"$root/usr/bin/keyward\""
+        ),
+        "install-test.sh checks the installed binaries"
+    );
 }
 
 #[test]

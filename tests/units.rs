@@ -537,8 +537,12 @@ fn drop_ins_only_open_up_what_their_case_needs() {
                 x.key,
                 x.value
             );
+            // The one reset allowed: a YubiHSM drop-in replaces the PIN
+            // credential with the authentication key's (checked in
+            // yubihsm_drop_ins_replace_the_pin_and_open_only_their_connector).
+            let replaces_pin = name.starts_with("yubihsm-") && x.key == "LoadCredential";
             assert!(
-                !x.value.is_empty(),
+                !x.value.is_empty() || replaces_pin,
                 "{name}: {}= (empty) resets the unit's setting",
                 x.key
             );
@@ -556,6 +560,121 @@ fn drop_ins_only_open_up_what_their_case_needs() {
             text.contains(&format!("Drop-in for {target}")),
             "{name} must say it is a drop-in for {target} (the test installs it there)"
         );
+    }
+}
+
+/// The credential the YubiHSM drop-ins load, and where from.
+const YUBIHSM_CREDENTIAL: &str = "yubihsm-auth:/etc/keyward/credentials/yubihsm-auth";
+
+/// The `[hsm]` example a drop-in gives in its comments (`#   key = value`
+/// lines after `#   [hsm]`), as TOML.
+fn example_hsm_table(text: &str) -> toml::Table {
+    let mut lines = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let body = line.strip_prefix("#   ").map(str::trim);
+        match body {
+            Some("[hsm]") => inside = true,
+            Some(kv) if inside && kv.contains(" = ") => lines.push(kv.to_owned()),
+            _ if inside => break,
+            _ => {}
+        }
+    }
+    lines.join("\n").parse().unwrap()
+}
+
+#[test]
+fn yubihsm_drop_ins_replace_the_pin_and_open_only_their_connector() {
+    for (file, connector) in [
+        ("yubihsm-usb.conf", "usb"),
+        ("yubihsm-http.conf", "http://127.0.0.1:12345"),
+    ] {
+        let path = drop_ins_dir().join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ds = directives(&path);
+        // The native backend, not Yubico's PKCS#11 module.
+        for gone in ["yubihsm_pkcs11", "YUBIHSM_PKCS11", "yhusb://", "module ="] {
+            assert!(!text.contains(gone), "{file} still mentions {gone:?}");
+        }
+        let example = example_hsm_table(&text);
+        assert_eq!(example["backend"].as_str(), Some("yubihsm"), "{file}");
+        assert_eq!(example["connector"].as_str(), Some(connector), "{file}");
+        keyward::config::YubiHsmConnector::parse(connector).unwrap();
+        // The PIN credential is dropped, then the authentication key's is
+        // loaded under the name the example's credential_file uses.
+        assert_eq!(
+            service_values(&ds, "LoadCredential"),
+            ["", YUBIHSM_CREDENTIAL],
+            "{file}"
+        );
+        let (name, _) = YUBIHSM_CREDENTIAL.split_once(':').unwrap();
+        assert_eq!(example["credential_file"].as_str(), Some(name), "{file}");
+        let families = service_words(&ds, "RestrictAddressFamilies");
+        assert!(families.contains(&"AF_UNIX".to_owned()), "{file}");
+        assert!(service_values(&ds, "SystemCallFilter").is_empty(), "{file}");
+        if connector == "usb" {
+            assert_eq!(service_value(&ds, "PrivateDevices", file), "no");
+            assert_eq!(
+                service_value(&ds, "DeviceAllow", file),
+                "char-usb_device rw"
+            );
+            // Hot-plug over netlink, no IP at all.
+            assert_eq!(families, ["AF_UNIX", "AF_NETLINK"], "{file}");
+            assert!(service_values(&ds, "PrivateNetwork").is_empty(), "{file}");
+            assert!(service_values(&ds, "IPAddressAllow").is_empty(), "{file}");
+            // The udev rule for the YubiHSM 2 (Yubico 1050:0030) only.
+            assert!(
+                text.contains(
+                    "SUBSYSTEM==\"usb\", ATTR{idVendor}==\"1050\", ATTR{idProduct}==\"0030\", GROUP=\"keyward\", MODE=\"0660\""
+                ),
+                "{file}: the udev rule"
+            );
+            assert!(text.contains("seccomp/keywardd-yubihsm-usb.json"), "{file}");
+        } else {
+            assert_eq!(service_value(&ds, "PrivateNetwork", file), "no");
+            assert_eq!(service_value(&ds, "IPAddressAllow", file), "localhost");
+            assert_eq!(families, ["AF_UNIX", "AF_INET"], "{file}");
+            assert!(service_values(&ds, "PrivateDevices").is_empty(), "{file}");
+            assert!(service_values(&ds, "DeviceAllow").is_empty(), "{file}");
+            assert!(
+                ds.iter().any(|d| d.section == "Unit"
+                    && d.key == "After"
+                    && d.value == "yubihsm-connector.service"),
+                "{file}: ordered after the connector"
+            );
+        }
+    }
+}
+
+#[test]
+fn with_a_yubihsm_drop_in_the_unit_loads_the_authentication_key_not_the_pin() {
+    let Some(analyze) =
+        systemd_analyze("with_a_yubihsm_drop_in_the_unit_loads_the_authentication_key_not_the_pin")
+    else {
+        return;
+    };
+    for file in ["yubihsm-usb.conf", "yubihsm-http.conf"] {
+        let root = offline_root(&[drop_ins_dir().join(file)]);
+        // systemd's own view of the merged unit (`systemd-analyze cat-config`
+        // shows the files; `dump` needs a running manager): the drop-in is
+        // read after the unit, so its reset applies to the unit's PIN.
+        let out = Command::new(analyze)
+            .args(["cat-config", "--no-pager"])
+            .arg(format!("--root={}", root.path().display()))
+            .arg("systemd/system/keywardd.service")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let unit_at = text
+            .find("LoadCredential=pin:")
+            .unwrap_or_else(|| panic!("{text}"));
+        let reset_at = text
+            .find("LoadCredential=\n")
+            .unwrap_or_else(|| panic!("{file}: no reset in {text}"));
+        let auth_at = text
+            .find(&format!("LoadCredential={YUBIHSM_CREDENTIAL}"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(unit_at < reset_at && reset_at < auth_at, "{file}: {text}");
     }
 }
 

@@ -143,6 +143,10 @@ expect /usr/share/man/man8/keywardd.8.gz root:root 644
 expect /usr/share/man/man1/keyward.1.gz root:root 644
 expect /usr/share/doc/keyward/copyright root:root 644
 expect /usr/share/doc/keyward/changelog.Debian.gz root:root 644
+# The packaged (stripped) binaries carry no MockHsm either (build-deb.sh
+# checked the symbols before stripping; this checks what was installed).
+packaging/check-no-mockhsm.sh --stripped "$root/usr/bin/keywardd" "$root/usr/bin/keyward" ||
+	fail "the installed binaries contain the yubihsm crate's MockHsm"
 [ -L "$root/etc/systemd/system/multi-user.target.wants/keywardd.service" ] ||
 	fail "keywardd.service is not enabled"
 [ -L "$root/etc/systemd/system/multi-user.target.wants/keyward-mirror.service" ] ||

@@ -109,6 +109,30 @@ pub fn resolve_pin_for(cfg: &Config, pin_file: &Path) -> PinSource {
     }
 }
 
+/// [`resolve_pin`] for a YubiHSM `credential_file` of the instance `cfg`:
+/// a credential neither a credentials directory nor an installed unit
+/// resolves is looked for as `<config dir>/credentials/<name>` (where the
+/// YubiHSM drop-ins load it from, `/etc/keyward/credentials/yubihsm-auth`),
+/// when it is there.
+pub(super) fn resolve_credential_for(cfg: &Config, credential_file: &Path) -> PinSource {
+    match resolve_pin(credential_file) {
+        PinSource::Unresolved { name } => {
+            let file = std::path::absolute(&cfg.file).unwrap_or_else(|_| cfg.file.clone());
+            let path = file
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .join("credentials")
+                .join(&name);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                PinSource::UnitSource { name, path }
+            } else {
+                PinSource::Unresolved { name }
+            }
+        }
+        other => other,
+    }
+}
+
 /// The values of `key=` in `keywardd.service` as systemd would combine
 /// them: the first unit file found, then the drop-ins of every unit
 /// directory in file-name order; an empty assignment clears the list.

@@ -1,5 +1,6 @@
-//! The checks that open things: the HSM (module, token, PIN, keys), the
-//! ledger (read-only) and the mirror's files.
+//! The checks that open things: the HSM (PKCS#11: module, token, PIN;
+//! YubiHSM: [`super::yubihsm`]; then the keys), the ledger (read-only) and
+//! the mirror's files.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -55,6 +56,9 @@ fn token_place(cfg: &Config) -> String {
 /// PIN the token refuses); `None` for any other error (a device that does
 /// not answer may answer later).
 pub fn hsm_finding(cfg: &Config, e: &HsmError) -> Option<Finding> {
+    if cfg.hsm.yubihsm().is_some() {
+        return super::yubihsm::hsm_finding(e);
+    }
     let label = cfg.hsm.device_label();
     match e {
         HsmError::TokenNotFound(_) => Some(Finding::error(
@@ -103,19 +107,38 @@ fn keyward_cmd(cfg: &Config, cmd: &str) -> String {
     }
 }
 
+/// The HSM as messages name it: `HSM token "keyward"`, `the YubiHSM 2 at
+/// usb`.
+fn hsm_name(cfg: &Config) -> String {
+    match cfg.hsm.yubihsm() {
+        Some(y) => super::yubihsm::device_name(y),
+        None => format!("HSM token {:?}", cfg.hsm.device_label()),
+    }
+}
+
 /// The finding for a key the policy names that cannot be used.
 pub fn key_finding(cfg: &Config, key: &str, e: &HsmError) -> Finding {
-    let label = cfg.hsm.device_label();
+    let hsm = hsm_name(cfg);
     let policy = cfg.daemon.policy.display();
     match e {
         HsmError::KeyNotFound(_) => Finding::error(
             Code::KeyMissing,
             "signing key",
             Some(&cfg.daemon.policy),
-            format!("key {key:?} named by policy {policy} is not in HSM token {label:?}"),
+            format!("key {key:?} named by policy {policy} is not in {hsm}"),
             format!(
                 "{} (or remove it from {policy})",
                 keyward_cmd(cfg, &format!("key create {key}"))
+            ),
+        ),
+        HsmError::UnprotectedKey { .. } => Finding::error(
+            Code::KeyUnprotected,
+            "signing key",
+            Some(&cfg.daemon.policy),
+            format!("key {key:?} named by policy {policy} is refused: {e}"),
+            format!(
+                "generate a new key inside the HSM ({}) and name it in {policy} instead; never import one",
+                keyward_cmd(cfg, "key create NAME")
             ),
         ),
         _ => Finding::error(
@@ -134,6 +157,10 @@ pub fn key_finding(cfg: &Config, key: &str, e: &HsmError) -> Finding {
 /// or from the unit's credential source outside systemd), and finds every
 /// key the policy names. Changes nothing in the HSM.
 pub(super) fn check_hsm(cfg: &Config, policy: Option<&Policy>, report: &mut Report) {
+    if let Some(y) = cfg.hsm.yubihsm() {
+        super::yubihsm::check_device(cfg, y, policy, report);
+        return;
+    }
     let mut hsm_cfg = cfg.hsm.clone();
     match &mut hsm_cfg.backend {
         HsmBackendConfig::Pkcs11(p) => {
@@ -143,11 +170,8 @@ pub(super) fn check_hsm(cfg: &Config, policy: Option<&Policy>, report: &mut Repo
             // One session is enough to look.
             p.max_sessions = Some(1);
         }
-        HsmBackendConfig::YubiHsm(y) => {
-            if let Some(path) = super::resolve_pin_for(cfg, &y.credential_file).path() {
-                y.credential_file = path.to_path_buf();
-            }
-        }
+        // Checked by super::yubihsm above.
+        HsmBackendConfig::YubiHsm(_) => return,
     }
     let hsm = match crate::hsm::open(&hsm_cfg) {
         Ok(hsm) => hsm,
@@ -174,6 +198,17 @@ pub(super) fn check_hsm(cfg: &Config, policy: Option<&Policy>, report: &mut Repo
         cfg.hsm.device_label(),
         token_place(cfg)
     ));
+    check_keys(cfg, hsm.as_ref(), policy, report);
+}
+
+/// Every key the policy names, found and passing the backend's protection
+/// checks, and the audit key when it exists.
+pub(super) fn check_keys(
+    cfg: &Config,
+    hsm: &dyn crate::hsm::Hsm,
+    policy: Option<&Policy>,
+    report: &mut Report,
+) {
     let Some(policy) = policy else {
         return;
     };

@@ -5,11 +5,14 @@
 //! wrong and the command that fixes it, under a stable [`Code`]. Two sets:
 //!
 //! - [`preflight`]: files and directories only (owners and modes of the
-//!   config, the policy, the PIN file, the state directory, the sockets'
-//!   directory, the HSM module's presence). keywardd runs it at every start
+//!   config, the policy, the PIN file or the YubiHSM credential file, the
+//!   state directory, the sockets' directory, the HSM module's presence). keywardd runs it at every start
 //!   and refuses to start on any error ([`Severity::Error`]).
-//! - [`check`]: the preflight, then the policy, the HSM (module, token by
-//!   label, PIN login, every key the policy names), the ledger (opened
+//! - [`check`]: the preflight, then the policy, the HSM (PKCS#11: module,
+//!   token by label, PIN login; YubiHSM: the credential file's content, the
+//!   connector or USB device, a session with the authentication key; then
+//!   every key the policy names, with the backend's protection checks), the
+//!   ledger (opened
 //!   read-only, schema version known) and the mirror configuration. It
 //!   never takes the ledger's writer lock and never writes to the ledger or
 //!   the HSM, so it is safe beside a running daemon.
@@ -23,6 +26,7 @@
 mod credential;
 mod live;
 mod perms;
+mod yubihsm;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -81,6 +85,23 @@ pub enum Code {
     KeyMissing,
     /// A key the policy names is in the HSM but cannot be used.
     KeyUnusable,
+    /// A key the policy names is in the HSM but not protected as keyward
+    /// requires (extractable, imported, able to do more than sign).
+    KeyUnprotected,
+    /// YubiHSM: a relative `credential_file` outside systemd, and no unit
+    /// names its source.
+    CredentialUnresolved,
+    /// YubiHSM: the credential file does not exist.
+    CredentialMissing,
+    /// YubiHSM: the credential file is refused (mode, owner, type).
+    CredentialRefused,
+    /// YubiHSM: the credential file is not `AUTH_KEY_ID:PASSWORD`.
+    CredentialMalformed,
+    /// YubiHSM: nothing answers at the connector's address, or no YubiHSM
+    /// is plugged in.
+    HsmConnectorUnreachable,
+    /// YubiHSM: the device refused the authentication key or password.
+    HsmAuthFailed,
     /// The ledger database cannot be opened read-only.
     LedgerUnreadable,
     /// The ledger database is of a newer schema than this binary.
@@ -113,6 +134,13 @@ impl Code {
             Code::HsmLoginFailed => "hsm_login_failed",
             Code::KeyMissing => "key_missing",
             Code::KeyUnusable => "key_unusable",
+            Code::KeyUnprotected => "key_unprotected",
+            Code::CredentialUnresolved => "credential_unresolved",
+            Code::CredentialMissing => "credential_missing",
+            Code::CredentialRefused => "credential_refused",
+            Code::CredentialMalformed => "credential_malformed",
+            Code::HsmConnectorUnreachable => "hsm_connector_unreachable",
+            Code::HsmAuthFailed => "hsm_auth_failed",
             Code::LedgerUnreadable => "ledger_unreadable",
             Code::LedgerSchemaTooNew => "ledger_schema_too_new",
             Code::MirrorAckDir => "mirror_ack_dir",
@@ -260,6 +288,7 @@ pub fn preflight(cfg: &Config) -> Vec<Finding> {
     let mut findings = Vec::new();
     perms::check_config_files(cfg, &mut findings);
     findings.extend(credential::check_pin_file(cfg));
+    findings.extend(yubihsm::check_credential_file(cfg));
     perms::check_state_dir(cfg, &mut findings);
     perms::check_socket_dirs(cfg, &mut findings);
     live::check_module_file(cfg, &mut findings);
@@ -280,7 +309,8 @@ pub fn refuse_unsafe(cfg: &Config) -> Result<Vec<Finding>, Refusal> {
 }
 
 /// Every check, on the config file at `config` (see the module docs).
-/// Blocking: it loads the PKCS#11 module and logs in. The module's
+/// Blocking: it loads the PKCS#11 module and logs in, or opens a session
+/// on the YubiHSM. The module's
 /// environment (`[hsm] env`) must already be set
 /// ([`crate::process::apply_module_env`]).
 pub fn check(config: &Path) -> Report {
@@ -310,13 +340,24 @@ pub fn check(config: &Path) -> Report {
 fn check_loaded(cfg: &Config, report: &mut Report) {
     let pre = preflight(cfg);
     if pre.is_empty() {
-        report.ok("owners and modes of the config, policy, PIN, state and socket directories");
+        report.ok(match cfg.hsm.yubihsm() {
+            None => "owners and modes of the config, policy, PIN, state and socket directories",
+            Some(_) => {
+                "owners and modes of the config, policy, YubiHSM credential, state and socket directories"
+            }
+        });
     }
     let hsm_possible = !pre.iter().any(|f| {
         f.severity == Severity::Error
             && matches!(
                 f.code,
-                Code::PinMissing | Code::PinRefused | Code::PinUnresolved | Code::HsmModuleMissing
+                Code::PinMissing
+                    | Code::PinRefused
+                    | Code::PinUnresolved
+                    | Code::HsmModuleMissing
+                    | Code::CredentialUnresolved
+                    | Code::CredentialMissing
+                    | Code::CredentialRefused
             )
     });
     report.findings.extend(pre);
@@ -342,9 +383,15 @@ fn check_loaded(cfg: &Config, report: &mut Report) {
     if hsm_possible {
         live::check_hsm(cfg, policy.as_ref(), report);
     } else {
-        report
-            .skipped
-            .push("the HSM token, PIN login and keys: mend the PIN file or module first".into());
+        report.skipped.push(
+            match cfg.hsm.yubihsm() {
+                None => "the HSM token, PIN login and keys: mend the PIN file or module first",
+                Some(_) => {
+                    "the YubiHSM's connector, session and keys: mend the credential file first"
+                }
+            }
+            .into(),
+        );
     }
     live::check_ledger(cfg, report);
     live::check_mirror(cfg, report);

@@ -37,6 +37,8 @@ pub struct KeyAttributes {
     pub never_extractable: bool,
     /// CKA_KEY_TYPE is CKK_EC_EDWARDS.
     pub key_type_ec_edwards: bool,
+    /// CKA_SIGN: the key may sign (a token refuses C_SignInit otherwise).
+    pub sign: bool,
 }
 
 impl KeyAttributes {
@@ -53,7 +55,8 @@ impl KeyAttributes {
 
     /// Every attribute that makes the key unfit for keyward, each named as
     /// PKCS#11 names it with the value the token reports; empty when the
-    /// key [is protected](KeyAttributes::is_protected) and an Ed25519 key.
+    /// key [is protected](KeyAttributes::is_protected), an Ed25519 key and
+    /// allowed to sign.
     pub fn weaknesses(&self) -> Vec<&'static str> {
         let checks = [
             (
@@ -66,6 +69,7 @@ impl KeyAttributes {
             (self.extractable, "CKA_EXTRACTABLE is true"),
             (!self.always_sensitive, "CKA_ALWAYS_SENSITIVE is false"),
             (!self.never_extractable, "CKA_NEVER_EXTRACTABLE is false"),
+            (!self.sign, "CKA_SIGN is false"),
         ];
         checks
             .into_iter()
@@ -163,6 +167,7 @@ impl Pkcs11Hsm {
                     AttributeType::AlwaysSensitive,
                     AttributeType::NeverExtractable,
                     AttributeType::KeyType,
+                    AttributeType::Sign,
                 ],
             )
             .map_err(device("C_GetAttributeValue"))?;
@@ -175,6 +180,7 @@ impl Pkcs11Hsm {
             always_sensitive: false,
             never_extractable: false,
             key_type_ec_edwards: false,
+            sign: false,
         };
         for attr in attrs {
             match attr {
@@ -185,6 +191,7 @@ impl Pkcs11Hsm {
                 Attribute::AlwaysSensitive(v) => a.always_sensitive = v,
                 Attribute::NeverExtractable(v) => a.never_extractable = v,
                 Attribute::KeyType(t) => a.key_type_ec_edwards = t == KeyType::EC_EDWARDS,
+                Attribute::Sign(v) => a.sign = v,
                 _ => {}
             }
         }
@@ -370,10 +377,11 @@ mod tests {
             always_sensitive: true,
             never_extractable: true,
             key_type_ec_edwards: true,
+            sign: true,
         };
         assert!(good.weaknesses().is_empty());
         assert!(good.is_protected());
-        let cases: [(KeyAttributes, &str); 7] = [
+        let cases: [(KeyAttributes, &str); 8] = [
             (
                 KeyAttributes {
                     key_type_ec_edwards: false,
@@ -422,6 +430,13 @@ mod tests {
                     ..good
                 },
                 "CKA_NEVER_EXTRACTABLE is false",
+            ),
+            (
+                KeyAttributes {
+                    sign: false,
+                    ..good
+                },
+                "CKA_SIGN is false",
             ),
         ];
         for (attrs, named) in cases {

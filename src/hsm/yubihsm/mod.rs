@@ -16,6 +16,8 @@
 //!   that could be exported when backups are off is refused
 //!   ([`HsmError::UnprotectedKey`]).
 //! - **Names.** Labels hold 40 bytes; [`names`] maps longer names.
+//! - **Sandbox.** On USB, keywardd's seccomp filter needs libusb's calls:
+//!   [`sandbox`].
 //! - **Device loss.** A connector that is down, a USB device unplugged or a
 //!   session the device forgot fails the call with
 //!   [`HsmError::StateLost`] (`hsm_unavailable`) and drops the client; the
@@ -27,6 +29,7 @@ pub mod credentials;
 #[cfg(feature = "yubihsm-mock")]
 pub mod mock_connector;
 pub mod names;
+pub mod sandbox;
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
