@@ -8,6 +8,10 @@
 //! file ([`Extension`]): those are merged into the role's list and the
 //! result compiled at start; they can only allow more system calls, never
 //! change the default action, remove a rule or allow one of [`NEVER`].
+//! An HSM backend that needs more than the base list after the lockdown
+//! brings its own program in the same format, `seccomp/backends/*.json`
+//! ([`BackendProgram`]), merged the same way only when the configuration
+//! uses that backend.
 //!
 //! Each role has two stacked programs: the main allow-list, which kills the
 //! process (`SECCOMP_RET_KILL_PROCESS`) on anything else, and a small one
@@ -115,6 +119,52 @@ impl Role {
     }
 }
 
+/// Extra rules an HSM backend needs after the lockdown, in the extension
+/// format ([`Extension`]), kept in `seccomp/backends/NAME.json` (build.rs
+/// checks they merge into `keywardd.json` and compile) and embedded here.
+/// keywardd merges the programs [`BackendProgram::for_hsm`] names for its
+/// `[hsm]` section; other configurations never get them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendProgram {
+    /// `backend = "yubihsm"` with an `http://` connector: the yubihsm
+    /// crate's HTTP client opens TCP connections to the connector.
+    YubiHsmHttp,
+}
+
+impl BackendProgram {
+    /// Every backend program.
+    pub const ALL: &'static [BackendProgram] = &[BackendProgram::YubiHsmHttp];
+
+    /// The program's name (its file is `seccomp/backends/NAME.json`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendProgram::YubiHsmHttp => "yubihsm-http",
+        }
+    }
+
+    /// The program's JSON (extension format).
+    pub fn json(self) -> &'static str {
+        match self {
+            BackendProgram::YubiHsmHttp => include_str!("../../seccomp/backends/yubihsm-http.json"),
+        }
+    }
+
+    /// The programs the HSM backend `hsm` needs beside keywardd's list.
+    pub fn for_hsm(hsm: &crate::config::HsmConfig) -> Vec<BackendProgram> {
+        use crate::config::YubiHsmConnector;
+        match hsm.yubihsm().map(|y| &y.connector) {
+            Some(YubiHsmConnector::Http { .. }) => vec![BackendProgram::YubiHsmHttp],
+            Some(YubiHsmConnector::Usb { .. }) | None => Vec::new(),
+        }
+    }
+
+    /// The program's rules, checked as an operator's extension is.
+    pub fn rules(self) -> Result<Vec<ExtensionRule>, SeccompError> {
+        let path = PathBuf::from(format!("seccomp/backends/{}.json", self.name()));
+        Ok(parse_extension(&path, self.json())?.allow)
+    }
+}
+
 /// Why a filter could not be loaded or applied.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -213,6 +263,8 @@ pub struct Filter {
     enosys: BpfProgram,
     /// The extension files merged into it.
     pub extensions: Vec<PathBuf>,
+    /// The backend programs merged into it.
+    pub backend_programs: Vec<BackendProgram>,
     /// The extension files' `write_paths`.
     pub write_paths: Vec<PathBuf>,
 }
@@ -228,6 +280,7 @@ impl Filter {
                 main: decode(main),
                 enosys: decode(enosys),
                 extensions: Vec::new(),
+                backend_programs: Vec::new(),
                 write_paths: Vec::new(),
             })
         }
@@ -241,6 +294,21 @@ impl Filter {
     /// The role's filter with the extension files in `seccomp.d/` beside
     /// `config_file` merged in (the compiled one when there are none).
     pub fn load(role: Role, config_file: &Path) -> Result<Filter, SeccompError> {
+        Filter::load_with(role, config_file, &[])
+    }
+
+    /// keywardd's filter for `cfg`: the backend programs its `[hsm]`
+    /// needs ([`BackendProgram::for_hsm`]) and the extension files merged in.
+    pub fn for_daemon(cfg: &crate::config::Config) -> Result<Filter, SeccompError> {
+        Filter::load_with(Role::Daemon, &cfg.file, &BackendProgram::for_hsm(&cfg.hsm))
+    }
+
+    /// [`Filter::load`] with the backend `programs` merged in first.
+    pub fn load_with(
+        role: Role,
+        config_file: &Path,
+        programs: &[BackendProgram],
+    ) -> Result<Filter, SeccompError> {
         let dir = extension_dir(config_file);
         let mut files = Vec::new();
         match std::fs::read_dir(&dir) {
@@ -261,6 +329,9 @@ impl Filter {
         }
         files.sort();
         let mut rules = Vec::new();
+        for program in programs {
+            rules.extend(program.rules()?);
+        }
         let mut write_paths = Vec::new();
         for path in &files {
             let text = std::fs::read_to_string(path).map_err(|source| {
@@ -283,6 +354,7 @@ impl Filter {
             Filter::merged(role, &rules, drop.as_deref())?
         };
         filter.extensions = files;
+        filter.backend_programs = programs.to_vec();
         filter.write_paths = write_paths;
         Ok(filter)
     }
@@ -336,6 +408,7 @@ impl Filter {
             main,
             enosys,
             extensions: Vec::new(),
+            backend_programs: Vec::new(),
             write_paths: Vec::new(),
         })
     }
@@ -537,6 +610,64 @@ mod tests {
         let merged = Filter::merged(Role::Daemon, &rules, None).unwrap();
         let base = Filter::compiled(Role::Daemon).unwrap();
         assert_ne!(merged.main, base.main);
+    }
+
+    #[test]
+    fn backend_programs_parse_and_merge_into_the_daemon_filter() {
+        let base = Filter::compiled(Role::Daemon).unwrap();
+        for program in BackendProgram::ALL {
+            let rules = program.rules().unwrap();
+            assert!(!rules.is_empty(), "{program:?}");
+            let merged = Filter::merged(Role::Daemon, &rules, None).unwrap();
+            assert!(merged.main.len() > base.main.len(), "{program:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_yubihsm_http_connector_gets_the_yubihsm_http_program() {
+        let cfg = |hsm: &str| {
+            crate::config::Config::parse(
+                Path::new("/etc/keyward/keyward.toml"),
+                &format!(
+                    "[daemon]\nagent_socket = \"a.sock\"\nadmin_socket = \"b.sock\"\n\
+                     state_dir = \"state\"\npolicy = \"policy.toml\"\n\n[hsm]\n{hsm}"
+                ),
+            )
+            .unwrap()
+        };
+        let http = cfg(
+            "backend = \"yubihsm\"\nconnector = \"http://127.0.0.1:12345\"\ncredential_file = \"auth\"\n",
+        );
+        assert_eq!(
+            BackendProgram::for_hsm(&http.hsm),
+            vec![BackendProgram::YubiHsmHttp]
+        );
+        let usb = cfg("backend = \"yubihsm\"\nconnector = \"usb\"\ncredential_file = \"auth\"\n");
+        assert_eq!(BackendProgram::for_hsm(&usb.hsm), vec![]);
+        let pkcs11 = cfg(
+            "module = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"k\"\npin_file = \"pin\"\n",
+        );
+        assert_eq!(BackendProgram::for_hsm(&pkcs11.hsm), vec![]);
+    }
+
+    #[test]
+    fn the_readme_gives_every_backend_rule_with_its_reason() {
+        let readme = include_str!("../../seccomp/README.md");
+        for program in BackendProgram::ALL {
+            let heading = format!("## backends/{}.json", program.name());
+            assert!(
+                readme.contains(&heading),
+                "seccomp/README.md lacks {heading}"
+            );
+            for rule in program.rules().unwrap() {
+                let row = format!("| `{}` |", rule.syscall);
+                assert!(
+                    readme.contains(&row) && readme.contains(&rule.comment),
+                    "seccomp/README.md lacks {row} {}",
+                    rule.comment
+                );
+            }
+        }
     }
 
     #[test]
