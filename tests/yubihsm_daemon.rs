@@ -85,7 +85,7 @@ for my $body (@bodies) {
 
 /// Keeps the device's one worker busy and its queue full: `n` loops of
 /// `dev` signing requests, each sent again the moment it is answered
-/// (`hsm_busy` included, after 2 ms).
+/// (`hsm_busy` included, after 10 ms).
 struct Load {
     stop: Arc<AtomicBool>,
     /// Signatures the load got.
@@ -115,7 +115,7 @@ fn keep_busy(rt: &tokio::runtime::Runtime, inst: &Instance, n: usize) -> Load {
                         }
                         Err(ClientError::Api { code, .. }) if code == "hsm_busy" => {
                             busy.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
                         }
                         other => panic!("load: unexpected {other:?}"),
                     }
@@ -404,4 +404,45 @@ fn keywardd_on_an_http_connector_runs_under_the_yubihsm_program_and_still_refuse
         ),
     }
     assert!(inst.stop().success(), "{}", inst.log());
+}
+
+#[test]
+fn doctor_and_check_config_tell_the_truth_about_a_yubihsm_instance() {
+    let inst = Instance::init_on(TestBackend::YubiHsmMock { latency_ms: 0 });
+    let connector = inst.config_value("connector");
+    let check = || {
+        let doctor = inst.keyward(&["doctor"]);
+        let check = std::process::Command::new(KEYWARDD)
+            .arg("--config")
+            .arg(&inst.config)
+            .arg("--check-config")
+            .output()
+            .unwrap();
+        (doctor, check)
+    };
+    let (doctor, check_config) = check();
+    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    assert!(doctor.status.success(), "{text}");
+    assert!(check_config.status.success());
+    assert!(
+        text.contains(&format!("YubiHSM at {connector} answered")),
+        "{text}"
+    );
+    assert!(!text.contains("PIN accepted"), "{text}");
+    assert!(text.contains("key \"hot\" found"), "{text}");
+
+    inst.connector_down();
+    wait_until("the connector down", Duration::from_secs(10), || {
+        !connector_listening(&inst)
+    });
+    let (doctor, check_config) = check();
+    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    assert_eq!(doctor.status.code(), Some(1), "{text}");
+    assert_eq!(check_config.status.code(), Some(1));
+    assert!(text.contains("[hsm_unavailable]"), "{text}");
+    assert!(
+        text.contains(&format!("check that the YubiHSM answers at {connector}")),
+        "{text}"
+    );
+    assert!(!text.contains("hsm.module"), "{text}");
 }

@@ -160,20 +160,34 @@ pub(super) fn check_hsm(cfg: &Config, policy: Option<&Policy>, report: &mut Repo
                         "HSM",
                         None,
                         format!("{e}"),
-                        format!(
-                            "check that the device is present and hsm.module in {} is its module",
-                            cfg.file.display()
-                        ),
+                        match cfg.hsm.yubihsm() {
+                            Some(y) => format!(
+                                "check that the YubiHSM answers at {} (yubihsm-connector running, device plugged in), or correct hsm.connector in {}",
+                                y.connector,
+                                cfg.file.display()
+                            ),
+                            None => format!(
+                                "check that the device is present and hsm.module in {} is its module",
+                                cfg.file.display()
+                            ),
+                        },
                     )
                 }));
             return;
         }
     };
-    report.ok(format!(
-        "HSM token {:?} found in {}, PIN accepted",
-        cfg.hsm.device_label(),
-        token_place(cfg)
-    ));
+    report.ok(match cfg.hsm.yubihsm() {
+        Some(y) => format!(
+            "YubiHSM at {} answered, credentials in {} accepted",
+            y.connector,
+            y.credential_file.display()
+        ),
+        None => format!(
+            "HSM token {:?} found in {}, PIN accepted",
+            cfg.hsm.device_label(),
+            token_place(cfg)
+        ),
+    });
     let Some(policy) = policy else {
         return;
     };
