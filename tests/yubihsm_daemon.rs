@@ -446,3 +446,121 @@ fn doctor_and_check_config_tell_the_truth_about_a_yubihsm_instance() {
     );
     assert!(!text.contains("hsm.module"), "{text}");
 }
+
+/// Whether process `pid` is gone (or a zombie waiting for its reaper).
+fn process_gone(pid: nix::unistd::Pid) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Err(_) => true,
+        Ok(status) => status.lines().any(|l| l.starts_with("State:\tZ")),
+    }
+}
+
+#[test]
+fn a_yubihsm_mock_instance_keeps_its_keys_across_keywardd_restarts_and_its_connector_ends_with_its_directory()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let inst_dir = dir.path().join("inst");
+    let out = std::process::Command::new(KEYWARD)
+        .args(["init", "--dev"])
+        .arg(&inst_dir)
+        .args(["--backend", "yubihsm-mock"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid_text = std::fs::read_to_string(inst_dir.join("yubihsm-mock.pid")).unwrap();
+    let pid = nix::unistd::Pid::from_raw(pid_text.trim().parse().unwrap());
+    // Killed at the end whatever happens in between.
+    struct Reap(nix::unistd::Pid);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let _reap = Reap(pid);
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    assert!(!process_gone(pid), "the mock connector runs after init");
+    assert!(stdout.contains(&format!("pid {pid}")), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "kill $(cat {})",
+            inst_dir.join("yubihsm-mock.pid").display()
+        )),
+        "{stdout}"
+    );
+    let config = std::fs::read_to_string(inst_dir.join("keyward.toml")).unwrap();
+    assert!(config.contains("backend = \"yubihsm\""), "{config}");
+    assert!(
+        config.contains("connector = \"http://127.0.0.1:"),
+        "{config}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let cred = std::fs::metadata(inst_dir.join("yubihsm-auth")).unwrap();
+    assert_eq!(cred.permissions().mode() & 0o777, 0o400);
+    let hot = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("key \"hot\": "))
+        .unwrap()
+        .to_owned();
+
+    // keywardd twice on the same instance: the same key from the MockHsm,
+    // and it signs.
+    for run in 0..2 {
+        let log = std::fs::File::create(dir.path().join(format!("keywardd-{run}.log"))).unwrap();
+        let mut daemon = KillOnDrop(
+            std::process::Command::new(KEYWARDD)
+                .arg("--config")
+                .arg(inst_dir.join("keyward.toml"))
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let socket = inst_dir.join("agent.sock");
+        wait_until("keywardd serving", Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        let rt = rt();
+        let client = keyward_client::Client::new(&socket);
+        let keys = rt.block_on(client.keys()).unwrap();
+        assert_eq!(
+            keys.keys.iter().map(|k| &k.public_key).collect::<Vec<_>>(),
+            vec![&hot],
+            "run {run}"
+        );
+        match rt.block_on(client.submit_intent(&transfer(
+            &format!("run-{run}"),
+            &random_pubkey(),
+            "0.01",
+        ))) {
+            Ok(IntentOutcome::Signed(_)) => {}
+            other => panic!("run {run}: {other:?}"),
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(daemon.0.wait().unwrap().success(), "run {run}");
+        assert!(!process_gone(pid), "the connector outlives keywardd");
+    }
+
+    // The directory gone, the connector ends by itself.
+    std::fs::remove_dir_all(&inst_dir).unwrap();
+    wait_until(
+        "the mock connector gone with its directory",
+        Duration::from_secs(10),
+        || process_gone(pid),
+    );
+}
