@@ -375,7 +375,8 @@ fn keywardd_on_an_http_connector_runs_under_the_yubihsm_program_and_still_refuse
     let status = std::fs::read_to_string(format!("/proc/{}/status", inst.pid())).unwrap();
     assert!(status.contains("Seccomp:\t2"), "{status}");
     assert!(
-        inst.log().contains("backend_programs=[\"yubihsm-http\"]"),
+        inst.log()
+            .contains("backend_programs=[\"yubihsm-http\", \"tcp4\"]"),
         "{}",
         inst.log()
     );

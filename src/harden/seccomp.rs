@@ -121,24 +121,36 @@ impl Role {
 
 /// Extra rules an HSM backend needs after the lockdown, in the extension
 /// format ([`Extension`]), kept in `seccomp/backends/NAME.json` (build.rs
-/// checks they merge into `keywardd.json` and compile) and embedded here.
+/// checks each merges into `keywardd.json` and compiles) and embedded here.
 /// keywardd merges the programs [`BackendProgram::for_hsm`] names for its
-/// `[hsm]` section; other configurations never get them.
+/// `[hsm]` section; other configurations never get them. Programs compose:
+/// a backend's own calls, plus the socket family its device is reached by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendProgram {
     /// `backend = "yubihsm"` with an `http://` connector: the yubihsm
-    /// crate's HTTP client opens TCP connections to the connector.
+    /// crate's HTTP client connects with a timeout and sets the socket's
+    /// timeouts (with [`BackendProgram::Tcp4`] or [`BackendProgram::Tcp6`]).
     YubiHsmHttp,
+    /// TCP stream sockets over IPv4.
+    Tcp4,
+    /// TCP stream sockets over IPv6.
+    Tcp6,
 }
 
 impl BackendProgram {
     /// Every backend program.
-    pub const ALL: &'static [BackendProgram] = &[BackendProgram::YubiHsmHttp];
+    pub const ALL: &'static [BackendProgram] = &[
+        BackendProgram::YubiHsmHttp,
+        BackendProgram::Tcp4,
+        BackendProgram::Tcp6,
+    ];
 
     /// The program's name (its file is `seccomp/backends/NAME.json`).
     pub fn name(self) -> &'static str {
         match self {
             BackendProgram::YubiHsmHttp => "yubihsm-http",
+            BackendProgram::Tcp4 => "tcp4",
+            BackendProgram::Tcp6 => "tcp6",
         }
     }
 
@@ -146,6 +158,8 @@ impl BackendProgram {
     pub fn json(self) -> &'static str {
         match self {
             BackendProgram::YubiHsmHttp => include_str!("../../seccomp/backends/yubihsm-http.json"),
+            BackendProgram::Tcp4 => include_str!("../../seccomp/backends/tcp4.json"),
+            BackendProgram::Tcp6 => include_str!("../../seccomp/backends/tcp6.json"),
         }
     }
 
@@ -153,7 +167,16 @@ impl BackendProgram {
     pub fn for_hsm(hsm: &crate::config::HsmConfig) -> Vec<BackendProgram> {
         use crate::config::YubiHsmConnector;
         match hsm.yubihsm().map(|y| &y.connector) {
-            Some(YubiHsmConnector::Http { .. }) => vec![BackendProgram::YubiHsmHttp],
+            Some(YubiHsmConnector::Http { addr, .. }) => {
+                // The configuration admits IP addresses only (no resolver
+                // runs after the lockdown).
+                let family = if addr.contains(':') {
+                    BackendProgram::Tcp6
+                } else {
+                    BackendProgram::Tcp4
+                };
+                vec![BackendProgram::YubiHsmHttp, family]
+            }
             Some(YubiHsmConnector::Usb { .. }) | None => Vec::new(),
         }
     }
@@ -623,31 +646,69 @@ mod tests {
         }
     }
 
+    fn config_with_hsm(hsm: &str) -> crate::config::Config {
+        crate::config::Config::parse(
+            Path::new("/etc/keyward/keyward.toml"),
+            &format!(
+                "[daemon]\nagent_socket = \"a.sock\"\nadmin_socket = \"b.sock\"\n\
+                 state_dir = \"state\"\npolicy = \"policy.toml\"\n\n[hsm]\n{hsm}"
+            ),
+        )
+        .unwrap()
+    }
+
     #[test]
-    fn only_a_yubihsm_http_connector_gets_the_yubihsm_http_program() {
-        let cfg = |hsm: &str| {
-            crate::config::Config::parse(
-                Path::new("/etc/keyward/keyward.toml"),
-                &format!(
-                    "[daemon]\nagent_socket = \"a.sock\"\nadmin_socket = \"b.sock\"\n\
-                     state_dir = \"state\"\npolicy = \"policy.toml\"\n\n[hsm]\n{hsm}"
-                ),
-            )
-            .unwrap()
+    fn an_http_connector_gets_the_yubihsm_http_program_and_its_address_family_only() {
+        let yubihsm = |connector: &str| {
+            config_with_hsm(&format!(
+                "backend = \"yubihsm\"\nconnector = \"{connector}\"\ncredential_file = \"auth\"\n"
+            ))
         };
-        let http = cfg(
-            "backend = \"yubihsm\"\nconnector = \"http://127.0.0.1:12345\"\ncredential_file = \"auth\"\n",
-        );
-        assert_eq!(
-            BackendProgram::for_hsm(&http.hsm),
-            vec![BackendProgram::YubiHsmHttp]
-        );
-        let usb = cfg("backend = \"yubihsm\"\nconnector = \"usb\"\ncredential_file = \"auth\"\n");
-        assert_eq!(BackendProgram::for_hsm(&usb.hsm), vec![]);
-        let pkcs11 = cfg(
+        use BackendProgram::*;
+        for (connector, programs) in [
+            ("http://127.0.0.1:12345", vec![YubiHsmHttp, Tcp4]),
+            ("http://[::1]:12345", vec![YubiHsmHttp, Tcp6]),
+            ("usb", vec![]),
+            ("usb:0123456789", vec![]),
+        ] {
+            let cfg = yubihsm(connector);
+            assert_eq!(BackendProgram::for_hsm(&cfg.hsm), programs, "{connector}");
+            // What keywardd merges compiles.
+            let rules: Vec<ExtensionRule> =
+                programs.iter().flat_map(|p| p.rules().unwrap()).collect();
+            Filter::merged(Role::Daemon, &rules, None).unwrap();
+        }
+        let pkcs11 = config_with_hsm(
             "module = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"k\"\npin_file = \"pin\"\n",
         );
         assert_eq!(BackendProgram::for_hsm(&pkcs11.hsm), vec![]);
+    }
+
+    #[test]
+    fn backend_programs_never_open_sockets_beyond_tcp() {
+        // socket(2) rules of every program: family AF_INET or AF_INET6 and
+        // type SOCK_STREAM, both checked.
+        for program in BackendProgram::ALL {
+            for rule in program.rules().unwrap() {
+                if rule.syscall != "socket" {
+                    continue;
+                }
+                let args = serde_json::to_value(&rule.args).unwrap();
+                let family = args[0]["val"].as_u64();
+                assert!(
+                    args[0]["index"] == 0
+                        && args[0]["op"] == "eq"
+                        && matches!(family, Some(2 | 10)),
+                    "{program:?}: {args}"
+                );
+                assert!(
+                    args[1]["index"] == 1
+                        && args[1]["op"]["masked_eq"] == 15
+                        && args[1]["val"] == 1,
+                    "{program:?}: {args}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -31,18 +31,18 @@ pub const PROBES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The network probe on a configuration whose backend program allows
-/// TCP sockets (a YubiHSM behind an HTTP connector): UDP, which no program
-/// allows (a compromised signer's first way out, e.g. over DNS).
+/// The network probe on a configuration whose backend programs allow TCP
+/// over IPv4 (a YubiHSM behind an HTTP connector on 127.0.0.1): UDP, which
+/// no program allows (a compromised signer's first way out, e.g. over DNS).
 pub const UDP_PROBE: (&str, &str) = ("socket-udp", "socket(AF_INET, SOCK_DGRAM)");
 
 /// The probes for the configuration `config`: [`PROBES`], with
 /// [`UDP_PROBE`] for `socket-inet` when the configuration's backend
-/// program allows TCP.
+/// programs allow TCP over IPv4.
 pub fn probes_for(config: &Path) -> Vec<(&'static str, &'static str)> {
     let inet_allowed = Config::load(config).is_ok_and(|cfg| {
         super::seccomp::BackendProgram::for_hsm(&cfg.hsm)
-            .contains(&super::seccomp::BackendProgram::YubiHsmHttp)
+            .contains(&super::seccomp::BackendProgram::Tcp4)
     });
     PROBES
         .iter()
