@@ -4,6 +4,11 @@
 //! words, native endian) and are embedded by `src/harden/seccomp.rs` with
 //! `include_bytes!`, beside the JSON they came from (for the operator's
 //! extension files, merged and compiled at start).
+//!
+//! The HSM backends' programs in `seccomp/backends/*.json` (extension
+//! format, merged into keywardd's list at start when the backend is in use)
+//! are checked here too: each rule with its reason, and keywardd's list
+//! with the program added compiles.
 // A build script reports failure by panicking, with the reason.
 #![allow(clippy::expect_used)]
 
@@ -50,6 +55,50 @@ fn main() {
                 bytes.extend_from_slice(&ins.k.to_ne_bytes());
             }
             std::fs::write(out.join(format!("{name}.bpf")), bytes).expect("write the BPF program");
+        }
+    }
+    check_backend_programs(arch);
+}
+
+/// Each `seccomp/backends/*.json` gives its reason and every rule's, and
+/// merged into `keywardd.json` (rules appended, as keywardd merges them)
+/// still passes [`check_structure`] and compiles.
+fn check_backend_programs(arch: Option<seccompiler::TargetArch>) {
+    let dir = Path::new("seccomp").join("backends");
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let base_path = Path::new("seccomp").join("keywardd.json");
+    let base = std::fs::read_to_string(&base_path).expect("read seccomp/keywardd.json");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("read seccomp/backends")
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    for path in files {
+        println!("cargo:rerun-if-changed={}", path.display());
+        let fail = |msg: String| -> ! { panic!("{}: {msg}", path.display()) };
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| fail(e.to_string()));
+        let program: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| fail(format!("not JSON: {e}")));
+        if program["comment"]
+            .as_str()
+            .is_none_or(|c| c.trim().is_empty())
+        {
+            fail("no \"comment\" giving the program's reason".into());
+        }
+        let rules = program["allow"]
+            .as_array()
+            .unwrap_or_else(|| fail("no \"allow\" list".into()));
+        let mut doc: serde_json::Value = serde_json::from_str(&base).expect("keywardd.json");
+        let list = doc["keywardd"]["filter"]
+            .as_array_mut()
+            .expect("keywardd.json has a rule list");
+        list.extend(rules.iter().cloned());
+        let merged = serde_json::to_string(&doc).expect("serialize");
+        check_structure(&path, &merged, &["keywardd", "keywardd_enosys"]);
+        if let Some(arch) = arch {
+            seccompiler::compile_from_json(merged.as_bytes(), arch)
+                .unwrap_or_else(|e| fail(format!("merged into keywardd.json: {e}")));
         }
     }
 }

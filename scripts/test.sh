@@ -9,6 +9,9 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The end-to-end tests again on backend "yubihsm" (MockHsm behind `keyward
+# hsm mock-connector`, through keywardd's HTTP connector client).
+KEYWARD_TEST_BACKEND=yubihsm-mock cargo test --locked --test signing --test denials --test approvals --test checkpoints
 # The Debian package, installed and used in a clean Debian 12 root (root
 # only; it prints SKIP otherwise).
 packaging/test/install-test.sh

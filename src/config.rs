@@ -1113,7 +1113,7 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
         let cfg = Config::parse(
             Path::new("/etc/kw/k.toml"),
             &with_hsm(
-                "[hsm]\nbackend = \"yubihsm\"\nconnector = \"http://127.0.0.1:12345\"\ncredential_file = \"yubihsm-auth\"\n",
+                "[hsm]\nbackend = \"yubihsm\"\nconnector = \"http://127.0.0.1:12345\"\ncredential_file = \"yubihsm-signer\"\n",
             ),
         )
         .unwrap();
@@ -1127,7 +1127,7 @@ env = { SOFTHSM2_CONF = "/tmp/x/softhsm2.conf" }
             }
         );
         assert_eq!(y.connector.to_string(), "http://127.0.0.1:12345");
-        assert_eq!(y.credential_file, Path::new("yubihsm-auth"));
+        assert_eq!(y.credential_file, Path::new("yubihsm-signer"));
         assert_eq!(y.domains, vec![1]);
         assert!(!y.exportable_under_wrap);
         assert_eq!(y.timeout_ms, DEFAULT_YUBIHSM_TIMEOUT_MS);

@@ -524,6 +524,7 @@ pub fn lockdown(
         tracing::info!(
             filter = filter.role().name(),
             extensions = ?filter.extensions,
+            backend_programs = ?filter.backend_programs.iter().map(|p| p.name()).collect::<Vec<_>>(),
             "seccomp filter applied to every thread"
         );
     }

@@ -36,13 +36,13 @@ impl ConfineError {
 }
 
 /// keywardd's confinement, set up in `main` while it has one thread: loads
-/// the daemon's seccomp filter (with `seccomp.d/` beside the configuration
-/// file) for the lockdown step to apply, and restricts file-system writes
+/// the daemon's seccomp filter (with its HSM backend's program and
+/// `seccomp.d/` beside the configuration file) for the lockdown step to apply, and restricts file-system writes
 /// with Landlock to the directories keywardd writes ([`landlock`]). Without
 /// Landlock in the kernel, that half is logged and skipped.
 pub fn confine_daemon(cfg: &crate::config::Config) -> Result<seccomp::Filter, ConfineError> {
     use std::os::unix::fs::DirBuilderExt;
-    let filter = seccomp::Filter::load(seccomp::Role::Daemon, &cfg.file)?;
+    let filter = seccomp::Filter::for_daemon(cfg)?;
     // Landlock allows only existing paths; the ledger's step would create
     // the state directory the same way.
     std::fs::DirBuilder::new()

@@ -4,7 +4,9 @@
 //! and the logs hold.
 //!
 //! One test, because it opens the SoftHSM token in this process at the end
-//! and SoftHSM2 reads `SOFTHSM2_CONF` from the process environment.
+//! and SoftHSM2 reads `SOFTHSM2_CONF` from the process environment. With
+//! `KEYWARD_TEST_BACKEND=yubihsm-mock` it runs on MockHsm and ends with
+//! what the device can show there.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -409,6 +411,10 @@ fn approvals_end_to_end() {
             "a MAC is in the log"
         );
     }
+    if inst.backend.is_yubihsm() {
+        yubihsm_holds_alice_not_carol(&inst, &ap);
+        return;
+    }
     // The HMAC keys in the token are sensitive and not extractable; a
     // removed approver's key is gone.
     let inst_dir = inst.inst_dir().to_path_buf();
@@ -441,5 +447,37 @@ fn approvals_end_to_end() {
     assert!(
         hsm.secret_key_attributes(&keyward::approval::key_label("carol"))
             .is_err()
+    );
+}
+
+/// On backend "yubihsm" (MockHsm): alice's HMAC key is in the device and
+/// computes the MAC her key file gives in software; carol's was removed.
+/// That the key is sensitive and not extractable is a capability, which
+/// MockHsm does not enforce (tests/hsm_contract.rs and the README's
+/// hardware checks cover it), so it is not asserted here.
+fn yubihsm_holds_alice_not_carol(inst: &Instance, ap: &Approvers) {
+    use hmac::Mac as _;
+    eprintln!(
+        "backend yubihsm-mock: not checked here: the approver key's capabilities (MockHsm does not enforce them)"
+    );
+    let cfg = keyward::config::Config::load(&inst.config).unwrap();
+    let hsm = keyward::hsm::open(&cfg.hsm).unwrap();
+    let key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(key_text(&ap.key("alice")))
+        .unwrap();
+    let data = b"keyward approvals test: alice's key in the device";
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(data);
+    let expected: [u8; 32] = mac.finalize().into_bytes().into();
+    assert_eq!(
+        hsm.hmac_sha256(&keyward::approval::key_label("alice"), data)
+            .unwrap(),
+        expected,
+        "alice's key in the device is the one in her key file"
+    );
+    assert!(
+        hsm.hmac_sha256(&keyward::approval::key_label("carol"), data)
+            .is_err(),
+        "carol's key was removed from the device"
     );
 }

@@ -346,7 +346,7 @@ impl YubiInstance {
                 yubihsm::asymmetric::Algorithm::Ed25519,
             )
             .unwrap();
-        let credential = inst.inst_dir().join("yubihsm-auth");
+        let credential = inst.inst_dir().join("yubihsm-signer");
         std::fs::write(&credential, format!("2:{password}\n")).unwrap();
         chmod(&credential, 0o400);
         let text = std::fs::read_to_string(&inst.config).unwrap();

@@ -564,7 +564,7 @@ fn drop_ins_only_open_up_what_their_case_needs() {
 }
 
 /// The credential the YubiHSM drop-ins load, and where from.
-const YUBIHSM_CREDENTIAL: &str = "yubihsm-auth:/etc/keyward/credentials/yubihsm-auth";
+const YUBIHSM_CREDENTIAL: &str = "yubihsm-signer:/etc/keyward/credentials/yubihsm-signer";
 
 /// The `[hsm]` example a drop-in gives in its comments (`#   key = value`
 /// lines after `#   [hsm]`), as TOML.
@@ -629,7 +629,7 @@ fn yubihsm_drop_ins_replace_the_pin_and_open_only_their_connector() {
                 ),
                 "{file}: the udev rule"
             );
-            assert!(text.contains("seccomp/keywardd-yubihsm-usb.json"), "{file}");
+            assert!(text.contains("seccomp/backends/yubihsm-usb.json"), "{file}");
         } else {
             assert_eq!(service_value(&ds, "PrivateNetwork", file), "no");
             assert_eq!(service_value(&ds, "IPAddressAllow", file), "localhost");

@@ -112,7 +112,7 @@ pub fn resolve_pin_for(cfg: &Config, pin_file: &Path) -> PinSource {
 /// [`resolve_pin`] for a YubiHSM `credential_file` of the instance `cfg`:
 /// a credential neither a credentials directory nor an installed unit
 /// resolves is looked for as `<config dir>/credentials/<name>` (where the
-/// YubiHSM drop-ins load it from, `/etc/keyward/credentials/yubihsm-auth`),
+/// YubiHSM drop-ins load it from, `/etc/keyward/credentials/yubihsm-signer`),
 /// when it is there.
 pub(super) fn resolve_credential_for(cfg: &Config, credential_file: &Path) -> PinSource {
     match resolve_pin(credential_file) {

@@ -8,6 +8,10 @@
 //! file ([`Extension`]): those are merged into the role's list and the
 //! result compiled at start; they can only allow more system calls, never
 //! change the default action, remove a rule or allow one of [`NEVER`].
+//! An HSM backend that needs more than the base list after the lockdown
+//! brings its own program in the same format, `seccomp/backends/*.json`
+//! ([`BackendProgram`]), merged the same way only when the configuration
+//! uses that backend.
 //!
 //! Each role has two stacked programs: the main allow-list, which kills the
 //! process (`SECCOMP_RET_KILL_PROCESS`) on anything else, and a small one
@@ -115,6 +119,89 @@ impl Role {
     }
 }
 
+/// Extra rules an HSM backend needs after the lockdown, in the extension
+/// format ([`Extension`]), kept in `seccomp/backends/NAME.json` (build.rs
+/// checks each merges into `keywardd.json` and compiles) and embedded here.
+/// keywardd merges the programs [`BackendProgram::for_hsm`] names for its
+/// `[hsm]` section; other configurations never get them. Programs compose:
+/// a backend's own calls, plus the socket family its device is reached by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendProgram {
+    /// `backend = "yubihsm"` with an `http://` connector: the yubihsm
+    /// crate's HTTP client connects with a timeout and sets the socket's
+    /// timeouts (with [`BackendProgram::Tcp4`] or [`BackendProgram::Tcp6`]).
+    YubiHsmHttp,
+    /// TCP stream sockets over IPv4.
+    Tcp4,
+    /// TCP stream sockets over IPv6.
+    Tcp6,
+    /// `backend = "yubihsm"` on USB: libusb's usbfs ioctls, its hot-plug
+    /// netlink socket and event loop, and `/dev/bus/usb` writable under
+    /// Landlock. Derived from libusb's source (seccomp/README.md).
+    YubiHsmUsb,
+}
+
+impl BackendProgram {
+    /// Every backend program.
+    pub const ALL: &'static [BackendProgram] = &[
+        BackendProgram::YubiHsmHttp,
+        BackendProgram::Tcp4,
+        BackendProgram::Tcp6,
+        BackendProgram::YubiHsmUsb,
+    ];
+
+    /// The program's name (its file is `seccomp/backends/NAME.json`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendProgram::YubiHsmHttp => "yubihsm-http",
+            BackendProgram::Tcp4 => "tcp4",
+            BackendProgram::Tcp6 => "tcp6",
+            BackendProgram::YubiHsmUsb => "yubihsm-usb",
+        }
+    }
+
+    /// The program's JSON (extension format).
+    pub const fn json(self) -> &'static str {
+        match self {
+            BackendProgram::YubiHsmHttp => include_str!("../../seccomp/backends/yubihsm-http.json"),
+            BackendProgram::Tcp4 => include_str!("../../seccomp/backends/tcp4.json"),
+            BackendProgram::Tcp6 => include_str!("../../seccomp/backends/tcp6.json"),
+            BackendProgram::YubiHsmUsb => include_str!("../../seccomp/backends/yubihsm-usb.json"),
+        }
+    }
+
+    /// The programs the HSM backend `hsm` needs beside keywardd's list.
+    pub fn for_hsm(hsm: &crate::config::HsmConfig) -> Vec<BackendProgram> {
+        use crate::config::YubiHsmConnector;
+        match hsm.yubihsm().map(|y| &y.connector) {
+            Some(YubiHsmConnector::Http { addr, .. }) => {
+                // The configuration admits IP addresses only (no resolver
+                // runs after the lockdown).
+                let family = if addr.contains(':') {
+                    BackendProgram::Tcp6
+                } else {
+                    BackendProgram::Tcp4
+                };
+                vec![BackendProgram::YubiHsmHttp, family]
+            }
+            Some(YubiHsmConnector::Usb { .. }) => vec![BackendProgram::YubiHsmUsb],
+            None => Vec::new(),
+        }
+    }
+
+    /// The program's rules, checked as an operator's extension is.
+    pub fn rules(self) -> Result<Vec<ExtensionRule>, SeccompError> {
+        Ok(self.extension()?.allow)
+    }
+
+    /// The whole program (rules and Landlock write paths), checked as an
+    /// operator's extension is.
+    pub fn extension(self) -> Result<Extension, SeccompError> {
+        let path = PathBuf::from(format!("seccomp/backends/{}.json", self.name()));
+        parse_extension(&path, self.json())
+    }
+}
+
 /// Why a filter could not be loaded or applied.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -213,6 +300,8 @@ pub struct Filter {
     enosys: BpfProgram,
     /// The extension files merged into it.
     pub extensions: Vec<PathBuf>,
+    /// The backend programs merged into it.
+    pub backend_programs: Vec<BackendProgram>,
     /// The extension files' `write_paths`.
     pub write_paths: Vec<PathBuf>,
 }
@@ -228,6 +317,7 @@ impl Filter {
                 main: decode(main),
                 enosys: decode(enosys),
                 extensions: Vec::new(),
+                backend_programs: Vec::new(),
                 write_paths: Vec::new(),
             })
         }
@@ -241,6 +331,21 @@ impl Filter {
     /// The role's filter with the extension files in `seccomp.d/` beside
     /// `config_file` merged in (the compiled one when there are none).
     pub fn load(role: Role, config_file: &Path) -> Result<Filter, SeccompError> {
+        Filter::load_with(role, config_file, &[])
+    }
+
+    /// keywardd's filter for `cfg`: the backend programs its `[hsm]`
+    /// needs ([`BackendProgram::for_hsm`]) and the extension files merged in.
+    pub fn for_daemon(cfg: &crate::config::Config) -> Result<Filter, SeccompError> {
+        Filter::load_with(Role::Daemon, &cfg.file, &BackendProgram::for_hsm(&cfg.hsm))
+    }
+
+    /// [`Filter::load`] with the backend `programs` merged in first.
+    pub fn load_with(
+        role: Role,
+        config_file: &Path,
+        programs: &[BackendProgram],
+    ) -> Result<Filter, SeccompError> {
         let dir = extension_dir(config_file);
         let mut files = Vec::new();
         match std::fs::read_dir(&dir) {
@@ -262,6 +367,11 @@ impl Filter {
         files.sort();
         let mut rules = Vec::new();
         let mut write_paths = Vec::new();
+        for program in programs {
+            let ext = program.extension()?;
+            rules.extend(ext.allow);
+            write_paths.extend(ext.write_paths);
+        }
         for path in &files {
             let text = std::fs::read_to_string(path).map_err(|source| {
                 SeccompError::ExtensionUnreadable {
@@ -283,6 +393,7 @@ impl Filter {
             Filter::merged(role, &rules, drop.as_deref())?
         };
         filter.extensions = files;
+        filter.backend_programs = programs.to_vec();
         filter.write_paths = write_paths;
         Ok(filter)
     }
@@ -336,6 +447,7 @@ impl Filter {
             main,
             enosys,
             extensions: Vec::new(),
+            backend_programs: Vec::new(),
             write_paths: Vec::new(),
         })
     }
@@ -537,6 +649,114 @@ mod tests {
         let merged = Filter::merged(Role::Daemon, &rules, None).unwrap();
         let base = Filter::compiled(Role::Daemon).unwrap();
         assert_ne!(merged.main, base.main);
+    }
+
+    #[test]
+    fn backend_programs_parse_and_merge_into_the_daemon_filter() {
+        let base = Filter::compiled(Role::Daemon).unwrap();
+        for program in BackendProgram::ALL {
+            let rules = program.rules().unwrap();
+            assert!(!rules.is_empty(), "{program:?}");
+            let merged = Filter::merged(Role::Daemon, &rules, None).unwrap();
+            assert!(merged.main.len() > base.main.len(), "{program:?}");
+        }
+    }
+
+    fn config_with_hsm(hsm: &str) -> crate::config::Config {
+        crate::config::Config::parse(
+            Path::new("/etc/keyward/keyward.toml"),
+            &format!(
+                "[daemon]\nagent_socket = \"a.sock\"\nadmin_socket = \"b.sock\"\n\
+                 state_dir = \"state\"\npolicy = \"policy.toml\"\n\n[hsm]\n{hsm}"
+            ),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_http_connector_gets_the_yubihsm_http_program_and_its_address_family_only() {
+        let yubihsm = |connector: &str| {
+            config_with_hsm(&format!(
+                "backend = \"yubihsm\"\nconnector = \"{connector}\"\ncredential_file = \"auth\"\n"
+            ))
+        };
+        use BackendProgram::*;
+        for (connector, programs) in [
+            ("http://127.0.0.1:12345", vec![YubiHsmHttp, Tcp4]),
+            ("http://[::1]:12345", vec![YubiHsmHttp, Tcp6]),
+            ("usb", vec![YubiHsmUsb]),
+            ("usb:0123456789", vec![YubiHsmUsb]),
+        ] {
+            let cfg = yubihsm(connector);
+            assert_eq!(BackendProgram::for_hsm(&cfg.hsm), programs, "{connector}");
+            // What keywardd merges compiles.
+            let rules: Vec<ExtensionRule> =
+                programs.iter().flat_map(|p| p.rules().unwrap()).collect();
+            Filter::merged(Role::Daemon, &rules, None).unwrap();
+        }
+        let pkcs11 = config_with_hsm(
+            "module = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"k\"\npin_file = \"pin\"\n",
+        );
+        assert_eq!(BackendProgram::for_hsm(&pkcs11.hsm), vec![]);
+    }
+
+    #[test]
+    fn backend_programs_never_open_sockets_beyond_tcp_and_usb_hot_plug() {
+        // socket(2) rules of every program: family AF_INET or AF_INET6 and
+        // type SOCK_STREAM, both checked.
+        for program in BackendProgram::ALL {
+            for rule in program.rules().unwrap() {
+                if rule.syscall != "socket" {
+                    continue;
+                }
+                let args = serde_json::to_value(&rule.args).unwrap();
+                if *program == BackendProgram::YubiHsmUsb {
+                    // libusb's hot-plug socket: AF_NETLINK, protocol
+                    // NETLINK_KOBJECT_UEVENT, both checked.
+                    assert!(
+                        args[0]["index"] == 0
+                            && args[0]["val"] == 16
+                            && args[1]["index"] == 2
+                            && args[1]["val"] == 15,
+                        "{program:?}: {args}"
+                    );
+                    continue;
+                }
+                let family = args[0]["val"].as_u64();
+                assert!(
+                    args[0]["index"] == 0
+                        && args[0]["op"] == "eq"
+                        && matches!(family, Some(2 | 10)),
+                    "{program:?}: {args}"
+                );
+                assert!(
+                    args[1]["index"] == 1
+                        && args[1]["op"]["masked_eq"] == 15
+                        && args[1]["val"] == 1,
+                    "{program:?}: {args}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_readme_gives_every_backend_rule_with_its_reason() {
+        let readme = include_str!("../../seccomp/README.md");
+        for program in BackendProgram::ALL {
+            let heading = format!("## backends/{}.json", program.name());
+            assert!(
+                readme.contains(&heading),
+                "seccomp/README.md lacks {heading}"
+            );
+            for rule in program.rules().unwrap() {
+                let row = format!("| `{}` |", rule.syscall);
+                assert!(
+                    readme.contains(&row) && readme.contains(&rule.comment),
+                    "seccomp/README.md lacks {row} {}",
+                    rule.comment
+                );
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::landlock::{Enforced, restrict_writes, writable_paths};
-use super::seccomp::{Filter, Role};
+use super::seccomp::Filter;
 use crate::config::Config;
 
 /// Exit code of a probe whose forbidden call succeeded.
@@ -31,6 +31,31 @@ pub const PROBES: &[(&str, &str)] = &[
     ),
 ];
 
+/// The network probe on a configuration whose backend programs allow TCP
+/// over IPv4 (a YubiHSM behind an HTTP connector on 127.0.0.1): UDP, which
+/// no program allows (a compromised signer's first way out, e.g. over DNS).
+pub const UDP_PROBE: (&str, &str) = ("socket-udp", "socket(AF_INET, SOCK_DGRAM)");
+
+/// The probes for the configuration `config`: [`PROBES`], with
+/// [`UDP_PROBE`] for `socket-inet` when the configuration's backend
+/// programs allow TCP over IPv4.
+pub fn probes_for(config: &Path) -> Vec<(&'static str, &'static str)> {
+    let inet_allowed = Config::load(config).is_ok_and(|cfg| {
+        super::seccomp::BackendProgram::for_hsm(&cfg.hsm)
+            .contains(&super::seccomp::BackendProgram::Tcp4)
+    });
+    PROBES
+        .iter()
+        .map(|p| {
+            if inet_allowed && p.0 == "socket-inet" {
+                UDP_PROBE
+            } else {
+                *p
+            }
+        })
+        .collect()
+}
+
 /// A file outside every writable directory for the `open-write` probe.
 pub fn outside_path() -> PathBuf {
     std::env::temp_dir().join(format!("keyward-self-test-{}", std::process::id()))
@@ -41,7 +66,8 @@ pub fn outside_path() -> PathBuf {
 pub fn run(exe: &Path, config: &Path) -> bool {
     let target = outside_path();
     let mut all = true;
-    for (name, call) in PROBES {
+    let probes = probes_for(config);
+    for (name, call) in &probes {
         let out = Command::new(exe)
             .arg("--config")
             .arg(config)
@@ -76,7 +102,7 @@ pub fn run(exe: &Path, config: &Path) -> bool {
     if all {
         println!(
             "seccomp self-test: all {} forbidden calls refused",
-            PROBES.len()
+            probes.len()
         );
     } else {
         println!("seccomp self-test: FAILED: a forbidden call was not refused");
@@ -94,7 +120,7 @@ pub fn probe(name: &str, config: &Path, target: &Path) -> i32 {
             return 2;
         }
     };
-    let filter = match Filter::load(Role::Daemon, config) {
+    let filter = match Filter::for_daemon(&cfg) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("{e}");
@@ -124,6 +150,13 @@ pub fn probe(name: &str, config: &Path, target: &Path) -> i32 {
         "socket-inet" => nix::sys::socket::socket(
             nix::sys::socket::AddressFamily::Inet,
             nix::sys::socket::SockType::Stream,
+            nix::sys::socket::SockFlag::empty(),
+            None,
+        )
+        .map(|_| "socket created".into()),
+        "socket-udp" => nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet,
+            nix::sys::socket::SockType::Datagram,
             nix::sys::socket::SockFlag::empty(),
             None,
         )

@@ -1,9 +1,14 @@
 //! `keyward init --dev DIR`: a ready development instance on a SoftHSM2
-//! token that lives in DIR.
+//! token that lives in DIR, or (`--backend yubihsm-mock`, test and
+//! development builds) on a MockHsm served by a mock connector process
+//! ([`yubihsm_mock`]).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+#[cfg(feature = "yubihsm-mock")]
+pub mod yubihsm_mock;
 
 use crate::config::Config;
 use crate::hsm::softhsm::provision_dev_token;
@@ -54,6 +59,9 @@ pub enum DevError {
     /// The ledger could not record the key.
     #[error("ledger: {0}")]
     Ledger(String),
+    /// The mock connector of a `yubihsm-mock` instance did not start.
+    #[error("the MockHsm connector did not start: {0}")]
+    MockConnector(String),
 }
 
 /// The created instance.
@@ -109,7 +117,8 @@ pub fn write_new(path: &Path, mode: u32, text: &str) -> Result<(), DevError> {
     f.sync_all().map_err(io)
 }
 
-fn toml_str(p: &Path) -> String {
+/// `p` as a TOML basic string.
+pub fn toml_str(p: &Path) -> String {
     // TOML basic string with the escapes a path can need.
     let s = p.display().to_string();
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
@@ -120,6 +129,25 @@ fn toml_str(p: &Path) -> String {
 /// to agent `dev` with modest SOL limits, and an Ed25519 key `hot`, recorded
 /// as `key_generated` in a new ledger.
 pub fn init_dev(dir: &Path, module: &Path, uid: u32) -> Result<DevInstance, DevError> {
+    create_dir(dir)?;
+    let token = provision_dev_token(dir, module, DEV_TOKEN_LABEL)?;
+    let hsm = format!(
+        "[hsm]\n\
+         backend = \"pkcs11\"\n\
+         module = {module}\n\
+         token_label = \"{label}\"\n\
+         pin_file = {pin}\n\
+         env = {{ SOFTHSM2_CONF = {conf} }}\n",
+        module = toml_str(module),
+        label = DEV_TOKEN_LABEL,
+        pin = toml_str(&token.pin_file),
+        conf = toml_str(&token.conf_file),
+    );
+    finish_dev(dir, "SoftHSM2 token in this directory", &hsm, uid)
+}
+
+/// Creates `dir` (absolute, new or empty) with mode 0700.
+pub fn create_dir(dir: &Path) -> Result<(), DevError> {
     use std::os::unix::fs::DirBuilderExt;
     check_target(dir)?;
     std::fs::DirBuilder::new()
@@ -129,33 +157,30 @@ pub fn init_dev(dir: &Path, module: &Path, uid: u32) -> Result<DevInstance, DevE
         .map_err(|source| DevError::Io {
             what: format!("cannot create {}", dir.display()),
             source,
-        })?;
-    let token = provision_dev_token(dir, module, DEV_TOKEN_LABEL)?;
+        })
+}
+
+/// The rest of a development instance once its HSM is reachable and `hsm`
+/// (the `[hsm]` section, TOML) says how: `keyward.toml`, `policy.toml`, the
+/// audit key (pinned in `audit.vkey`) and key `hot`, both generated in the
+/// HSM through [`crate::hsm::open`] and recorded in a new ledger.
+pub fn finish_dev(dir: &Path, what: &str, hsm: &str, uid: u32) -> Result<DevInstance, DevError> {
     let config_path = dir.join("keyward.toml");
     let policy_path = dir.join("policy.toml");
     let config = format!(
-        "# keyward development instance (SoftHSM2 token in this directory).\n\
+        "# keyward development instance ({what}).\n\
          # Start: keywardd --config {cfg}\n\n\
          [daemon]\n\
          agent_socket = {agent}\n\
          admin_socket = {admin}\n\
          state_dir = {state}\n\
          policy = {policy}\n\n\
-         [hsm]\n\
-         backend = \"pkcs11\"\n\
-         module = {module}\n\
-         token_label = \"{label}\"\n\
-         pin_file = {pin}\n\
-         env = {{ SOFTHSM2_CONF = {conf} }}\n",
+         {hsm}",
         cfg = config_path.display(),
         agent = toml_str(&dir.join("agent.sock")),
         admin = toml_str(&dir.join("admin.sock")),
         state = toml_str(&dir.join("state")),
         policy = toml_str(&policy_path),
-        module = toml_str(module),
-        label = DEV_TOKEN_LABEL,
-        pin = toml_str(&token.pin_file),
-        conf = toml_str(&token.conf_file),
     );
     let policy = format!(
         "# Development policy: the user who ran `keyward init --dev` is agent `dev`.\n\n\
@@ -172,7 +197,7 @@ pub fn init_dev(dir: &Path, module: &Path, uid: u32) -> Result<DevInstance, DevE
     let cfg = Config::load(&config_path).map_err(|e| DevError::Config(e.to_string()))?;
     crate::policy::Policy::load(&policy_path).map_err(|e| DevError::Config(e.to_string()))?;
 
-    let hsm = crate::daemon::open_hsm(&cfg)?;
+    let hsm = crate::hsm::open(&cfg.hsm)?;
     let name = KeyName::new(DEV_KEY).map_err(|e| DevError::Config(e.to_string()))?;
     let key = hsm.generate_ed25519(&name)?;
     // The audit key that signs checkpoints, pinned outside the database.
@@ -195,7 +220,7 @@ pub fn init_dev(dir: &Path, module: &Path, uid: u32) -> Result<DevInstance, DevE
         key.name.as_str(),
         &key.public_key,
         hsm.backend(),
-        Some(DEV_TOKEN_LABEL),
+        Some(cfg.hsm.device_label()),
     );
     ledger
         .write_blocking(move |txn| {

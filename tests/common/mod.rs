@@ -2,6 +2,11 @@
 //! (SoftHSM2 token, config, policy, key) in a temporary directory with the
 //! real `keyward init --dev`, starts the real `keywardd` on it, and hands out
 //! `keyward-client` clients for its sockets.
+//!
+//! `KEYWARD_TEST_BACKEND=yubihsm-mock` makes every instance a
+//! `keyward init --dev --backend yubihsm-mock` one instead: keywardd on
+//! backend "yubihsm" over HTTP to a MockHsm in a `keyward hsm
+//! mock-connector` process (default `softhsm`).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Read;
@@ -27,8 +32,52 @@ pub fn my_uid() -> u32 {
     nix::unistd::getuid().as_raw()
 }
 
+/// The HSM an [`Instance`] is created on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestBackend {
+    /// A SoftHSM2 token in the instance directory, through PKCS#11.
+    SoftHsm,
+    /// MockHsm behind `keyward hsm mock-connector` (backend "yubihsm"),
+    /// each message taking `latency_ms`.
+    YubiHsmMock {
+        /// Milliseconds per message inside the mock device.
+        latency_ms: u64,
+    },
+}
+
+impl TestBackend {
+    /// The backend `KEYWARD_TEST_BACKEND` names (`softhsm`, the default,
+    /// or `yubihsm-mock`); anything else fails the test.
+    pub fn from_env() -> TestBackend {
+        match std::env::var("KEYWARD_TEST_BACKEND").as_deref() {
+            Err(_) | Ok("") | Ok("softhsm") => TestBackend::SoftHsm,
+            Ok("yubihsm-mock") => TestBackend::YubiHsmMock { latency_ms: 0 },
+            Ok(other) => {
+                panic!("KEYWARD_TEST_BACKEND={other:?}: expected \"softhsm\" or \"yubihsm-mock\"")
+            }
+        }
+    }
+
+    /// Whether this is the YubiHSM backend on MockHsm.
+    pub fn is_yubihsm(self) -> bool {
+        matches!(self, TestBackend::YubiHsmMock { .. })
+    }
+}
+
+/// Prints why a test does not run on `KEYWARD_TEST_BACKEND`'s backend and
+/// returns true when it should return at once (it is specific to SoftHSM2).
+pub fn skip_unless_softhsm(test: &str, why: &str) -> bool {
+    if TestBackend::from_env().is_yubihsm() {
+        eprintln!("SKIPPED on backend yubihsm-mock: {test}: {why}");
+        return true;
+    }
+    false
+}
+
 /// A running (or stopped) keyward instance in a temporary directory.
 pub struct Instance {
+    /// The HSM it runs on.
+    pub backend: TestBackend,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub policy: PathBuf,
@@ -46,18 +95,26 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// `keyward init --dev` in a fresh directory, with its default policy.
+    /// `keyward init --dev` in a fresh directory, with its default policy,
+    /// on the backend `KEYWARD_TEST_BACKEND` names.
     pub fn init() -> Instance {
+        Instance::init_on(TestBackend::from_env())
+    }
+
+    /// `keyward init --dev` on `backend` in a fresh directory.
+    pub fn init_on(backend: TestBackend) -> Instance {
         let dir = tempfile::Builder::new()
             .prefix("kw-test-")
             .tempdir()
             .unwrap();
         let inst_dir = dir.path().join("inst");
-        let out = Command::new(KEYWARD)
-            .args(["init", "--dev"])
-            .arg(&inst_dir)
-            .output()
-            .unwrap();
+        let mut init = Command::new(KEYWARD);
+        init.args(["init", "--dev"]).arg(&inst_dir);
+        if let TestBackend::YubiHsmMock { latency_ms } = backend {
+            init.args(["--backend", "yubihsm-mock", "--latency-ms"])
+                .arg(latency_ms.to_string());
+        }
+        let out = init.output().unwrap();
         assert!(
             out.status.success(),
             "keyward init --dev failed: {}",
@@ -70,6 +127,7 @@ impl Instance {
             .and_then(|k| k.trim().parse::<Pubkey>().ok())
             .unwrap_or_else(|| panic!("init output does not name the hot key: {stdout}"));
         Instance {
+            backend,
             config: inst_dir.join("keyward.toml"),
             policy: inst_dir.join("policy.toml"),
             db: inst_dir.join("state").join("ledger.sqlite3"),
@@ -130,7 +188,35 @@ impl Instance {
 
     /// SoftHSM2's token directory of this instance.
     pub fn token_dir(&self) -> PathBuf {
+        assert!(
+            !self.backend.is_yubihsm(),
+            "token_dir: this instance runs on MockHsm, which has no token directory"
+        );
         self.inst_dir().join("tokens")
+    }
+
+    /// The pid of the mock connector serving this instance's MockHsm.
+    pub fn mock_connector_pid(&self) -> Option<nix::unistd::Pid> {
+        let text = std::fs::read_to_string(self.inst_dir().join("yubihsm-mock.pid")).ok()?;
+        Some(nix::unistd::Pid::from_raw(text.trim().parse().ok()?))
+    }
+
+    fn signal_connector(&self, signal: nix::sys::signal::Signal) {
+        let pid = self
+            .mock_connector_pid()
+            .expect("this instance has no mock connector (KEYWARD_TEST_BACKEND=yubihsm-mock?)");
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
+    /// Takes the mock connector down (SIGUSR1): connections refused, as
+    /// with a stopped `yubihsm-connector` or an unplugged device.
+    pub fn connector_down(&self) {
+        self.signal_connector(nix::sys::signal::Signal::SIGUSR1);
+    }
+
+    /// Brings the mock connector back (SIGUSR2), same port, same MockHsm.
+    pub fn connector_up(&self) {
+        self.signal_connector(nix::sys::signal::Signal::SIGUSR2);
     }
 
     /// Replaces policy.toml (`{UID}` → this process's uid).
@@ -338,6 +424,12 @@ impl Drop for Instance {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // The mock connector is not our child (it was started detached by
+        // `keyward init`); it would exit by itself once the directory is
+        // gone, but not before the next poll.
+        if let Some(pid) = self.mock_connector_pid() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

@@ -4,9 +4,10 @@
 //! only AF_UNIX sockets. A YubiHSM on USB is driven by libusb inside
 //! keywardd, and a session is re-opened after the lockdown whenever the
 //! device was lost or its session expired, so the USB calls must stay
-//! allowed: [`USB_EXTENSION`] (seccomp/keywardd-yubihsm-usb.json), in the
+//! allowed: [`USB_EXTENSION`] (seccomp/backends/yubihsm-usb.json), in the
 //! format of an operator's `seccomp.d` extension file, with the USB ioctls
-//! restricted to their request numbers. It is derived from libusb's source
+//! restricted to their request numbers, which keywardd merges into its
+//! filter for `connector = "usb"` (`BackendProgram::YubiHsmUsb`). It is derived from libusb's source
 //! and needs confirming on hardware (seccomp/README.md).
 //!
 //! ```
@@ -17,14 +18,14 @@
 
 use std::path::Path;
 
-use crate::harden::seccomp::{Extension, SeccompError, parse_extension};
+use crate::harden::seccomp::{BackendProgram, Extension, SeccompError, parse_extension};
 
 /// Where [`USB_EXTENSION`] lives in the sources.
-pub const USB_EXTENSION_FILE: &str = "seccomp/keywardd-yubihsm-usb.json";
+pub const USB_EXTENSION_FILE: &str = "seccomp/backends/yubihsm-usb.json";
 
 /// The extra seccomp rules (and Landlock write path, `/dev/bus/usb`) of
 /// `hsm.connector = "usb"`, built into the binary.
-pub const USB_EXTENSION: &str = include_str!("../../../seccomp/keywardd-yubihsm-usb.json");
+pub const USB_EXTENSION: &str = BackendProgram::YubiHsmUsb.json();
 
 /// [`USB_EXTENSION`] parsed and checked like an operator's extension file
 /// (every rule compiled by seccompiler, none of the never-allowed calls).
