@@ -685,6 +685,38 @@ fn spawn_background(
         }
     }));
 
+    // A device that forgets idle sessions is pinged while idle; the pings
+    // also notice a device that went away (and came back) before anyone
+    // signs.
+    if let Some(period) = operations.core().hsm().keepalive() {
+        let hsm = Arc::clone(operations.core().hsm());
+        let stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut was_ok = true;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = shutdown_signal(stop.clone()) => return,
+                }
+                match hsm.health().await {
+                    Ok(()) if !was_ok => {
+                        was_ok = true;
+                        tracing::info!(backend = hsm.backend(), "HSM available again");
+                    }
+                    Ok(()) => {}
+                    // A full queue means the device is busy, not idle.
+                    Err(crate::hsm::HsmError::Busy { .. }) => {}
+                    Err(e) => {
+                        if was_ok {
+                            tracing::warn!(backend = hsm.backend(), error = %e, "HSM keepalive failed");
+                        }
+                        was_ok = false;
+                    }
+                }
+            }
+        }));
+    }
+
     // Expire pending intents whose approval window has ended.
     let expiry = Arc::clone(operations);
     let expiry_stop = stop_rx.clone();

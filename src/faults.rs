@@ -243,6 +243,9 @@ impl Hsm for FaultyHsm {
     fn hmac_sha256(&self, label: &str, data: &[u8]) -> Result<[u8; 32], HsmError> {
         self.inner.hmac_sha256(label, data)
     }
+    fn keepalive(&self) -> Option<std::time::Duration> {
+        self.inner.keepalive()
+    }
     fn verify_hmac_sha256(
         &self,
         label: &str,

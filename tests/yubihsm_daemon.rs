@@ -567,3 +567,44 @@ fn a_yubihsm_mock_instance_keeps_its_keys_across_keywardd_restarts_and_its_conne
         || process_gone(pid),
     );
 }
+
+/// Sessions the instance's mock connector has seen opened (its log).
+fn sessions_opened(inst: &Instance) -> u64 {
+    let log = std::fs::read_to_string(inst.inst_dir().join("yubihsm-mock.log")).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("MockHsm session opened"))
+        .filter_map(|l| l.split("sessions=").nth(1))
+        .filter_map(|n| n.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A YubiHSM 2 closes a session after 30 s without a command, and MockHsm
+/// never frees one (it holds 16). keywardd pings the device every 15 s
+/// while idle: after 35 quiet seconds it still signs on the session it
+/// had, and opened no other.
+#[test]
+fn an_idle_keywardd_keeps_its_one_session_with_the_device() {
+    let mut inst = Instance::init_on(TestBackend::YubiHsmMock { latency_ms: 0 });
+    inst.start();
+    let rt = rt();
+    let client = inst.client();
+    let to = random_pubkey();
+    match rt.block_on(client.submit_intent(&transfer("first", &to, "0.01"))) {
+        Ok(IntentOutcome::Signed(_)) => {}
+        other => panic!("first: {other:?}"),
+    }
+    let before = sessions_opened(&inst);
+    assert!(before >= 1, "the mock connector counts sessions");
+    std::thread::sleep(Duration::from_secs(35));
+    match rt.block_on(client.submit_intent(&transfer("after-idle", &to, "0.01"))) {
+        Ok(IntentOutcome::Signed(_)) => {}
+        other => panic!("after 35 s idle: {other:?}"),
+    }
+    assert_eq!(
+        sessions_opened(&inst),
+        before,
+        "no new session after an idle period"
+    );
+    assert!(inst.stop().success(), "{}", inst.log());
+}

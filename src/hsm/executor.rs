@@ -157,6 +157,7 @@ type Job = Box<dyn FnOnce(&dyn Hsm) + Send>;
 /// The executor in front of one HSM backend. See the module docs.
 pub struct HsmExecutor {
     backend: &'static str,
+    keepalive: Option<Duration>,
     workers: usize,
     settings: ExecutorSettings,
     /// Free places in the queue; a call holds one until a worker takes it.
@@ -245,6 +246,7 @@ impl HsmExecutor {
         }
         Ok(HsmExecutor {
             backend: hsm.backend(),
+            keepalive: hsm.keepalive(),
             workers,
             places: Arc::new(Semaphore::new(settings.queue_depth)),
             settings,
@@ -257,6 +259,11 @@ impl HsmExecutor {
     /// Backend name.
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// The backend's [`Hsm::keepalive`].
+    pub fn keepalive(&self) -> Option<Duration> {
+        self.keepalive
     }
 
     /// Worker threads.

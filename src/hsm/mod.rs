@@ -288,6 +288,15 @@ pub trait Hsm: Send + Sync {
     /// Liveness check of the device and login state that also finds the
     /// keys in use again, so a module that lost its objects fails it.
     fn health(&self) -> Result<(), HsmError>;
+
+    /// How often keywardd should call [`Hsm::health`] while idle, for a
+    /// device that forgets an idle session (a YubiHSM 2 after 30 s): the
+    /// next signature then does not wait for a new session, and a device
+    /// that went away shows in health and the log before anyone signs.
+    /// `None` (the default): no such need.
+    fn keepalive(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Opens the backend `[hsm]` names (blocking: it loads the module and logs

@@ -60,6 +60,9 @@ pub struct MockConnectorError(String);
 struct Device {
     connector: yubihsm::Connector,
     latency: Duration,
+    /// CreateSession messages seen (the MockHsm holds at most 16 sessions
+    /// and never forgets one).
+    sessions: std::sync::atomic::AtomicU64,
     /// One command at a time, as on the device.
     busy: Mutex<()>,
 }
@@ -146,6 +149,7 @@ fn device(opts: &MockConnectorOptions) -> Router {
     let device = Arc::new(Device {
         connector: yubihsm::Connector::mockhsm(),
         latency: opts.latency,
+        sessions: std::sync::atomic::AtomicU64::new(0),
         busy: Mutex::new(()),
     });
     Router::new()
@@ -269,6 +273,14 @@ async fn api(State(device): State<Arc<Device>>, body: Bytes) -> Result<Vec<u8>, 
     let _one_at_a_time = device.busy.lock().await;
     if !device.latency.is_zero() {
         tokio::time::sleep(device.latency).await;
+    }
+    // The command code is the message's first byte (CreateSession: 0x03).
+    if body.first() == Some(&0x03) {
+        let n = device
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        tracing::info!(sessions = n, "MockHsm session opened");
     }
     let connector = device.connector.clone();
     let answer = tokio::task::spawn_blocking(move || {

@@ -43,6 +43,10 @@ use super::{HsmError, HsmKey, KeyRef, foreign_key_ref};
 use crate::config::{YubiHsmBackendConfig, YubiHsmConnector};
 use crate::types::{KeyName, PublicKey};
 
+/// How often keywardd pings an idle YubiHSM 2: the device closes a
+/// session after 30 s without a command.
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Largest opaque object a YubiHSM 2 stores.
 pub const OPAQUE_MAX: usize = 1968;
 
@@ -421,6 +425,11 @@ impl super::Hsm for YubiHsm {
 
     fn workers(&self) -> usize {
         1
+    }
+
+    /// Half the device's 30-second session timeout.
+    fn keepalive(&self) -> Option<std::time::Duration> {
+        Some(KEEPALIVE)
     }
 
     fn generate_ed25519(&self, name: &KeyName) -> Result<HsmKey, HsmError> {
