@@ -98,12 +98,16 @@ if [ ! -f "$tarball" ]; then
 	fresh=$(mktemp -d /var/tmp/keyward-debootstrap.XXXXXX)
 	debootstrap --variant=minbase bookworm "$fresh" "$mirror_url" >"$cache/debootstrap.log" 2>&1 ||
 		fail "debootstrap failed: see $cache/debootstrap.log"
+	chmod 755 "$fresh"
 	tar -C "$fresh" -czf "$tarball.tmp" .
 	mv "$tarball.tmp" "$tarball"
 	rm -rf "$fresh"
 fi
 root=$(mktemp -d /var/tmp/keyward-install.XXXXXX)
 tar -C "$root" -xzf "$tarball"
+# mktemp made the root 0700 (and a tarball of a fresh debootstrap carries
+# that mode for "."): the system users inside could not even reach /lib.
+chmod 755 "$root"
 mount -t proc proc "$root/proc"
 mount --bind /dev "$root/dev"
 mount -t tmpfs -o mode=0755 tmpfs "$root/run"
