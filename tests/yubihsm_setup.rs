@@ -732,3 +732,123 @@ fn hsm_commands_are_in_the_manual_pages() {
         "the hidden mock connector has no page"
     );
 }
+
+/// The operator's whole path on a fresh device, through the CLI only:
+/// `keyward hsm setup yubihsm`, `keyward setup --yubihsm` (the audit key on
+/// the device with the signer's credential, its verifier key pinned), an
+/// offline `keyward key create hot`, then `keyward doctor` finds keywardd
+/// would start; `keyward setup --yubihsm` again changes nothing.
+#[test]
+fn the_operators_path_from_a_fresh_device_to_a_config_keywardd_accepts() {
+    let dir = tempfile::Builder::new()
+        .prefix("kw-yhpath-")
+        .tempdir()
+        .unwrap();
+    let root = dir.path();
+    for d in ["etc", "var/lib/keyward", "run"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::set_permissions(
+        root.join("var/lib/keyward"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    let port_file = root.join("mock.port");
+    let mut connector = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["hsm", "mock-connector", "--port-file"])
+        .arg(&port_file)
+        .arg("--exit-when-gone")
+        .arg(root)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let port = loop {
+        if let Ok(p) = std::fs::read_to_string(&port_file) {
+            break p.trim().to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no mock connector port"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let config = root.join("etc/keyward.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nagent_socket = \"{r}/run/agent.sock\"\nadmin_socket = \"{r}/run/admin.sock\"\n\
+             state_dir = \"{r}/var/lib/keyward\"\npolicy = \"{r}/etc/policy.toml\"\n\n\
+             [hsm]\nbackend = \"yubihsm\"\nconnector = \"http://127.0.0.1:{port}\"\n\
+             credential_file = \"yubihsm-signer\"\n",
+            r = root.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/policy.toml"),
+        format!(
+            "[agents.dev]\nuid = {}\nkeys = [\"hot\"]\n\n[agents.dev.limits.SOL]\nper_tx = \"1\"\nper_day = \"10\"\n",
+            nix::unistd::getuid().as_raw()
+        ),
+    )
+    .unwrap();
+    let keyward = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+
+    let (code, text) = keyward(&["hsm", "setup", "yubihsm"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("keyward setup --yubihsm"),
+        "names the next step: {text}"
+    );
+    let signer = root.join("etc/credentials/yubihsm-signer");
+    let password = std::fs::read_to_string(&signer).unwrap();
+
+    let (code, first) = keyward(&["setup", "--yubihsm"]);
+    // The policy's key does not exist yet: set-up says to create it.
+    assert_eq!(code, Some(0), "{first}");
+    assert!(first.contains("generated the audit key"), "{first}");
+    assert!(first.contains("key create hot"), "{first}");
+    let vkey = std::fs::read_to_string(root.join("etc/audit.vkey")).unwrap();
+    let printed = first
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("verifier key: "))
+        .unwrap_or_else(|| panic!("no verifier key in {first}"));
+    assert!(vkey.contains(printed), "{vkey} vs {first}");
+
+    let (code, text) = keyward(&["key", "create", "hot"]);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = keyward(&["doctor"]);
+    assert_eq!(code, Some(0), "keywardd would start: {text}");
+    assert!(text.contains("key \"hot\" found"), "{text}");
+
+    let (code, second) = keyward(&["setup", "--yubihsm"]);
+    assert_eq!(code, Some(0), "{second}");
+    assert!(second.contains("Nothing to change"), "{second}");
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/audit.vkey")).unwrap(),
+        vkey
+    );
+    for out in [&first, &second] {
+        let secret = password.trim().split_once(':').unwrap().1;
+        assert!(!out.contains(secret), "the signer's password was printed");
+    }
+    let _ = connector.kill();
+    let _ = connector.wait();
+}

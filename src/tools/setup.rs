@@ -137,6 +137,10 @@ pub enum Target {
         /// The user PIN.
         pin: SecretString,
     },
+    /// A YubiHSM 2 already provisioned by `keyward hsm setup yubihsm`:
+    /// only the audit key is left to make and pin, with the signer's
+    /// credential keyward.toml names.
+    YubiHsm,
 }
 
 /// The user that must own the SoftHSM token files: `keyward` when set-up
@@ -182,7 +186,7 @@ pub struct Report {
     pub audit_key: HsmKey,
     /// Its verifier key, as pinned.
     pub audit_vkey: String,
-    /// The PIN credential file.
+    /// The PIN credential file (YubiHSM: the signer's credential file).
     pub pin_file: PathBuf,
 }
 
@@ -227,15 +231,42 @@ pub fn pin_source(cfg: &Config, p: &Pkcs11BackendConfig) -> PathBuf {
         .unwrap_or_else(|| crate::doctor::layout_credential_source(cfg))
 }
 
-/// `[hsm]` with `pin_file` replaced by [`pin_source`]: what a tool outside
-/// systemd opens the HSM with.
+/// Where a tool outside systemd reads the YubiHSM signer's credential
+/// file, resolved as [`pin_source`] resolves the PIN (with the layout's
+/// `<config dir>/credentials/NAME` for a relative name).
+pub fn credential_source(cfg: &Config, y: &crate::config::YubiHsmBackendConfig) -> PathBuf {
+    crate::doctor::resolve_pin_for(cfg, &y.credential_file)
+        .path()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| {
+            cfg.file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("credentials")
+                .join(&y.credential_file)
+        })
+}
+
+/// `[hsm]` with `pin_file` replaced by [`pin_source`] (PKCS#11) or
+/// `credential_file` by [`credential_source`] (YubiHSM): what a tool
+/// outside systemd opens the HSM with.
 pub fn offline_hsm_config(cfg: &Config) -> Result<crate::config::HsmConfig, SetupError> {
-    let p = pkcs11(cfg)?;
     let mut hsm = cfg.hsm.clone();
-    let mut p2 = p.clone();
-    p2.pin_file = pin_source(cfg, p);
-    hsm.backend = crate::config::HsmBackendConfig::Pkcs11(p2);
+    match &mut hsm.backend {
+        crate::config::HsmBackendConfig::Pkcs11(p) => p.pin_file = pin_source(cfg, p),
+        crate::config::HsmBackendConfig::YubiHsm(y) => {
+            y.credential_file = credential_source(cfg, y)
+        }
+    }
     Ok(hsm)
+}
+
+/// [`Target::YubiHsm`] is handled before the PKCS#11 steps.
+fn unreachable_target(cfg: &Config) -> Result<(), SetupError> {
+    Err(SetupError::Config(format!(
+        "{}: internal error: the YubiHSM set-up took the PKCS#11 path",
+        cfg.file.display()
+    )))
 }
 
 fn pkcs11(cfg: &Config) -> Result<&Pkcs11BackendConfig, SetupError> {
@@ -266,6 +297,23 @@ pub fn softhsm_token_dir(conf: &Path) -> Option<PathBuf> {
 /// module docs). `[hsm] env` must already be in this process's
 /// environment ([`crate::process::apply_module_env`]).
 pub fn setup(cfg: &Config, target: Target) -> Result<Report, SetupError> {
+    if let Target::YubiHsm = target {
+        let y = cfg.hsm.yubihsm().ok_or_else(|| {
+            SetupError::Config(format!(
+                "{}: --yubihsm needs [hsm] backend = \"yubihsm\" (see `keyward hsm setup yubihsm`)",
+                cfg.file.display()
+            ))
+        })?;
+        let credential = credential_source(cfg, y);
+        let mut steps = Steps::default();
+        let (audit_key, audit_vkey) = audit_key(cfg, &mut steps)?;
+        return Ok(Report {
+            steps: steps.0,
+            audit_key,
+            audit_vkey,
+            pin_file: credential,
+        });
+    }
     let p = pkcs11(cfg)?.clone();
     let owner = DaemonUser::find();
     let pin_file = pin_source(cfg, &p);
@@ -277,6 +325,7 @@ pub fn setup(cfg: &Config, target: Target) -> Result<Report, SetupError> {
             token_label,
             pin,
         } => vendor(cfg, &p, &module, &token_label, &pin, &pin_file, &mut steps)?,
+        Target::YubiHsm => unreachable_target(cfg)?,
     }
     let (audit_key, audit_vkey) = audit_key(cfg, &mut steps)?;
     if let Some(owner) = owner {

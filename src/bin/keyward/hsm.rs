@@ -222,6 +222,9 @@ fn setup_yubihsm(config: &Path, args: YubiHsmSetupArgs) -> Result<(), Failure> {
         );
     }
     println!("  keyward hsm selftest          # checks the device with the signer's credential");
+    println!(
+        "  keyward setup --yubihsm       # the audit key on the device, its verifier key pinned"
+    );
     Ok(())
 }
 

@@ -14,12 +14,17 @@ use crate::Failure;
 
 /// `keyward setup`'s options.
 #[derive(Args)]
-#[command(group(clap::ArgGroup::new("hsm").required(true).args(["softhsm", "module"])))]
+#[command(group(clap::ArgGroup::new("hsm").required(true).args(["softhsm", "module", "yubihsm"])))]
 pub(crate) struct SetupArgs {
     /// Use Debian's SoftHSM2: write its configuration and initialise the
     /// token (or find them).
     #[arg(long)]
     softhsm: bool,
+    /// A YubiHSM 2 that `keyward hsm setup yubihsm` provisioned: generate
+    /// the audit key on it with the signer's credential and pin its
+    /// verifier key.
+    #[arg(long)]
+    yubihsm: bool,
     /// A vendor's PKCS#11 module whose token the vendor's tools have
     /// initialised (with --token-label); the PIN is read from stdin.
     #[arg(long, value_name = "PATH", requires = "token_label")]
@@ -38,13 +43,18 @@ pub(crate) fn run(config: &Path, args: SetupArgs) -> Result<(), Failure> {
     // The module reads its environment when loaded; nothing else runs yet.
     keyward::process::apply_module_env(&cfg);
     let target = match (args.softhsm, args.module, args.token_label) {
+        _ if args.yubihsm => Target::YubiHsm,
         (true, _, _) => Target::SoftHsm,
         (false, Some(module), Some(token_label)) => Target::Vendor {
             module,
             token_label,
             pin: read_pin(args.pin_file.as_deref())?,
         },
-        _ => return Err(anyhow!("give --softhsm, or --module PATH --token-label LABEL").into()),
+        _ => {
+            return Err(
+                anyhow!("give --softhsm, --yubihsm, or --module PATH --token-label LABEL").into(),
+            );
+        }
     };
     let report = keyward::tools::setup::setup(&cfg, target)?;
     print_report(&report);
