@@ -234,9 +234,49 @@ pub(super) fn check_pin_file(cfg: &Config) -> Option<Finding> {
             ),
         ));
     };
+    secret_file_finding(path, &source, &PIN_FILE)
+}
+
+/// One kind of secret file the checks look at, for their findings.
+pub(super) struct SecretFileKind {
+    /// The finding's subject ("HSM PIN").
+    pub what: &'static str,
+    /// Its short name in messages ("PIN").
+    pub noun: &'static str,
+    /// The code of a missing file.
+    pub missing: Code,
+    /// The code of a file refused as it is (mode, owner, type).
+    pub refused: Code,
+    /// The set-up command that writes it, and what it writes.
+    pub written_by: &'static str,
+    /// "it" or "them", for "write it to ...".
+    pub pronoun: &'static str,
+    /// What the file holds ("the PIN").
+    pub holding: &'static str,
+}
+
+/// The PKCS#11 user PIN file.
+const PIN_FILE: SecretFileKind = SecretFileKind {
+    what: "HSM PIN",
+    noun: "PIN",
+    missing: Code::PinMissing,
+    refused: Code::PinRefused,
+    written_by: "run `keyward setup` (it writes the token's user PIN there, mode 0400)",
+    pronoun: "it",
+    holding: "the PIN",
+};
+
+/// The finding about the secret file `path` (resolved from `source`) when
+/// it is missing or not private, with its fix; `None` when it passes.
+/// Never reads the file.
+pub(super) fn secret_file_finding(
+    path: &Path,
+    source: &PinSource,
+    kind: &SecretFileKind,
+) -> Option<Finding> {
     let err = crate::secret_file::check_secret_file(path).err()?;
-    let whence = match &source {
-        PinSource::File(_) => String::new(),
+    let whence = match source {
+        PinSource::File(_) | PinSource::Unresolved { .. } => String::new(),
         PinSource::Credential { name, .. } => match unit_credential_source(name) {
             Some(src) => format!(
                 " (credential {name:?} of {UNIT}, loaded from {})",
@@ -247,18 +287,21 @@ pub(super) fn check_pin_file(cfg: &Config) -> Option<Finding> {
         PinSource::UnitSource { name, .. } => {
             format!(" (the source of credential {name:?} in {UNIT})")
         }
-        PinSource::Unresolved { .. } => String::new(),
     };
     let shown = path.display();
+    let refused = |problem: String, fix: String| {
+        Finding::error(kind.refused, kind.what, Some(path), problem, fix)
+    };
     let finding = match &err {
         SecretFileError::Io { source: e, .. } if e.kind() == std::io::ErrorKind::NotFound => {
             Finding::error(
-                Code::PinMissing,
-                "HSM PIN",
+                kind.missing,
+                kind.what,
                 Some(path),
-                format!("no PIN: {shown} does not exist{whence}"),
+                format!("no {}: {shown} does not exist{whence}", kind.noun),
                 format!(
-                    "run `keyward setup` (it writes the token's user PIN there, mode 0400), or write it to {shown} with mode 0400"
+                    "{}, or write {} to {shown} with mode 0400",
+                    kind.written_by, kind.pronoun
                 ),
             )
         }
@@ -268,35 +311,24 @@ pub(super) fn check_pin_file(cfg: &Config) -> Option<Finding> {
         {
             Finding {
                 severity: Severity::Warning,
-                ..Finding::error(
-                    Code::PinRefused,
-                    "HSM PIN",
-                    Some(path),
+                ..refused(
                     format!("cannot inspect {shown}{whence}: {e}"),
-                    "run the check as root to inspect the PIN file".to_owned(),
+                    format!("run the check as root to inspect the {} file", kind.noun),
                 )
             }
         }
-        SecretFileError::Mode { .. } => Finding::error(
-            Code::PinRefused,
-            "HSM PIN",
-            Some(path),
+        SecretFileError::Mode { .. } => {
+            refused(format!("{err}{whence}"), format!("chmod 0400 {shown}"))
+        }
+        SecretFileError::Owner { .. } => {
+            refused(format!("{err}{whence}"), format!("chown root:root {shown}"))
+        }
+        _ => refused(
             format!("{err}{whence}"),
-            format!("chmod 0400 {shown}"),
-        ),
-        SecretFileError::Owner { .. } => Finding::error(
-            Code::PinRefused,
-            "HSM PIN",
-            Some(path),
-            format!("{err}{whence}"),
-            format!("chown root:root {shown}"),
-        ),
-        _ => Finding::error(
-            Code::PinRefused,
-            "HSM PIN",
-            Some(path),
-            format!("{err}{whence}"),
-            format!("replace {shown} with a regular file holding the PIN, mode 0400"),
+            format!(
+                "replace {shown} with a regular file holding {}, mode 0400",
+                kind.holding
+            ),
         ),
     };
     Some(finding)

@@ -8,13 +8,12 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
-use super::credential::{PinSource, UNIT, resolve_credential_for, unit_credential_source};
-use super::{Code, Finding, Report, Severity};
+use super::credential::{SecretFileKind, UNIT, resolve_credential_for, secret_file_finding};
+use super::{Code, Finding, Report};
 use crate::config::{Config, YubiHsmBackendConfig, YubiHsmConnector};
 use crate::hsm::HsmError;
 use crate::hsm::yubihsm::{YubiHsm, YubiHsmSettings, connector_for, credentials};
 use crate::policy::Policy;
-use crate::secret_file::SecretFileError;
 
 const WHAT: &str = "YubiHSM credential";
 
@@ -42,72 +41,19 @@ pub(super) fn check_credential_file(cfg: &Config) -> Option<Finding> {
             ),
         ));
     };
-    let err = crate::secret_file::check_secret_file(path).err()?;
-    let whence = match &source {
-        PinSource::Credential { name, .. } => match unit_credential_source(name) {
-            Some(src) => format!(
-                " (credential {name:?} of {UNIT}, loaded from {})",
-                src.display()
-            ),
-            None => format!(" (credential {name:?} in $CREDENTIALS_DIRECTORY)"),
-        },
-        PinSource::UnitSource { name, .. } => {
-            format!(" (the source of credential {name:?} in {UNIT})")
-        }
-        PinSource::File(_) | PinSource::Unresolved { .. } => String::new(),
-    };
-    let shown = path.display();
-    let finding = match &err {
-        SecretFileError::Io { source: e, .. } if e.kind() == std::io::ErrorKind::NotFound => {
-            Finding::error(
-                Code::CredentialMissing,
-                WHAT,
-                Some(path),
-                format!("no credential: {shown} does not exist{whence}"),
-                format!(
-                    "run `keyward hsm setup yubihsm` (it writes the signer's AUTH_KEY_ID:PASSWORD there, mode 0400), or write them to {shown} with mode 0400"
-                ),
-            )
-        }
-        SecretFileError::Io { source: e, .. }
-            if e.kind() == std::io::ErrorKind::PermissionDenied
-                && matches!(source, PinSource::UnitSource { .. }) =>
-        {
-            Finding {
-                severity: Severity::Warning,
-                ..Finding::error(
-                    Code::CredentialRefused,
-                    WHAT,
-                    Some(path),
-                    format!("cannot inspect {shown}{whence}: {e}"),
-                    "run the check as root to inspect the credential file".to_owned(),
-                )
-            }
-        }
-        SecretFileError::Mode { .. } => Finding::error(
-            Code::CredentialRefused,
-            WHAT,
-            Some(path),
-            format!("{err}{whence}"),
-            format!("chmod 0400 {shown}"),
-        ),
-        SecretFileError::Owner { .. } => Finding::error(
-            Code::CredentialRefused,
-            WHAT,
-            Some(path),
-            format!("{err}{whence}"),
-            format!("chown root:root {shown}"),
-        ),
-        _ => Finding::error(
-            Code::CredentialRefused,
-            WHAT,
-            Some(path),
-            format!("{err}{whence}"),
-            format!("replace {shown} with a regular file holding AUTH_KEY_ID:PASSWORD, mode 0400"),
-        ),
-    };
-    Some(finding)
+    secret_file_finding(path, &source, &CREDENTIAL_FILE)
 }
+
+/// The signer's credential file.
+const CREDENTIAL_FILE: SecretFileKind = SecretFileKind {
+    what: WHAT,
+    noun: "credential",
+    missing: Code::CredentialMissing,
+    refused: Code::CredentialRefused,
+    written_by: "run `keyward hsm setup yubihsm` (it writes the signer's AUTH_KEY_ID:PASSWORD there, mode 0400)",
+    pronoun: "them",
+    holding: "AUTH_KEY_ID:PASSWORD",
+};
 
 /// The finding for a credential file that passed the preflight but cannot
 /// be used (not `AUTH_KEY_ID:PASSWORD`, empty): `detail` never holds the
