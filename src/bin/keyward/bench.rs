@@ -74,7 +74,11 @@ pub(crate) fn run(args: BenchArgs) -> Result<(), Failure> {
     if report.errors > 0 {
         return Err(Failure(
             1,
-            anyhow!("{} requests were not signed", report.errors),
+            anyhow!(
+                "{} requests were not signed (the first got: {})",
+                report.errors,
+                report.first_error.as_deref().unwrap_or("nothing recorded")
+            ),
         ));
     }
     Ok(())

@@ -286,6 +286,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         client_cpu_us_per_intent: per_intent(c_cpu),
         commits_during_max: commits,
         errors: warm.errors + max.errors + at80.errors,
+        first_error: warm
+            .first_error
+            .clone()
+            .or_else(|| max.first_error.clone())
+            .or_else(|| at80.first_error.clone()),
         prefilled_entries: opts.prefill,
         ledger_entries: verified.entries,
         audit_verify_entries_per_s: verified.entries as f64 / verify_time.as_secs_f64().max(1e-9),

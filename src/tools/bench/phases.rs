@@ -84,6 +84,8 @@ pub(super) struct LoadResult {
     pub(super) elapsed: Duration,
     /// Latencies of the signed intents in microseconds, sorted.
     pub(super) latencies_us: Vec<u64>,
+    /// What the first request that was not signed got instead.
+    pub(super) first_error: Option<String>,
 }
 
 fn intent(id: String, blockhash: &str) -> IntentRequest {
@@ -101,11 +103,20 @@ fn intent(id: String, blockhash: &str) -> IntentRequest {
     }
 }
 
-async fn submit(client: &Client, req: &IntentRequest) -> bool {
-    matches!(
-        client.submit_intent(req).await,
-        Ok(IntentOutcome::Signed(_))
-    )
+/// `Ok` when the intent was signed, else what came back instead.
+async fn submit(client: &Client, req: &IntentRequest) -> Result<(), String> {
+    match client.submit_intent(req).await {
+        Ok(IntentOutcome::Signed(_)) => Ok(()),
+        Ok(other) => Err(format!("{other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Keeps the first error seen.
+fn note(first: &mut Option<String>, e: String) {
+    if first.is_none() {
+        *first = Some(e);
+    }
 }
 
 /// Closed loop: `clients` tasks each submit one intent after the other.
@@ -125,19 +136,26 @@ pub(super) async fn closed_loop(
             tokio::spawn(async move {
                 let mut lat = Vec::new();
                 let (mut signed, mut errors) = (0u64, 0u64);
+                let mut first_error = None;
                 let mut i = 0u64;
                 while Instant::now() < deadline {
                     let req = intent(format!("bench-{tag}-{c}-{i}"), &blockhash);
                     i += 1;
                     let start = Instant::now();
-                    if submit(&client, &req).await {
-                        signed += 1;
-                        lat.push(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
-                    } else {
-                        errors += 1;
+                    match submit(&client, &req).await {
+                        Ok(()) => {
+                            signed += 1;
+                            lat.push(
+                                u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+                            );
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            note(&mut first_error, e);
+                        }
                     }
                 }
-                (signed, errors, lat)
+                (signed, errors, lat, first_error)
             })
         })
         .collect();
@@ -146,14 +164,22 @@ pub(super) async fn closed_loop(
         errors: 0,
         elapsed: Duration::ZERO,
         latencies_us: Vec::new(),
+        first_error: None,
     };
     for t in tasks {
-        if let Ok((s, e, lat)) = t.await {
-            out.signed += s;
-            out.errors += e;
-            out.latencies_us.extend(lat);
-        } else {
-            out.errors += 1;
+        match t.await {
+            Ok((s, e, lat, first)) => {
+                out.signed += s;
+                out.errors += e;
+                out.latencies_us.extend(lat);
+                if let Some(f) = first {
+                    note(&mut out.first_error, f);
+                }
+            }
+            Err(e) => {
+                out.errors += 1;
+                note(&mut out.first_error, format!("client task failed: {e}"));
+            }
         }
     }
     out.elapsed = t0.elapsed();
@@ -161,13 +187,20 @@ pub(super) async fn closed_loop(
     out
 }
 
+/// Requests the open loop keeps in flight at most.
+const OPEN_LOOP_IN_FLIGHT: usize = 200;
+
 /// Open loop: one request every 1/rate seconds, whatever the answers do;
 /// latency counts from when the request was due.
 pub(super) async fn open_loop(client: &Client, rate: f64, duration: Duration) -> LoadResult {
     let blockhash = PublicKey(rand::random()).to_base58();
     let period = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let total = (duration.as_secs_f64() * rate).max(1.0) as u64;
-    let limit = Arc::new(tokio::sync::Semaphore::new(4096));
+    // At most OPEN_LOOP_IN_FLIGHT requests at once: below the per-uid
+    // connection limit the bench sets (256) and the HSM queue (256), so a
+    // machine slowed down by other work shows in the latency, not in
+    // refusals (hsm_busy, connection limits) counted as errors.
+    let limit = Arc::new(tokio::sync::Semaphore::new(OPEN_LOOP_IN_FLIGHT));
     let t0 = Instant::now();
     let mut tasks = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
     for i in 0..total {
@@ -192,14 +225,22 @@ pub(super) async fn open_loop(client: &Client, rate: f64, duration: Duration) ->
         errors: 0,
         elapsed: Duration::ZERO,
         latencies_us: Vec::with_capacity(tasks.len()),
+        first_error: None,
     };
     for t in tasks {
         match t.await {
-            Ok((true, lat)) => {
+            Ok((Ok(()), lat)) => {
                 out.signed += 1;
                 out.latencies_us.push(lat);
             }
-            _ => out.errors += 1,
+            Ok((Err(e), _)) => {
+                out.errors += 1;
+                note(&mut out.first_error, e);
+            }
+            Err(e) => {
+                out.errors += 1;
+                note(&mut out.first_error, format!("client task failed: {e}"));
+            }
         }
     }
     out.elapsed = t0.elapsed();

@@ -57,6 +57,9 @@ pub struct BenchReport {
     pub commits_during_max: u64,
     /// Requests that did not end in a signature (must be 0).
     pub errors: u64,
+    /// What the first of them got instead (none when `errors` is 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
     /// Entries in the ledger before the run.
     pub prefilled_entries: u64,
     /// Entries in the ledger after the run.
