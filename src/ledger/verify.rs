@@ -28,6 +28,7 @@ pub fn open_read_only(path: &Path) -> Result<Connection, LedgerError> {
         detail: e.to_string(),
     })?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(super::writer::NO_TEMP_FILES)?;
     crate::schema::check_readable(&conn)?;
     Ok(conn)
 }

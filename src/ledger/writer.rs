@@ -363,7 +363,8 @@ impl Ledger {
             "PRAGMA synchronous = NORMAL;
              PRAGMA foreign_keys = ON;
              PRAGMA busy_timeout = 5000;
-             PRAGMA wal_autocheckpoint = 0;",
+             PRAGMA wal_autocheckpoint = 0;
+             PRAGMA temp_store = MEMORY;", // NO_TEMP_FILES
         )
         .map_err(|e| open_err(path, e))?;
         let sync: i64 = conn
@@ -549,6 +550,7 @@ impl Ledger {
     }
 
     /// A read-only connection to the database (for views and audits),
+    /// which never writes temporary files ([`NO_TEMP_FILES`]),
     /// from a small pool: opening one costs more than most reads.
     pub fn reader(&self) -> Result<Reader, LedgerError> {
         let pooled = match self.shared.readers.lock() {
@@ -563,6 +565,7 @@ impl Ledger {
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
                 conn.busy_timeout(std::time::Duration::from_secs(5))?;
+                conn.execute_batch(NO_TEMP_FILES)?;
                 conn
             }
         };
@@ -955,6 +958,16 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 /// checkpoint.
 const CHECKPOINT_FORCE_FRAMES: i64 = 65_536;
 
+/// SQLite keeps its temporary files (statement journals that outgrow
+/// 64 KiB under a large group commit, sorts, temporary tables) in memory:
+/// keywardd may write only beneath its state directory (Landlock), and
+/// SQLite's temporary directory is elsewhere (`/var/tmp`, `/tmp`), so a
+/// spill to disk would fail the write with "unable to open database file"
+/// (or, before `access(2)` was allowed, kill the daemon with SIGSYS while
+/// SQLite looked for a temporary directory). Seen under load in
+/// tests/units.rs and tests/bench.rs.
+pub(crate) const NO_TEMP_FILES: &str = "PRAGMA temp_store = MEMORY;";
+
 impl Checkpointer {
     fn start(db: &Path) -> Result<Checkpointer, String> {
         let conn = Connection::open_with_flags(
@@ -962,8 +975,10 @@ impl Checkpointer {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| format!("cannot open the checkpoint connection: {e}"))?;
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;")
-            .map_err(|e| format!("cannot set up the checkpoint connection: {e}"))?;
+        conn.execute_batch(
+            "PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000; PRAGMA temp_store = MEMORY;",
+        )
+        .map_err(|e| format!("cannot set up the checkpoint connection: {e}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop_t = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -1234,6 +1249,31 @@ mod tests {
         assert!(h.largest_batch >= 2, "jobs were committed together: {h:?}");
         assert!(h.commits < h.jobs_committed, "{h:?}");
         l.close_blocking().unwrap();
+    }
+
+    #[test]
+    fn no_connection_of_the_ledger_writes_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Ledger::open(&dir.path().join("l.sqlite3"), LedgerOptions::default()).unwrap();
+        // 2 = MEMORY: statement journals and sorts never spill to a
+        // temporary directory outside the state directory.
+        let writer: i64 = l
+            .write_blocking(|t| Ok(t.conn().query_row("PRAGMA temp_store", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(writer, 2);
+        let reader: i64 = l
+            .reader()
+            .unwrap()
+            .query_row("PRAGMA temp_store", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(reader, 2);
+        let verifier = super::super::verify::open_read_only(&dir.path().join("l.sqlite3"));
+        l.close_blocking().unwrap();
+        let verifier: i64 = verifier
+            .unwrap()
+            .query_row("PRAGMA temp_store", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(verifier, 2);
     }
 
     #[test]
