@@ -10,12 +10,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use common::MockConnector;
 use keyward::hsm::Hsm;
 use keyward::hsm::yubihsm::credentials::read_credentials;
 use keyward::hsm::yubihsm::{YubiHsm, YubiHsmSettings};
@@ -498,53 +500,6 @@ fn selftest_fails_a_device_that_was_never_provisioned() {
 
 // --- The CLI against `keyward hsm mock-connector` -----------------------
 
-/// A mock connector process serving its own MockHsm; killed on drop.
-struct MockConnector {
-    child: Child,
-    port: u16,
-    _alive: tempfile::TempDir,
-}
-
-impl MockConnector {
-    fn start(dir: &Path) -> MockConnector {
-        let alive = tempfile::tempdir_in(dir).unwrap();
-        let port_file = dir.join("port");
-        let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
-            .args(["hsm", "mock-connector", "--port-file"])
-            .arg(&port_file)
-            .arg("--exit-when-gone")
-            .arg(alive.path())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("keyward hsm mock-connector starts");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let port = loop {
-            if let Ok(text) = std::fs::read_to_string(&port_file)
-                && let Ok(p) = text.trim().parse()
-            {
-                break p;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the mock connector wrote no port"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        MockConnector {
-            child,
-            port,
-            _alive: alive,
-        }
-    }
-}
-
-impl Drop for MockConnector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn write_config(path: &Path, port: u16, credential_file: &Path, backups: bool) {
     std::fs::write(
         path,
@@ -576,7 +531,7 @@ fn keyward(config: &Path, args: &[&str]) -> (i32, String) {
 #[test]
 fn cli_setup_then_selftest_pass_on_mockhsm_and_no_secret_is_printed() {
     let dir = tempfile::tempdir().unwrap();
-    let mock = MockConnector::start(dir.path());
+    let mock = MockConnector::start();
     let creds = dir.path().join("credentials");
     let signer_file = creds.join("yubihsm-signer");
     let config = dir.path().join("keyward.toml");
@@ -753,28 +708,8 @@ fn the_operators_path_from_a_fresh_device_to_a_config_keywardd_accepts() {
         std::fs::Permissions::from_mode(0o750),
     )
     .unwrap();
-    let port_file = root.join("mock.port");
-    let mut connector = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
-        .args(["hsm", "mock-connector", "--port-file"])
-        .arg(&port_file)
-        .arg("--exit-when-gone")
-        .arg(root)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let port = loop {
-        if let Ok(p) = std::fs::read_to_string(&port_file) {
-            break p.trim().to_owned();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no mock connector port"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let connector = MockConnector::start();
+    let port = connector.port;
     let config = root.join("etc/keyward.toml");
     std::fs::write(
         &config,
@@ -849,6 +784,5 @@ fn the_operators_path_from_a_fresh_device_to_a_config_keywardd_accepts() {
         let secret = password.trim().split_once(':').unwrap().1;
         assert!(!out.contains(secret), "the signer's password was printed");
     }
-    let _ = connector.kill();
-    let _ = connector.wait();
+    drop(connector);
 }

@@ -64,16 +64,6 @@ impl TestBackend {
     }
 }
 
-/// Prints why a test does not run on `KEYWARD_TEST_BACKEND`'s backend and
-/// returns true when it should return at once (it is specific to SoftHSM2).
-pub fn skip_unless_softhsm(test: &str, why: &str) -> bool {
-    if TestBackend::from_env().is_yubihsm() {
-        eprintln!("SKIPPED on backend yubihsm-mock: {test}: {why}");
-        return true;
-    }
-    false
-}
-
 /// A running (or stopped) keyward instance in a temporary directory.
 pub struct Instance {
     /// The HSM it runs on.
@@ -1153,4 +1143,84 @@ pub fn intent_entries(db: &Path, id: &str) -> Vec<(String, serde_json::Value)> {
     .unwrap()
     .map(Result::unwrap)
     .collect()
+}
+
+/// A `keyward hsm mock-connector` (MockHsm over the connector's HTTP
+/// protocol) on a free port; killed when dropped, and gone with its
+/// directory in any case (`--exit-when-gone`).
+pub struct MockConnector {
+    child: std::process::Child,
+    /// Its TCP port on 127.0.0.1.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl MockConnector {
+    pub fn start() -> MockConnector {
+        let dir = tempfile::Builder::new()
+            .prefix("kw-mockhsm-")
+            .tempdir()
+            .unwrap();
+        let port_file = dir.path().join("port");
+        let mut child = Command::new(KEYWARD)
+            .args(["hsm", "mock-connector", "--port-file"])
+            .arg(&port_file)
+            .arg("--exit-when-gone")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let port = loop {
+            if let Some(p) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|t| t.trim().parse::<u16>().ok())
+            {
+                break p;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the mock connector exited: {status}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the mock connector wrote no port"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        MockConnector {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// An inspecting client with MockHsm's factory key (id 1).
+    pub fn client(&self) -> yubihsm::Client {
+        let connector = yubihsm::Connector::http(&yubihsm::HttpConfig {
+            addr: "127.0.0.1".into(),
+            port: self.port,
+            timeout_ms: 10_000,
+        });
+        yubihsm::Client::open(connector, yubihsm::Credentials::default(), false).unwrap()
+    }
+
+    /// SIGUSR1: connector down; SIGUSR2: back up on the same port.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    pub fn accepts(&self) -> bool {
+        std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+    }
+}
+
+impl Drop for MockConnector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
