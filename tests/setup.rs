@@ -626,3 +626,21 @@ fn setup_interrupted_after_saving_the_pins_resumes_with_them() {
     // The token takes the saved PIN: keys can be made with it.
     b.create_key("hot");
 }
+
+/// `keyward setup --yubihsm` on a PKCS#11 configuration is refused with
+/// the reason, exit 2, and nothing is written (no token, no credential,
+/// no pinned key).
+#[test]
+fn setup_for_a_yubihsm_on_a_pkcs11_configuration_is_refused_and_changes_nothing() {
+    let b = Box_::new();
+    let before = b.snapshot();
+    let out = b.keyward(&["setup", "--yubihsm"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(
+        all.contains("--yubihsm needs [hsm] backend = \"yubihsm\""),
+        "{all}"
+    );
+    assert_eq!(b.snapshot(), before, "nothing written");
+    assert!(!b.path("etc/audit.vkey").exists());
+}
