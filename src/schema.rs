@@ -39,11 +39,18 @@ pub struct Migration {
 }
 
 /// Every migration, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial schema",
-    sql: V1,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial schema",
+        sql: V1,
+    },
+    Migration {
+        version: 2,
+        name: "key registry, freezes and drills",
+        sql: V2,
+    },
+];
 
 /// The schema version this binary writes (the last migration's).
 pub const CURRENT: u32 = latest(MIGRATIONS);
@@ -167,6 +174,54 @@ CREATE TABLE IF NOT EXISTS approvals (
     nonce TEXT NOT NULL,
     ts_ms INTEGER NOT NULL,
     PRIMARY KEY (agent, intent_id, approver)
+) WITHOUT ROWID;
+";
+
+/// Version 2: the key registry (which HSM object serves each key name, by
+/// version), emergency freezes and the last drill of each kind.
+const V2: &str = "
+-- The key registry (service::keys): the source of truth for which HSM
+-- object serves a key name. Every change is recorded in the ledger in the
+-- same transaction (key_generated, key_rotated, key_retired). `hsm_label`
+-- is what the backend finds the key by; `public_key` (base58) must match
+-- what the HSM returns for it, or the key is refused.
+CREATE TABLE key_registry (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL CHECK (version >= 1),
+    backend TEXT NOT NULL,
+    hsm_label TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('active', 'retiring', 'retired')),
+    created_ms INTEGER NOT NULL,
+    rotated_ms INTEGER,
+    retire_after_ms INTEGER,
+    retired_ms INTEGER,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX key_registry_active ON key_registry(name) WHERE state = 'active';
+CREATE UNIQUE INDEX key_registry_label ON key_registry(hsm_label) WHERE state <> 'retired';
+
+-- Emergency freezes (service::freeze): scope `all`, `agent:NAME` or
+-- `key:NAME`; a row is a freeze in force. Recorded as signing_frozen and
+-- signing_unfrozen.
+CREATE TABLE freezes (
+    scope TEXT NOT NULL PRIMARY KEY,
+    reason TEXT NOT NULL,
+    by TEXT NOT NULL,
+    since_ms INTEGER NOT NULL,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- The last drill of each kind (`rotation`, `dr`), as its drill_completed
+-- entry records it.
+CREATE TABLE drills (
+    kind TEXT NOT NULL PRIMARY KEY,
+    outcome TEXT NOT NULL CHECK (outcome IN ('passed', 'failed')),
+    completed_ms INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    failed_step TEXT,
+    seq INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
 

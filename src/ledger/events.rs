@@ -103,6 +103,10 @@ events! {
     SigningDenied => SigningDenied,
     KeyGenerated => KeyGenerated,
     KeyRotated => KeyRotated,
+    KeyRetired => KeyRetired,
+    SigningFrozen => SigningFrozen,
+    SigningUnfrozen => SigningUnfrozen,
+    BackupCreated => BackupCreated,
     PolicyLoaded => PolicyLoaded,
     BreakerTripped => BreakerTripped,
     BreakerReset => BreakerReset,
@@ -395,6 +399,12 @@ pub struct KeyGenerated {
     /// Who asked for it (`uid:N`), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// The key's version under its name (1 unless rotated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// The label the HSM finds it by, when not the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsm_label: Option<String>,
 }
 
 impl KeyGenerated {
@@ -420,6 +430,8 @@ impl KeyGenerated {
             extractable: None,
             created: None,
             by: None,
+            version: None,
+            hsm_label: None,
         }
     }
 
@@ -443,6 +455,8 @@ impl KeyGenerated {
             extractable: Some(false),
             created: None,
             by: None,
+            version: None,
+            hsm_label: None,
         }
     }
 }
@@ -475,6 +489,83 @@ pub struct KeyRotated {
     /// The new key's signature over the statement (base58).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_signature: Option<String>,
+    /// The retiring key's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_version: Option<u32>,
+    /// The successor's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_version: Option<u32>,
+    /// The successor's HSM label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_hsm_label: Option<String>,
+    /// End of the retiring key's grace period (Unix ms): `key retire`
+    /// refuses before it without `--force`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_after_ms: Option<i64>,
+    /// Who asked for it (`uid:N`, `drill`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// `key_retired`: a retiring key destroyed in the HSM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRetired {
+    /// Key name.
+    pub key: String,
+    /// The version destroyed.
+    pub version: u32,
+    /// Its public key (base58).
+    pub public_key: String,
+    /// Whether it was retired before its grace period ended.
+    pub forced: bool,
+    /// The operator's reason (required when forced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Who asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// `signing_frozen`: an operator stopped signing for a scope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigningFrozen {
+    /// `all`, `agent:NAME` or `key:NAME`.
+    pub scope: String,
+    /// Why (the operator's words).
+    pub reason: String,
+    /// Who (`uid:N`).
+    pub by: String,
+}
+
+/// `signing_unfrozen`: an operator lifted a freeze.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigningUnfrozen {
+    /// The scope lifted.
+    pub scope: String,
+    /// The operator's words, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Who (`uid:N`).
+    pub by: String,
+    /// The sequence of the `signing_frozen` entry it lifts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_seq: Option<u64>,
+}
+
+/// `backup_created`: the audit key signed a backup's manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupCreated {
+    /// SHA-256 (hex) of the manifest's signed bytes.
+    pub manifest_sha256: String,
+    /// The ledger head the backup covers: its sequence number.
+    pub ledger_seq: u64,
+    /// ... and that entry's hash (hex).
+    pub ledger_hash: String,
+    /// Files the manifest lists.
+    pub files: u64,
+    /// Who asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// `policy_loaded`: a policy file put in force.
@@ -587,6 +678,30 @@ pub struct DrillCompleted {
     /// What was checked or what failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The step that failed, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
+    /// Each step's name and duration in ms, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<DrillStep>,
+    /// DR drill: ms from start to the first verified signature on the
+    /// restored instance (the recovery time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_time_ms: Option<u64>,
+    /// Whether it ran on production keys (`--live`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub live: bool,
+}
+
+/// One step of a drill, as `drill_completed` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillStep {
+    /// Step name.
+    pub step: String,
+    /// `passed` or `failed`.
+    pub outcome: String,
+    /// How long it took, ms.
+    pub duration_ms: u64,
 }
 
 /// One key served, as `daemon_started` lists it.

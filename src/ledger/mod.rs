@@ -115,6 +115,14 @@ event_types! {
     KeyGenerated => "key_generated",
     /// A key was rotated.
     KeyRotated => "key_rotated",
+    /// A retiring key was destroyed in the HSM.
+    KeyRetired => "key_retired",
+    /// An operator froze signing (all, an agent or a key).
+    SigningFrozen => "signing_frozen",
+    /// An operator lifted a freeze.
+    SigningUnfrozen => "signing_unfrozen",
+    /// A backup's manifest was signed by the audit key.
+    BackupCreated => "backup_created",
     /// A policy file was loaded (its SHA-256).
     PolicyLoaded => "policy_loaded",
     /// A circuit breaker opened.
