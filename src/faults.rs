@@ -226,6 +226,9 @@ impl Hsm for FaultyHsm {
     fn list_ed25519(&self) -> Result<Vec<HsmKey>, HsmError> {
         self.inner.list_ed25519()
     }
+    fn destroy_ed25519(&self, key: &HsmKey) -> Result<(), HsmError> {
+        self.inner.destroy_ed25519(key)
+    }
     fn sign_ed25519(&self, key: &HsmKey, message: &[u8]) -> Result<[u8; 64], HsmError> {
         if let Some(faults) = FAULTS.get()
             && key.name.as_str() != crate::ledger::checkpoint::AUDIT_KEY

@@ -389,6 +389,47 @@ fn generating_an_existing_name_is_key_exists(f: Box<dyn Fixture>) {
     assert_eq!(hsm.find_ed25519(&name).unwrap(), first);
 }
 
+/// Destroying a key removes it (private and public): it is no longer
+/// found, listed or usable, a second destroy is `key_not_found`, health no
+/// longer looks for it, and another key (long-named too) is untouched.
+fn destroyed_key_is_gone(f: Box<dyn Fixture>) {
+    let hsm = f.hsm();
+    let doomed = hsm.generate_ed25519(&f.key("old")).unwrap();
+    let kept = hsm.generate_ed25519(&f.key("new")).unwrap();
+    let head = format!("{}-long", f.prefix());
+    let long = KeyName::new(&format!("{head}{}", "l".repeat(64 - head.len()))).unwrap();
+    let long = hsm.generate_ed25519(&long).unwrap();
+    hsm.health().unwrap();
+    hsm.destroy_ed25519(&doomed).unwrap();
+    hsm.destroy_ed25519(&long).unwrap();
+    for gone in [&doomed, &long] {
+        assert_eq!(
+            hsm.find_ed25519(&gone.name).unwrap_err().code(),
+            "key_not_found"
+        );
+        assert!(
+            hsm.sign_ed25519(gone, b"m").is_err(),
+            "a destroyed key signs nothing"
+        );
+        assert_eq!(
+            hsm.destroy_ed25519(gone).unwrap_err().code(),
+            "key_not_found"
+        );
+    }
+    let listed = hsm.list_ed25519().unwrap();
+    assert!(
+        !listed.contains(&doomed) && !listed.contains(&long),
+        "{listed:?}"
+    );
+    assert!(listed.contains(&kept));
+    hsm.health()
+        .expect("health does not look for destroyed keys");
+    verify(&kept, b"still", &hsm.sign_ed25519(&kept, b"still").unwrap());
+    // The name can be used again.
+    let again = hsm.generate_ed25519(&doomed.name).unwrap();
+    assert_ne!(again.public_key, doomed.public_key);
+}
+
 /// Listing returns every generated key, sorted by name, with the public
 /// keys generation returned.
 fn lists_generated_keys_sorted(f: Box<dyn Fixture>) {
@@ -614,6 +655,7 @@ macro_rules! contract {
                 longest_names_work,
                 generating_an_existing_name_is_key_exists,
                 lists_generated_keys_sorted,
+                destroyed_key_is_gone,
                 hmac_approver_keys,
                 audit_key_and_data_objects,
                 random_and_health,

@@ -66,11 +66,13 @@ pub enum HsmOp {
     LoadData,
     /// [`Hsm::health`].
     Health,
+    /// [`Hsm::destroy_ed25519`].
+    DestroyKey,
 }
 
 impl HsmOp {
     /// Every operation, in a fixed order.
-    pub const ALL: [HsmOp; 11] = [
+    pub const ALL: [HsmOp; 12] = [
         HsmOp::Generate,
         HsmOp::Find,
         HsmOp::List,
@@ -82,6 +84,7 @@ impl HsmOp {
         HsmOp::StoreData,
         HsmOp::LoadData,
         HsmOp::Health,
+        HsmOp::DestroyKey,
     ];
 
     /// Stable snake_case name (for logs and metrics).
@@ -98,6 +101,7 @@ impl HsmOp {
             HsmOp::StoreData => "store_data",
             HsmOp::LoadData => "load_data",
             HsmOp::Health => "health",
+            HsmOp::DestroyKey => "destroy_key",
         }
     }
 

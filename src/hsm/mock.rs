@@ -283,6 +283,21 @@ impl Hsm for MockHsm {
         })
     }
 
+    fn destroy_ed25519(&self, key: &HsmKey) -> Result<(), HsmError> {
+        let id = key
+            .key_ref
+            .as_object_id()
+            .ok_or_else(|| foreign_key_ref("destroy", key))?;
+        self.device(HsmOp::DestroyKey, |o| {
+            let before = o.keys.len();
+            o.keys.retain(|_, (i, _)| *i != id);
+            if o.keys.len() == before {
+                return Err(HsmError::KeyNotFound(key.name.to_string()));
+            }
+            Ok(())
+        })
+    }
+
     fn sign_ed25519(&self, key: &HsmKey, message: &[u8]) -> Result<[u8; 64], HsmError> {
         let id = key
             .key_ref

@@ -240,6 +240,11 @@ pub trait Hsm: Send + Sync {
     /// Lists every Ed25519 key pair on the token (sorted by name).
     fn list_ed25519(&self) -> Result<Vec<HsmKey>, HsmError>;
 
+    /// Destroys the Ed25519 key pair `key` (private and public objects,
+    /// and anything the backend keeps for its name). A key already gone is
+    /// [`HsmError::KeyNotFound`]. After this, health no longer looks for it.
+    fn destroy_ed25519(&self, key: &HsmKey) -> Result<(), HsmError>;
+
     /// Signs `message` with the private key of `key` (pure Ed25519).
     /// Callers use [`sign_verified`], which also checks the result.
     fn sign_ed25519(&self, key: &HsmKey, message: &[u8]) -> Result<[u8; 64], HsmError>;

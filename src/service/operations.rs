@@ -312,6 +312,9 @@ mod tests {
         fn list_ed25519(&self) -> Result<Vec<HsmKey>, crate::hsm::HsmError> {
             Ok(Vec::new())
         }
+        fn destroy_ed25519(&self, key: &HsmKey) -> Result<(), crate::hsm::HsmError> {
+            Err(crate::hsm::HsmError::KeyNotFound(key.name.to_string()))
+        }
         fn sign_ed25519(&self, key: &HsmKey, _: &[u8]) -> Result<[u8; 64], crate::hsm::HsmError> {
             Err(crate::hsm::HsmError::KeyNotFound(key.name.to_string()))
         }

@@ -38,6 +38,10 @@ impl Hsm for Blocking<'_> {
     fn list_ed25519(&self) -> Result<Vec<HsmKey>, HsmError> {
         self.run(HsmOp::List, |h| h.list_ed25519())
     }
+    fn destroy_ed25519(&self, key: &HsmKey) -> Result<(), HsmError> {
+        let key = key.clone();
+        self.run(HsmOp::DestroyKey, move |h| h.destroy_ed25519(&key))
+    }
     fn sign_ed25519(&self, key: &HsmKey, message: &[u8]) -> Result<[u8; 64], HsmError> {
         let (key, message) = (key.clone(), message.to_vec());
         self.run(HsmOp::Sign, move |h| h.sign_ed25519(&key, &message))

@@ -289,6 +289,29 @@ impl Hsm for Pkcs11Hsm {
         self.recovering(|| self.sign_once(key, message))
     }
 
+    fn destroy_ed25519(&self, key: &HsmKey) -> Result<(), HsmError> {
+        let label = key
+            .key_ref
+            .as_label()
+            .ok_or_else(|| super::foreign_key_ref("C_DestroyObject", key))?;
+        let open = self.current();
+        let s = open.session()?;
+        let session = s.get()?;
+        let (private, public) = self
+            .find_pair(session, label)?
+            .ok_or_else(|| HsmError::KeyNotFound(label.to_owned()))?;
+        // Forgotten first: health must not look for a key being destroyed.
+        lock(&open.handles).remove(label);
+        lock(&self.known).remove(label);
+        session
+            .destroy_object(private)
+            .map_err(device("C_DestroyObject"))?;
+        session
+            .destroy_object(public)
+            .map_err(device("C_DestroyObject"))?;
+        Ok(())
+    }
+
     fn random(&self, len: usize) -> Result<zeroize::Zeroizing<Vec<u8>>, HsmError> {
         self.recovering(|| self.random_once(len))
     }

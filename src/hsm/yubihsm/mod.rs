@@ -505,6 +505,36 @@ impl super::Hsm for YubiHsm {
         Ok(keys)
     }
 
+    fn destroy_ed25519(&self, key: &HsmKey) -> Result<(), HsmError> {
+        let id = key
+            .key_ref
+            .as_object_id()
+            .ok_or_else(|| foreign_key_ref("destroy", key))?;
+        let info = match self.call("destroy", Retry::Once, |c| {
+            c.get_object_info(id, object::Type::AsymmetricKey)
+        }) {
+            Ok(info) => info,
+            Err(HsmError::Device { .. }) => {
+                return Err(HsmError::KeyNotFound(key.name.to_string()));
+            }
+            Err(e) => return Err(e),
+        };
+        lock(&self.known).retain(|_, known| *known != id);
+        self.delete("destroy", id, object::Type::AsymmetricKey)?;
+        // A hashed label's name record goes with its key.
+        if let Some(record) = info
+            .label
+            .try_as_str()
+            .ok()
+            .and_then(names::name_record_label)
+        {
+            for rid in self.objects("destroy", object::Type::Opaque, &record, None)? {
+                self.delete("destroy", rid, object::Type::Opaque)?;
+            }
+        }
+        Ok(())
+    }
+
     fn sign_ed25519(&self, key: &HsmKey, message: &[u8]) -> Result<[u8; 64], HsmError> {
         let id = key
             .key_ref
