@@ -20,7 +20,7 @@ use crate::ledger::{Ledger, LedgerError, LedgerOptions, events};
 use crate::policy::Policy;
 use crate::service::checkpoints::Checkpointer;
 use crate::service::history::Established;
-use crate::service::{Core, Operations, Signer};
+use crate::service::{Core, Operations, RetiringKeys, Signer};
 use crate::types::KeyName;
 
 /// Why the daemon could not start or stopped with an error.
@@ -181,8 +181,8 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
         "descriptor budget"
     );
     let policy = Policy::load(&cfg.daemon.policy)?;
-    let (hsm, keys) = open_hsm_and_keys(cfg, &policy).await?;
     let ledger = open_ledger(cfg)?;
+    let (hsm, keys, retiring) = open_hsm_and_keys(cfg, &policy, &ledger).await?;
     let established = establish_history(cfg, &hsm, &ledger, opts).await?;
     let audit_key = established.key.clone();
     record_start(cfg, &ledger, &hsm, &keys, &policy, &established).await?;
@@ -204,6 +204,7 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
         Duration::from_secs(cfg.daemon.approval_ttl_s),
     );
     core.set_device_label(cfg.hsm.device_label());
+    core.set_retiring(retiring);
     let signer = Signer::new(Arc::clone(&core));
     let operations = Operations::new(core);
     // Signed checkpoints of the Merkle tree, over verified entries only. The
@@ -257,11 +258,14 @@ fn checkpoint_cadence(cfg: &Config) -> (u64, Duration) {
 }
 
 /// Opens the HSM (off the runtime's threads: loading the module and logging
-/// in block) and finds every key the policy names.
+/// in block) and finds every key the policy names, through the ledger's key
+/// registry (the version active for each name, checked against its
+/// registered public key), and the retiring versions still in the HSM.
 async fn open_hsm_and_keys(
     cfg: &Config,
     policy: &Policy,
-) -> Result<(Arc<HsmExecutor>, HashMap<KeyName, HsmKey>), DaemonError> {
+    ledger: &Ledger,
+) -> Result<(Arc<HsmExecutor>, HashMap<KeyName, HsmKey>, RetiringKeys), DaemonError> {
     let hsm_cfg = cfg.clone();
     let hsm = tokio::task::spawn_blocking(move || open_hsm(&hsm_cfg))
         .await
@@ -279,20 +283,20 @@ async fn open_hsm_and_keys(
     let hsm = crate::faults::wrap_hsm(hsm);
     // From here on every HSM call goes through the executor.
     let hsm = Arc::new(HsmExecutor::start(hsm, ExecutorSettings::of(&cfg.hsm))?);
-    let mut keys = HashMap::new();
+    let (keys, retiring, failed) =
+        crate::service::keys::resolve(ledger, &hsm, policy.all_keys().into_iter().collect())
+            .await?;
     let mut missing = Vec::new();
-    for name in policy.all_keys() {
-        match hsm.find_ed25519(&name).await {
-            Ok(key) => {
-                keys.insert(name, key);
-            }
+    for (name, e) in failed {
+        match e {
             // Every key that is not there or not usable, named at once.
-            Err(
-                e @ (HsmError::KeyNotFound(_)
-                | HsmError::AmbiguousKey(_)
-                | HsmError::UnprotectedKey { .. }),
-            ) => missing.push(crate::doctor::key_finding(cfg, name.as_str(), &e)),
-            Err(source) => {
+            e @ (HsmError::KeyNotFound(_)
+            | HsmError::AmbiguousKey(_)
+            | HsmError::KeyMismatch { .. }
+            | HsmError::UnprotectedKey { .. }) => {
+                missing.push(crate::doctor::key_finding(cfg, name.as_str(), &e));
+            }
+            source => {
                 return Err(DaemonError::MissingKey {
                     policy: cfg.daemon.policy.clone(),
                     key: name.to_string(),
@@ -304,7 +308,7 @@ async fn open_hsm_and_keys(
     if !missing.is_empty() {
         return Err(crate::doctor::Refusal(missing).into());
     }
-    Ok((hsm, keys))
+    Ok((hsm, keys, retiring))
 }
 
 /// The trust anchor: the whole history verified against the HSM's own

@@ -594,17 +594,173 @@ pub struct PolicyReloadView {
 /// Admin API: one key in `GET /v1/admin/keys`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AdminKeyInfo {
-    /// Key name (HSM label).
+    /// Key name (what policies and agents use).
     pub name: String,
     /// Base58 public key.
     pub public_key: String,
-    /// Key state.
+    /// Key state: `active`, `retiring`, `retired` (or `audit` for the
+    /// audit key).
     pub state: String,
-    /// Agents whose policy lets them use the key.
+    /// Agents whose policy lets them use the key (its active version).
     pub agents: Vec<String>,
     /// For the audit key: the signed-note verifier key of checkpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verifier_key: Option<String>,
+    /// Version under the name (1 unless rotated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// HSM backend holding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// The label the HSM finds it by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsm_label: Option<String>,
+    /// When it was registered (UTC, RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// When it was rotated out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_at: Option<String>,
+    /// End of its grace period, while retiring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_after: Option<String>,
+    /// When it was destroyed in the HSM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<String>,
+}
+
+/// Admin API: what a retiring key's address holds, to be swept to its
+/// successor (keyward has no network: the operator reads the balances).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepSpec {
+    /// The agent whose policy and approvers the sweep goes through;
+    /// default: the one agent whose policy lists the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Recent blockhash (base58) the sweep transaction is bound to.
+    pub recent_blockhash: String,
+    /// The old address's SOL balance (decimal SOL). What is moved is this
+    /// less the fee and the rent of the token accounts the sweep creates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sol: Option<String>,
+    /// The old address's token balances, each moved whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<SweepToken>,
+    /// Intent id; default: `sweep:NAME:VERSION:` and 16 hex digits of the
+    /// request's digest (so the same request is the same intent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent_id: Option<String>,
+}
+
+/// One token balance of a sweep.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepToken {
+    /// The mint (base58).
+    pub mint: String,
+    /// The balance (decimal, in the token's units).
+    pub amount: String,
+}
+
+/// Admin API: `POST /v1/admin/keys/{name}/rotate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRotateRequest {
+    /// Why (one line, recorded and signed by both keys).
+    pub reason: String,
+    /// Grace period of the old key before `key retire` may destroy it
+    /// without `force`, seconds (default 7 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_s: Option<u64>,
+    /// The old address's balances, to create the sweep intent at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<SweepSpec>,
+}
+
+/// Admin API: a sweep intent created (by a rotation or by
+/// `POST /v1/admin/keys/{name}/sweep`): the agent and intent it went
+/// through, and what the agent API would have answered for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SweepResult {
+    /// The agent whose policy decided it.
+    pub agent: String,
+    /// Its intent id (`GET /v1/admin/approvals` lists it while pending).
+    pub intent_id: String,
+    /// The HTTP status the agent API gives this outcome (200 signed, 202
+    /// pending approval, 403 denied, ...).
+    pub http_status: u16,
+    /// The body the agent API gives it.
+    pub body: serde_json::Value,
+}
+
+/// Admin API: the answer to a rotation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyRotatedView {
+    /// Key name.
+    pub name: String,
+    /// The version rotated out (now retiring).
+    pub old_version: u32,
+    /// The successor's version (now active).
+    pub new_version: u32,
+    /// The old public key.
+    pub old_public_key: String,
+    /// The new public key.
+    pub new_public_key: String,
+    /// The transition statement both keys signed.
+    pub statement: String,
+    /// The old key's signature (base58).
+    pub old_signature: String,
+    /// The new key's signature (base58).
+    pub new_signature: String,
+    /// End of the old key's grace period (UTC).
+    pub retire_after: String,
+    /// Sequence of the `key_rotated` entry.
+    pub ledger_seq: u64,
+    /// The sweep intent, when balances were given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep: Option<SweepResult>,
+    /// Why the sweep intent could not be created (the rotation stands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sweep_error: Option<ErrorDetail>,
+}
+
+/// Admin API: `POST /v1/admin/keys/{name}/sweep`, a sweep intent for a
+/// retiring version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySweepRequest {
+    /// The retiring version whose address is swept.
+    pub version: u32,
+    /// The balances and the rest.
+    pub sweep: SweepSpec,
+}
+
+/// Admin API: `POST /v1/admin/keys/{name}/retire`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRetireRequest {
+    /// The retiring version to destroy.
+    pub version: u32,
+    /// Destroy it within its grace period (needs `reason`).
+    #[serde(default)]
+    pub force: bool,
+    /// Why (required with `force`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Admin API: the answer to a retirement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRetiredView {
+    /// `name@version`.
+    pub key: String,
+    /// Its public key.
+    pub public_key: String,
+    /// Whether it was retired within its grace period.
+    pub forced: bool,
+    /// Sequence of the `key_retired` entry.
+    pub ledger_seq: u64,
 }
 
 /// Admin API: `POST /v1/admin/keys`, a new signing key generated inside

@@ -23,6 +23,9 @@ pub fn admin_router(state: AppState) -> Router {
     Router::new()
         .route("/v1/admin/breakers/{name}/reset", post(reset_breaker))
         .route("/v1/admin/keys", get(keys).post(create_key))
+        .route("/v1/admin/keys/{name}/rotate", post(rotate_key))
+        .route("/v1/admin/keys/{name}/retire", post(retire_key))
+        .route("/v1/admin/keys/{name}/sweep", post(sweep_key))
         .route("/v1/admin/policy/reload", post(reload_policy))
         .route("/v1/admin/approvers", get(list_approvers))
         .route(
@@ -260,7 +263,9 @@ async fn create_key(
                 KeyCreateError::InvalidName(_) | KeyCreateError::Reserved(_) => {
                     StatusCode::BAD_REQUEST
                 }
-                KeyCreateError::Exists(_) => StatusCode::CONFLICT,
+                KeyCreateError::Exists(_) | KeyCreateError::Registered { .. } => {
+                    StatusCode::CONFLICT
+                }
                 KeyCreateError::Hsm(_) | KeyCreateError::Ledger(_) => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
@@ -282,10 +287,48 @@ async fn keys(
     operator(&state.admin_group, peer)?;
     let core = state.operations.core();
     let policy = core.policy();
-    let mut keys: Vec<AdminKeyInfo> = core
-        .keys()
-        .values()
-        .map(|k| AdminKeyInfo {
+    let served = core.keys();
+    let utc = |ms: Option<i64>| ms.map(crate::ledger::format_utc);
+    // Every registered version, and keys served that the registry has not
+    // recorded yet (registered at the next start).
+    let registered = state
+        .operations
+        .registered_keys()
+        .map_err(crate::service::SubmitError::from)?;
+    let mut keys: Vec<AdminKeyInfo> = registered
+        .iter()
+        .map(|r| {
+            let active = r.state == crate::ledger::registry::KeyState::Active;
+            AdminKeyInfo {
+                name: r.name.clone(),
+                public_key: r.public_key.clone(),
+                state: r.state.to_string(),
+                agents: if active {
+                    policy
+                        .agents
+                        .iter()
+                        .filter(|a| a.keys.iter().any(|k| k.as_str() == r.name))
+                        .map(|a| a.name.to_string())
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                verifier_key: None,
+                version: Some(r.version),
+                backend: Some(r.backend.clone()),
+                hsm_label: Some(r.hsm_label.clone()),
+                created_at: utc(Some(r.created_ms)),
+                rotated_at: utc(r.rotated_ms),
+                retire_after: utc(r.retire_after_ms),
+                retired_at: utc(r.retired_ms),
+            }
+        })
+        .collect();
+    for k in served.values() {
+        if registered.iter().any(|r| r.name == k.name.as_str()) {
+            continue;
+        }
+        keys.push(AdminKeyInfo {
             name: k.name.to_string(),
             public_key: k.public_key.to_base58(),
             state: "active".to_owned(),
@@ -296,8 +339,15 @@ async fn keys(
                 .map(|a| a.name.to_string())
                 .collect(),
             verifier_key: None,
-        })
-        .collect();
+            version: None,
+            backend: Some(core.hsm().backend().to_owned()),
+            hsm_label: None,
+            created_at: None,
+            rotated_at: None,
+            retire_after: None,
+            retired_at: None,
+        });
+    }
     if let Some((public_key, vkey)) = &state.audit_key {
         keys.push(AdminKeyInfo {
             name: crate::ledger::checkpoint::AUDIT_KEY.to_owned(),
@@ -305,10 +355,157 @@ async fn keys(
             state: "audit".to_owned(),
             agents: Vec::new(),
             verifier_key: Some(vkey.clone()),
+            version: None,
+            backend: Some(core.hsm().backend().to_owned()),
+            hsm_label: None,
+            created_at: None,
+            rotated_at: None,
+            retire_after: None,
+            retired_at: None,
         });
     }
-    keys.sort_by(|a, b| a.name.cmp(&b.name));
+    keys.sort_by(|a, b| (&a.name, a.version).cmp(&(&b.name, b.version)));
     Ok(axum::Json(keys).into_response())
+}
+
+fn rotate_error(e: crate::service::rotation::RotateError) -> ApiError {
+    use crate::service::rotation::RotateError;
+    let status = match &e {
+        RotateError::UnknownKey(_) => StatusCode::NOT_FOUND,
+        RotateError::Invalid(_) => StatusCode::BAD_REQUEST,
+        RotateError::WrongState(_) | RotateError::GracePeriod { .. } => StatusCode::CONFLICT,
+        RotateError::Hsm(crate::hsm::HsmError::KeyMismatch { .. }) => StatusCode::CONFLICT,
+        RotateError::Hsm(_) | RotateError::Ledger(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    ApiError::new(status, e.code(), e.to_string())
+}
+
+/// What the agent API would answer for a sweep's outcome.
+fn sweep_result(swept: crate::service::sweep::Swept) -> keyward_client::wire::SweepResult {
+    use crate::service::SubmitOutcome;
+    let (status, body) = match swept.outcome {
+        SubmitOutcome::Signed(s) => (200, serde_json::to_value(s).ok()),
+        SubmitOutcome::Pending(p) => (202, serde_json::to_value(p).ok()),
+        SubmitOutcome::Denied(reasons) => (
+            403,
+            serde_json::to_value(crate::service::denial_body(&reasons)).ok(),
+        ),
+        SubmitOutcome::Locked { retry_after_s } => (
+            423,
+            Some(serde_json::json!({"error": {"code": codes::AGENT_LOCKED,
+                "message": format!("the agent is locked for {retry_after_s} more seconds")}})),
+        ),
+        SubmitOutcome::Expired => (
+            410,
+            Some(serde_json::json!({"error": {"code": codes::INTENT_EXPIRED,
+                "message": "the sweep's approval window ended"}})),
+        ),
+        SubmitOutcome::Replayed { status, body } => (
+            super::error::intent_reply_status(status).as_u16(),
+            serde_json::from_slice(&body).ok(),
+        ),
+    };
+    keyward_client::wire::SweepResult {
+        agent: swept.agent,
+        intent_id: swept.intent_id,
+        http_status: status,
+        body: body.unwrap_or(serde_json::Value::Null),
+    }
+}
+
+async fn rotate_key(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let uid = operator(&state.admin_group, peer)?;
+    let req: keyward_client::wire::KeyRotateRequest =
+        super::body::read_json(&headers, body, state.max_body).await?;
+    let by = format!("uid:{uid}");
+    let (operations, signer) = (
+        std::sync::Arc::clone(&state.operations),
+        std::sync::Arc::clone(&state.signer),
+    );
+    // Runs to completion even if the operator's client goes away.
+    let view = tokio::spawn(async move {
+        let r = operations
+            .rotate_key(&name, &req.reason, req.grace_s, &by)
+            .await
+            .map_err(rotate_error)?;
+        let (mut sweep, mut sweep_error) = (None, None);
+        if let Some(spec) = &req.sweep {
+            match signer.sweep(&r.name, r.old_version, spec).await {
+                Ok(s) => sweep = Some(sweep_result(s)),
+                Err(e) => sweep_error = Some(ApiError::from(e).detail()),
+            }
+        }
+        Ok::<_, ApiError>(keyward_client::wire::KeyRotatedView {
+            name: r.name,
+            old_version: r.old_version,
+            new_version: r.new_version,
+            old_public_key: r.old_key.public_key.to_base58(),
+            new_public_key: r.new_key.public_key.to_base58(),
+            statement: r.statement,
+            old_signature: bs58::encode(r.old_signature).into_string(),
+            new_signature: bs58::encode(r.new_signature).into_string(),
+            retire_after: crate::ledger::format_utc(r.retire_after_ms),
+            ledger_seq: r.ledger_seq,
+            sweep,
+            sweep_error,
+        })
+    })
+    .await
+    .map_err(ApiError::from)??;
+    Ok(axum::Json(view).into_response())
+}
+
+async fn sweep_key(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let uid = operator(&state.admin_group, peer)?;
+    let req: keyward_client::wire::KeySweepRequest =
+        super::body::read_json(&headers, body, state.max_body).await?;
+    let signer = std::sync::Arc::clone(&state.signer);
+    let swept = tokio::spawn(async move { signer.sweep(&name, req.version, &req.sweep).await })
+        .await
+        .map_err(ApiError::from)??;
+    tracing::warn!(uid, intent = %swept.intent_id, "sweep intent created by operator");
+    Ok(axum::Json(sweep_result(swept)).into_response())
+}
+
+async fn retire_key(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let uid = operator(&state.admin_group, peer)?;
+    let req: keyward_client::wire::KeyRetireRequest =
+        super::body::read_json(&headers, body, state.max_body).await?;
+    let by = format!("uid:{uid}");
+    let operations = std::sync::Arc::clone(&state.operations);
+    let retired = tokio::spawn(async move {
+        operations
+            .retire_key(&name, req.version, req.force, req.reason.as_deref(), &by)
+            .await
+    })
+    .await
+    .map_err(ApiError::from)?
+    .map_err(rotate_error)?;
+    Ok(axum::Json(keyward_client::wire::KeyRetiredView {
+        key: retired.key,
+        public_key: retired.public_key,
+        forced: retired.forced,
+        ledger_seq: retired.ledger_seq,
+    })
+    .into_response())
 }
 
 async fn health(

@@ -35,6 +35,11 @@ impl ApiError {
         ApiError { status, body }
     }
 
+    /// The error object, for a response that carries it beside others.
+    pub fn detail(self) -> ErrorDetail {
+        self.body.error
+    }
+
     /// 404 for unknown routes.
     pub fn not_found() -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such endpoint")

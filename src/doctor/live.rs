@@ -212,8 +212,15 @@ pub(super) fn check_keys(
     let Some(policy) = policy else {
         return;
     };
+    // Keys are found as keywardd finds them: through the ledger's key
+    // registry when the ledger has one (a rotated key's label is not its name).
+    let registry = registry_reader(cfg);
     for name in policy.all_keys() {
-        match hsm.find_ed25519(&name) {
+        let found = match &registry {
+            Some(conn) => crate::service::keys::find_serving(hsm, conn, &name),
+            None => hsm.find_ed25519(&name),
+        };
+        match found {
             Ok(_) => report.ok(format!("key {:?} found in the HSM", name.as_str())),
             Err(e) => report.findings.push(key_finding(cfg, name.as_str(), &e)),
         }
@@ -224,6 +231,23 @@ pub(super) fn check_keys(
     {
         report.ok("audit key found in the HSM");
     }
+}
+
+/// A read-only connection to the ledger when it exists and has the key
+/// registry (schema version 2 or later).
+fn registry_reader(cfg: &Config) -> Option<rusqlite::Connection> {
+    use rusqlite::{Connection, OpenFlags};
+    let path = cfg.ledger_path();
+    if !path.exists() {
+        return None;
+    }
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .ok()?;
+    crate::ledger::registry::all(&conn).ok()?;
+    Some(conn)
 }
 
 /// Opens the ledger read-only (never the writer's lock: the daemon may

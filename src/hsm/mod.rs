@@ -72,6 +72,16 @@ pub enum HsmError {
         /// The attributes at fault, with the values the token reports.
         weaknesses: String,
     },
+    /// The HSM holds a key under the label the key registry names, but with
+    /// another public key: the key was replaced behind keyward's back. It
+    /// is refused.
+    #[error("key {key:?} in the HSM {detail}: refused")]
+    KeyMismatch {
+        /// The key's name and version (`hot@2`).
+        key: String,
+        /// Its label, and both public keys.
+        detail: String,
+    },
     /// The HSM returned a signature that does not verify: never released.
     #[error("the HSM returned a signature that does not verify for key {0:?}")]
     BadSignature(String),
@@ -132,6 +142,7 @@ impl HsmError {
             HsmError::KeyExists(_) => "key_exists",
             HsmError::AmbiguousKey(_) => "key_ambiguous",
             HsmError::UnprotectedKey { .. } => "key_unprotected",
+            HsmError::KeyMismatch { .. } => "key_mismatch",
             HsmError::BadSignature(_) => "hsm_bad_signature",
             HsmError::Busy { .. } => "hsm_busy",
             _ => "hsm_unavailable",

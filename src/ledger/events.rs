@@ -202,6 +202,21 @@ pub enum ActionSummary {
     },
     /// A caller-built message (its bytes are in `message`).
     SignTransaction,
+    /// The sweep of a rotated-out key's balances to its successor.
+    Sweep {
+        /// The version swept.
+        version: u32,
+        /// The successor's address (base58).
+        to: String,
+        /// The SOL balance given, as given.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sol: Option<String>,
+        /// The token balances given: (mint, amount), as given.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tokens: Vec<(String, String)>,
+        /// Recent blockhash (base58).
+        recent_blockhash: String,
+    },
 }
 
 /// `intent_received`: what an agent asked for, with the exact message.

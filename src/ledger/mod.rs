@@ -31,6 +31,7 @@ pub mod events;
 mod history;
 mod keys;
 pub mod merkle;
+pub mod registry;
 mod verify;
 mod writer;
 

@@ -504,6 +504,16 @@ pub fn payload_findings(conn: &Connection) -> Result<Vec<PayloadFinding>, Ledger
         let event: String = row.get(1)?;
         let payload: Vec<u8> = row.get(2)?;
         let problem = match events::check_payload(&event, &payload) {
+            // A rotation's statement must verify with both keys it names.
+            Ok(true) if event == EventType::KeyRotated.as_str() => {
+                match events::decode::<events::KeyRotated>(&event, &payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| super::registry::verify_rotation(&r))
+                {
+                    Ok(()) => continue,
+                    Err(e) => format!("key rotation: {e}"),
+                }
+            }
             Ok(true) => continue,
             Ok(false) => "an event type this release does not know".to_owned(),
             Err(e) => e.to_string(),

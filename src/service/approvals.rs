@@ -1,7 +1,6 @@
 //! Approvals of pending intents: the agent's tokens and the checks that
 //! decide what counts, under the approvers and the policy in force now.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use keyward_client::wire::{
@@ -16,7 +15,6 @@ use crate::ledger::LedgerError;
 use crate::ledger::events::{ApprovalDecision, ApprovalGranted, ApprovalRefused, ApprovalRejected};
 use crate::policy::{AgentPolicy, engine, spend_by_asset};
 use crate::solana::{decode_message, extract_effects};
-use crate::types::KeyName;
 
 /// What an approval token did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,11 +112,12 @@ pub(super) struct CurrentNeed {
 /// exact stored message.
 pub(super) fn current_need(
     agent: &AgentPolicy,
-    keys: &HashMap<KeyName, crate::hsm::HsmKey>,
+    in_force: &super::shared::InForce,
     p: &intents::Pending,
 ) -> Result<CurrentNeed, LedgerError> {
-    let key_name = KeyName::new(&p.key).map_err(|e| LedgerError::Corrupt(e.to_string()))?;
-    let Some(key) = keys.get(&key_name) else {
+    // The active version of the key's name, or for a sweep its retiring
+    // version.
+    let Some(key) = super::sweep::key_of(in_force, &p.key) else {
         return Err(LedgerError::Corrupt(format!("key {} is not served", p.key)));
     };
     let decoded = decode_message(&p.message)
@@ -133,7 +132,7 @@ pub(super) fn current_need(
         required,
         of,
         because,
-        key: key.clone(),
+        key,
         decoded,
         effects,
     })
@@ -159,7 +158,7 @@ impl Signer {
         intent_id: &str,
         p: &intents::Pending,
     ) -> Result<Figures, SubmitError> {
-        let need = current_need(agent, &self.core.keys(), p)?;
+        let need = current_need(agent, &self.core.in_force(), p)?;
         let reader = self.core.ledger.reader()?;
         let mut received = 0;
         for (approver, decision, _) in store::decisions(&reader, agent.name.as_str(), intent_id)
@@ -383,7 +382,7 @@ impl Signer {
                 return Ok(Err(ApprovalError::NotPending("expired".into())));
             }
             // Who may approve is what the policy in force now says.
-            let need = current_need(agent, &self.core.keys(), p)?;
+            let need = current_need(agent, &self.core.in_force(), p)?;
             if !counts_now(&reader, &t.approver, &need.of)? {
                 return Ok(Err(ApprovalError::ApproverNotAllowed(t.approver.clone())));
             }
@@ -515,7 +514,7 @@ fn record_approval(
             );
         }
     };
-    let need = current_need(&agent_c, &in_force.keys, &p)?;
+    let need = current_need(&agent_c, &in_force, &p)?;
     if !counts_now(txn.conn(), &t.approver, &need.of)? {
         return refuse(
             txn,
@@ -594,10 +593,12 @@ fn record_approval(
         effects,
         ..
     } = need;
+    // A sweep is decided with its successor's address allowed.
+    let decided_under = super::sweep::policy_for(txn.conn(), &agent_c, &p.key)?;
     let decided = record_decision(
         txn,
         DecisionInput {
-            agent: &agent_c,
+            agent: &decided_under,
             key: &hsm_key.name,
             effects: Some(&effects),
             pre_reasons: Vec::new(),

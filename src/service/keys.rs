@@ -12,15 +12,17 @@
 //!   the record are one ledger transaction, so a key is recorded once
 //!   however often keywardd restarts.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-use crate::hsm::{HsmError, HsmExecutor, HsmKey, HsmOp};
+use crate::hsm::{Hsm, HsmError, HsmExecutor, HsmKey, HsmOp};
 use crate::ledger::checkpoint::AUDIT_KEY;
 use crate::ledger::events::{KeyGenerated, created};
+use crate::ledger::registry::{self, KeyState, RegisteredKey};
 use crate::ledger::{Ledger, LedgerError};
 use crate::types::KeyName;
 
 use super::Operations;
+use super::shared::{Keys, RetiringKeys};
 
 /// Prefix of the names keyward keeps for its own HSM objects (the audit
 /// key, approver keys, the checkpoint mark).
@@ -42,6 +44,16 @@ pub enum KeyCreateError {
     /// The HSM already holds a key of this name.
     #[error("a key named {0:?} exists already in the HSM; choose another name")]
     Exists(String),
+    /// The key registry knows the name already.
+    #[error(
+        "a key named {name:?} is registered already (version {version}); make a new key for it with `keyward key rotate {name}`, or choose another name"
+    )]
+    Registered {
+        /// The name.
+        name: String,
+        /// Its latest version.
+        version: u32,
+    },
     /// The HSM failed.
     #[error("HSM: {0}")]
     Hsm(HsmError),
@@ -58,7 +70,7 @@ impl KeyCreateError {
         match self {
             KeyCreateError::InvalidName(_) => "invalid_key_name",
             KeyCreateError::Reserved(_) => "key_name_reserved",
-            KeyCreateError::Exists(_) => "key_exists",
+            KeyCreateError::Exists(_) | KeyCreateError::Registered { .. } => "key_exists",
             KeyCreateError::Hsm(e) => e.code(),
             KeyCreateError::Ledger(_) => keyward_client::wire::codes::AUDIT_UNAVAILABLE,
         }
@@ -95,14 +107,26 @@ pub struct CreatedKey {
 
 impl Operations {
     /// Generates the Ed25519 signing key `name` inside the HSM (sensitive,
-    /// non-extractable) and records `key_generated` before returning. A
-    /// policy may name it after the next reload.
+    /// non-extractable), records `key_generated` and registers it as
+    /// version 1 before returning. A policy may name it after the next
+    /// reload. A name the key registry knows (even retired) is refused:
+    /// a new key for it is made by `keyward key rotate`.
     pub async fn create_key(&self, name: &str, by: &str) -> Result<CreatedKey, KeyCreateError> {
         let name = new_key_name(name)?;
         let core = &self.core;
         // One key change at a time, and never during a reload: the HSM's
         // "does it exist" and "generate" are two calls.
         let _one_at_a_time = core.reload_lock.lock().await;
+        let reader = core.ledger.reader().map_err(KeyCreateError::Ledger)?;
+        let known = registry::latest_version(&reader, name.as_str())
+            .map_err(|e| KeyCreateError::Ledger(e.into()))?;
+        drop(reader);
+        if known > 0 {
+            return Err(KeyCreateError::Registered {
+                name: name.to_string(),
+                version: known,
+            });
+        }
         let key = core
             .hsm
             .call(HsmOp::Generate, move |hsm| hsm.generate_ed25519(&name))
@@ -115,9 +139,20 @@ impl Operations {
         );
         generated.created = Some(created::ADMIN_SOCKET.to_owned());
         generated.by = Some(by.to_owned());
+        generated.version = Some(1);
+        let backend = core.hsm.backend().to_owned();
+        let registered = key.clone();
         let ledger_seq = core
             .ledger
-            .write(move |txn| Ok(txn.record(None, None, &generated)?.seq.0))
+            .write(move |txn| {
+                let entry = txn.record(None, None, &generated)?;
+                let now = txn.now_ms();
+                registry::insert(
+                    txn.conn(),
+                    &version_one(&registered, &backend, now, entry.seq.0),
+                )?;
+                Ok(entry.seq.0)
+            })
             .await
             .map_err(|e| {
                 tracing::error!(key = %key.name, error = %e, "key generated but not recorded; it is recorded at the next start");
@@ -128,13 +163,146 @@ impl Operations {
     }
 }
 
+/// The registry row of a key registered as version 1 of its own name
+/// (labelled with the name).
+fn version_one(key: &HsmKey, backend: &str, now_ms: i64, seq: u64) -> RegisteredKey {
+    RegisteredKey {
+        name: key.name.to_string(),
+        version: 1,
+        backend: backend.to_owned(),
+        hsm_label: key.name.to_string(),
+        public_key: key.public_key.to_base58(),
+        state: KeyState::Active,
+        created_ms: now_ms,
+        rotated_ms: None,
+        retire_after_ms: None,
+        retired_ms: None,
+        seq,
+    }
+}
+
+/// Finds version `reg` of a key in the HSM by its registered label and
+/// checks that the HSM's public key is the registered one; the key comes
+/// back under its name (`hot`, whatever its label), which is what the
+/// ledger records for its signatures.
+pub fn find_registered(hsm: &dyn Hsm, reg: &RegisteredKey) -> Result<HsmKey, HsmError> {
+    let label = KeyName::new(&reg.hsm_label).map_err(|e| HsmError::Device {
+        op: "find",
+        detail: format!("registered label of {}: {e}", reg.versioned_name()),
+    })?;
+    let mut key = hsm.find_ed25519(&label)?;
+    if key.public_key.to_base58() != reg.public_key {
+        return Err(HsmError::KeyMismatch {
+            key: reg.versioned_name(),
+            detail: format!(
+                "(label {:?}) has public key {}, but the ledger's key registry records {}",
+                reg.hsm_label, key.public_key, reg.public_key
+            ),
+        });
+    }
+    key.name = KeyName::new(&reg.name).map_err(|e| HsmError::Device {
+        op: "find",
+        detail: format!("registered name {:?}: {e}", reg.name),
+    })?;
+    Ok(key)
+}
+
+/// Finds the key that serves `name` now: its active registered version
+/// (checked against the registry's public key), or, for a name the
+/// registry does not know yet (a key made before versions existed, or
+/// offline), the key labelled with the name.
+pub fn find_serving(
+    hsm: &dyn Hsm,
+    conn: &rusqlite::Connection,
+    name: &KeyName,
+) -> Result<HsmKey, HsmError> {
+    let reg = registry::active(conn, name.as_str()).map_err(|e| HsmError::Device {
+        op: "find",
+        detail: format!("cannot read the key registry: {e}"),
+    })?;
+    match reg {
+        Some(reg) => find_registered(hsm, &reg),
+        None => {
+            if registry::latest_version(conn, name.as_str()).unwrap_or(0) > 0 {
+                // Known, but no version is active: never fall back to a label.
+                return Err(HsmError::KeyNotFound(name.to_string()));
+            }
+            hsm.find_ed25519(name)
+        }
+    }
+}
+
+/// At start: the keys the policy names, each found through the registry
+/// ([`find_serving`]), and every retiring version still in the HSM (for
+/// their sweeps; one that cannot be found is logged and left out).
+pub async fn resolve(
+    ledger: &Ledger,
+    hsm: &HsmExecutor,
+    names: Vec<KeyName>,
+) -> Result<(Keys, RetiringKeys, Vec<(KeyName, HsmError)>), LedgerError> {
+    let reader = ledger.reader()?;
+    let registered = registry::all(&reader)?;
+    let mut active = Vec::new();
+    for name in names {
+        let reg = registry::active(&reader, name.as_str())?;
+        let known = registry::latest_version(&reader, name.as_str())? > 0;
+        active.push((name, reg, known));
+    }
+    drop(reader);
+    let mut keys = Keys::new();
+    let mut missing = Vec::new();
+    for (name, reg, known) in active {
+        let found = match reg {
+            Some(reg) => {
+                hsm.call(HsmOp::Find, move |h| find_registered(h, &reg))
+                    .await
+            }
+            None if known => Err(HsmError::KeyNotFound(name.to_string())),
+            None => hsm.find_ed25519(&name).await,
+        };
+        match found {
+            Ok(key) => {
+                keys.insert(name, key);
+            }
+            Err(e) => missing.push((name, e)),
+        }
+    }
+    let mut retiring = RetiringKeys::new();
+    for reg in registered
+        .into_iter()
+        .filter(|r| r.state == KeyState::Retiring)
+    {
+        let Ok(name) = KeyName::new(&reg.name) else {
+            continue;
+        };
+        let version = reg.version;
+        let what = reg.versioned_name();
+        match hsm
+            .call(HsmOp::Find, move |h| find_registered(h, &reg))
+            .await
+        {
+            Ok(key) => {
+                retiring.insert((name, version), key);
+            }
+            Err(e) => {
+                tracing::warn!(key = %what, error = %e, "a retiring key cannot be found in the HSM: it cannot sign its sweep");
+            }
+        }
+    }
+    Ok((keys, retiring, missing))
+}
+
 /// At start: records `key_generated` (`created: "offline"`) for every
 /// Ed25519 key in the HSM that no `key_generated` entry names with its
-/// public key, in one transaction with the check. The audit key is
-/// recorded as such, with `pinned_in` when it is pinned. Returns the keys
-/// recorded. A token whose keys cannot be listed (for example one holding
-/// a key keyward refuses) is logged and skipped: those keys are recorded at
-/// a later start.
+/// public key, and registers every signing key the registry does not know
+/// as version 1 of its name, in one transaction with the checks. The audit
+/// key is recorded as such, with `pinned_in` when it is pinned, and never
+/// registered. Labels in keyward's reserved namespace that the registry
+/// does not know (a successor whose rotation was interrupted before it was
+/// recorded) are logged and left alone. Returns the keys recorded. A
+/// token whose keys cannot be listed (for example one holding a key
+/// keyward refuses) is logged and skipped: those keys are recorded at a
+/// later start.
 pub async fn record_offline_keys(
     ledger: &Ledger,
     hsm: &HsmExecutor,
@@ -148,31 +316,67 @@ pub async fn record_offline_keys(
             return Ok(Vec::new());
         }
     };
-    let (backend, label) = (hsm.backend().to_owned(), token_label.to_owned());
+    let (backend, token) = (hsm.backend().to_owned(), token_label.to_owned());
     let recorded = ledger
         .write(move |txn| {
-            let seen: HashSet<(String, String)> = crate::ledger::generated_keys(txn.conn())?
+            let seen: HashMap<(String, String), u64> = crate::ledger::generated_keys(txn.conn())?
                 .into_iter()
                 .collect();
+            let registered = registry::all(txn.conn())?;
+            let labels: HashSet<&str> = registered
+                .iter()
+                .filter(|r| r.state != KeyState::Retired)
+                .map(|r| r.hsm_label.as_str())
+                .collect();
+            let names: HashSet<&str> = registered.iter().map(|r| r.name.as_str()).collect();
             let mut recorded = Vec::new();
+            let mut register = Vec::new();
             for key in keys {
-                let pk = key.public_key.to_base58();
-                if seen.contains(&(key.name.to_string(), pk)) {
+                let label = key.name.as_str();
+                if labels.contains(label) {
                     continue;
                 }
-                let mut generated = if key.name.as_str() == AUDIT_KEY {
-                    KeyGenerated::audit_key(AUDIT_KEY, &key.public_key, audit_pinned_in.clone())
-                } else {
-                    KeyGenerated::signing_key(
-                        key.name.as_str(),
-                        &key.public_key,
-                        &backend,
-                        Some(&label),
-                    )
+                let pk = key.public_key.to_base58();
+                let audit = label == AUDIT_KEY;
+                if !audit && label.starts_with(RESERVED_PREFIX) {
+                    tracing::warn!(label, public_key = %pk, "an HSM key in keyward's namespace is not in the key registry (a rotation interrupted before it was recorded?); it is not used");
+                    continue;
+                }
+                if !audit && names.contains(label) {
+                    tracing::warn!(key = label, public_key = %pk, "an HSM key carries the name of a registered key but is not a registered version; it is not used");
+                    continue;
+                }
+                let seq = match seen.get(&(label.to_owned(), pk)) {
+                    Some(seq) => *seq,
+                    None => {
+                        let mut generated = if audit {
+                            KeyGenerated::audit_key(
+                                AUDIT_KEY,
+                                &key.public_key,
+                                audit_pinned_in.clone(),
+                            )
+                        } else {
+                            let mut g = KeyGenerated::signing_key(
+                                label,
+                                &key.public_key,
+                                &backend,
+                                Some(&token),
+                            );
+                            g.version = Some(1);
+                            g
+                        };
+                        generated.created = Some(created::OFFLINE.to_owned());
+                        recorded.push(key.clone());
+                        txn.record(None, None, &generated)?.seq.0
+                    }
                 };
-                generated.created = Some(created::OFFLINE.to_owned());
-                txn.record(None, None, &generated)?;
-                recorded.push(key);
+                if !audit {
+                    register.push((key, seq));
+                }
+            }
+            let now = txn.now_ms();
+            for (key, seq) in register {
+                registry::insert(txn.conn(), &version_one(&key, &backend, now, seq))?;
             }
             Ok(recorded)
         })

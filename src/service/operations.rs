@@ -83,20 +83,20 @@ impl Operations {
             .await
             .map_err(|e| ReloadError::Internal(e.to_string()))?
             .map_err(ReloadError::Invalid)?;
-        let mut keys = (*core.keys()).clone();
-        for name in policy.all_keys() {
-            if keys.contains_key(&name) {
-                continue;
-            }
-            let key = core
-                .hsm
-                .find_ed25519(&name)
-                .await
-                .map_err(|e| ReloadError::MissingKey {
-                    key: name.to_string(),
-                    detail: e.to_string(),
-                })?;
-            keys.insert(name, key);
+        // Every key found again through the registry: a key replaced in
+        // the HSM since it was loaded is refused here, not served.
+        let (keys, _, missing) = super::keys::resolve(
+            &core.ledger,
+            &core.hsm,
+            policy.all_keys().into_iter().collect(),
+        )
+        .await
+        .map_err(ReloadError::Ledger)?;
+        if let Some((name, e)) = missing.into_iter().next() {
+            return Err(ReloadError::MissingKey {
+                key: name.to_string(),
+                detail: e.to_string(),
+            });
         }
         let previous = core.policy().hash_hex();
         let hash = policy.hash_hex();

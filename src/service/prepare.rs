@@ -31,6 +31,19 @@ pub(crate) struct Prepared {
     pub pre_reasons: Vec<DenialReason>,
     /// What the request asked for, for the ledger.
     pub summary: ActionSummary,
+    /// For a sweep: the retiring version of `key` that signs it.
+    pub sweep_version: Option<u32>,
+}
+
+impl Prepared {
+    /// The key as the intent's records name it: the name, or
+    /// `NAME@VERSION` for a sweep.
+    pub fn key_ref(&self) -> String {
+        match self.sweep_version {
+            Some(v) => super::sweep::sweep_key_ref(&self.key, v),
+            None => self.key.to_string(),
+        }
+    }
 }
 
 fn bad(code: &'static str, message: impl Into<String>) -> SubmitError {
@@ -242,5 +255,6 @@ fn finish(
         message,
         pre_reasons,
         summary,
+        sweep_version: None,
     })
 }

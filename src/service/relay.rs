@@ -74,7 +74,7 @@ impl Signer {
     /// in force now and every decision recorded so far.
     pub fn pending_approvals(&self) -> Result<Vec<PendingApprovalInfo>, SubmitError> {
         let reader = self.core.ledger.reader()?;
-        let keys = self.core.keys();
+        let in_force = self.core.in_force();
         let mut out = Vec::new();
         for (agent_name, intent_id, p) in
             intents::all_pending(&reader, now_ms()).map_err(LedgerError::Sqlite)?
@@ -82,7 +82,7 @@ impl Signer {
             let agent = self.core.agent_named(&agent_name);
             // No agent, no signature: nobody's approval counts.
             let approvers = match &agent {
-                Some(agent) => current_need(agent, &keys, &p)?.of,
+                Some(agent) => current_need(agent, &in_force, &p)?.of,
                 None => Vec::new(),
             };
             let figures = match &agent {

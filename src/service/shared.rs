@@ -18,8 +18,12 @@ use crate::mirror::MirrorGate;
 use crate::policy::{AgentPolicy, Policy};
 use crate::types::KeyName;
 
-/// The HSM keys the policy refers to, by name.
+/// The HSM keys the policy refers to, by name: each name's active version.
 pub type Keys = HashMap<KeyName, HsmKey>;
+
+/// Retiring key versions still in the HSM, by name and version: they sign
+/// their sweep intents and nothing else.
+pub type RetiringKeys = HashMap<(KeyName, u32), HsmKey>;
 
 /// The shared state of keywardd's services.
 pub struct Core {
@@ -48,6 +52,7 @@ pub struct Core {
 pub(super) struct InForce {
     pub(super) policy: Arc<Policy>,
     pub(super) keys: Arc<Keys>,
+    pub(super) retiring: Arc<RetiringKeys>,
 }
 
 impl InForce {
@@ -79,6 +84,7 @@ impl Core {
             in_force: RwLock::new(InForce {
                 policy: Arc::new(policy),
                 keys: Arc::new(keys),
+                retiring: Arc::new(RetiringKeys::new()),
             }),
             policy_path,
             reload_lock: tokio::sync::Mutex::new(()),
@@ -100,16 +106,32 @@ impl Core {
         }
     }
 
-    /// Puts a policy and its keys in force, both at once.
+    /// Puts a policy and its keys in force, both at once (the retiring
+    /// keys stay).
     pub(super) fn put_in_force(&self, policy: Policy, keys: Keys) {
-        let new = InForce {
-            policy: Arc::new(policy),
-            keys: Arc::new(keys),
-        };
+        self.update_in_force(|f| {
+            f.policy = Arc::new(policy);
+            f.keys = Arc::new(keys);
+        });
+    }
+
+    /// Changes what is in force under the write lock: readers see all of
+    /// the change or none of it.
+    pub(super) fn update_in_force(&self, change: impl FnOnce(&mut InForce)) {
         match self.in_force.write() {
-            Ok(mut f) => *f = new,
-            Err(poisoned) => *poisoned.into_inner() = new,
+            Ok(mut f) => change(&mut f),
+            Err(poisoned) => change(&mut poisoned.into_inner()),
         }
+    }
+
+    /// Sets the retiring key versions (at start).
+    pub fn set_retiring(&self, retiring: RetiringKeys) {
+        self.update_in_force(|f| f.retiring = Arc::new(retiring));
+    }
+
+    /// The retiring key versions still in the HSM.
+    pub fn retiring(&self) -> Arc<RetiringKeys> {
+        self.in_force().retiring
     }
 
     /// The policy in force.

@@ -61,11 +61,22 @@ impl Signer {
                 .map_err(SubmitError::MirrorLagging)?;
         }
         let prepared = prepare_with_keys(&req, agent, &self.core.keys())?;
+        let _flight = self
+            .core
+            .begin_flight(agent.name.as_str(), prepared.intent_id.as_str());
+        self.decide_and_sign(agent, &prepared).await
+    }
+
+    /// Admits a prepared intent (decision and reservation, recorded) and,
+    /// when allowed, signs it. The caller has registered the flight.
+    pub(super) async fn decide_and_sign(
+        &self,
+        agent: &AgentPolicy,
+        prepared: &Prepared,
+    ) -> Result<SubmitOutcome, SubmitError> {
         let agent_name = agent.name.to_string();
         let intent_id = prepared.intent_id.to_string();
-        let _flight = self.core.begin_flight(&agent_name, &intent_id);
-
-        let admission = self.admit(agent, &prepared).await?;
+        let admission = self.admit(agent, prepared).await?;
         let sol_spend = match admission {
             Admission::Replay { status, body } => {
                 return Ok(SubmitOutcome::Replayed { status, body });
@@ -212,8 +223,9 @@ impl Signer {
 
         let signer_key = p.hsm_key.as_ref().map(|k| k.public_key);
         let approval_ttl_ms = self.core.approval_ttl_ms;
+        let key_ref = p.key_ref();
         let received = IntentReceived {
-            key: p.key.to_string(),
+            key: key_ref.clone(),
             action: p.summary.clone(),
             content_sha256: hex::encode(p.content_hash),
             message: p
@@ -305,7 +317,7 @@ impl Signer {
                         let intent_hash = request::intent_hash(message, fx);
                         let approval = ApprovalRequest {
                             intent_hash: hex::encode(intent_hash),
-                            key: key.to_string(),
+                            key: key_ref.clone(),
                             public_key: signer.to_base58(),
                             message: base64::engine::general_purpose::STANDARD.encode(message),
                             required: u64::from(need.required),
@@ -334,7 +346,7 @@ impl Signer {
                             agent_name,
                             &intent_id,
                             &intents::Pending {
-                                key: key.to_string(),
+                                key: key_ref,
                                 message: message.clone(),
                                 intent_hash,
                                 approval,

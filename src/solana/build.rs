@@ -199,19 +199,14 @@ pub struct SplTransfer {
     pub create_recipient_account: bool,
 }
 
-/// Builds a TransferChecked of `t` from `from`'s associated token account
-/// to `to`'s (the recipient wallet), optionally creating the recipient's
-/// account first, with an optional memo. `from` signs and pays the fees.
-pub fn build_spl_transfer(
+/// The instructions of an SPL transfer of `t` from `from`'s associated
+/// token account to `to`'s, with the creation of `to`'s account first when
+/// asked.
+fn spl_transfer_ixs(
     from: &PublicKey,
     to: &PublicKey,
     t: &SplTransfer,
-    recent_blockhash: [u8; 32],
-    memo: Option<&str>,
-) -> Result<Vec<u8>, BuildError> {
-    if from == to {
-        return Err(BuildError::SelfTransfer);
-    }
+) -> Result<Vec<Ix>, BuildError> {
     if t.token_program != programs::TOKEN && t.token_program != programs::TOKEN_2022 {
         return Err(BuildError::RecipientIsProgram(t.token_program));
     }
@@ -241,6 +236,54 @@ pub fn build_spl_transfer(
         accounts: vec![w(source), r(t.mint), w(destination), r(*from)],
         data,
     });
+    Ok(ixs)
+}
+
+/// Builds the sweep of a rotated-out key: every token transfer of `tokens`
+/// (each creating `to`'s account first when asked), then a System
+/// transfer of `sol` when given, all from `from` (fee payer and only
+/// signer) to `to`, in one legacy message.
+pub fn build_sweep(
+    from: &PublicKey,
+    to: &PublicKey,
+    sol: Option<Lamports>,
+    tokens: &[SplTransfer],
+    recent_blockhash: [u8; 32],
+) -> Result<Vec<u8>, BuildError> {
+    if from == to {
+        return Err(BuildError::SelfTransfer);
+    }
+    let mut ixs = Vec::new();
+    for t in tokens {
+        ixs.extend(spl_transfer_ixs(from, to, t)?);
+    }
+    if let Some(lamports) = sol {
+        let mut data = Vec::with_capacity(12);
+        data.extend_from_slice(&2u32.to_le_bytes());
+        data.extend_from_slice(&lamports.0.to_le_bytes());
+        ixs.push(Ix {
+            program: programs::SYSTEM,
+            accounts: vec![w(*from), w(*to)],
+            data,
+        });
+    }
+    compile(from, &ixs, recent_blockhash)
+}
+
+/// Builds a TransferChecked of `t` from `from`'s associated token account
+/// to `to`'s (the recipient wallet), optionally creating the recipient's
+/// account first, with an optional memo. `from` signs and pays the fees.
+pub fn build_spl_transfer(
+    from: &PublicKey,
+    to: &PublicKey,
+    t: &SplTransfer,
+    recent_blockhash: [u8; 32],
+    memo: Option<&str>,
+) -> Result<Vec<u8>, BuildError> {
+    if from == to {
+        return Err(BuildError::SelfTransfer);
+    }
+    let mut ixs = spl_transfer_ixs(from, to, t)?;
     ixs.extend(memo_ix(memo));
     compile(from, &ixs, recent_blockhash)
 }
@@ -292,6 +335,57 @@ mod tests {
             assert_eq!(fx.total_sol_spend(), Some(Lamports(5_123)));
             assert_eq!(d.instructions.len(), 1 + usize::from(memo.is_some()));
         }
+    }
+
+    #[test]
+    fn a_sweep_moves_every_token_then_the_sol_to_the_successor() {
+        use crate::solana::{decode_message, extract_effects};
+        let (from, to) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        let t = |mint: u8, amount| SplTransfer {
+            mint: PublicKey([mint; 32]),
+            token_program: programs::TOKEN,
+            amount,
+            decimals: 6,
+            create_recipient_account: true,
+        };
+        let m = build_sweep(
+            &from,
+            &to,
+            Some(Lamports(7_000)),
+            &[t(5, 10), t(6, 20)],
+            [9; 32],
+        )
+        .unwrap();
+        let fx = extract_effects(&decode_message(&m).unwrap(), &from);
+        assert_eq!(fx.our_index, Some(0));
+        let sol: Vec<_> = fx
+            .sol_outflows
+            .iter()
+            .filter(|o| o.kind != "ata_rent")
+            .collect();
+        assert_eq!(sol.len(), 1);
+        assert_eq!((sol[0].to, sol[0].lamports), (to, Lamports(7_000)));
+        assert_eq!(fx.spl_outflows.len(), 2);
+        for (out, (mint, amount)) in fx.spl_outflows.iter().zip([(5u8, 10u64), (6, 20)]) {
+            assert_eq!(out.amount, amount);
+            assert_eq!(
+                out.destination,
+                associated_token_address(&to, &PublicKey([mint; 32]), &programs::TOKEN)
+            );
+        }
+        // Tokens only, and the refusals.
+        assert!(build_sweep(&from, &to, None, &[t(5, 1)], [9; 32]).is_ok());
+        assert_eq!(
+            build_sweep(&from, &from, Some(Lamports(1)), &[], [9; 32]).unwrap_err(),
+            BuildError::SelfTransfer
+        );
+        let many: Vec<_> = (10..30).map(|m| t(m, 1)).collect();
+        assert_eq!(
+            build_sweep(&from, &to, None, &many, [9; 32])
+                .unwrap_err()
+                .code(),
+            "too_large"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod effects;
 
 pub use build::{
     BuildError, SplTransfer, assemble_transaction, associated_token_address, build_sol_transfer,
-    build_spl_transfer,
+    build_spl_transfer, build_sweep,
 };
 pub use decode::{
     AddressTableLookup, CompiledInstruction, DecodeError, DecodedMessage, MessageVersion,

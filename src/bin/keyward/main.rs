@@ -236,6 +236,25 @@ fn admin_call_with<B: serde::Serialize, T: serde::de::DeserializeOwned>(
     }
 }
 
+/// [`admin_call`] with a JSON body.
+fn admin_call_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+    cfg: &Config,
+    method: &str,
+    path: &str,
+    body: &B,
+) -> Result<T, Failure> {
+    admin_call_with::<B, T>(cfg, method, path, Some(body)).map_err(|e| match e {
+        AdminError::NotRunning(why) => Failure(
+            2,
+            anyhow!(
+                "cannot connect to {}: {why}",
+                cfg.daemon.admin_socket.display()
+            ),
+        ),
+        AdminError::Failed(f) => f,
+    })
+}
+
 /// `GET path` on the admin socket.
 fn admin_get<T: serde::de::DeserializeOwned>(cfg: &Config, path: &str) -> Result<T, Failure> {
     admin_call(cfg, "GET", path)
