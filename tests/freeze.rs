@@ -438,6 +438,15 @@ fn an_approval_completing_a_frozen_intents_quorum_is_refused_and_counts_after_un
         }) => assert_eq!(code, "frozen"),
         other => panic!("expected 423 frozen, got {other:?}"),
     }
+    // Relayed by an operator, it takes the same path and is refused too.
+    let token_file = dir.path().join("bob.token");
+    std::fs::write(&token_file, &bob_token).unwrap();
+    let out = cli(
+        &inst,
+        &["approval", "submit", token_file.to_str().unwrap()],
+        1,
+    );
+    assert!(out.contains("frozen"), "{out}");
     assert_eq!(recorded_entries(&inst), entries, "nothing was recorded");
     assert_eq!(Counters::of(&inst.db), counters);
     assert!(signatures_recorded(&inst.db, "big").is_empty());

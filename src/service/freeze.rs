@@ -351,3 +351,90 @@ impl Operations {
         .map_err(|e| LedgerError::Corrupt(format!("freeze list task: {e}")))?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn scopes_parse_to_their_stored_form_and_bad_ones_are_refused() {
+        let stored = |s: &str, t: Option<&str>| FreezeScope::parse(s, t).unwrap().to_string();
+        assert_eq!(stored("all", None), "all");
+        assert_eq!(stored("agent", Some("trader")), "agent:trader");
+        assert_eq!(stored("key", Some("hot")), "key:hot");
+        for (s, t) in [
+            ("all", Some("x")),
+            ("agent", None),
+            ("key", None),
+            ("everything", None),
+            ("agent", Some("bad name")),
+            ("key", Some("")),
+        ] {
+            let e = FreezeScope::parse(s, t).unwrap_err();
+            assert_eq!(e.code(), "invalid_scope", "{s} {t:?}");
+        }
+    }
+
+    #[test]
+    fn a_reason_must_be_non_empty_bounded_and_printable() {
+        assert_eq!(
+            checked_reason("  key hot exposed \n").unwrap(),
+            "key hot exposed"
+        );
+        for bad in ["", "   ", "a\u{7}b", &"x".repeat(MAX_REASON + 1)] {
+            assert_eq!(checked_reason(bad).unwrap_err().code(), "invalid_reason");
+        }
+        assert!(checked_reason(&"x".repeat(MAX_REASON)).is_ok());
+    }
+
+    fn db_with(scopes: &[&str]) -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut conn).unwrap();
+        for (i, s) in scopes.iter().enumerate() {
+            conn.execute(
+                "INSERT INTO freezes (scope, reason, by, since_ms, seq) VALUES (?1, 'r', 'uid:0', ?2, ?2)",
+                params![s, i64::try_from(i).unwrap() + 1],
+            )
+            .unwrap();
+        }
+        conn
+    }
+
+    #[test]
+    fn covering_matches_all_the_agent_or_the_key_and_nothing_else() {
+        let scope = |conn: &Connection, agent: &str, key: &str| {
+            covering(conn, agent, key).unwrap().map(|f| f.scope)
+        };
+        let none = db_with(&[]);
+        assert_eq!(scope(&none, "dev", "hot"), None);
+        let some = db_with(&["agent:other", "key:cold"]);
+        assert_eq!(scope(&some, "dev", "hot"), None);
+        assert_eq!(scope(&some, "other", "hot").as_deref(), Some("agent:other"));
+        assert_eq!(scope(&some, "dev", "cold").as_deref(), Some("key:cold"));
+        // A name that only looks like another scope's is not covered.
+        assert_eq!(scope(&some, "cold", "other"), None);
+        // The oldest of several wins.
+        let all = db_with(&["key:hot", "all"]);
+        assert_eq!(scope(&all, "dev", "hot").as_deref(), Some("key:hot"));
+        assert_eq!(scope(&all, "dev", "cold").as_deref(), Some("all"));
+        assert_eq!(list(&all).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn what_an_agent_is_told_names_scope_and_time_but_not_the_reason() {
+        let f = Freeze {
+            scope: "agent:dev".into(),
+            reason: "secret incident details".into(),
+            by: "uid:0".into(),
+            since_ms: 0,
+            seq: 7,
+        };
+        let told = Frozen::from(&f).to_string();
+        assert!(
+            told.contains("agent:dev") && told.contains("1970-01-01"),
+            "{told}"
+        );
+        assert!(!told.contains("secret"), "{told}");
+    }
+}
