@@ -190,6 +190,8 @@ fn freeze_all_refuses_the_next_intent_survives_a_restart_and_unfreeze_restores_s
     let cold = on_key(transfer("cold-1", &to, "0.1"), "cold");
     assert_frozen(&inst, &cold, "all");
     assert_nothing_counted(&inst, "held-back", &counters, &view_before);
+    let view_after = rt().block_on(inst.client().policy()).unwrap();
+    assert_eq!(view_after.breaker, view_before.breaker, "no breaker count");
     // Recorded for the audit trail, but no intent record: the id is free.
     assert_eq!(frozen_denials(&inst.db, "held-back").len(), 1);
     assert_eq!(intent_rows(&inst.db, "held-back"), 0);
