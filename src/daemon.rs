@@ -612,6 +612,16 @@ async fn serve(cfg: &Config, opened: Opened, bound: Bound) -> Result<(), DaemonE
         admin_socket = %cfg.daemon.admin_socket.display(),
         "keywardd ready"
     );
+    // Freezes live in the ledger database: they are in force from the
+    // first request; say so where the operator looks first.
+    match operations.freezes().await {
+        Ok(list) => {
+            for f in list {
+                tracing::warn!(scope = %f.scope, by = %f.by, seq = f.seq, "signing is frozen (`keyward unfreeze` lifts it)");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read the freezes in force"),
+    }
     let servers = tokio::spawn(async move {
         tokio::join!(agent_srv, admin_srv);
     });

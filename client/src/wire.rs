@@ -60,8 +60,9 @@ pub struct DryRunResult {
     pub intent_id: String,
     /// Always true.
     pub dry_run: bool,
-    /// `allow`, `approval_required`, `deny` or `locked` (the agent's denial
-    /// breaker is open).
+    /// `allow`, `approval_required`, `deny`, `locked` (the agent's denial
+    /// breaker is open) or `frozen` (an operator froze signing for this
+    /// agent, key or everything).
     pub decision: String,
     /// Every rule the intent would break.
     #[serde(default)]
@@ -277,6 +278,11 @@ pub mod codes {
     pub const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
     /// 500: an internal error; nothing was released.
     pub const INTERNAL: &str = "internal_error";
+    /// 423: an operator froze signing for a scope this request falls in
+    /// (`keyward freeze`); nothing was signed or counted and no intent
+    /// record was kept, so the same intent id can be sent again once an
+    /// operator lifts the freeze (`keyward unfreeze`).
+    pub const FROZEN: &str = "frozen";
 }
 
 /// One entry of `GET /v1/keys`.
@@ -391,6 +397,13 @@ pub struct HealthView {
     /// The external copy of the ledger, when a mirror is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<MirrorHealth>,
+    /// Why `status` is not `ok`, one line per cause.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+    /// Emergency freezes in force (`keyward freeze`). The operator's
+    /// reason is shown only on the admin socket.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freezes: Vec<FreezeView>,
 }
 
 /// Lag of the ledger's external copy.
@@ -782,5 +795,67 @@ pub struct KeyCreated {
     /// Base58 public key (the Solana address).
     pub public_key: String,
     /// Sequence number of its `key_generated` entry.
+    pub ledger_seq: u64,
+}
+
+/// Admin API: `POST /v1/admin/freezes`, an emergency freeze: every new
+/// intent in scope is refused with 423 `frozen` until it is lifted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeRequest {
+    /// `all`, `agent` or `key`.
+    pub scope: String,
+    /// The agent or key name, for the scopes `agent` and `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Why (required; recorded in the ledger, never shown to agents).
+    pub reason: String,
+}
+
+/// Admin API: `POST /v1/admin/freezes/lift`, lifting a freeze.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnfreezeRequest {
+    /// `all`, `agent` or `key`.
+    pub scope: String,
+    /// The agent or key name, for the scopes `agent` and `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Why, when the operator says (recorded in the ledger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A freeze in force: the answer to `POST /v1/admin/freezes`, an item of
+/// `GET /v1/admin/freezes` and of the health view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreezeView {
+    /// `all`, `agent:NAME` or `key:NAME`.
+    pub scope: String,
+    /// When it began (UTC, RFC 3339).
+    pub since: String,
+    /// Who froze it (`uid:N`).
+    pub by: String,
+    /// The operator's reason: on the admin socket only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Sequence number of its `signing_frozen` entry.
+    pub ledger_seq: u64,
+    /// In the answer to a freeze: `false` when the scope was already
+    /// frozen (nothing new was recorded; this is the freeze in force).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<bool>,
+}
+
+/// Admin API: the answer to `POST /v1/admin/freezes/lift`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnfreezeView {
+    /// The scope lifted (`all`, `agent:NAME` or `key:NAME`).
+    pub scope: String,
+    /// When the freeze it lifted began (UTC).
+    pub frozen_since: String,
+    /// Sequence number of the `signing_frozen` entry it lifted.
+    pub frozen_seq: u64,
+    /// Sequence number of its `signing_unfrozen` entry.
     pub ledger_seq: u64,
 }

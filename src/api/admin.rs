@@ -37,6 +37,8 @@ pub fn admin_router(state: AppState) -> Router {
             get(list_pending_approvals).post(relay_approval),
         )
         .route("/v1/admin/health", get(health))
+        .route("/v1/admin/freezes", get(list_freezes).post(freeze))
+        .route("/v1/admin/freezes/lift", post(unfreeze))
         .fallback(fallback)
         .method_not_allowed_fallback(method_fallback)
         .with_state(state)
@@ -513,5 +515,110 @@ async fn health(
     ConnectInfo(peer): ConnectInfo<PeerCred>,
 ) -> Result<Response, ApiError> {
     operator(&state.admin_group, peer)?;
-    Ok(axum::Json(state.signer.health_view().await).into_response())
+    let mut view = state.signer.health_view().await;
+    // The operator's reasons, on this socket only.
+    if let Ok(list) = state.operations.freezes().await {
+        for v in &mut view.freezes {
+            v.reason = list
+                .iter()
+                .find(|f| f.scope == v.scope)
+                .map(|f| f.reason.clone());
+        }
+    }
+    Ok(axum::Json(view).into_response())
+}
+
+// ---- Emergency freezes ----
+
+fn freeze_error(e: crate::service::FreezeError) -> ApiError {
+    use crate::service::FreezeError as E;
+    let status = match &e {
+        E::InvalidScope(_) | E::InvalidReason(_) => StatusCode::BAD_REQUEST,
+        E::UnknownAgent(_) | E::UnknownKey(_) => StatusCode::NOT_FOUND,
+        E::NotFrozen(_) => StatusCode::CONFLICT,
+        E::Ledger(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    ApiError::new(status, e.code(), e.to_string())
+}
+
+fn freeze_view(
+    f: crate::service::Freeze,
+    created: Option<bool>,
+) -> keyward_client::wire::FreezeView {
+    keyward_client::wire::FreezeView {
+        since: crate::ledger::format_utc(f.since_ms),
+        scope: f.scope,
+        by: f.by,
+        reason: Some(f.reason),
+        ledger_seq: f.seq,
+        created,
+    }
+}
+
+/// `POST /v1/admin/freezes`: every new intent in scope is refused with
+/// 423 `frozen` from the next request on; idempotent for a scope already
+/// frozen (`created: false`, nothing recorded).
+async fn freeze(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let uid = operator(&state.admin_group, peer)?;
+    let req: keyward_client::wire::FreezeRequest =
+        super::body::read_json(&headers, body, state.max_body).await?;
+    let scope = crate::service::FreezeScope::parse(&req.scope, req.target.as_deref())
+        .map_err(freeze_error)?;
+    let operations = std::sync::Arc::clone(&state.operations);
+    let by = format!("uid:{uid}");
+    // Runs to completion even if the operator's client goes away.
+    let outcome = tokio::spawn(async move { operations.freeze(scope, &req.reason, &by).await })
+        .await
+        .map_err(ApiError::from)?
+        .map_err(freeze_error)?;
+    Ok(axum::Json(freeze_view(outcome.freeze, Some(outcome.created))).into_response())
+}
+
+/// `POST /v1/admin/freezes/lift`: lifts a freeze; 409 `not_frozen` when
+/// there is none for that scope.
+async fn unfreeze(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    let uid = operator(&state.admin_group, peer)?;
+    let req: keyward_client::wire::UnfreezeRequest =
+        super::body::read_json(&headers, body, state.max_body).await?;
+    let scope = crate::service::FreezeScope::parse(&req.scope, req.target.as_deref())
+        .map_err(freeze_error)?;
+    let operations = std::sync::Arc::clone(&state.operations);
+    let by = format!("uid:{uid}");
+    let done =
+        tokio::spawn(async move { operations.unfreeze(scope, req.reason.as_deref(), &by).await })
+            .await
+            .map_err(ApiError::from)?
+            .map_err(freeze_error)?;
+    Ok(axum::Json(keyward_client::wire::UnfreezeView {
+        scope: done.lifted.scope,
+        frozen_since: crate::ledger::format_utc(done.lifted.since_ms),
+        frozen_seq: done.lifted.seq,
+        ledger_seq: done.seq,
+    })
+    .into_response())
+}
+
+/// `GET /v1/admin/freezes`: the freezes in force, with their reasons.
+async fn list_freezes(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+) -> Result<Response, ApiError> {
+    operator(&state.admin_group, peer)?;
+    let list = state
+        .operations
+        .freezes()
+        .await
+        .map_err(crate::service::SubmitError::from)?;
+    let views: Vec<_> = list.into_iter().map(|f| freeze_view(f, None)).collect();
+    Ok(axum::Json(views).into_response())
 }

@@ -137,6 +137,9 @@ pub(crate) fn approval_response(outcome: crate::service::ApprovalOutcome) -> Res
         )
         .into_response(),
         O::Locked { retry_after_s } => locked_response(retry_after_s),
+        O::Frozen(f) => {
+            ApiError::new(StatusCode::LOCKED, codes::FROZEN, f.to_string()).into_response()
+        }
         O::Refused(e) => {
             let status = match &e {
                 E::InvalidToken(_) | E::Expired(_) | E::OtherIntent => StatusCode::BAD_REQUEST,

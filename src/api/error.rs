@@ -65,6 +65,7 @@ pub fn submit_error_status(e: &SubmitError) -> StatusCode {
         | SubmitError::Hsm(_)
         | SubmitError::MirrorLagging(_)
         | SubmitError::HistoryBroken(_) => StatusCode::SERVICE_UNAVAILABLE,
+        SubmitError::Frozen(_) => StatusCode::LOCKED,
         SubmitError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

@@ -35,6 +35,10 @@ pub enum ApprovalOutcome {
         /// Seconds until the lock lifts.
         retry_after_s: u64,
     },
+    /// The token would complete the quorum of an intent under an
+    /// emergency freeze: nothing was recorded and its nonce is unused, so
+    /// it can be sent again once the freeze is lifted.
+    Frozen(super::freeze::Frozen),
 }
 
 use crate::ledger::now_ms;
@@ -82,6 +86,7 @@ enum Recorded {
     Rejected,
     Denied(Vec<DenialReason>),
     Quorum(Box<Quorum>),
+    Frozen(super::freeze::Frozen),
 }
 
 /// An approved intent, decided again and ready to sign.
@@ -259,6 +264,7 @@ impl Recorded {
             Recorded::Counted(b) => ApprovalOutcome::Counted(b),
             Recorded::Rejected => ApprovalOutcome::Rejected,
             Recorded::Denied(r) => ApprovalOutcome::Denied(r),
+            Recorded::Frozen(f) => ApprovalOutcome::Frozen(f),
             Recorded::Quorum(_) => {
                 ApprovalOutcome::Refused(ApprovalError::NotPending("in_progress".into()))
             }
@@ -539,6 +545,22 @@ fn record_approval(
             relay,
         );
     }
+    // Approvals that count now, this one included, against the quorum
+    // the policy asks for now.
+    let mut received: u64 = 1;
+    for a in &granted {
+        if counts_now(txn.conn(), a, &need.of)? {
+            received += 1;
+        }
+    }
+    // An approval that would complete the quorum of a frozen intent is
+    // turned away before anything is recorded or its nonce used.
+    if t.decision == Verdict::Approve
+        && received >= need.required
+        && let Some(f) = super::freeze::covering(txn.conn(), name, &p.key)?
+    {
+        return Ok(Recorded::Frozen((&f).into()));
+    }
     store::use_nonce(txn.conn(), &t.nonce, &t.approver, name, id, now)?;
     let decision = match t.decision {
         Verdict::Approve => "approve",
@@ -565,14 +587,6 @@ fn record_approval(
         return Ok(Recorded::Rejected);
     }
     txn.record(Some(id), Some(name), &ApprovalGranted(event))?;
-    // Only approvals by approvers who are enrolled and listed
-    // now count, against the quorum the policy asks for now.
-    let mut received: u64 = 1;
-    for a in &granted {
-        if counts_now(txn.conn(), a, &need.of)? {
-            received += 1;
-        }
-    }
     if received < need.required {
         let mut approval = p.approval;
         approval.required = need.required;

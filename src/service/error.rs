@@ -44,6 +44,12 @@ pub enum SubmitError {
     /// signed until an operator restarts keywardd on a verified history.
     #[error("the audit history is broken ({0}); nothing is signed")]
     HistoryBroken(String),
+    /// An operator froze signing for a scope the request falls in
+    /// (`keyward freeze`): nothing was signed or counted and no intent
+    /// record kept (a refused submission is recorded as `signing_denied
+    /// {frozen}`; a refused approval records nothing and uses no nonce).
+    #[error("{0}")]
+    Frozen(super::freeze::Frozen),
     /// An internal error; nothing was released.
     #[error("internal error: {0}")]
     Internal(String),
@@ -61,6 +67,7 @@ impl SubmitError {
             SubmitError::Hsm(e) => e.code(),
             SubmitError::MirrorLagging(_) => codes::MIRROR_LAGGING,
             SubmitError::HistoryBroken(_) => codes::LEDGER_HISTORY_BROKEN,
+            SubmitError::Frozen(_) => codes::FROZEN,
             SubmitError::Internal(_) => codes::INTERNAL,
         }
     }

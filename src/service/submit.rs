@@ -10,12 +10,13 @@ use keyward_client::wire::{
 use sha2::{Digest, Sha256};
 
 use super::decision::{Decided, DecisionInput, abandon_intent, record_decision};
+use super::freeze;
 use super::prepare::{Prepared, prepare_with_keys};
 use super::{Signer, SubmitError, SubmitOutcome};
 use crate::approval::request;
 use crate::intents::{self, IntentStatus, reply_json};
 use crate::ledger::LedgerError;
-use crate::ledger::events::{IntentReceived, SignatureCreated};
+use crate::ledger::events::{IntentReceived, SignatureCreated, SigningDenied};
 use crate::policy::{AgentPolicy, counters, engine};
 use crate::solana::assemble_transaction;
 use crate::types::Lamports;
@@ -27,6 +28,7 @@ enum Admission {
     InProgress,
     Denied(Vec<DenialReason>),
     Locked { retry_after_s: u64 },
+    Frozen(super::freeze::Frozen),
     Pending(Box<PendingIntent>),
     Expired,
     Allowed { sol_spend: Lamports },
@@ -87,6 +89,7 @@ impl Signer {
             Admission::Locked { retry_after_s } => {
                 return Ok(SubmitOutcome::Locked { retry_after_s });
             }
+            Admission::Frozen(f) => return Err(SubmitError::Frozen(f)),
             Admission::Pending(body) => return Ok(SubmitOutcome::Pending(body)),
             Admission::Expired => return Ok(SubmitOutcome::Expired),
             Admission::Allowed { sol_spend } => sol_spend,
@@ -264,6 +267,24 @@ impl Signer {
                 }
                 let now = txn.now_ms();
                 let entry = txn.record(Some(&intent_id), Some(agent_name), &received)?;
+                // An emergency freeze refuses it before the policy counts
+                // anything; like a lock, no intent record is kept.
+                if let Some(f) = freeze::covering(txn.conn(), agent_name, key.as_str())? {
+                    txn.record(
+                        Some(&intent_id),
+                        Some(agent_name),
+                        &SigningDenied {
+                            code: codes::FROZEN.to_owned(),
+                            reasons: Vec::new(),
+                            retry_after_s: None,
+                            detail: Some(format!(
+                                "signing frozen for {} (signing_frozen seq {})",
+                                f.scope, f.seq
+                            )),
+                        },
+                    )?;
+                    return Ok(Admission::Frozen((&f).into()));
+                }
                 let base = intents::NewIntent {
                     agent: agent_name,
                     intent_id: &intent_id,

@@ -64,6 +64,26 @@ impl Signer {
         let pre = p.pre_reasons.clone();
         let id = intent_id.clone();
         let content_sha256 = hex::encode(p.content_hash);
+        let agent_name = agent.name.to_string();
+        let key_name = p.key.to_string();
+        let frozen = self
+            .read(move |c| super::freeze::covering(c, &agent_name, &key_name))
+            .await?;
+        if let Some(f) = frozen {
+            // Like a locked agent, a frozen one learns only that it is
+            // frozen, and nothing is recorded or counted.
+            return Ok(keyward_client::wire::DryRunResult {
+                intent_id,
+                dry_run: true,
+                decision: "frozen".to_owned(),
+                spend: Default::default(),
+                reasons: vec![keyward_client::wire::DenialReason {
+                    rule: codes::FROZEN.to_owned(),
+                    detail: super::freeze::Frozen::from(&f).to_string(),
+                }],
+                retry_after: None,
+            });
+        }
         let verdict = self
             .core
             .ledger
@@ -353,10 +373,50 @@ impl Signer {
         });
         let mirror_ok = mirror.as_ref().is_none_or(|m| m.ok);
         let history = self.core.history_gate().check();
+        // The freezes in force, without the operator's reasons (the admin
+        // socket adds them). Unreadable, they are reported as a cause.
+        let freezes = self.read(super::freeze::list).await;
+        let mut reasons = Vec::new();
+        if let Err(e) = &history {
+            reasons.push(format!("the audit history is broken: {e}"));
+        }
+        if let Err(e) = &hsm_state {
+            reasons.push(format!("the HSM is unavailable: {e}"));
+        }
+        if !ledger_ok {
+            reasons.push("the audit breaker is open: the ledger cannot record".to_owned());
+        }
+        if !mirror_ok {
+            reasons.push("the ledger mirror is behind: nothing is signed".to_owned());
+        }
+        let freezes: Vec<keyward_client::wire::FreezeView> = match freezes {
+            Ok(list) => list
+                .into_iter()
+                .map(|f| {
+                    reasons.push(format!(
+                        "signing frozen for {} since {} (`keyward unfreeze` lifts it)",
+                        f.scope,
+                        crate::ledger::format_utc(f.since_ms)
+                    ));
+                    keyward_client::wire::FreezeView {
+                        scope: f.scope,
+                        since: crate::ledger::format_utc(f.since_ms),
+                        by: f.by,
+                        reason: None,
+                        ledger_seq: f.seq,
+                        created: None,
+                    }
+                })
+                .collect(),
+            Err(e) => {
+                reasons.push(format!("the freezes in force cannot be read: {e}"));
+                Vec::new()
+            }
+        };
         HealthView {
             status: if history.is_err() {
                 "failed"
-            } else if hsm_state.is_ok() && ledger_ok && mirror_ok {
+            } else if reasons.is_empty() {
                 "ok"
             } else {
                 "degraded"
@@ -380,6 +440,8 @@ impl Signer {
                 history_detail: history.err(),
             },
             mirror,
+            reasons,
+            freezes,
         }
     }
 }

@@ -13,6 +13,7 @@ mod approver;
 mod audit;
 mod bench;
 mod breaker;
+mod freeze;
 mod hsm;
 mod init;
 mod key;
@@ -108,6 +109,13 @@ enum Command {
     /// the mirror's files; every finding with its fix. Exit 0 when keywardd
     /// would start, 1 otherwise. Safe beside a running daemon.
     Doctor,
+    /// Emergency stop: refuse every new intent (or one agent's, with
+    /// --agent, or one key's, with --key) with 423 `frozen` until
+    /// `keyward unfreeze`; intents already inside the HSM finish. Recorded
+    /// in the ledger, survives restarts. `--list` shows the freezes in force.
+    Freeze(freeze::FreezeArgs),
+    /// Lift a freeze (the same scope as given to `keyward freeze`); recorded.
+    Unfreeze(freeze::UnfreezeArgs),
 }
 
 /// A failure with the exit status it maps to.
@@ -153,6 +161,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 .with_context(|| format!("cannot write the manual page into {}", dir.display()))?;
             Ok(())
         }
+        Command::Freeze(args) => freeze::run_freeze(config, args),
+        Command::Unfreeze(args) => freeze::run_unfreeze(config, args),
         Command::Doctor => match keyward::doctor::run_cli(config) {
             0 => Ok(()),
             code => Err(Failure(
