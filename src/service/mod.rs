@@ -17,6 +17,7 @@
 
 mod approvals;
 mod approvers;
+pub mod backups;
 pub mod checkpoints;
 mod decision;
 mod error;
@@ -32,6 +33,7 @@ mod views;
 
 pub use approvals::ApprovalOutcome;
 pub use approvers::encode_key;
+pub use backups::{BackupSignError, BackupSignRequest, BackupSignature};
 pub use error::{BreakerError, ReloadError, SubmitError};
 pub use keys::{CreatedKey, KeyCreateError, new_key_name};
 pub use operations::{AUDIT_BREAKER, Operations, ReloadOutcome};
