@@ -187,7 +187,7 @@ pub fn verify_signature(sig_text: &[u8], manifest: &[u8], vkey: &str) -> Result<
     )
     .map_err(|_| {
         bad(&format!(
-            "does not verify under the trusted audit key {vkey}: the manifest was changed or signed by another key"
+            "does not verify over {MANIFEST} under the trusted audit key {vkey}: {MANIFEST} was changed, or it was signed by another key"
         ))
     })
 }
