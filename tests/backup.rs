@@ -480,7 +480,7 @@ fn the_daemon_signs_no_manifest_whose_head_is_not_in_its_ledger() {
 }
 
 #[test]
-fn backup_create_onto_an_existing_out_is_refused_and_writes_nothing() {
+fn backup_create_is_refused_onto_an_existing_out_with_a_pin_inside_or_without_a_daemon() {
     let inst = started(TestBackend::SoftHsm);
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
@@ -499,6 +499,31 @@ fn backup_create_onto_an_existing_out_is_refused_and_writes_nothing() {
         "a temporary backup was left beside OUT"
     );
     assert!(ledger_entries(&inst.db, "backup_created").is_empty());
+
+    // A file that would carry the PIN into the backup is refused (a
+    // guard: nothing keyward copies should ever hold it).
+    let pin = std::fs::read_to_string(inst.config_value("pin_file")).unwrap();
+    let policy = std::fs::read_to_string(&inst.policy).unwrap();
+    std::fs::write(&inst.policy, format!("{policy}\n# {}\n", pin.trim())).unwrap();
+    let leak = work.path().join("leak");
+    let o = inst.keyward(&["backup", "create", leak.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("backup_holds_pin"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains(pin.trim()), "the PIN was printed");
+    std::fs::write(&inst.policy, policy).unwrap();
+
+    // Without a running daemon nothing signs the manifest: refused, and
+    // nothing is left behind.
+    let mut inst = inst;
+    inst.stop();
+    let o = inst.keyward(&["backup", "create", leak.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not running"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_dir(work.path()).unwrap().count(),
+        1,
+        "a refused backup left files beside OUT"
+    );
 }
 
 #[test]

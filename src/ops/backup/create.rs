@@ -125,6 +125,7 @@ pub fn create(
         copy_new(src, &tmp.join(rel), 0o600)?;
         files.push(entry(&tmp, rel, role)?);
     }
+    refuse_pin(&tmp, &p.pin_file)?;
     let manifest = Manifest {
         format: FORMAT,
         created_at: crate::ledger::format_utc(crate::ledger::now_ms()),
@@ -266,6 +267,42 @@ fn snapshot_ledger(src: &Path, dst: &Path) -> Result<LedgerHead, BackupError> {
         seq,
         hash: hex::encode(hash),
     })
+}
+
+/// A guard: no file under `root` may hold the PIN that `pin_file` names.
+/// When this process cannot read the PIN (a systemd credential outside
+/// the unit), there is nothing to compare with and the check is skipped:
+/// the backup's contents are chosen so that it never holds one.
+fn refuse_pin(root: &Path, pin_file: &Path) -> Result<(), BackupError> {
+    use secrecy::ExposeSecret as _;
+    let Ok(pin) = crate::hsm::pin::read_pin(pin_file) else {
+        return Ok(());
+    };
+    let pin = pin.expose_secret().as_bytes();
+    if pin.is_empty() {
+        return Ok(());
+    }
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir)
+            .map_err(BackupError::io(format!("cannot read {}", dir.display())))?;
+        for e in entries.flatten() {
+            let path = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path);
+                continue;
+            }
+            let bytes = zeroize::Zeroizing::new(
+                std::fs::read(&path)
+                    .map_err(BackupError::io(format!("cannot read {}", path.display())))?,
+            );
+            if bytes.windows(pin.len()).any(|w| w == pin) {
+                let rel = path.strip_prefix(root).unwrap_or(&path);
+                return Err(BackupError::HoldsPin(rel.display().to_string()));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn entry(root: &Path, rel: &str, role: Role) -> Result<FileEntry, BackupError> {

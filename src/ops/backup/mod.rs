@@ -82,6 +82,9 @@ pub enum BackupError {
         /// What went wrong.
         problem: String,
     },
+    /// A file of the backup holds the HSM PIN (never expected: a guard).
+    #[error("{0} holds the HSM PIN; no backup was written (a backup must never be enough to sign)")]
+    HoldsPin(String),
     /// No audit verifier key to trust.
     #[error("no trusted audit key: {0}")]
     NoTrustedKey(String),
@@ -115,6 +118,7 @@ impl BackupError {
             BackupError::TargetNotEmpty(_) => "restore_target_not_empty",
             BackupError::YubiHsmUnsupported => "backup_yubihsm_unsupported",
             BackupError::Token { .. } => "backup_token_not_found",
+            BackupError::HoldsPin(_) => "backup_holds_pin",
             BackupError::NoTrustedKey(_) => "backup_no_trusted_key",
             BackupError::Config(_) => "backup_config",
             BackupError::Ledger(_) => "backup_ledger",

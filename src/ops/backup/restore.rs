@@ -278,3 +278,77 @@ fn rewrite_config(
         pin_note,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const ORIGINAL: &str = r#"
+[daemon]
+agent_socket = "/run/keyward/agent.sock"
+admin_socket = "/run/keyward/admin.sock"
+state_dir = "/var/lib/keyward"
+policy = "/etc/keyward/policy.toml"
+agent_socket_group = "keyward-agents"
+
+[hsm]
+backend = "pkcs11"
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "keyward"
+pin_file = "pin"
+env = { SOFTHSM2_CONF = "/etc/softhsm/softhsm2.conf" }
+
+[ledger]
+path = "/var/lib/keyward/ledger.sqlite3"
+checkpoint_every = 500
+
+[mirror]
+file = "/var/log/keyward/ledger.jsonl"
+"#;
+
+    fn opts(keep_mirror: bool) -> RestoreOptions {
+        RestoreOptions {
+            to: PathBuf::from("/srv/restored"),
+            pin_file: Some(PathBuf::from("/root/pin")),
+            keep_mirror,
+        }
+    }
+
+    #[test]
+    fn every_path_moves_into_the_new_directory_and_the_mirror_is_dropped() {
+        let dir = Path::new("/srv/restored");
+        let (text, note) = rewrite_config(ORIGINAL, dir, &opts(false), true).unwrap();
+        let cfg = Config::parse(&dir.join("keyward.toml"), &text).unwrap();
+        assert_eq!(cfg.daemon.agent_socket, dir.join("agent.sock"));
+        assert_eq!(cfg.daemon.admin_socket, dir.join("admin.sock"));
+        assert_eq!(cfg.daemon.state_dir, dir.join("state"));
+        assert_eq!(cfg.daemon.policy, dir.join("policy.toml"));
+        assert_eq!(cfg.ledger_path(), dir.join("state/ledger.sqlite3"));
+        assert_eq!(cfg.audit_vkey_path(), dir.join("audit.vkey"));
+        assert_eq!(
+            cfg.hsm.env.get("SOFTHSM2_CONF").map(String::as_str),
+            Some("/srv/restored/softhsm2.conf")
+        );
+        assert_eq!(
+            cfg.hsm.pkcs11().unwrap().pin_file,
+            PathBuf::from("/root/pin")
+        );
+        assert_eq!(cfg.ledger.checkpoint_every, 500, "other settings stay");
+        assert_eq!(
+            cfg.daemon.agent_socket_group.as_deref(),
+            Some("keyward-agents")
+        );
+        assert!(
+            cfg.mirror.is_none(),
+            "a restore never ships to the old mirror"
+        );
+        assert!(note.contains("/root/pin"));
+        let (text, _) = rewrite_config(ORIGINAL, dir, &opts(true), true).unwrap();
+        let cfg = Config::parse(&dir.join("keyward.toml"), &text).unwrap();
+        assert_eq!(
+            cfg.mirror.unwrap().ack_dir,
+            Some(dir.join("state").join("mirror"))
+        );
+    }
+}

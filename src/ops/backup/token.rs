@@ -156,3 +156,80 @@ pub(super) fn copy_token(
         ),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A token.object as SoftHSM2 writes the label: length-prefixed, padded.
+    fn token_object(label: &str) -> Vec<u8> {
+        let mut b = vec![0, 0, 0, 0, 0x80, 0, 0x53, 0x49, 0, 0, 0, 0, 0, 0, 0, 3];
+        b.extend_from_slice(&32u64.to_be_bytes());
+        let mut l = label.as_bytes().to_vec();
+        l.resize(32, b' ');
+        b.extend_from_slice(&l);
+        b
+    }
+
+    fn config(dir: &Path, module: &str, label: &str) -> Config {
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "# c\ndirectories.tokendir = {}\n",
+                dir.join("tokens").display()
+            ),
+        )
+        .unwrap();
+        let text = format!(
+            "[daemon]\nagent_socket = \"a.sock\"\nadmin_socket = \"b.sock\"\nstate_dir = \"s\"\npolicy = \"p.toml\"\n\n\
+             [hsm]\nmodule = \"{module}\"\ntoken_label = \"{label}\"\npin_file = \"/x/pin\"\nenv = {{ SOFTHSM2_CONF = \"{}\" }}\n",
+            conf.display()
+        );
+        Config::parse(&dir.join("keyward.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn the_token_is_found_by_its_exact_label_and_a_vendor_module_has_none() {
+        let dir = tempfile::tempdir().unwrap();
+        for (uuid, label) in [
+            ("u1", "keyward-dev2"),
+            ("u2", "keyward-dev"),
+            ("u3", "other"),
+        ] {
+            let t = dir.path().join("tokens").join(uuid);
+            std::fs::create_dir_all(&t).unwrap();
+            std::fs::write(t.join("token.object"), token_object(label)).unwrap();
+        }
+        let cfg = config(dir.path(), "/usr/lib/softhsm/libsofthsm2.so", "keyward-dev");
+        assert_eq!(
+            find_softhsm_token(&cfg).unwrap(),
+            Some(dir.path().join("tokens").join("u2"))
+        );
+        let cfg = config(dir.path(), "/usr/lib/softhsm/libsofthsm2.so", "absent");
+        assert_eq!(
+            find_softhsm_token(&cfg).unwrap_err().code(),
+            "backup_token_not_found"
+        );
+        let cfg = config(dir.path(), "/opt/vendor/libvendorp11.so", "keyward-dev");
+        assert_eq!(find_softhsm_token(&cfg).unwrap(), None);
+    }
+
+    #[test]
+    fn a_token_copy_holds_every_file_with_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("token.object"), b"abc").unwrap();
+        std::fs::write(src.join("token.lock"), b"").unwrap();
+        let copied = copy_token(&src, &dir.path().join("dst")).unwrap();
+        let names: Vec<_> = copied.iter().map(|c| c.0.as_str()).collect();
+        assert_eq!(names, ["token.lock", "token.object"]);
+        assert_eq!(
+            std::fs::read(dir.path().join("dst/token.object")).unwrap(),
+            b"abc"
+        );
+        assert_eq!(copied[1].2, 3);
+    }
+}
