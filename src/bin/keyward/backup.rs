@@ -173,8 +173,14 @@ fn verify(config: &Path, input: &Path, vkey: Option<PathBuf>) -> Result<(), Fail
         v.history.checkpoints,
         v.history.checkpointed
     );
-    if !v.vkey_matches {
-        println!("note: the audit.vkey inside the backup is not the trusted key (it was not used)");
+    if v.vkey_matches {
+        println!(
+            "ok: the backup's own config/audit.vkey is the trusted key (it was not used to verify)"
+        );
+    } else {
+        println!(
+            "note: the backup's own config/audit.vkey is not the trusted key (it was not used to verify)"
+        );
     }
     if let Some(note) = &m.instance.note {
         println!("NOTE: {note}");

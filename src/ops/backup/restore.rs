@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use super::BackupError;
 use super::create::{CONFIG_FILE, POLICY_FILE, TOKEN_DIR, copy_new, mkdirs, sync_tree, write_new};
+use super::manifest::Manifest;
 use super::manifest::{KeyMaterial, Role};
 use super::verify::{Verified, verify};
 use crate::config::Config;
@@ -77,8 +78,12 @@ pub fn restore(
     let verified = verify(backup, trusted)?;
     let manifest = &verified.manifest;
     let softhsm = manifest.instance.key_material == KeyMaterial::Softhsm2Token;
-    let config_text = std::fs::read_to_string(backup.join(CONFIG_FILE))
+    let config_bytes = std::fs::read(backup.join(CONFIG_FILE))
         .map_err(BackupError::io(format!("cannot read {CONFIG_FILE}")))?;
+    same_as_listed(manifest, CONFIG_FILE, &config_bytes)?;
+    let config_text = String::from_utf8(config_bytes).map_err(|_| {
+        BackupError::invalid("backup_file_changed", CONFIG_FILE, "is not UTF-8 text")
+    })?;
     let (text, pin_note) = rewrite_config(&config_text, dir, opts, softhsm)?;
     let config_path = dir.join("keyward.toml");
     Config::parse(&config_path, &text)
@@ -159,7 +164,7 @@ fn build(
 ) -> Result<(), BackupError> {
     let manifest = &verified.manifest;
     write_new(&tmp.join("keyward.toml"), config_text.as_bytes())?;
-    copy_new(&backup.join(POLICY_FILE), &tmp.join("policy.toml"), 0o600)?;
+    copy_checked(backup, POLICY_FILE, &tmp.join("policy.toml"), manifest)?;
     // The key this backup was verified with, never the copy inside it.
     write_new(
         &tmp.join("audit.vkey"),
@@ -175,7 +180,7 @@ fn build(
     })?;
     let db = tmp.join("state").join("ledger.sqlite3");
     mkdirs(&db)?;
-    copy_new(&backup.join(&ledger.path), &db, 0o600)?;
+    copy_checked(backup, &ledger.path, &db, manifest)?;
     if softhsm {
         let tokens = tmp.join("tokens");
         for f in manifest.files.iter().filter(|f| f.role == Role::Token) {
@@ -191,13 +196,52 @@ fn build(
                 })?;
             let to = tokens.join(rest);
             mkdirs(&to)?;
-            copy_new(&backup.join(&f.path), &to, 0o600)?;
+            copy_checked(backup, &f.path, &to, manifest)?;
         }
         let conf =
             crate::hsm::softhsm::conf_text("a restored keyward instance", &dir.join("tokens"));
         write_new(&tmp.join("softhsm2.conf"), conf.as_bytes())?;
     }
     sync_tree(tmp)
+}
+
+/// Whether `bytes` are the file `rel` as the manifest lists it.
+fn same_as_listed(manifest: &Manifest, rel: &str, bytes: &[u8]) -> Result<(), BackupError> {
+    use sha2::{Digest, Sha256};
+    let listed = manifest.files.iter().find(|f| f.path == rel);
+    match listed {
+        Some(f)
+            if f.size == bytes.len() as u64 && hex::encode(Sha256::digest(bytes)) == f.sha256 =>
+        {
+            Ok(())
+        }
+        _ => Err(BackupError::invalid(
+            "backup_file_changed",
+            rel,
+            "changed after it was verified",
+        )),
+    }
+}
+
+/// Copies the backup's file `rel` to `to` (0600) and checks the copy
+/// against the manifest: the backup may change between its verification
+/// and the copy.
+fn copy_checked(
+    backup: &Path,
+    rel: &str,
+    to: &Path,
+    manifest: &Manifest,
+) -> Result<(), BackupError> {
+    copy_new(&backup.join(rel), to, 0o600)?;
+    let (digest, size) = super::digest_file(to)?;
+    match manifest.files.iter().find(|f| f.path == rel) {
+        Some(f) if f.size == size && hex::encode(digest) == f.sha256 => Ok(()),
+        _ => Err(BackupError::invalid(
+            "backup_file_changed",
+            rel,
+            "changed after it was verified",
+        )),
+    }
 }
 
 /// The backed-up `keyward.toml` with every path moved into `dir`; also the
