@@ -24,6 +24,12 @@ pub struct Verified {
 
 /// Verifies the backup in `dir` against the `trusted` audit key.
 pub fn verify(dir: &Path, trusted: &TrustedKey) -> Result<Verified, BackupError> {
+    if !dir.is_dir() {
+        return Err(BackupError::Config(format!(
+            "{} is not a backup directory",
+            dir.display()
+        )));
+    }
     let read = |name: &str| {
         std::fs::read(dir.join(name)).map_err(|e| {
             BackupError::invalid(
