@@ -205,6 +205,7 @@ async fn open(cfg: &Config, opts: StartOptions) -> Result<Opened, DaemonError> {
     );
     core.set_device_label(cfg.hsm.device_label());
     core.set_retiring(retiring);
+    core.set_audit_key(audit_key.clone());
     let signer = Signer::new(Arc::clone(&core));
     let operations = Operations::new(core);
     // Signed checkpoints of the Merkle tree, over verified entries only. The

@@ -23,6 +23,7 @@ pub mod ledger;
 pub mod logging;
 pub mod manpage;
 pub mod mirror;
+pub mod ops;
 pub mod policy;
 pub mod process;
 pub mod schema;

@@ -859,3 +859,33 @@ pub struct UnfreezeView {
     /// Sequence number of its `signing_unfrozen` entry.
     pub ledger_seq: u64,
 }
+
+/// Admin API: `POST /v1/admin/backups/sign`, the audit key's signature over
+/// a backup's manifest. keywardd signs only the domain-separated digest
+/// (`"keyward:backup-manifest:v1\0" ‖ SHA-256(manifest.json)`), and only
+/// when `(ledger_seq, ledger_hash)` is an entry of its own ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSignRequest {
+    /// SHA-256 (hex) of the manifest's bytes.
+    pub manifest_sha256: String,
+    /// The ledger head the backup covers: its sequence number ...
+    pub ledger_seq: u64,
+    /// ... and that entry's hash (hex).
+    pub ledger_hash: String,
+    /// Files the manifest lists.
+    pub files: u64,
+}
+
+/// Admin API: the answer to `POST /v1/admin/backups/sign`, sent once the
+/// `backup_created` entry is committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSigned {
+    /// The audit key's Ed25519 signature (base64) over the
+    /// domain-separated manifest digest.
+    pub signature: String,
+    /// The audit key's verifier key (`NAME+KEYID+KEY`).
+    pub verifier_key: String,
+    /// Sequence number of the `backup_created` entry.
+    pub ledger_seq: u64,
+}

@@ -39,6 +39,7 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/v1/admin/health", get(health))
         .route("/v1/admin/freezes", get(list_freezes).post(freeze))
         .route("/v1/admin/freezes/lift", post(unfreeze))
+        .route("/v1/admin/backups/sign", post(sign_backup))
         .fallback(fallback)
         .method_not_allowed_fallback(method_fallback)
         .with_state(state)
@@ -621,4 +622,60 @@ async fn list_freezes(
         .map_err(crate::service::SubmitError::from)?;
     let views: Vec<_> = list.into_iter().map(|f| freeze_view(f, None)).collect();
     Ok(axum::Json(views).into_response())
+}
+
+/// `POST /v1/admin/backups/sign`: the audit key's signature over a backup
+/// manifest's domain-separated digest, answered once its `backup_created`
+/// entry is committed.
+async fn sign_backup(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    use crate::service::{BackupSignError, BackupSignRequest};
+    let uid = operator(&state.admin_group, peer)?;
+    let req: keyward_client::wire::BackupSignRequest =
+        super::body::read_json(&headers, body, state.max_body).await?;
+    let hash32 = |field: &str, hex_text: &str| -> Result<[u8; 32], ApiError> {
+        hex::decode(hex_text)
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("{field} must be 64 hex digits (a SHA-256)"),
+                )
+            })
+    };
+    let request = BackupSignRequest {
+        manifest_sha256: hash32("manifest_sha256", &req.manifest_sha256)?,
+        ledger_seq: req.ledger_seq,
+        ledger_hash: hash32("ledger_hash", &req.ledger_hash)?,
+        files: req.files,
+    };
+    let operations = std::sync::Arc::clone(&state.operations);
+    let by = format!("uid:{uid}");
+    // Runs to completion even if the operator's client goes away.
+    let signed = tokio::spawn(async move { operations.sign_backup(request, &by).await })
+        .await
+        .map_err(ApiError::from)?
+        .map_err(|e| {
+            let status = match &e {
+                BackupSignError::UnknownHead { .. } => StatusCode::CONFLICT,
+                BackupSignError::NoAuditKey => StatusCode::INTERNAL_SERVER_ERROR,
+                BackupSignError::HistoryBroken(_)
+                | BackupSignError::Hsm(_)
+                | BackupSignError::Ledger(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            ApiError::new(status, e.code(), e.to_string())
+        })?;
+    use base64::Engine as _;
+    Ok(axum::Json(keyward_client::wire::BackupSigned {
+        signature: base64::engine::general_purpose::STANDARD.encode(signed.signature),
+        verifier_key: signed.verifier_key,
+        ledger_seq: signed.ledger_seq,
+    })
+    .into_response())
 }

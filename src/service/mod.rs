@@ -17,6 +17,7 @@
 
 mod approvals;
 mod approvers;
+pub mod backups;
 pub mod checkpoints;
 mod decision;
 mod error;
@@ -35,6 +36,7 @@ mod views;
 
 pub use approvals::ApprovalOutcome;
 pub use approvers::encode_key;
+pub use backups::{BackupSignError, BackupSignRequest, BackupSignature};
 pub use error::{BreakerError, ReloadError, SubmitError};
 pub use freeze::{Freeze, FreezeError, FreezeOutcome, FreezeScope, Frozen, Unfrozen};
 pub use keys::{CreatedKey, KeyCreateError, new_key_name};

@@ -40,6 +40,9 @@ pub struct Core {
     mirror_gate: OnceLock<Arc<MirrorGate>>,
     /// The label of the HSM device (PKCS#11 token label), for records.
     device_label: OnceLock<String>,
+    /// The audit key (checkpoints, backup manifests), once the history is
+    /// established.
+    audit_key: OnceLock<HsmKey>,
     history: Arc<HistoryGate>,
     /// Intents being processed by a request right now, shared with the
     /// ledger writer so recovery can read it inside its write.
@@ -91,6 +94,7 @@ impl Core {
             approval_ttl_ms: i64::try_from(approval_ttl.as_millis()).unwrap_or(i64::MAX / 2),
             mirror_gate: OnceLock::new(),
             device_label: OnceLock::new(),
+            audit_key: OnceLock::new(),
             history: Arc::new(HistoryGate::default()),
             in_flight: Arc::new(Mutex::new(HashMap::new())),
             needs_recovery: AtomicBool::new(false),
@@ -173,6 +177,16 @@ impl Core {
     /// keys made through the admin socket; set once at start.
     pub fn set_device_label(&self, label: &str) {
         let _ = self.device_label.set(label.to_owned());
+    }
+
+    /// Sets the audit key (once, at start).
+    pub fn set_audit_key(&self, key: HsmKey) {
+        let _ = self.audit_key.set(key);
+    }
+
+    /// The audit key, once set.
+    pub fn audit_key(&self) -> Option<&HsmKey> {
+        self.audit_key.get()
     }
 
     /// The HSM device's label, once set.

@@ -11,6 +11,7 @@ mod approval;
 mod approve;
 mod approver;
 mod audit;
+mod backup;
 mod bench;
 mod breaker;
 mod freeze;
@@ -104,6 +105,12 @@ enum Command {
         #[command(subcommand)]
         command: hsm::HsmCommand,
     },
+    /// Backups: create (through the running daemon, which signs and
+    /// records it), verify and restore into a fresh instance.
+    Backup {
+        #[command(subcommand)]
+        command: backup::BackupCommand,
+    },
     /// Check this instance as `keywardd --check-config` does: files' owners
     /// and modes, the HSM token, PIN and keys, the ledger (read-only) and
     /// the mirror's files; every finding with its fix. Exit 0 when keywardd
@@ -155,6 +162,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Approve(args) => approve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Hsm { command } => hsm::run(config, command),
+        Command::Backup { command } => backup::run(config, command),
         Command::WriteManPage { dir } => {
             use clap::CommandFactory;
             keyward::manpage::write(Cli::command().name("keyward"), "1", &dir)
