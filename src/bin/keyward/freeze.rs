@@ -5,12 +5,11 @@
 
 use std::path::Path;
 
-use anyhow::anyhow;
 use clap::Args;
 use keyward::config::Config;
 use keyward_client::wire::{FreezeRequest, FreezeView, UnfreezeRequest, UnfreezeView};
 
-use crate::{AdminError, Failure, admin_call_with, admin_get};
+use crate::{Failure, admin_get};
 
 /// `keyward freeze`.
 #[derive(Args)]
@@ -58,16 +57,7 @@ fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
     path: &str,
     body: &B,
 ) -> Result<T, Failure> {
-    admin_call_with(cfg, "POST", path, Some(body)).map_err(|e| match e {
-        AdminError::NotRunning(why) => Failure(
-            2,
-            anyhow!(
-                "cannot connect to {}: {why} (is keywardd running?)",
-                cfg.daemon.admin_socket.display()
-            ),
-        ),
-        AdminError::Failed(f) => f,
-    })
+    crate::admin_call_json(cfg, "POST", path, body)
 }
 
 /// Runs `keyward freeze`.

@@ -195,16 +195,23 @@ fn admin_call<T: serde::de::DeserializeOwned>(
     method: &str,
     path: &str,
 ) -> Result<T, Failure> {
-    admin_call_with::<(), T>(cfg, method, path, None).map_err(|e| match e {
-        AdminError::NotRunning(why) => Failure(
-            2,
-            anyhow!(
-                "cannot connect to {}: {why}",
-                cfg.daemon.admin_socket.display()
+    admin_call_with::<(), T>(cfg, method, path, None).map_err(|e| e.into_failure(cfg))
+}
+
+impl AdminError {
+    /// The failure to report: "the daemon is not running" names the socket.
+    fn into_failure(self, cfg: &Config) -> Failure {
+        match self {
+            AdminError::NotRunning(why) => Failure(
+                2,
+                anyhow!(
+                    "cannot connect to {}: {why} (is keywardd running?)",
+                    cfg.daemon.admin_socket.display()
+                ),
             ),
-        ),
-        AdminError::Failed(f) => f,
-    })
+            AdminError::Failed(f) => f,
+        }
+    }
 }
 
 /// Why an admin call did not succeed.
@@ -261,16 +268,7 @@ fn admin_call_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
     path: &str,
     body: &B,
 ) -> Result<T, Failure> {
-    admin_call_with::<B, T>(cfg, method, path, Some(body)).map_err(|e| match e {
-        AdminError::NotRunning(why) => Failure(
-            2,
-            anyhow!(
-                "cannot connect to {}: {why}",
-                cfg.daemon.admin_socket.display()
-            ),
-        ),
-        AdminError::Failed(f) => f,
-    })
+    admin_call_with::<B, T>(cfg, method, path, Some(body)).map_err(|e| e.into_failure(cfg))
 }
 
 /// `GET path` on the admin socket.
