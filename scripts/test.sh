@@ -11,7 +11,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 # The end-to-end tests again on backend "yubihsm" (MockHsm behind `keyward
 # hsm mock-connector`, through keywardd's HTTP connector client).
-KEYWARD_TEST_BACKEND=yubihsm-mock cargo test --locked --test signing --test denials --test approvals --test checkpoints
+KEYWARD_TEST_BACKEND=yubihsm-mock cargo test --locked --test signing --test denials --test approvals --test checkpoints --test rotation
 # The Debian package, installed and used in a clean Debian 12 root (root
 # only; it prints SKIP otherwise).
 packaging/test/install-test.sh

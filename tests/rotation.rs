@@ -5,7 +5,8 @@
 //! transition statement in the ledger verifies with both public keys; the
 //! name keeps its new key across a restart; `key retire` is refused before
 //! the grace period and after it removes the key from the HSM (checked
-//! through PKCS#11 in this process, with the daemon stopped).
+//! through the backend in this process, with the daemon stopped). It runs
+//! on SoftHSM2 and, in the README test command, again on MockHsm.
 //!
 //! One test, because it opens the SoftHSM token in this process at the end
 //! and SoftHSM2 reads `SOFTHSM2_CONF` from the process environment.
@@ -17,8 +18,6 @@ use std::path::PathBuf;
 
 use common::*;
 use ed25519_dalek::{Signature, VerifyingKey};
-use keyward::hsm::Hsm as _;
-use keyward::hsm::pkcs11::{Pkcs11Config, Pkcs11Hsm};
 use keyward::types::KeyName;
 use keyward_client::IntentOutcome;
 use solana_sdk::pubkey::Pubkey;
@@ -389,7 +388,8 @@ fn rotation_sweep_and_retirement_end_to_end() {
     );
     inst.stop();
 
-    // Through PKCS#11: the retired keys are gone from the token, the
+    // Through the backend itself (PKCS#11 on SoftHSM2, the YubiHSM
+    // protocol on MockHsm): the retired keys are gone from the device, the
     // active one is there with its registered public key.
     // SAFETY: this test is the binary's only one; the module is loaded
     // after this, on this thread.
@@ -400,13 +400,8 @@ fn rotation_sweep_and_retirement_end_to_end() {
             &keyward::hsm::softhsm::conf_path(inst.inst_dir()),
         )
     };
-    let hsm = Pkcs11Hsm::open(&Pkcs11Config {
-        module: inst.config_value("module").into(),
-        token_label: inst.config_value("token_label"),
-        pin_file: inst.config_value("pin_file").into(),
-        max_sessions: 2,
-    })
-    .unwrap();
+    let cfg = keyward::config::Config::load(&inst.config).unwrap();
+    let hsm = keyward::hsm::open(&cfg.hsm).unwrap();
     for gone in ["hot", "keyward-v2-hot"] {
         assert_eq!(
             hsm.find_ed25519(&KeyName::new(gone).unwrap())
