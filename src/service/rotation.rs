@@ -458,7 +458,11 @@ impl Operations {
                         "{key_name}@{version} is no longer retiring"
                     )));
                 }
-                Ok(txn.record(None, None, &retired)?.seq.0)
+                let seq = txn.record(None, None, &retired)?.seq.0;
+                // A sweep still waiting (retired with --force) can never be
+                // signed now: it ends, denied, in the same transaction.
+                end_pending_sweeps(txn, &key_ref, seq)?;
+                Ok(seq)
             })
             .await
             .map_err(|e| {
@@ -486,6 +490,56 @@ impl Operations {
         Ok(registry::all(&reader)?)
     }
 }
+
+/// Ends every sweep of `key_ref` (`NAME@VERSION`) still waiting for
+/// approvals: denied with `key_retired`, recorded.
+fn end_pending_sweeps(
+    txn: &mut crate::ledger::LedgerTxn<'_>,
+    key_ref: &str,
+    retired_seq: u64,
+) -> Result<(), LedgerError> {
+    let now = txn.now_ms();
+    let waiting: Vec<(String, String)> = crate::intents::all_pending(txn.conn(), now)?
+        .into_iter()
+        .filter(|(_, _, p)| p.key == key_ref)
+        .map(|(agent, id, _)| (agent, id))
+        .collect();
+    for (agent, id) in waiting {
+        let detail = format!(
+            "{key_ref} was retired (ledger entry {retired_seq}): its sweep can no longer be signed"
+        );
+        let body = crate::intents::reply_json(&keyward_client::wire::ErrorBody {
+            error: keyward_client::wire::ErrorDetail {
+                code: KEY_RETIRED.to_owned(),
+                message: detail.clone(),
+                reasons: Vec::new(),
+                retry_after: None,
+            },
+        })?;
+        crate::intents::finish(
+            txn.conn(),
+            &agent,
+            &id,
+            crate::intents::IntentStatus::Denied,
+            &body,
+            now,
+        )?;
+        txn.record(
+            Some(&id),
+            Some(&agent),
+            &crate::ledger::events::SigningDenied {
+                code: KEY_RETIRED.to_owned(),
+                reasons: Vec::new(),
+                retry_after_s: None,
+                detail: Some(detail),
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// The code of a sweep ended because its key was retired.
+pub const KEY_RETIRED: &str = "key_retired";
 
 #[cfg(test)]
 mod tests {
