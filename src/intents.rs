@@ -290,6 +290,18 @@ pub fn insert(conn: &Connection, n: &NewIntent<'_>) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// The reply body of an intent ended with an error `code`.
+pub fn error_reply(code: &str, message: impl Into<String>) -> rusqlite::Result<Vec<u8>> {
+    reply_json(&keyward_client::wire::ErrorBody {
+        error: keyward_client::wire::ErrorDetail {
+            code: code.to_owned(),
+            message: message.into(),
+            reasons: Vec::new(),
+            retry_after: None,
+        },
+    })
+}
+
 /// Stores the final result of an intent: `Signed`, `Denied` or `Expired`
 /// with the reply a repeated submission gets. The pending part of an
 /// intent that waited for approvals stays for the views (an expired

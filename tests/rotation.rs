@@ -123,7 +123,8 @@ fn enroll_alice(inst: &Instance) -> PathBuf {
     key
 }
 
-fn approve(inst: &Instance, id: &str, key: &std::path::Path) -> keyward_client::wire::SignedIntent {
+/// alice's approval token for the pending intent `id`.
+fn alice_token(inst: &Instance, id: &str, key: &std::path::Path) -> String {
     let view = rt().block_on(inst.client().get_intent(id)).unwrap();
     let request = inst
         .dir
@@ -140,13 +141,31 @@ fn approve(inst: &Instance, id: &str, key: &std::path::Path) -> keyward_client::
         key.to_str().unwrap(),
         "--yes",
     ]);
-    let token = ok(&out).trim().to_owned();
+    ok(&out).trim().to_owned()
+}
+
+/// Approves `id` with alice's token: the quorum signs it.
+fn approve(inst: &Instance, id: &str, key: &std::path::Path) -> keyward_client::wire::SignedIntent {
+    let token = alice_token(inst, id, key);
     match rt()
         .block_on(inst.client().add_approval(id, &token))
         .unwrap()
     {
         IntentOutcome::Signed(s) => s,
         other => panic!("expected the sweep signed at the quorum, got {other:?}"),
+    }
+}
+
+/// Approves `id` with alice's token and returns the denial the quorum's
+/// decision gave.
+fn approve_denied(inst: &Instance, id: &str, key: &std::path::Path) -> String {
+    let token = alice_token(inst, id, key);
+    match rt().block_on(inst.client().add_approval(id, &token)) {
+        Err(keyward_client::ClientError::Api { code, reasons, .. }) => {
+            assert_eq!(code, "policy_denied");
+            format!("{reasons:?}")
+        }
+        other => panic!("{id}: expected a denial at the quorum, got {other:?}"),
     }
 }
 
@@ -415,31 +434,4 @@ fn rotation_sweep_and_retirement_end_to_end() {
         .find_ed25519(&KeyName::new("keyward-v3-hot").unwrap())
         .unwrap();
     assert_eq!(current.public_key.to_base58(), v3.to_string());
-}
-
-/// Approves `id` with alice's token and returns the denial the quorum's
-/// decision gave.
-fn approve_denied(inst: &Instance, id: &str, key: &std::path::Path) -> String {
-    let view = rt().block_on(inst.client().get_intent(id)).unwrap();
-    let request = inst.dir.path().join(format!("{id}.json"));
-    std::fs::write(&request, serde_json::to_vec(&view).unwrap()).unwrap();
-    let token = ok(&inst.keyward(&[
-        "approve",
-        "--request",
-        request.to_str().unwrap(),
-        "--approver",
-        "alice",
-        "--key-file",
-        key.to_str().unwrap(),
-        "--yes",
-    ]))
-    .trim()
-    .to_owned();
-    match rt().block_on(inst.client().add_approval(id, &token)) {
-        Err(keyward_client::ClientError::Api { code, reasons, .. }) => {
-            assert_eq!(code, "policy_denied");
-            format!("{reasons:?}")
-        }
-        other => panic!("{id}: expected a denial at the quorum, got {other:?}"),
-    }
 }

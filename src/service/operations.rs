@@ -193,16 +193,10 @@ impl Operations {
                     let Some(p) = crate::intents::pending(txn.conn(), &agent, &intent_id)? else {
                         continue;
                     };
-                    let body = crate::intents::reply_json(&keyward_client::wire::ErrorBody {
-                        error: keyward_client::wire::ErrorDetail {
-                            code: codes::INTENT_EXPIRED.to_owned(),
-                            message:
-                                "this intent waited for approvals longer than the approval window"
-                                    .into(),
-                            reasons: Vec::new(),
-                            retry_after: None,
-                        },
-                    })?;
+                    let body = crate::intents::error_reply(
+                        codes::INTENT_EXPIRED,
+                        "this intent waited for approvals longer than the approval window",
+                    )?;
                     crate::intents::finish(
                         txn.conn(),
                         &agent,

@@ -508,14 +508,7 @@ fn end_pending_sweeps(
         let detail = format!(
             "{key_ref} was retired (ledger entry {retired_seq}): its sweep can no longer be signed"
         );
-        let body = crate::intents::reply_json(&keyward_client::wire::ErrorBody {
-            error: keyward_client::wire::ErrorDetail {
-                code: KEY_RETIRED.to_owned(),
-                message: detail.clone(),
-                reasons: Vec::new(),
-                retry_after: None,
-            },
-        })?;
+        let body = crate::intents::error_reply(KEY_RETIRED, detail.clone())?;
         crate::intents::finish(
             txn.conn(),
             &agent,
