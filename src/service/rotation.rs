@@ -161,6 +161,50 @@ pub fn parse_versioned(s: &str) -> Result<(KeyName, u32), RotateError> {
     Ok((name, version))
 }
 
+/// Ends every sweep of `key_ref` (`NAME@VERSION`) still waiting for
+/// approvals, in the transaction that retires its key: its key is gone, so
+/// no quorum can get it signed. Each is finished as expired and recorded
+/// as `intent_expired` (its window ended now), as the expiry task does
+/// for a window that ran out; left pending, it would break every reading
+/// of the pending intents (the approval list, its figures).
+fn end_orphaned_sweeps(
+    txn: &mut crate::ledger::LedgerTxn<'_>,
+    key_ref: &str,
+    at: i64,
+) -> Result<(), LedgerError> {
+    let orphans: Vec<_> = crate::intents::all_pending(txn.conn(), i64::MIN)?
+        .into_iter()
+        .filter(|(_, _, p)| p.key == key_ref)
+        .collect();
+    for (agent, intent_id, p) in orphans {
+        let body = crate::intents::reply_json(&keyward_client::wire::ErrorBody {
+            error: keyward_client::wire::ErrorDetail {
+                code: keyward_client::wire::codes::INTENT_EXPIRED.to_owned(),
+                message: format!(
+                    "this sweep's key {key_ref} was retired while it waited for approvals"
+                ),
+                reasons: Vec::new(),
+                retry_after: None,
+            },
+        })?;
+        crate::intents::finish(
+            txn.conn(),
+            &agent,
+            &intent_id,
+            crate::intents::IntentStatus::Expired,
+            &body,
+            at,
+        )?;
+        let expired = crate::ledger::events::IntentExpired {
+            intent_hash: hex::encode(p.intent_hash),
+            expired_at: crate::ledger::format_utc(at),
+        };
+        txn.record(Some(&intent_id), Some(&agent), &expired)?;
+        tracing::warn!(agent = %agent, intent = %intent_id, key = key_ref, "pending sweep ended: its key was retired");
+    }
+    Ok(())
+}
+
 impl Operations {
     /// Rotates key `name`: see the module documentation. `grace_s` (default
     /// [`DEFAULT_GRACE_S`]) is how long the old key stays retiring before
@@ -458,7 +502,9 @@ impl Operations {
                         "{key_name}@{version} is no longer retiring"
                     )));
                 }
-                Ok(txn.record(None, None, &retired)?.seq.0)
+                let seq = txn.record(None, None, &retired)?.seq.0;
+                end_orphaned_sweeps(txn, &key_ref, at)?;
+                Ok(seq)
             })
             .await
             .map_err(|e| {
