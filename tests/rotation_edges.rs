@@ -17,6 +17,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
@@ -973,4 +974,116 @@ fn a_pending_sweep_whose_destination_stopped_serving_the_name_is_denied_at_its_q
         other => panic!("the sweep to the retired hot@2 was not denied: {other:?}"),
     }
     assert!(signatures_recorded(&inst.db, id).is_empty());
+}
+
+fn enroll_alice(inst: &Instance) -> std::path::PathBuf {
+    let dir = inst.dir.path().join("alice");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("alice.key");
+    ok(&inst.keyward(&["approver", "add", "alice", "--out", key.to_str().unwrap()]));
+    key
+}
+
+/// alice's approval token for pending intent `id`.
+fn alice_token(inst: &Instance, alice: &Path, id: &str) -> String {
+    let view = rt().block_on(inst.client().get_intent(id)).unwrap();
+    let request = inst.dir.path().join("alice").join("request.json");
+    std::fs::write(&request, serde_json::to_vec(&view).unwrap()).unwrap();
+    ok(&inst.keyward(&[
+        "approve",
+        "--request",
+        request.to_str().unwrap(),
+        "--approver",
+        "alice",
+        "--key-file",
+        alice.to_str().unwrap(),
+        "--yes",
+    ]))
+    .trim()
+    .to_owned()
+}
+
+#[test]
+fn a_sweep_pending_when_its_key_was_force_retired_is_never_signed_and_nothing_else_stops() {
+    let (inst, allowed) = started("");
+    let alice = enroll_alice(&inst);
+    ok(&rotate(&inst, &["--grace-days", "0"]));
+    let v2 = public_key_of(&inst, 2);
+    let pending = swept(&inst, 1, spec(&blockhash(), Some("3")));
+    assert_eq!(pending.http_status, 202, "{pending:?}");
+    let id = pending.intent_id.clone();
+    let token = alice_token(&inst, &alice, &id);
+    ok(&inst.keyward(&[
+        "key",
+        "retire",
+        "hot@1",
+        "--force",
+        "--reason",
+        "abandon the sweep",
+    ]));
+    // The sweep ended with its key, recorded; listing the pending intents
+    // still works (it failed with "ledger head is corrupt" while a sweep
+    // whose key was gone stayed pending).
+    let expired = ledger_entries(&inst.db, "intent_expired");
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0].0.as_deref(), Some(id.as_str()));
+    let list = ok(&inst.keyward(&["approval", "list"]));
+    assert!(!list.contains(&id), "{list}");
+    let view = rt().block_on(inst.client().get_intent(&id)).unwrap();
+    assert!(
+        format!("{view:?}").to_lowercase().contains("expired"),
+        "{view:?}"
+    );
+    // The approval cannot get the sweep signed: its key is destroyed.
+    let approved = rt().block_on(inst.client().add_approval(&id, &token));
+    assert!(
+        !matches!(approved, Ok(IntentOutcome::Signed(_))),
+        "{approved:?}"
+    );
+    assert!(signatures_recorded(&inst.db, &id).is_empty());
+    // Nothing else stopped: the name signs with hot@2, the ledger verifies.
+    assert_eq!(signer_of_new_intent(&inst, "after-retire", &allowed), v2);
+    let health = format!("{:?}", rt().block_on(inst.client().health()).unwrap());
+    assert!(
+        !health.contains("degraded") && !health.contains("failed"),
+        "{health}"
+    );
+    verifies(&inst);
+}
+
+#[test]
+fn a_retirement_whose_record_fails_is_finished_by_running_it_again() {
+    let allowed = random_pubkey();
+    let mut inst = Instance::init();
+    inst.write_policy(&policy(&allowed, ""));
+    inst.set_env("KEYWARD_TEST_FAULTS", "ledger:key_retired:1");
+    inst.start();
+    ok(&rotate(&inst, &["--grace-days", "0"]));
+    let before = recorded_entries(&inst);
+    failed_with(
+        &inst.keyward(&["key", "retire", "hot@1"]),
+        "audit_unavailable",
+    );
+    assert_eq!(recorded_entries(&inst), before);
+    assert_eq!(hot_versions(&inst)[0].1, "retiring");
+    // Destroyed already: a sweep cannot be signed, and says so.
+    let (status, body) = sweep(&inst, 1, spec(&blockhash(), Some("0.5")));
+    assert!(status >= 400, "{status}: {body}");
+    assert!(signatures_recorded(&inst.db, "x").is_empty());
+    // Again: recorded now, once.
+    ok(&inst.keyward(&["key", "retire", "hot@1"]));
+    assert_eq!(count(&inst, "key_retired"), 1);
+    assert_eq!(hot_versions(&inst)[0].1, "retired");
+    assert!(
+        inst.log().contains("not in the HSM any more"),
+        "{}",
+        inst.log()
+    );
+    failed_with(&inst.keyward(&["key", "retire", "hot@1"]), "key_state");
+    // The audit key is never rotated as a signing key.
+    failed_with(
+        &inst.keyward(&["key", "rotate", "keyward-audit", "--reason", "x"]),
+        "unknown_key",
+    );
+    verifies(&inst);
 }
