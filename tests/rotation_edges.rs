@@ -1087,3 +1087,60 @@ fn a_retirement_whose_record_fails_is_finished_by_running_it_again() {
     );
     verifies(&inst);
 }
+
+#[test]
+fn a_pending_sweep_whose_key_vanished_from_the_token_breaks_no_listing() {
+    let (mut inst, allowed) = started("");
+    let alice = enroll_alice(&inst);
+    ok(&rotate(&inst, &["--grace-days", "0"]));
+    let v2 = public_key_of(&inst, 2);
+    let pending = swept(&inst, 1, spec(&blockhash(), Some("3")));
+    assert_eq!(pending.http_status, 202, "{pending:?}");
+    let id = pending.intent_id.clone();
+    let token = alice_token(&inst, &alice, &id);
+    // An ordinary intent waits for alice too.
+    let big = transfer("big", &allowed, "2");
+    assert!(matches!(
+        rt().block_on(inst.client().submit_intent(&big)).unwrap(),
+        IntentOutcome::Pending(_)
+    ));
+    inst.stop();
+    surgery(&inst, "destroy:hot");
+    inst.start();
+    // The other pending intent is still listed and can be approved; the
+    // sweep is listed but cannot be signed.
+    let list = ok(&inst.keyward(&["approval", "list"]));
+    assert!(list.contains("big") && list.contains(&id), "{list}");
+    let view = rt().block_on(inst.client().get_intent(&id)).unwrap();
+    assert!(format!("{view:?}").contains("PendingApproval"), "{view:?}");
+    match rt().block_on(inst.client().add_approval(&id, &token)) {
+        Err(keyward_client::ClientError::Api {
+            status,
+            code,
+            message,
+            ..
+        }) => {
+            assert_eq!(
+                (status, code.as_str()),
+                (409, "intent_not_pending"),
+                "{message}"
+            );
+            assert!(message.contains("hot@1"), "{message}");
+        }
+        other => panic!("expected a refusal naming the missing key, got {other:?}"),
+    }
+    assert!(signatures_recorded(&inst.db, &id).is_empty());
+    let big_token = alice_token(&inst, &alice, "big");
+    match rt()
+        .block_on(inst.client().add_approval("big", &big_token))
+        .unwrap()
+    {
+        IntentOutcome::Signed(s) => assert_eq!(tx_of(&s.transaction).message.account_keys[0], v2),
+        other => panic!("expected big signed by hot@2, got {other:?}"),
+    }
+    // Retiring the vanished key ends the sweep.
+    ok(&inst.keyward(&["key", "retire", "hot@1", "--force", "--reason", "gone"]));
+    let list = ok(&inst.keyward(&["approval", "list"]));
+    assert!(!list.contains(&id), "{list}");
+    verifies(&inst);
+}
