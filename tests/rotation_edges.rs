@@ -1144,3 +1144,30 @@ fn a_pending_sweep_whose_key_vanished_from_the_token_breaks_no_listing() {
     assert!(!list.contains(&id), "{list}");
     verifies(&inst);
 }
+
+#[test]
+fn key_create_of_a_rotated_name_is_refused_by_the_daemon_and_offline() {
+    let (mut inst, allowed) = started("");
+    ok(&rotate(&inst, &["--grace-days", "0"]));
+    ok(&inst.keyward(&["key", "retire", "hot@1"]));
+    let v2 = public_key_of(&inst, 2);
+    let before = recorded_entries(&inst);
+    failed_with(&inst.keyward(&["key", "create", "hot"]), "key_exists");
+    assert_eq!(recorded_entries(&inst), before);
+    inst.stop();
+    // Offline: the label `hot` is free on the token (hot@1 was destroyed),
+    // but the registry knows the name: refused, nothing generated.
+    let out = inst.keyward(&["key", "create", "hot"]);
+    failed_with(&out, "key_exists");
+    assert!(text(&out).contains("key rotate hot"), "{}", text(&out));
+    inst.start();
+    assert!(
+        !inst.log().contains("not a registered version"),
+        "a key was generated under the registered name: {}",
+        inst.log()
+    );
+    assert_eq!(signer_of_new_intent(&inst, "after", &allowed), v2);
+    // A new name is still created offline.
+    inst.stop();
+    ok(&inst.keyward(&["key", "create", "cold"]));
+}
