@@ -1171,3 +1171,119 @@ fn key_create_of_a_rotated_name_is_refused_by_the_daemon_and_offline() {
     inst.stop();
     ok(&inst.keyward(&["key", "create", "cold"]));
 }
+
+#[test]
+fn a_ledger_failure_on_the_successors_key_generated_entry_changes_nothing() {
+    let (mut inst, allowed) = started("");
+    // The first start recorded the keys made offline; from the second on,
+    // the rotation's is the first key_generated entry.
+    inst.stop();
+    inst.set_env("KEYWARD_TEST_FAULTS", "ledger:key_generated:1");
+    inst.start();
+    let before = recorded_entries(&inst);
+    failed_with(&rotate(&inst, &[]), "audit_unavailable");
+    assert_eq!(recorded_entries(&inst), before, "nothing recorded");
+    assert_rotation_left_nothing(&inst, &allowed, "after-key-generated-failed");
+    assert_clean_rotation_after_failures(&mut inst, &allowed);
+}
+
+#[test]
+fn a_freeze_of_the_key_covers_its_sweep_but_not_the_rotation() {
+    let (inst, allowed) = started("");
+    ok(&inst.keyward(&[
+        "freeze",
+        "--key",
+        "hot",
+        "--reason",
+        "key suspected exposed",
+    ]));
+    // The incident's next step: rotate while frozen.
+    ok(&rotate(&inst, &[]));
+    let v2 = public_key_of(&inst, 2);
+    let before = recorded_entries(&inst);
+    let counters = Counters::of(&inst.db);
+    let (status, body) = sweep(&inst, 1, spec(&blockhash(), Some("0.5")));
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (423, "frozen"),
+        "{body}"
+    );
+    assert!(recorded_entries(&inst) > before, "the refusal is recorded");
+    assert_eq!(Counters::of(&inst.db), counters, "nothing counted");
+    ok(&inst.keyward(&["unfreeze", "--key", "hot", "--reason", "rotated"]));
+    let s = swept(&inst, 1, spec(&blockhash(), Some("0.5")));
+    assert_eq!(s.http_status, 200, "{s:?}");
+    assert_eq!(sweep_destination(&s), v2);
+    assert_eq!(signer_of_new_intent(&inst, "after-unfreeze", &allowed), v2);
+}
+
+#[test]
+fn a_key_no_policy_names_rotates_and_a_later_policy_gets_its_new_version() {
+    let (inst, _allowed) = started("");
+    let created = ok(&inst.keyward(&["key", "create", "cold"]));
+    let before = recorded_entries(&inst);
+    let out = inst.keyward(&[
+        "key",
+        "rotate",
+        "cold",
+        "--reason",
+        "x",
+        "--grace-days",
+        "400",
+    ]);
+    failed_with(&out, "invalid_request");
+    assert_eq!(recorded_entries(&inst), before);
+    ok(&inst.keyward(&["key", "rotate", "cold", "--reason", "before first use"]));
+    let cold2: Pubkey = keys(&inst)
+        .into_iter()
+        .find(|k| k.name == "cold" && k.version == Some(2))
+        .unwrap()
+        .public_key
+        .parse()
+        .unwrap();
+    assert!(!created.contains(&cold2.to_string()));
+    // No agent lists it: its sweep has nobody's policy to go through.
+    let (status, body) = admin(
+        &inst,
+        Method::POST,
+        "/v1/admin/keys/cold/sweep",
+        Some(&KeySweepRequest {
+            version: 1,
+            sweep: spec(&blockhash(), Some("1")),
+        }),
+    );
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (400, "unknown_agent"),
+        "{body}"
+    );
+    // A policy naming it now gets version 2.
+    let policy_text = std::fs::read_to_string(&inst.policy).unwrap();
+    std::fs::write(
+        &inst.policy,
+        format!(
+            "{policy_text}\n[agents.ops]\nuid = {OTHER_UID}\nkeys = [\"cold\"]\n\
+             [agents.ops.limits.SOL]\nper_tx = \"1\"\nper_day = \"1\"\n"
+        ),
+    )
+    .unwrap();
+    ok(&inst.keyward(&["policy", "reload"]));
+    let cold = keys(&inst)
+        .into_iter()
+        .find(|k| k.name == "cold" && k.version == Some(2))
+        .unwrap();
+    assert_eq!(cold.agents, vec!["ops".to_owned()]);
+    let s = admin(
+        &inst,
+        Method::POST,
+        "/v1/admin/keys/cold/sweep",
+        Some(&KeySweepRequest {
+            version: 1,
+            sweep: spec(&blockhash(), Some("0.5")),
+        }),
+    );
+    assert_eq!(s.0, 200, "{}", s.1);
+    let s: SweepResult = serde_json::from_str(&s.1).unwrap();
+    assert_eq!(s.http_status, 200, "{s:?}");
+    assert_eq!(sweep_destination(&s), cold2);
+}
