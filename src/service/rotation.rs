@@ -242,6 +242,27 @@ impl Operations {
                 .await?
         };
         let label = registry::hsm_label(&name, new_version);
+        // A successor left by a rotation interrupted before it was recorded
+        // (keywardd killed between generating it and the ledger write)
+        // holds the label: the registry does not know it and no recorded
+        // signature was made with it, so it is destroyed and the rotation
+        // goes on. Without this, every later rotation of the name failed
+        // with key_exists.
+        let orphan_label = label.clone();
+        let orphan = core
+            .hsm
+            .call(HsmOp::Find, move |h| match h.find_ed25519(&orphan_label) {
+                Ok(key) => Ok(Some(key)),
+                Err(HsmError::KeyNotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            })
+            .await?;
+        if let Some(orphan) = orphan {
+            tracing::warn!(label = %label, public_key = %orphan.public_key, "destroying an unregistered successor left by an interrupted rotation");
+            core.hsm
+                .call(HsmOp::DestroyKey, move |h| h.destroy_ed25519(&orphan))
+                .await?;
+        }
         let generated_label = label.clone();
         let mut new_key = core
             .hsm
