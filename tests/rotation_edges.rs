@@ -1287,3 +1287,89 @@ fn a_key_no_policy_names_rotates_and_a_later_policy_gets_its_new_version() {
     assert_eq!(s.http_status, 200, "{s:?}");
     assert_eq!(sweep_destination(&s), cold2);
 }
+
+/// Object files in the instance's SoftHSM2 token directory.
+fn token_objects(inst: &Instance) -> usize {
+    let mut n = 0;
+    for dir in std::fs::read_dir(inst.token_dir()).unwrap() {
+        let dir = dir.unwrap().path();
+        if dir.is_dir() {
+            n += std::fs::read_dir(&dir)
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .path()
+                        .extension()
+                        .is_some_and(|x| x == "object")
+                })
+                .count();
+        }
+    }
+    n
+}
+
+#[test]
+fn a_crash_after_the_successor_was_generated_does_not_block_the_next_rotation() {
+    let allowed = random_pubkey();
+    let mut inst = Instance::init();
+    inst.write_policy(&policy(&allowed, ""));
+    inst.start();
+    inst.stop();
+    let hold = inst.dir.path().join("release-signatures");
+    inst.set_env(
+        "KEYWARD_TEST_FAULTS",
+        &format!("hsm:sign_waits_for:{}", hold.display()),
+    );
+    inst.start();
+    let objects = token_objects(&inst);
+    // The rotation generates the successor, then waits in the first
+    // statement signature; keywardd dies there.
+    let rotation = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .arg("--config")
+        .arg(&inst.config)
+        .args(["key", "rotate", "hot", "--reason", "crash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Held in the signature: the successor was generated (and is on the
+    // token) before.
+    wait_until(
+        "the rotation's signature held",
+        std::time::Duration::from_secs(30),
+        || inst.log().contains("HSM signature held"),
+    );
+    assert_eq!(token_objects(&inst), objects + 2, "the successor's pair");
+    inst.kill9();
+    let out = rotation.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(count(&inst, "key_rotated"), 0);
+
+    inst.set_env("KEYWARD_TEST_FAULTS", "");
+    inst.start();
+    assert!(
+        inst.log().contains("not in the key registry"),
+        "the orphan is reported: {}",
+        inst.log()
+    );
+    assert_eq!(
+        signer_of_new_intent(&inst, "after-crash", &allowed),
+        inst.hot
+    );
+    // The next rotation works: the orphan under keyward-v2-hot is not
+    // a reason to refuse it, and is never what serves the name.
+    let out = ok(&rotate(&inst, &[]));
+    assert!(out.contains("version 1 -> 2"), "{out}");
+    let v2 = public_key_of(&inst, 2);
+    assert_eq!(signer_of_new_intent(&inst, "after-rotation", &allowed), v2);
+    assert_eq!(token_objects(&inst), objects + 2, "the orphan is gone");
+    inst.stop();
+    inst.start();
+    assert!(
+        !inst.log().contains("not in the key registry"),
+        "{}",
+        inst.log()
+    );
+    verifies(&inst);
+}
