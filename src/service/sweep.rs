@@ -246,6 +246,16 @@ fn prepare_sweep(
                 format!("mint {:?} is not base58", t.mint),
             )
         })?;
+        // Each balance moves whole: a mint given twice would transfer more
+        // than the address holds (failing on chain after counting both).
+        if transfers.iter().any(|t: &SplTransfer| t.mint == mint)
+            || spec.tokens.iter().filter(|o| o.mint == t.mint).count() > 1
+        {
+            return Err(bad(
+                codes::INVALID_REQUEST,
+                format!("mint {mint} is given more than once: give each token balance once"),
+            ));
+        }
         let Some(limits) = agent.limits.get(&Asset::Mint(mint)) else {
             return Err(bad(
                 "asset_not_allowed",
