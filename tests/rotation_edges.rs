@@ -644,6 +644,21 @@ fn bad_sweeps_change_nothing_and_token_sweeps_pay_the_successors_token_account()
             dev(spec(&bh, Some("1"))),
             "key_not_retiring",
         ),
+        (
+            "overflowing SOL",
+            2,
+            dev(spec(&bh, Some("18446744073.709551616"))),
+            "invalid_amount",
+        ),
+        (
+            "the same mint twice",
+            2,
+            dev(SweepSpec {
+                tokens: vec![token(MINT, "5"), token(MINT, "5")],
+                ..spec(&bh, Some("1"))
+            }),
+            "invalid_request",
+        ),
         ("nothing at all", 2, dev(spec(&bh, None)), "invalid_request"),
     ];
     let entries = recorded_entries(&inst);
