@@ -411,6 +411,14 @@ fn after_a_restart_the_retiring_key_still_sweeps_and_the_name_serves_the_new_key
     assert_eq!(s.http_status, 200, "{s:?}");
     inst.stop();
     verifies(&inst);
+    // doctor finds the rotated key through the registry (its label is
+    // keyward-v2-hot, not its name).
+    std::fs::write(&inst.policy, &policy_text).unwrap();
+    let d = text(&inst.keyward(&["doctor"]));
+    assert!(d.contains("key \"hot\" found in the HSM"), "{d}");
+    for bad in ["key_missing", "key_mismatch", "key_unusable"] {
+        assert!(!d.contains(bad), "{bad}: {d}");
+    }
 }
 
 #[test]
