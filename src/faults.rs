@@ -182,6 +182,10 @@ pub fn wrap_hsm(hsm: Arc<dyn Hsm>) -> Arc<dyn Hsm> {
 
 fn before_sign(faults: &Faults) -> Result<(), HsmError> {
     if let Some(path) = &faults.sign_waits_for {
+        if !path.exists() {
+            // Tests wait for this line to know a request is inside the HSM.
+            tracing::warn!(path = %path.display(), "{INJECTED}: HSM signature held");
+        }
         let deadline = Instant::now() + MAX_HOLD;
         while !path.exists() {
             if Instant::now() > deadline {

@@ -141,6 +141,18 @@ pub fn key_finding(cfg: &Config, key: &str, e: &HsmError) -> Finding {
                 keyward_cmd(cfg, "key create NAME")
             ),
         ),
+        // Never "make a new key": `key create` refuses a registered name,
+        // and a key that changed under its label is an incident.
+        HsmError::KeyMismatch { .. } => Finding::error(
+            Code::KeyMismatch,
+            "signing key",
+            Some(&cfg.daemon.policy),
+            format!("key {key:?} named by policy {policy} is refused: {e}"),
+            format!(
+                "the key on the token is not the one the ledger registered: treat it as an incident (the token was changed outside keyward, or is not this ledger's); restore the token directory that belongs to this ledger from a verified backup ({}), never sign with the replacement",
+                keyward_cmd(cfg, "backup verify IN")
+            ),
+        ),
         _ => Finding::error(
             Code::KeyUnusable,
             "signing key",

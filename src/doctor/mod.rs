@@ -112,6 +112,10 @@ pub enum Code {
     MirrorSink,
     /// The NATS password file is missing or refused.
     MirrorPasswordFile,
+    /// The HSM object the ledger's key registry names for a key has
+    /// another public key than the registered one: replaced behind
+    /// keyward's back, or a token that is not this ledger's.
+    KeyMismatch,
 }
 
 impl Code {
@@ -146,6 +150,7 @@ impl Code {
             Code::MirrorAckDir => "mirror_ack_dir",
             Code::MirrorSink => "mirror_sink",
             Code::MirrorPasswordFile => "mirror_password_file",
+            Code::KeyMismatch => "key_mismatch",
         }
     }
 }

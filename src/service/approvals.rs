@@ -387,6 +387,14 @@ impl Signer {
             if p.expires_ms <= now_ms() {
                 return Ok(Err(ApprovalError::NotPending("expired".into())));
             }
+            // A key no longer served (a sweep's retiring key gone from the
+            // HSM) signs nothing: refused as such, not as a ledger fault.
+            if super::sweep::key_of(&self.core.in_force(), &p.key).is_none() {
+                return Ok(Err(ApprovalError::NotPending(format!(
+                    "waiting on key {}, which is not in the HSM any more",
+                    p.key
+                ))));
+            }
             // Who may approve is what the policy in force now says.
             let need = current_need(agent, &self.core.in_force(), p)?;
             if !counts_now(&reader, &t.approver, &need.of)? {

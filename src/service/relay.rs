@@ -79,8 +79,14 @@ impl Signer {
         for (agent_name, intent_id, p) in
             intents::all_pending(&reader, now_ms()).map_err(LedgerError::Sqlite)?
         {
-            let agent = self.core.agent_named(&agent_name);
-            // No agent, no signature: nobody's approval counts.
+            // No agent, no signature: nobody's approval counts. The same
+            // when its key is not served any more (a sweep whose retiring
+            // key is not in the HSM): listed, never a reason to fail the
+            // whole list.
+            let agent = self
+                .core
+                .agent_named(&agent_name)
+                .filter(|_| super::sweep::key_of(&in_force, &p.key).is_some());
             let approvers = match &agent {
                 Some(agent) => current_need(agent, &in_force, &p)?.of,
                 None => Vec::new(),

@@ -161,6 +161,44 @@ pub fn parse_versioned(s: &str) -> Result<(KeyName, u32), RotateError> {
     Ok((name, version))
 }
 
+/// Ends every sweep of `key_ref` (`NAME@VERSION`) still waiting for
+/// approvals, in the transaction that retires its key: its key is gone, so
+/// no quorum can get it signed. Each is finished as expired and recorded
+/// as `intent_expired` (its window ended now), as the expiry task does
+/// for a window that ran out; left pending, it would break every reading
+/// of the pending intents (the approval list, its figures).
+fn end_orphaned_sweeps(
+    txn: &mut crate::ledger::LedgerTxn<'_>,
+    key_ref: &str,
+    at: i64,
+) -> Result<(), LedgerError> {
+    let orphans: Vec<_> = crate::intents::all_pending(txn.conn(), i64::MIN)?
+        .into_iter()
+        .filter(|(_, _, p)| p.key == key_ref)
+        .collect();
+    for (agent, intent_id, p) in orphans {
+        let body = crate::intents::error_reply(
+            keyward_client::wire::codes::INTENT_EXPIRED,
+            format!("this sweep's key {key_ref} was retired while it waited for approvals"),
+        )?;
+        crate::intents::finish(
+            txn.conn(),
+            &agent,
+            &intent_id,
+            crate::intents::IntentStatus::Expired,
+            &body,
+            at,
+        )?;
+        let expired = crate::ledger::events::IntentExpired {
+            intent_hash: hex::encode(p.intent_hash),
+            expired_at: crate::ledger::format_utc(at),
+        };
+        txn.record(Some(&intent_id), Some(&agent), &expired)?;
+        tracing::warn!(agent = %agent, intent = %intent_id, key = key_ref, "pending sweep ended: its key was retired");
+    }
+    Ok(())
+}
+
 impl Operations {
     /// Rotates key `name`: see the module documentation. `grace_s` (default
     /// [`DEFAULT_GRACE_S`]) is how long the old key stays retiring before
@@ -198,6 +236,27 @@ impl Operations {
                 .await?
         };
         let label = registry::hsm_label(&name, new_version);
+        // A successor left by a rotation interrupted before it was recorded
+        // (keywardd killed between generating it and the ledger write)
+        // holds the label: the registry does not know it and no recorded
+        // signature was made with it, so it is destroyed and the rotation
+        // goes on. Without this, every later rotation of the name failed
+        // with key_exists.
+        let orphan_label = label.clone();
+        let orphan = core
+            .hsm
+            .call(HsmOp::Find, move |h| match h.find_ed25519(&orphan_label) {
+                Ok(key) => Ok(Some(key)),
+                Err(HsmError::KeyNotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            })
+            .await?;
+        if let Some(orphan) = orphan {
+            tracing::warn!(label = %label, public_key = %orphan.public_key, "destroying an unregistered successor left by an interrupted rotation");
+            core.hsm
+                .call(HsmOp::DestroyKey, move |h| h.destroy_ed25519(&orphan))
+                .await?;
+        }
         let generated_label = label.clone();
         let mut new_key = core
             .hsm
@@ -459,9 +518,7 @@ impl Operations {
                     )));
                 }
                 let seq = txn.record(None, None, &retired)?.seq.0;
-                // A sweep still waiting (retired with --force) can never be
-                // signed now: it ends, denied, in the same transaction.
-                end_pending_sweeps(txn, &key_ref, seq)?;
+                end_orphaned_sweeps(txn, &key_ref, at)?;
                 Ok(seq)
             })
             .await
@@ -490,49 +547,6 @@ impl Operations {
         Ok(registry::all(&reader)?)
     }
 }
-
-/// Ends every sweep of `key_ref` (`NAME@VERSION`) still waiting for
-/// approvals: denied with `key_retired`, recorded.
-fn end_pending_sweeps(
-    txn: &mut crate::ledger::LedgerTxn<'_>,
-    key_ref: &str,
-    retired_seq: u64,
-) -> Result<(), LedgerError> {
-    let now = txn.now_ms();
-    let waiting: Vec<(String, String)> = crate::intents::all_pending(txn.conn(), now)?
-        .into_iter()
-        .filter(|(_, _, p)| p.key == key_ref)
-        .map(|(agent, id, _)| (agent, id))
-        .collect();
-    for (agent, id) in waiting {
-        let detail = format!(
-            "{key_ref} was retired (ledger entry {retired_seq}): its sweep can no longer be signed"
-        );
-        let body = crate::intents::error_reply(KEY_RETIRED, detail.clone())?;
-        crate::intents::finish(
-            txn.conn(),
-            &agent,
-            &id,
-            crate::intents::IntentStatus::Denied,
-            &body,
-            now,
-        )?;
-        txn.record(
-            Some(&id),
-            Some(&agent),
-            &crate::ledger::events::SigningDenied {
-                code: KEY_RETIRED.to_owned(),
-                reasons: Vec::new(),
-                retry_after_s: None,
-                detail: Some(detail),
-            },
-        )?;
-    }
-    Ok(())
-}
-
-/// The code of a sweep ended because its key was retired.
-pub const KEY_RETIRED: &str = "key_retired";
 
 #[cfg(test)]
 mod tests {

@@ -6,9 +6,12 @@
 //! names), is decided by that agent's policy (limits, rate windows, active
 //! hours, approvals) and recorded the same way. Two things differ, both
 //! narrow: it is signed by the retiring version (the only signature that
-//! version may still make), and the successor's address counts as an
-//! allowed recipient (it is the same key name's own new address; the
-//! registry records it).
+//! version may still make), and its recipient allowlist is exactly the
+//! successor's address: the address of the version of the same name that is
+//! active when the sweep is decided (the registry records it). After two
+//! rotations a sweep of version 1 goes to version 3, never to version 2,
+//! which is retiring itself and may already be destroyed; a pending sweep
+//! whose destination stopped being the active key by its quorum is denied.
 //!
 //! keyward has no network, so the operator gives the old address's
 //! balances and a recent blockhash. The message moves each token balance
@@ -70,28 +73,38 @@ pub(super) fn key_of(in_force: &InForce, key: &str) -> Option<HsmKey> {
 }
 
 /// The policy a sweep of `key` (a pending intent's key) is decided under:
-/// `agent`'s, with the successor's address (the registry's next version of
-/// the name) added to its recipient allowlist when it has one. For an
-/// ordinary key, `agent`'s unchanged.
+/// `agent`'s, with its recipient allowlist replaced by the successor's
+/// address (see [`successor`]). For an ordinary key, `agent`'s unchanged.
 pub(super) fn policy_for(
     conn: &rusqlite::Connection,
     agent: &AgentPolicy,
     key: &str,
 ) -> Result<AgentPolicy, LedgerError> {
-    let Some((name, version)) = parse_sweep_ref(key) else {
+    let Some((name, _)) = parse_sweep_ref(key) else {
         return Ok(agent.clone());
     };
-    let successor = registry::get(conn, name.as_str(), version.saturating_add(1))?
-        .and_then(|r| PublicKey::from_base58(&r.public_key))
-        .ok_or_else(|| LedgerError::Corrupt(format!("{key} has no successor in the registry")))?;
-    Ok(with_recipient(agent, successor))
+    let successor = successor(conn, &name)?.ok_or_else(|| {
+        LedgerError::Corrupt(format!("{key} has no active successor in the registry"))
+    })?;
+    Ok(only_to(agent, successor))
 }
 
-fn with_recipient(agent: &AgentPolicy, to: PublicKey) -> AgentPolicy {
+/// Where a sweep of a retiring version of `name` goes: the address of the
+/// name's active version (not simply the next version, which may itself be
+/// retiring or retired after a second rotation).
+fn successor(
+    conn: &rusqlite::Connection,
+    name: &KeyName,
+) -> Result<Option<PublicKey>, LedgerError> {
+    Ok(registry::active(conn, name.as_str())?.and_then(|r| PublicKey::from_base58(&r.public_key)))
+}
+
+/// `agent`'s policy for a sweep to `to`: its limits, rate windows and
+/// approvers, and `to` as the only allowed recipient (keyward builds the
+/// sweep's message; anything else in it is not a sweep).
+fn only_to(agent: &AgentPolicy, to: PublicKey) -> AgentPolicy {
     let mut a = agent.clone();
-    if let Some(allow) = &mut a.allow_recipients {
-        allow.insert(to);
-    }
+    a.allow_recipients = Some(std::iter::once(to).collect());
     a
 }
 
@@ -140,17 +153,17 @@ impl Signer {
             ));
         };
         let reader = self.core.ledger.reader()?;
-        let successor = registry::get(&reader, name.as_str(), version.saturating_add(1))?
-            .and_then(|r| PublicKey::from_base58(&r.public_key))
-            .ok_or_else(|| {
-                SubmitError::Internal(format!("{name}@{version} has no successor in the registry"))
-            })?;
+        let successor = successor(&reader, &name)?.ok_or_else(|| {
+            SubmitError::Internal(format!(
+                "{name}@{version} has no active successor in the registry"
+            ))
+        })?;
         drop(reader);
         let agent = choose_agent(&in_force, &name, spec.agent.as_deref())?;
         let prepared = prepare_sweep(&agent, &name, version, &old, &successor, spec)?;
         let agent_name = agent.name.to_string();
         let intent_id = prepared.intent_id.to_string();
-        let decided_under = with_recipient(&agent, successor);
+        let decided_under = only_to(&agent, successor);
         let _flight = self.core.begin_flight(&agent_name, &intent_id);
         let outcome = self.decide_and_sign(&decided_under, &prepared).await?;
         tracing::warn!(key = %name, version, agent = %agent_name, intent = %intent_id, "sweep intent created");
@@ -233,6 +246,16 @@ fn prepare_sweep(
                 format!("mint {:?} is not base58", t.mint),
             )
         })?;
+        // Each balance moves whole: a mint given twice would transfer more
+        // than the address holds (failing on chain after counting both).
+        if transfers.iter().any(|t: &SplTransfer| t.mint == mint)
+            || spec.tokens.iter().filter(|o| o.mint == t.mint).count() > 1
+        {
+            return Err(bad(
+                codes::INVALID_REQUEST,
+                format!("mint {mint} is given more than once: give each token balance once"),
+            ));
+        }
         let Some(limits) = agent.limits.get(&Asset::Mint(mint)) else {
             return Err(bad(
                 "asset_not_allowed",

@@ -233,8 +233,14 @@ impl Signer {
                 } else {
                     IntentStatus::PendingApproval
                 };
+                // A key no longer served (a sweep's retiring key gone from
+                // the HSM): the request as recorded, no figures.
                 let figures = match (&pending, expired) {
-                    (Some(p), false) => Some(self.current_figures(agent, intent_id, p)?),
+                    (Some(p), false)
+                        if super::sweep::key_of(&self.core.in_force(), &p.key).is_some() =>
+                    {
+                        Some(self.current_figures(agent, intent_id, p)?)
+                    }
                     _ => None,
                 };
                 view.approval = pending.map(|p| {

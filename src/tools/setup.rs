@@ -595,6 +595,18 @@ fn ensure_pin(path: &Path, steps: &mut Steps, what: &str) -> Result<SecretString
 /// to it afterwards.
 pub fn create_key_offline(cfg: &Config, name: &str) -> Result<HsmKey, SetupError> {
     let name = crate::service::new_key_name(name)?;
+    // A name the ledger's key registry knows (even retired, its label gone
+    // from the HSM) gets a new key only through `keyward key rotate`, as
+    // the daemon's `key create` says; a key made here under it would never
+    // be used.
+    let known = registered_versions(cfg, name.as_str())?;
+    if known > 0 {
+        return Err(crate::service::KeyCreateError::Registered {
+            name: name.to_string(),
+            version: known,
+        }
+        .into());
+    }
     let hsm = crate::hsm::open(&offline_hsm_config(cfg)?)?;
     let key = hsm
         .generate_ed25519(&name)
@@ -604,6 +616,37 @@ pub fn create_key_offline(cfg: &Config, name: &str) -> Result<HsmKey, SetupError
         give_tokens_to(cfg, owner)?;
     }
     Ok(key)
+}
+
+/// The latest version of `name` in the ledger's key registry (read-only),
+/// 0 when the ledger or its registry does not exist yet. A ledger that
+/// exists but cannot be read is an error: the name may be registered.
+fn registered_versions(cfg: &Config, name: &str) -> Result<u32, SetupError> {
+    use rusqlite::{Connection, OpenFlags};
+    let path = cfg.ledger_path();
+    if !path.exists() {
+        return Ok(0);
+    }
+    let unreadable = |e: rusqlite::Error| SetupError::Io {
+        what: format!("reading the key registry in {}", path.display()),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(unreadable)?;
+    let has_registry: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'key_registry')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(unreadable)?;
+    if !has_registry {
+        return Ok(0);
+    }
+    crate::ledger::registry::latest_version(&conn, name).map_err(unreadable)
 }
 
 /// The configuration check after set-up: [`crate::doctor::check`], what
