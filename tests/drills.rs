@@ -385,6 +385,11 @@ fn health_degrades_when_the_last_drill_is_older_than_92_days_or_failed_but_not_w
     assert_eq!(h.status, "ok", "{:?}", h.reasons);
     assert_eq!(drill_of(&h, "dr"), ("never".into(), None, None));
     assert_eq!(drill_of(&h, "rotation"), ("never".into(), None, None));
+    let doctor = text(&inst.keyward(&["doctor"]));
+    assert!(
+        doctor.contains("drill dr: never run (not degraded"),
+        "{doctor}"
+    );
     for kind in ["dr", "rotation"] {
         let (status, body) = post_drill(&inst, passing(kind));
         assert_eq!(status, 200, "{body}");
@@ -419,6 +424,14 @@ fn health_degrades_when_the_last_drill_is_older_than_92_days_or_failed_but_not_w
         assert_eq!(drill_of(&h, "dr").1, Some(93));
         assert_eq!(drill_of(&h, "rotation").0, "passed");
     }
+    // `keyward doctor` warns (and still passes: keywardd starts).
+    let o = inst.keyward(&["doctor"]);
+    let doctor = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{doctor}");
+    assert!(
+        doctor.contains("drill_stale") && doctor.contains("run `keyward drill dr`"),
+        "{doctor}"
+    );
     age(&mut inst, 91);
     let h = admin_health(&inst);
     assert_eq!(h.status, "ok", "{:?}", h.reasons);

@@ -112,6 +112,9 @@ pub enum Code {
     MirrorSink,
     /// The NATS password file is missing or refused.
     MirrorPasswordFile,
+    /// The last drill of a kind failed or is older than 92 days (a
+    /// warning: health is degraded, keywardd starts).
+    DrillStale,
 }
 
 impl Code {
@@ -146,6 +149,7 @@ impl Code {
             Code::MirrorAckDir => "mirror_ack_dir",
             Code::MirrorSink => "mirror_sink",
             Code::MirrorPasswordFile => "mirror_password_file",
+            Code::DrillStale => "drill_stale",
         }
     }
 }
