@@ -514,6 +514,28 @@ fn a_malformed_drill_report_changes_nothing() {
         assert_eq!(status, 400, "{body}: {answer}");
         assert_eq!(error_code(&answer), code, "{body}: {answer}");
     }
+    // A well-formed report on the agent socket, or from another uid on the
+    // admin socket, is refused too.
+    let good = passing("dr").to_string();
+    let req = format!(
+        "POST /v1/admin/drills HTTP/1.1\r\nHost: keyward\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{good}",
+        good.len()
+    );
+    let (status, _) = raw_request(&inst.agent_socket, req.as_bytes());
+    assert_eq!(status, 404);
+    require_other_uids();
+    open_up(&inst, &inst.admin_socket);
+    let (status, body) = http_as(
+        OTHER_UID,
+        &inst.admin_socket,
+        "POST",
+        "/v1/admin/drills",
+        &good,
+    );
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (403, "not_an_operator")
+    );
     assert_eq!(recorded_entries(&inst), before);
     assert!(drill_rows(&inst.db).is_empty());
     assert!(ledger_entries(&inst.db, "drill_completed").is_empty());

@@ -203,22 +203,24 @@ fn conclude(cfg: &Config, mut report: Report, common: &CommonArgs) -> Result<(),
     if !common.json {
         println!("report: {} and {}", json.display(), text.display());
     }
-    if let Some(e) = record_error {
-        return Err(Failure(
-            2,
-            anyhow!("the drill was not recorded in the ledger: {e:#}"),
-        ));
-    }
-    match &report.failed_step {
-        Some(step) => Err(Failure(
+    let unrecorded = record_error
+        .as_ref()
+        .map(|e| format!("; the drill was NOT recorded in the ledger: {e:#}"))
+        .unwrap_or_default();
+    match (&report.failed_step, record_error) {
+        (Some(step), _) => Err(Failure(
             1,
             anyhow!(
-                "drill {} FAILED at step {step}: {}",
+                "drill {} FAILED at step {step}: {}{unrecorded}",
                 report.drill,
                 report.error.as_deref().unwrap_or("")
             ),
         )),
-        None => Ok(()),
+        (None, Some(e)) => Err(Failure(
+            2,
+            anyhow!("the drill passed but was NOT recorded in the ledger: {e:#}"),
+        )),
+        (None, None) => Ok(()),
     }
 }
 

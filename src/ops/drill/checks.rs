@@ -175,3 +175,67 @@ pub fn mirror_matches(conn: &Connection, mirror: &Path, head: u64) -> Result<usi
     }
     Ok(compared)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rusqlite::params;
+
+    /// A ledger with one signed intent `dev/a` spending `lamports` SOL
+    /// (recorded), its spend row of `counted` and a running total `total`.
+    fn db(lamports: u64, counted: i64, total: i64) -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::schema::migrate(&mut conn).unwrap();
+        let payload = serde_json::to_vec(&serde_json::json!({
+            "signature": "s", "key": "hot", "public_key": "p",
+            "message_sha256": "00", "sol_spend_lamports": lamports
+        }))
+        .unwrap();
+        conn.execute(
+            "INSERT INTO ledger (seq, ts_ms, event, intent_id, agent, payload, prev_hash, hash)
+             VALUES (1, 1, 'signature_created', 'a', 'dev', ?1, x'00', x'01')",
+            params![payload],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO spend (agent, asset, intent_id, amount, ts_ms, state) VALUES ('dev', 'SOL', 'a', ?1, 5, 'spent')",
+            params![counted],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO spend_total (agent, asset, total, expired_through_ms) VALUES ('dev', 'SOL', ?1, 0)",
+            params![total],
+        )
+        .unwrap();
+        conn
+    }
+
+    #[test]
+    fn counters_that_match_their_entries_pass_and_any_difference_is_named() {
+        let ok = counters_match_ledger(&db(5_000, 5_000, 5_000)).unwrap();
+        assert_eq!((ok.spent, ok.reserved, ok.totals), (1, 0, 1));
+        let e = counters_match_ledger(&db(5_000, 4_000, 4_000)).unwrap_err();
+        assert!(e.contains("dev/a: 4000 lamports counted"), "{e}");
+        let e = counters_match_ledger(&db(5_000, 5_000, 6_000)).unwrap_err();
+        assert!(e.contains("running total of dev/SOL"), "{e}");
+        // A spent row without its signature.
+        let conn = db(5_000, 5_000, 5_000);
+        conn.execute(
+            "INSERT INTO spend (agent, asset, intent_id, amount, ts_ms, state) VALUES ('dev', 'SOL', 'b', 1, 6, 'spent')",
+            [],
+        )
+        .unwrap();
+        let e = counters_match_ledger(&conn).unwrap_err();
+        assert!(e.contains("dev/b is counted as spent"), "{e}");
+        // A reservation without an intent in progress.
+        let conn = db(5_000, 5_000, 5_000);
+        conn.execute(
+            "INSERT INTO spend (agent, asset, intent_id, amount, ts_ms, state) VALUES ('dev', 'SOL', 'c', 1, 6, 'reserved')",
+            [],
+        )
+        .unwrap();
+        let e = counters_match_ledger(&conn).unwrap_err();
+        assert!(e.contains("reserved spend rows (1)"), "{e}");
+    }
+}

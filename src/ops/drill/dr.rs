@@ -66,12 +66,16 @@ pub struct DrOptions<'a> {
 }
 
 /// The newest backup in `dir`: the subdirectory with a `manifest.json`
-/// most recently modified.
+/// most recently modified (half-written `*.tmp-*` ones left out).
 pub fn newest_backup(dir: &Path) -> Result<PathBuf, String> {
     let entries =
         std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
     let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
     for e in entries.flatten() {
+        // A backup still being written (OUT.tmp-XXXXXXXX) is not one yet.
+        if e.file_name().to_string_lossy().contains(".tmp-") {
+            continue;
+        }
         let manifest = e.path().join(backup::MANIFEST);
         let Ok(meta) = std::fs::metadata(&manifest) else {
             continue;
@@ -192,7 +196,7 @@ pub fn run(
             let db = cfg.ledger_path();
             let report = crate::ledger::verify_history(&db, opts.trusted, &Default::default())
                 .map_err(|e| format!("the restored ledger {}: {e}", db.display()))?;
-            let head = v.verified_head();
+            let head = manifest_head(v);
             if report.chain.head_seq != head.0 || hex::encode(report.chain.head_hash) != head.1 {
                 return Err(format!(
                     "the restored head is entry {}, the manifest says {}",
@@ -288,15 +292,55 @@ pub fn run(
     run.finish()
 }
 
-trait VerifiedHead {
-    fn verified_head(&self) -> (u64, String);
+/// The ledger head a verified backup's manifest names: (seq, hash hex).
+fn manifest_head(v: &backup::Verified) -> (u64, String) {
+    (
+        v.manifest.ledger.seq,
+        v.manifest.ledger.hash.to_ascii_lowercase(),
+    )
 }
 
-impl VerifiedHead for backup::Verified {
-    fn verified_head(&self) -> (u64, String) {
-        (
-            self.manifest.ledger.seq,
-            self.manifest.ledger.hash.to_ascii_lowercase(),
-        )
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_newest_backup_is_the_latest_manifest_and_never_a_half_written_one() {
+        let dir = std::env::temp_dir().join(format!(
+            "kw-newest-{}",
+            hex::encode(rand::random::<[u8; 6]>())
+        ));
+        assert!(newest_backup(&dir).is_err(), "a missing directory");
+        for name in ["b1", "b2", "b3.tmp-0011aabb", "not-a-backup"] {
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+        }
+        assert!(newest_backup(&dir).unwrap_err().contains("no backup"));
+        let t = std::time::SystemTime::now();
+        for (name, age) in [("b1", 30), ("b2", 20), ("b3.tmp-0011aabb", 10)] {
+            let f = std::fs::File::create(dir.join(name).join(backup::MANIFEST)).unwrap();
+            f.set_modified(t - std::time::Duration::from_secs(age))
+                .unwrap();
+        }
+        assert_eq!(newest_backup(&dir).unwrap(), dir.join("b2"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_drill_policy_loads_and_binds_every_key_to_the_drills_uid() {
+        let dir = std::env::temp_dir().join(format!(
+            "kw-policy-{}",
+            hex::encode(rand::random::<[u8; 6]>())
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("policy.toml");
+        std::fs::write(&file, drill_policy(4242, &["hot".into(), "cold".into()])).unwrap();
+        let p = crate::policy::Policy::load(&file).unwrap();
+        let agent = p.agent_for_uid(4242).unwrap();
+        assert_eq!(agent.name.as_str(), DRILL_AGENT);
+        let all = p.all_keys();
+        let keys: Vec<&str> = all.iter().map(|k| k.as_str()).collect();
+        assert_eq!(keys, ["cold", "hot"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
