@@ -541,3 +541,68 @@ fn a_malformed_drill_report_changes_nothing() {
     assert!(ledger_entries(&inst.db, "drill_completed").is_empty());
     assert_eq!(admin_health(&inst).status, "ok");
 }
+
+#[test]
+fn live_rotation_drill_rotates_the_production_key_and_leaves_the_old_one_retiring() {
+    let inst = started();
+    let work = inst.dir.path().join("work");
+    let reports = work.join("reports");
+    let o = inst.keyward(&[
+        "drill",
+        "rotation",
+        "--live",
+        "hot",
+        "--grace-days",
+        "3",
+        "--report",
+        reports.to_str().unwrap(),
+    ]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    let r = report(&reports, "rotation");
+    assert_eq!(
+        (r["outcome"].as_str(), r["live"].as_bool()),
+        (Some("passed"), Some(true))
+    );
+    assert_eq!(step_names(&r), ["rotate", "statement", "registry"]);
+    let rotated = ledger_entries(&inst.db, "key_rotated");
+    assert_eq!(rotated.len(), 1);
+    assert_eq!(rotated[0].1["old_public_key"], inst.hot.to_string());
+    let new = rotated[0].1["new_public_key"].as_str().unwrap().to_owned();
+    assert_ne!(new, inst.hot.to_string());
+    let done = ledger_entries(&inst.db, "drill_completed");
+    assert_eq!(
+        (done[0].1["drill"].as_str(), done[0].1["live"].as_bool()),
+        (Some("rotation"), Some(true))
+    );
+    let keys: Vec<keyward_client::wire::AdminKeyInfo> =
+        serde_json::from_str(&admin(&inst, Method::GET, "/v1/admin/keys", None).1).unwrap();
+    let state = |v: u32| {
+        keys.iter()
+            .find(|k| k.name == "hot" && k.version.unwrap_or(1) == v)
+            .map(|k| (k.state.clone(), k.public_key.clone()))
+            .unwrap()
+    };
+    assert_eq!(state(1), ("retiring".into(), inst.hot.to_string()));
+    assert_eq!(state(2), ("active".into(), new.clone()));
+    // Agents keep the name: `hot` signs, with the new key.
+    let s = match rt()
+        .block_on(
+            inst.client()
+                .submit_intent(&transfer("after-live", &random_pubkey(), "0.01")),
+        )
+        .unwrap()
+    {
+        keyward_client::IntentOutcome::Signed(s) => s,
+        other => panic!("not signed: {other:?}"),
+    };
+    let created = ledger_entries(&inst.db, "signature_created");
+    assert!(
+        created
+            .iter()
+            .any(|(id, e)| id.as_deref() == Some("after-live")
+                && e["public_key"] == new.as_str()
+                && e["signature"] == s.signature.as_str()),
+        "{created:?}"
+    );
+}

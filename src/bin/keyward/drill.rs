@@ -30,8 +30,10 @@ pub(crate) enum DrillCommand {
     /// Key rotation on a scratch development instance: rotate a key, sign
     /// with the new one, show the old one refused, verify the transition
     /// statement with both keys, retire the old key and check the HSM no
-    /// longer holds it.
-    Rotation(CommonArgs),
+    /// longer holds it. With --live KEY: rotate production's KEY instead
+    /// (through the admin socket, with a grace period; no sweep, no
+    /// retirement).
+    Rotation(RotationArgs),
 }
 
 /// Options every drill takes.
@@ -71,6 +73,21 @@ pub(crate) struct DrArgs {
     /// configuration's pin_file).
     #[arg(long, value_name = "PATH")]
     pin_file: Option<PathBuf>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// `keyward drill rotation`'s options.
+#[derive(Args)]
+pub(crate) struct RotationArgs {
+    /// Rotate this production key (recorded as key_rotated; agents keep
+    /// its name) instead of a scratch one. The old key stays retiring for
+    /// --grace-days: sweep and retire it with `keyward key`.
+    #[arg(long, value_name = "KEY")]
+    live: Option<String>,
+    /// With --live: days the old key stays retiring.
+    #[arg(long, default_value_t = 7, requires = "live")]
+    grace_days: u64,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -274,9 +291,42 @@ fn dr(config: &Path, args: DrArgs) -> Result<(), Failure> {
     conclude(&cfg, report, &args.common)
 }
 
+/// `keyward drill rotation --live KEY`.
+fn rotation_live(cfg: &Config, key: &str, args: &RotationArgs) -> Result<(), Failure> {
+    let ledger = cfg.ledger_path();
+    let opts = drill::rotation::LiveOptions {
+        key,
+        grace_s: args.grace_days.saturating_mul(86_400),
+        ledger: &ledger,
+    };
+    let call_error = |e: crate::AdminError| match e {
+        crate::AdminError::NotRunning(why) => format!("keywardd is not running ({why})"),
+        crate::AdminError::Failed(Failure(_, e)) => format!("{e:#}"),
+    };
+    let report = drill::rotation::run_live(
+        &opts,
+        |req| {
+            crate::admin_call_with(
+                cfg,
+                "POST",
+                &format!("/v1/admin/keys/{key}/rotate"),
+                Some(req),
+            )
+            .map_err(call_error)
+        },
+        || crate::admin_call_with::<(), _>(cfg, "GET", "/v1/admin/keys", None).map_err(call_error),
+        &Bars::new(),
+    );
+    conclude(cfg, report, &args.common)
+}
+
 /// `keyward drill rotation`.
-fn rotation(config: &Path, args: CommonArgs) -> Result<(), Failure> {
+fn rotation(config: &Path, args: RotationArgs) -> Result<(), Failure> {
     let cfg = Config::load(config)?;
+    if let Some(key) = &args.live {
+        return rotation_live(&cfg, key, &args);
+    }
+    let args = &args.common;
     let keywardd = keywardd(args.keywardd.clone())?;
     let keyward = std::env::current_exe().context("cannot find the keyward executable")?;
     let scratch = Scratch::new(args.scratch_in.as_deref(), "rotation", args.keep)?;
@@ -298,5 +348,5 @@ fn rotation(config: &Path, args: CommonArgs) -> Result<(), Failure> {
     };
     let report = drill::rotation::run(&opts, &Bars::new());
     drop(scratch);
-    conclude(&cfg, report, &args)
+    conclude(&cfg, report, args)
 }

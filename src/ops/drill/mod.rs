@@ -10,7 +10,9 @@
 //!
 //! Drills never touch production's keys or ledger: they run on scratch
 //! instances in a temporary directory, each with its own keywardd
-//! ([`scratch::ScratchDaemon`]).
+//! ([`scratch::ScratchDaemon`]). The one exception is asked for by name:
+//! [`rotation::run_live`] (`keyward drill rotation --live KEY`) rotates a
+//! production key through the admin socket.
 
 pub mod checks;
 pub mod dr;

@@ -162,21 +162,7 @@ pub fn run(opts: &RotationOptions<'_>, progress: &dyn Progress) -> Report {
         });
         run.step("statement", |_| {
             let db = opts.instance.join("state").join("ledger.sqlite3");
-            let conn = crate::ledger::open_read_only(&db).map_err(|e| e.to_string())?;
-            let payload: Vec<u8> = conn
-                .query_row(
-                    "SELECT payload FROM ledger WHERE seq = ?1 AND event = 'key_rotated'",
-                    [i64::try_from(r.ledger_seq).map_err(|e| e.to_string())?],
-                    |row| row.get(0),
-                )
-                .map_err(|e| format!("the key_rotated entry {}: {e}", r.ledger_seq))?;
-            let event: crate::ledger::events::KeyRotated = serde_json::from_slice(&payload)
-                .map_err(|e| format!("the key_rotated entry is unreadable: {e}"))?;
-            if event.old_public_key != old.public_key || event.new_public_key != r.new_public_key {
-                return Err("the key_rotated entry names other keys".into());
-            }
-            crate::ledger::registry::verify_rotation(&event).map_err(|e| e.to_string())?;
-            Ok(((), "verifies with the old and the new public key".into()))
+            check_statement(&db, r, &old.public_key)
         });
         run.step("retire", |_| {
             let _: keyward_client::wire::KeyRetiredView = admin(
@@ -271,4 +257,88 @@ fn old_refused(
             "a message of the old key was not refused as key_not_signer: {other:?}"
         )),
     }
+}
+
+/// The `key_rotated` entry `r` names, in the ledger at `db`: it names the
+/// old and new public keys and its transition statement verifies with both.
+fn check_statement(db: &Path, r: &KeyRotatedView, old: &str) -> Result<((), String), String> {
+    let conn = crate::ledger::open_read_only(db).map_err(|e| e.to_string())?;
+    let payload: Vec<u8> = conn
+        .query_row(
+            "SELECT payload FROM ledger WHERE seq = ?1 AND event = 'key_rotated'",
+            [i64::try_from(r.ledger_seq).map_err(|e| e.to_string())?],
+            |row| row.get(0),
+        )
+        .map_err(|e| format!("the key_rotated entry {}: {e}", r.ledger_seq))?;
+    let event: crate::ledger::events::KeyRotated = serde_json::from_slice(&payload)
+        .map_err(|e| format!("the key_rotated entry is unreadable: {e}"))?;
+    if event.old_public_key != old || event.new_public_key != r.new_public_key {
+        return Err("the key_rotated entry names other keys".into());
+    }
+    crate::ledger::registry::verify_rotation(&event).map_err(|e| e.to_string())?;
+    Ok(((), "verifies with the old and the new public key".into()))
+}
+
+/// What `keyward drill rotation --live KEY` is given: production's key
+/// rotated through its admin socket.
+pub struct LiveOptions<'a> {
+    /// The production key to rotate.
+    pub key: &'a str,
+    /// Grace period of the old key (it is not retired by the drill).
+    pub grace_s: u64,
+    /// Production's ledger database (read-only).
+    pub ledger: &'a Path,
+}
+
+/// The live rotation drill: rotates production's key `opts.key` through
+/// `rotate` (production's `POST /v1/admin/keys/{name}/rotate`), verifies the
+/// `key_rotated` entry in production's ledger with both public keys, and
+/// checks through `keys` (`GET /v1/admin/keys`) that the name is served by
+/// the successor and the old version is retiring. No sweep (the old
+/// address's balances are the operator's to give: `keyward key sweep`) and
+/// no retirement (after the grace period: `keyward key retire`).
+pub fn run_live(
+    opts: &LiveOptions<'_>,
+    rotate: impl FnOnce(&KeyRotateRequest) -> Result<KeyRotatedView, String>,
+    keys: impl FnOnce() -> Result<Vec<AdminKeyInfo>, String>,
+    progress: &dyn Progress,
+) -> Report {
+    let mut run = Run::new("rotation", true, progress);
+    let rotated = run.step("rotate", |facts| {
+        let r = rotate(&KeyRotateRequest {
+            reason: "rotation drill (live)".into(),
+            grace_s: Some(opts.grace_s),
+            sweep: None,
+        })?;
+        facts.push(format!(
+            "rotated {}: {} -> {} (key_rotated entry {}); the old key is retiring until {}: sweep it (keyward key sweep) and retire it (keyward key retire {}@{})",
+            r.name, r.old_public_key, r.new_public_key, r.ledger_seq, r.retire_after, r.name, r.old_version
+        ));
+        let note = format!("version {} -> {}", r.old_version, r.new_version);
+        Ok((r, note))
+    });
+    if let Some(r) = &rotated {
+        run.step("statement", |_| {
+            check_statement(opts.ledger, r, &r.old_public_key)
+        });
+        run.step("registry", |_| {
+            let keys = keys()?;
+            let find = |v: u32| {
+                keys.iter()
+                    .find(|k| k.name == opts.key && k.version.unwrap_or(1) == v)
+                    .ok_or_else(|| format!("the registry has no {}@{v}", opts.key))
+            };
+            let (old, new) = (find(r.old_version)?, find(r.new_version)?);
+            if (old.state.as_str(), new.state.as_str()) != ("retiring", "active")
+                || new.public_key != r.new_public_key
+            {
+                return Err(format!(
+                    "{}@{} is {} and {}@{} is {}: expected retiring and active",
+                    opts.key, r.old_version, old.state, opts.key, r.new_version, new.state
+                ));
+            }
+            Ok(((), format!("{} served by {}", opts.key, new.public_key)))
+        });
+    }
+    run.finish()
 }
