@@ -8,7 +8,9 @@
 //!    checkpoints (a changed file fails here, naming the file).
 //! 3. `restore`: a fresh instance in the scratch directory, without the
 //!    mirror; its policy is checked, then replaced by one drill agent (the
-//!    drill's uid) allowed every key production's policy names.
+//!    drill's uid) allowed every key production's policy names. Only a
+//!    backup holding its token (SoftHSM2): a vendor HSM's backup would
+//!    restore onto production's own HSM.
 //! 4. `ledger`: the restored ledger verifies against the trusted audit key
 //!    and its head is the manifest's; with a file mirror configured, every
 //!    mirrored entry up to that head is the restored entry.
@@ -157,6 +159,18 @@ pub fn run(
     let instance = opts.scratch.join("instance");
     let restored = backup_dir.as_ref().and_then(|dir| {
         run.step("restore", |facts| {
+            // A backup without the token (a vendor HSM) restores to an
+            // instance on production's own HSM: the drill would sign with
+            // production's keys. Refused.
+            if let Some(v) = &verified
+                && v.manifest.instance.key_material != backup::KeyMaterial::Softhsm2Token
+            {
+                return Err(format!(
+                    "the backup holds no key material (token {:?} of a vendor HSM): a restored instance would use production's own HSM, \
+                     so the DR drill restores only SoftHSM2 backups; rehearse the vendor HSM's recovery with its own tools",
+                    v.manifest.instance.token_label
+                ));
+            }
             let r = backup::restore(
                 dir,
                 opts.trusted,
