@@ -112,6 +112,21 @@ pub fn drill_policy(uid: u32, keys: &[String]) -> String {
     )
 }
 
+/// Writes the drill policy as a new file (0600), synced.
+fn write_policy(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let err = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
 /// Runs the DR drill; `sign` asks production's keywardd to sign a fresh
 /// backup's manifest (used only with [`BackupSource::Fresh`]).
 pub fn run(
@@ -195,8 +210,7 @@ pub fn run(
             let kept = cfg.daemon.policy.with_extension("production.toml");
             std::fs::rename(&cfg.daemon.policy, &kept)
                 .map_err(|e| format!("cannot keep {}: {e}", kept.display()))?;
-            crate::tools::dev::write_new(&cfg.daemon.policy, 0o600, &drill_policy(opts.uid, &keys))
-                .map_err(|e| e.to_string())?;
+            write_policy(&cfg.daemon.policy, &drill_policy(opts.uid, &keys))?;
             facts.push(format!(
                 "keys named by the backed-up policy: {}",
                 keys.join(", ")

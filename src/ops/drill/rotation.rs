@@ -25,8 +25,9 @@ use super::scratch::{ScratchDaemon, sign_probe};
 use super::{Progress, Report, Run};
 use crate::types::{KeyName, Lamports, PublicKey};
 
-/// The scratch key the drill rotates.
-pub const DRILL_KEY: &str = crate::tools::dev::DEV_KEY;
+/// The scratch key the drill rotates (the one `keyward init --dev`
+/// creates).
+pub const DRILL_KEY: &str = "hot";
 
 /// What the rotation drill needs.
 pub struct RotationOptions<'a> {
