@@ -138,6 +138,16 @@ fn no_scratch_left(dir: &Path) {
     assert!(left.is_empty(), "scratch left behind: {left:?}");
 }
 
+/// A child process killed when dropped (also when an assertion fails).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn post_drill(inst: &Instance, body: serde_json::Value) -> (u16, String) {
     admin(inst, Method::POST, "/v1/admin/drills", Some(&body))
 }
@@ -152,7 +162,7 @@ fn dr_drill_restores_the_newest_backup_signs_with_the_original_key_and_is_record
     let mut inst = Instance::init_on(TestBackend::SoftHsm);
     let (copy, _ack) = inst.with_file_mirror("");
     inst.start();
-    let mut mirror = start_mirror(&inst);
+    let _mirror = Killed(start_mirror(&inst));
     sign_some(&inst, 3);
     let work = inst.dir.path().join("work");
     let backups = work.join("backups");
@@ -252,8 +262,6 @@ fn dr_drill_restores_the_newest_backup_signs_with_the_original_key_and_is_record
     // Production's ledger still verifies (the drill only added its entries).
     let v = inst.audit_verify();
     assert!(v.status.success(), "{}", text(&v));
-    let _ = mirror.kill();
-    let _ = mirror.wait();
     inst.stop();
 }
 
