@@ -404,6 +404,10 @@ pub struct HealthView {
     /// reason is shown only on the admin socket.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freezes: Vec<FreezeView>,
+    /// The last drill of each kind (`rotation`, `dr`); a kind never run is
+    /// `never` and does not degrade health.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drills: Vec<DrillHealth>,
 }
 
 /// Lag of the ledger's external copy.
@@ -887,5 +891,78 @@ pub struct BackupSigned {
     /// The audit key's verifier key (`NAME+KEYID+KEY`).
     pub verifier_key: String,
     /// Sequence number of the `backup_created` entry.
+    pub ledger_seq: u64,
+}
+
+/// The last drill of one kind, as health reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillHealth {
+    /// `rotation` or `dr`.
+    pub kind: String,
+    /// `passed`, `failed`, or `never` (no drill of this kind was recorded).
+    pub outcome: String,
+    /// When it was recorded (UTC, RFC 3339); absent when never run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    /// Whole days since then; absent when never run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_days: Option<u64>,
+    /// The step that failed, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
+    /// Sequence number of its `drill_completed` entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_seq: Option<u64>,
+}
+
+/// One step of a drill: name, `passed` or `failed`, duration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillStepView {
+    /// Step name.
+    pub step: String,
+    /// `passed` or `failed`.
+    pub outcome: String,
+    /// How long it took, ms.
+    pub duration_ms: u64,
+}
+
+/// Admin API: `POST /v1/admin/drills`, a finished drill to record as
+/// `drill_completed`. It carries no time: the daemon's clock stamps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillRecordRequest {
+    /// `rotation` or `dr`.
+    pub kind: String,
+    /// `passed` or `failed`.
+    pub outcome: String,
+    /// How long the drill took, ms.
+    pub duration_ms: u64,
+    /// What was checked or what failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The step that failed (exactly when `outcome` is `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_step: Option<String>,
+    /// Every step, in order.
+    pub steps: Vec<DrillStepView>,
+    /// DR drill: start to first verified signature, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_time_ms: Option<u64>,
+    /// Whether it ran on production keys.
+    #[serde(default)]
+    pub live: bool,
+}
+
+/// Admin API: the answer to `POST /v1/admin/drills`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillRecorded {
+    /// `rotation` or `dr`.
+    pub kind: String,
+    /// `passed` or `failed`.
+    pub outcome: String,
+    /// When the daemon recorded it (UTC).
+    pub completed_at: String,
+    /// Sequence number of the `drill_completed` entry.
     pub ledger_seq: u64,
 }

@@ -136,6 +136,8 @@ expect /usr/bin/keywardd root:root 755
 expect /usr/bin/keyward root:root 755
 expect /lib/systemd/system/keywardd.service root:root 644
 expect /lib/systemd/system/keyward-mirror.service root:root 644
+expect /lib/systemd/system/keyward-drill.service root:root 644
+expect /lib/systemd/system/keyward-drill.timer root:root 644
 expect /etc/keyward root:keyward 750
 expect /etc/keyward/keyward.toml root:keyward 640
 expect /etc/keyward/policy.toml root:keyward 640
@@ -155,6 +157,8 @@ packaging/check-no-mockhsm.sh --stripped "$root/usr/bin/keywardd" "$root/usr/bin
 	fail "keywardd.service is not enabled"
 [ -L "$root/etc/systemd/system/multi-user.target.wants/keyward-mirror.service" ] ||
 	fail "keyward-mirror.service is not enabled"
+[ -L "$root/etc/systemd/system/timers.target.wants/keyward-drill.timer" ] ||
+	fail "keyward-drill.timer is not enabled"
 
 step "users and groups"
 for g in keyward keyward-agents keyward-admin keyward-ledger keyward-mirror; do

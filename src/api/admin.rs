@@ -40,6 +40,7 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/v1/admin/freezes", get(list_freezes).post(freeze))
         .route("/v1/admin/freezes/lift", post(unfreeze))
         .route("/v1/admin/backups/sign", post(sign_backup))
+        .route("/v1/admin/drills", post(record_drill))
         .fallback(fallback)
         .method_not_allowed_fallback(method_fallback)
         .with_state(state)
@@ -676,6 +677,59 @@ async fn sign_backup(
         signature: base64::engine::general_purpose::STANDARD.encode(signed.signature),
         verifier_key: signed.verifier_key,
         ledger_seq: signed.ledger_seq,
+    })
+    .into_response())
+}
+
+/// `POST /v1/admin/drills`: records a finished drill (`drill_completed` and
+/// the last drill of its kind, stamped with the daemon's clock); 400
+/// `invalid_drill` for a malformed report, which changes nothing.
+async fn record_drill(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    use crate::service::{DrillError, DrillReport};
+    let uid = operator(&state.admin_group, peer)?;
+    let req: keyward_client::wire::DrillRecordRequest =
+        super::body::read_json(&headers, body, state.max_body).await?;
+    let report = DrillReport {
+        kind: req.kind,
+        outcome: req.outcome,
+        duration_ms: req.duration_ms,
+        detail: req.detail,
+        failed_step: req.failed_step,
+        steps: req
+            .steps
+            .into_iter()
+            .map(|s| crate::ledger::events::DrillStep {
+                step: s.step,
+                outcome: s.outcome,
+                duration_ms: s.duration_ms,
+            })
+            .collect(),
+        recovery_time_ms: req.recovery_time_ms,
+        live: req.live,
+    };
+    let operations = std::sync::Arc::clone(&state.operations);
+    let by = format!("uid:{uid}");
+    // Runs to completion even if the operator's client goes away.
+    let last = tokio::spawn(async move { operations.record_drill(report, &by).await })
+        .await
+        .map_err(ApiError::from)?
+        .map_err(|e| {
+            let status = match &e {
+                DrillError::Invalid(_) => StatusCode::BAD_REQUEST,
+                DrillError::Ledger(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            ApiError::new(status, e.code(), e.to_string())
+        })?;
+    Ok(axum::Json(keyward_client::wire::DrillRecorded {
+        completed_at: crate::ledger::format_utc(last.completed_ms),
+        kind: last.kind,
+        outcome: last.outcome,
+        ledger_seq: last.seq,
     })
     .into_response())
 }

@@ -301,6 +301,41 @@ pub(super) fn check_ledger(cfg: &Config, report: &mut Report) {
         }
         Err(e) => report.findings.push(unreadable(cfg, &path, &e.to_string())),
     }
+    check_drills(&conn, &path, report);
+}
+
+/// The last drill of each kind, as health reports it: a failed or too old
+/// one is a warning (health is degraded), one never run is said, not
+/// counted against the box.
+fn check_drills(conn: &rusqlite::Connection, path: &Path, report: &mut Report) {
+    use crate::service::drills::{KINDS, last_drills};
+    let Ok(last) = last_drills(conn) else {
+        return; // a ledger from before schema 2: keywardd migrates it
+    };
+    let now = crate::ledger::now_ms();
+    for kind in KINDS {
+        match last.iter().find(|d| d.kind == kind) {
+            None => report.ok(format!(
+                "drill {kind}: never run (not degraded; keyward-drill.timer runs it quarterly, or `keyward drill {kind}`)"
+            )),
+            Some(d) => match d.degraded_reason(now) {
+                None => report.ok(format!(
+                    "drill {kind}: passed {} days ago",
+                    d.age_days(now)
+                )),
+                Some(why) => report.findings.push(
+                    Finding::error(
+                        Code::DrillStale,
+                        "drills",
+                        Some(path),
+                        why,
+                        format!("run `keyward drill {kind}` (README, \"Drills\")"),
+                    )
+                    .warning(),
+                ),
+            },
+        }
+    }
 }
 
 fn unreadable(cfg: &Config, path: &Path, detail: &str) -> Finding {

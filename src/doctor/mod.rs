@@ -116,6 +116,9 @@ pub enum Code {
     /// another public key than the registered one: replaced behind
     /// keyward's back, or a token that is not this ledger's.
     KeyMismatch,
+    /// The last drill of a kind failed or is older than 92 days (a
+    /// warning: health is degraded, keywardd starts).
+    DrillStale,
 }
 
 impl Code {
@@ -151,6 +154,7 @@ impl Code {
             Code::MirrorSink => "mirror_sink",
             Code::MirrorPasswordFile => "mirror_password_file",
             Code::KeyMismatch => "key_mismatch",
+            Code::DrillStale => "drill_stale",
         }
     }
 }

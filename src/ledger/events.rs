@@ -684,7 +684,7 @@ impl BreakerReset {
 /// `drill_completed`: a key-rotation or disaster-recovery drill finished.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrillCompleted {
-    /// Which drill (`rotation`, `recovery`).
+    /// Which drill (`rotation`, `dr`).
     pub drill: String,
     /// `passed` or `failed`.
     pub outcome: String,

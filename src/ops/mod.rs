@@ -1,4 +1,5 @@
 //! Operations on a whole instance that run beside keywardd: backups
-//! (create, verify, restore); key rotation and drills will join them.
+//! (create, verify, restore) and drills (disaster recovery, rotation).
 
 pub mod backup;
+pub mod drill;

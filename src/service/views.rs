@@ -419,6 +419,7 @@ impl Signer {
                 Vec::new()
             }
         };
+        let drills = self.drill_health(&mut reasons).await;
         HealthView {
             status: if history.is_err() {
                 "failed"
@@ -448,6 +449,50 @@ impl Signer {
             mirror,
             reasons,
             freezes,
+            drills,
         }
+    }
+
+    /// The last drill of each kind for health; a failed drill or one older
+    /// than [`super::drills::MAX_DRILL_AGE_DAYS`] adds its reason, a kind
+    /// never run is `never` and adds none.
+    async fn drill_health(
+        self: &Arc<Self>,
+        reasons: &mut Vec<String>,
+    ) -> Vec<keyward_client::wire::DrillHealth> {
+        let last = match self.read(super::drills::last_drills).await {
+            Ok(l) => l,
+            Err(e) => {
+                reasons.push(format!("the last drills cannot be read: {e}"));
+                return Vec::new();
+            }
+        };
+        let now = crate::ledger::now_ms();
+        super::drills::KINDS
+            .iter()
+            .map(|kind| match last.iter().find(|d| d.kind == *kind) {
+                Some(d) => {
+                    if let Some(why) = d.degraded_reason(now) {
+                        reasons.push(why);
+                    }
+                    keyward_client::wire::DrillHealth {
+                        kind: d.kind.clone(),
+                        outcome: d.outcome.clone(),
+                        completed_at: Some(crate::ledger::format_utc(d.completed_ms)),
+                        age_days: u64::try_from(d.age_days(now)).ok(),
+                        failed_step: d.failed_step.clone(),
+                        ledger_seq: Some(d.seq),
+                    }
+                }
+                None => keyward_client::wire::DrillHealth {
+                    kind: (*kind).to_owned(),
+                    outcome: "never".to_owned(),
+                    completed_at: None,
+                    age_days: None,
+                    failed_step: None,
+                    ledger_seq: None,
+                },
+            })
+            .collect()
     }
 }

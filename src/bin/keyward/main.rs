@@ -14,6 +14,7 @@ mod audit;
 mod backup;
 mod bench;
 mod breaker;
+mod drill;
 mod freeze;
 mod hsm;
 mod init;
@@ -123,6 +124,14 @@ enum Command {
     Freeze(freeze::FreezeArgs),
     /// Lift a freeze (the same scope as given to `keyward freeze`); recorded.
     Unfreeze(freeze::UnfreezeArgs),
+    /// Drills on scratch instances (`dr`: restore the latest backup and
+    /// sign with it; `rotation`: rotate and retire a scratch key), each
+    /// reported in files and recorded in the ledger as drill_completed.
+    /// Exit 1 names the step that failed.
+    Drill {
+        #[command(subcommand)]
+        command: drill::DrillCommand,
+    },
 }
 
 /// A failure with the exit status it maps to.
@@ -171,6 +180,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Freeze(args) => freeze::run_freeze(config, args),
         Command::Unfreeze(args) => freeze::run_unfreeze(config, args),
+        Command::Drill { command } => drill::run(config, command),
         Command::Doctor => match keyward::doctor::run_cli(config) {
             0 => Ok(()),
             code => Err(Failure(
