@@ -372,14 +372,14 @@ fn keywardd_on_an_http_connector_runs_under_the_yubihsm_program_and_still_refuse
         assert!(line.contains(": refused: "), "{line}");
     }
     inst.start();
+    // The sockets answer from their bind, just before the lockdown: wait for
+    // the lockdown's own line.
+    wait_until("the lockdown logged", Duration::from_secs(10), || {
+        inst.log()
+            .contains("backend_programs=[\"yubihsm-http\", \"tcp4\"]")
+    });
     let status = std::fs::read_to_string(format!("/proc/{}/status", inst.pid())).unwrap();
     assert!(status.contains("Seccomp:\t2"), "{status}");
-    assert!(
-        inst.log()
-            .contains("backend_programs=[\"yubihsm-http\", \"tcp4\"]"),
-        "{}",
-        inst.log()
-    );
     // A reconnection after the lockdown (socket, FIONBIO, setsockopt...)
     // does not kill the daemon.
     inst.connector_down();
