@@ -289,3 +289,51 @@ fn a_yubihsm_backup_without_the_admin_credential_is_refused_and_never_uses_keywa
     assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 0);
     assert!(ledger_entries(&inst.db, "backup_created").is_empty());
 }
+
+#[test]
+fn a_yubihsm_restore_refuses_a_device_that_already_has_a_key_of_the_same_name() {
+    let wrap: [u8; 32] = rand::random();
+    let inst = instance(true, &wrap);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("backup");
+    let o = inst.keyward(&["backup", "create", out.to_str().unwrap()]);
+    assert!(o.status.success(), "backup create: {}", stderr(&o));
+    // The replacement already holds a key labelled `hot` (under an id the
+    // backup does not use): importing would make `hot` ambiguous.
+    let replacement = MockConnector::start();
+    let rclient = replacement.client();
+    put_wrap_key(&rclient, &wrap);
+    rclient
+        .generate_asymmetric_key(
+            0x7000,
+            object::Label::from("hot"),
+            Domain::DOM1,
+            Capability::SIGN_EDDSA,
+            yubihsm::asymmetric::Algorithm::Ed25519,
+        )
+        .unwrap();
+    let cred = admin_credential(&work.path().join("replacement-admin"));
+    let to = work.path().join("restored");
+    let o = inst.keyward(&[
+        "backup",
+        "restore",
+        out.to_str().unwrap(),
+        "--to",
+        to.to_str().unwrap(),
+        "--connector",
+        &replacement.url(),
+        "--admin-credential",
+        cred.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("restore_object_exists") && stderr(&o).contains("\"hot\""),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!to.exists());
+    // Nothing was imported: the device holds only the wrap key and the
+    // key put there (and its factory authentication key).
+    let objects = rclient.list_objects(&[]).unwrap();
+    assert_eq!(objects.len(), 3, "{objects:?}");
+}

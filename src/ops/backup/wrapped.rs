@@ -247,7 +247,8 @@ pub fn export(
 
 /// Imports the wrapped objects `files` (backup-relative paths, read from
 /// `backup`) into the replacement device under wrap key `wrap_key`, after
-/// checking that none of their ids is taken there (nothing is imported
+/// checking that none of their ids is taken there and that no Ed25519 key
+/// there has the label of a key to restore (nothing is imported
 /// otherwise), then checks that each key in `expected` (name, public key)
 /// is on the device with that public key.
 pub fn import(
@@ -274,6 +275,20 @@ pub fn import(
             )));
         }
         objects.push((f, t, id));
+    }
+    // A key already there under one of the names would make two keys for
+    // one name (keywardd refuses an ambiguous key): refused as well.
+    for name in expected
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .chain(std::iter::once(AUDIT_KEY))
+    {
+        if !admin.ed25519_ids(name)?.is_empty() {
+            return Err(BackupError::ObjectExists(format!(
+                "{}: an Ed25519 key labelled for {name:?}",
+                admin.device
+            )));
+        }
     }
     for (f, t, id) in &objects {
         let bytes =
