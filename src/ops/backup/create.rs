@@ -75,13 +75,14 @@ pub fn create(
     if std::fs::symlink_metadata(out).is_ok() {
         return Err(BackupError::TargetExists(out.clone()));
     }
+    let no_admin = || {
+        BackupError::YubiHsmUnsupported(
+            "backup exports the keys under wrap through the admin authentication key",
+        )
+    };
     let token_dir = match &cfg.hsm.backend {
         HsmBackendConfig::Pkcs11(_) => token::find_softhsm_token(cfg)?,
-        HsmBackendConfig::YubiHsm(_) if opts.admin_credential.is_none() => {
-            return Err(BackupError::YubiHsmUnsupported(
-                "backup exports the keys under wrap through the admin authentication key",
-            ));
-        }
+        HsmBackendConfig::YubiHsm(_) if opts.admin_credential.is_none() => return Err(no_admin()),
         HsmBackendConfig::YubiHsm(_) => None,
     };
     let vkey_path = cfg.audit_vkey_path();
@@ -108,7 +109,7 @@ pub fn create(
     let mut exported_labels = None;
     let key_material = match (&cfg.hsm.backend, &token_dir) {
         (HsmBackendConfig::YubiHsm(y), _) => {
-            let admin_credential = opts.admin_credential.as_deref().unwrap_or(Path::new(""));
+            let admin_credential = opts.admin_credential.as_deref().ok_or_else(no_admin)?;
             let labels = registry_labels(
                 &crate::ledger::open_read_only(&cfg.ledger_path())
                     .map_err(|e| BackupError::Ledger(e.to_string()))?,
@@ -166,8 +167,13 @@ pub fn create(
         copy_new(src, &tmp.join(rel), 0o600)?;
         files.push(entry(&tmp, rel, role)?);
     }
-    let (token_label, secrets, wrap_key) = match &cfg.hsm.backend {
-        HsmBackendConfig::Pkcs11(p) => (p.token_label.clone(), vec![p.pin_file.clone()], None),
+    let (token_label, secrets, wrap_key, module) = match &cfg.hsm.backend {
+        HsmBackendConfig::Pkcs11(p) => (
+            p.token_label.clone(),
+            vec![p.pin_file.clone()],
+            None,
+            p.module.display().to_string(),
+        ),
         HsmBackendConfig::YubiHsm(y) => (
             y.connector.to_string(),
             vec![y.credential_file.clone()]
@@ -175,6 +181,7 @@ pub fn create(
                 .chain(opts.admin_credential.clone())
                 .collect(),
             Some(opts.wrap_key),
+            String::new(),
         ),
     };
     for secret in &secrets {
@@ -182,7 +189,7 @@ pub fn create(
     }
     let note = match key_material {
         KeyMaterial::Vendor => Some(format!(
-            "no key material: the keys of token {token_label:?} must be backed up with the HSM vendor's own tools"
+            "no key material: the keys of token {token_label:?} in {module} must be backed up with the HSM vendor's own tools"
         )),
         KeyMaterial::YubihsmWrapped => Some(format!(
             "the keys are wrapped under wrap key {:#06x}: restore needs a YubiHSM 2 provisioned with that wrap key \
