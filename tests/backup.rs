@@ -525,19 +525,3 @@ fn backup_create_is_refused_onto_an_existing_out_with_a_pin_inside_or_without_a_
         "a refused backup left files beside OUT"
     );
 }
-
-#[test]
-fn backup_create_on_a_yubihsm_instance_is_refused_rather_than_written_without_keys() {
-    let inst = started(TestBackend::YubiHsmMock { latency_ms: 0 });
-    let work = tempfile::tempdir().unwrap();
-    let out = work.path().join("out");
-    let o = inst.keyward(&["backup", "create", out.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("backup_yubihsm_unsupported"),
-        "{}",
-        stderr(&o)
-    );
-    assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 0);
-    assert!(ledger_entries(&inst.db, "backup_created").is_empty());
-}

@@ -157,6 +157,19 @@ fn approver_hmac_keys_and_data_get_the_configured_domains_and_only_hmac_capabili
     let info = object_labelled(&client, object::Type::Opaque, "keyward-state");
     assert_eq!(info.domains, Domain::DOM3 | Domain::DOM16);
     assert_eq!(info.capabilities, Capability::empty());
+
+    // With backups asked for, both may also be exported under wrap
+    // (`keyward backup create` exports them with the keys), nothing else.
+    let (hsm, client, _c) = mock(&[1], true);
+    hsm.import_hmac_key(short, &k1).unwrap();
+    let info = object_labelled(&client, object::Type::HmacKey, short);
+    assert_eq!(
+        info.capabilities,
+        Capability::SIGN_HMAC | Capability::VERIFY_HMAC | Capability::EXPORTABLE_UNDER_WRAP
+    );
+    hsm.store_data("keyward-state", b"v1").unwrap();
+    let info = object_labelled(&client, object::Type::Opaque, "keyward-state");
+    assert_eq!(info.capabilities, Capability::EXPORTABLE_UNDER_WRAP);
 }
 
 #[test]

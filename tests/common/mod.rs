@@ -93,6 +93,12 @@ impl Instance {
 
     /// `keyward init --dev` on `backend` in a fresh directory.
     pub fn init_on(backend: TestBackend) -> Instance {
+        Instance::init_on_with(backend, &[])
+    }
+
+    /// `keyward init --dev` on `backend` in a fresh directory, with the
+    /// extra `keyward init` arguments `extra`.
+    pub fn init_on_with(backend: TestBackend, extra: &[&str]) -> Instance {
         let dir = tempfile::Builder::new()
             .prefix("kw-test-")
             .tempdir()
@@ -104,6 +110,7 @@ impl Instance {
             init.args(["--backend", "yubihsm-mock", "--latency-ms"])
                 .arg(latency_ms.to_string());
         }
+        init.args(extra);
         let out = init.output().unwrap();
         assert!(
             out.status.success(),

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::anyhow;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use keyward::config::Config;
 use keyward::ledger::TrustedKey;
 use keyward::ops::backup::{self, BackupError};
@@ -14,12 +14,15 @@ use crate::Failure;
 #[derive(Subcommand)]
 pub(crate) enum BackupCommand {
     /// Back up this instance while keywardd runs (run as root): the
-    /// SoftHSM2 token (encrypted under its PINs), a consistent ledger
+    /// SoftHSM2 token (encrypted under its PINs) or a YubiHSM 2's objects
+    /// exported under its wrap key, a consistent ledger
     /// snapshot, keyward.toml, the policy and the pinned audit key, with a
     /// manifest of SHA-256 digests signed by the audit key. Never the PIN.
     Create {
         /// The backup directory to create; it must not exist.
         out: PathBuf,
+        #[command(flatten)]
+        yubihsm: WrapArgs,
     },
     /// Check a backup: the manifest's signature under the trusted audit
     /// key, every file's digest, no file more or less, and the ledger's
@@ -35,7 +38,9 @@ pub(crate) enum BackupCommand {
         vkey: Option<PathBuf>,
     },
     /// Verify a backup, then build a fresh instance from it in DIR (new or
-    /// empty). The PIN is not in the backup: give --pin-file.
+    /// empty). The PIN is not in the backup: give --pin-file (for a YubiHSM
+    /// 2, the signer's credential file). A YubiHSM 2 backup is imported
+    /// into the replacement device: --connector and --admin-credential.
     Restore {
         /// The backup directory.
         #[arg(value_name = "IN")]
@@ -57,13 +62,59 @@ pub(crate) enum BackupCommand {
         /// production's mirror).
         #[arg(long)]
         keep_mirror: bool,
+        #[command(flatten)]
+        replacement: ReplacementArgs,
     },
 }
+
+/// YubiHSM 2: how objects are exported or imported under wrap.
+#[derive(Args)]
+pub(crate) struct WrapArgs {
+    /// YubiHSM 2: the credential file (`AUTH_KEY_ID:PASSWORD`, 0400) of the
+    /// admin authentication key that exports or imports under wrap (default:
+    /// `yubihsm-admin` beside keywardd's credential_file); never keywardd's
+    /// own, never printed.
+    #[arg(long, value_name = "FILE")]
+    admin_credential: Option<PathBuf>,
+    /// YubiHSM 2: the wrap key's object id (default 0x0010, or the backup's).
+    #[arg(long, value_name = "ID", value_parser = parse_object_id)]
+    wrap_key: Option<u16>,
+}
+
+/// YubiHSM 2: the replacement device a restore imports into.
+#[derive(Args)]
+pub(crate) struct ReplacementArgs {
+    /// YubiHSM 2: the replacement device's connector (e.g.
+    /// `http://127.0.0.1:12345`), provisioned with the backed-up device's
+    /// wrap key; written into the restored configuration.
+    #[arg(long, value_name = "URL")]
+    connector: Option<String>,
+    #[command(flatten)]
+    wrap: WrapArgs,
+}
+
+/// An object id: `0x0010` or `16`.
+fn parse_object_id(s: &str) -> Result<u16, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u16::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    match parsed {
+        Ok(id) if id != 0 && id != 0xffff => Ok(id),
+        _ => Err(format!(
+            "{s:?} is not an object id (1-65534, decimal or 0x hex)"
+        )),
+    }
+}
+
+/// The admin authentication key's credential file `keyward hsm setup
+/// yubihsm` writes beside keywardd's.
+const ADMIN_CREDENTIAL: &str = "yubihsm-admin";
 
 /// Runs one `keyward backup` command.
 pub(crate) fn run(config: &Path, command: BackupCommand) -> Result<(), Failure> {
     match command {
-        BackupCommand::Create { out } => create(config, out),
+        BackupCommand::Create { out, yubihsm } => create(config, out, yubihsm),
         BackupCommand::Verify { input, vkey } => verify(config, &input, vkey),
         BackupCommand::Restore {
             input,
@@ -71,7 +122,15 @@ pub(crate) fn run(config: &Path, command: BackupCommand) -> Result<(), Failure> 
             vkey,
             pin_file,
             keep_mirror,
-        } => restore(config, &input, to, vkey, pin_file, keep_mirror),
+            replacement,
+        } => restore(
+            config,
+            &input,
+            to,
+            vkey,
+            (pin_file, keep_mirror),
+            replacement,
+        ),
     }
 }
 
@@ -109,10 +168,19 @@ fn trusted_key(config: &Path, vkey: Option<PathBuf>) -> Result<TrustedKey, Failu
 }
 
 /// `keyward backup create OUT`.
-fn create(config: &Path, out: PathBuf) -> Result<(), Failure> {
+fn create(config: &Path, out: PathBuf, wrap: WrapArgs) -> Result<(), Failure> {
     let cfg = Config::load(config)?;
+    let admin_credential = match (&cfg.hsm.backend, wrap.admin_credential) {
+        (_, Some(f)) => Some(absolute(f)?),
+        (keyward::config::HsmBackendConfig::YubiHsm(y), None) => {
+            Some(y.credential_file.with_file_name(ADMIN_CREDENTIAL))
+        }
+        _ => None,
+    };
     let opts = backup::CreateOptions {
         out: absolute(out)?,
+        admin_credential,
+        wrap_key: wrap.wrap_key.unwrap_or(backup::DEFAULT_WRAP_KEY),
     };
     let created = backup::create(&cfg, &opts, |req| {
         crate::admin_call_with::<_, keyward_client::wire::BackupSigned>(
@@ -194,14 +262,31 @@ fn restore(
     input: &Path,
     to: PathBuf,
     vkey: Option<PathBuf>,
-    pin_file: Option<PathBuf>,
-    keep_mirror: bool,
+    (pin_file, keep_mirror): (Option<PathBuf>, bool),
+    replacement: ReplacementArgs,
 ) -> Result<(), Failure> {
     let trusted = trusted_key(config, vkey)?;
+    let yubihsm = match replacement.wrap.admin_credential {
+        Some(f) => Some(backup::YubiHsmTarget {
+            connector: replacement.connector,
+            admin_credential: absolute(f)?,
+            wrap_key: replacement.wrap.wrap_key,
+        }),
+        None if replacement.connector.is_some() => {
+            return Err(Failure(
+                2,
+                anyhow!(
+                    "--connector needs --admin-credential FILE: the replacement device's admin authentication key imports the keys"
+                ),
+            ));
+        }
+        None => None,
+    };
     let opts = backup::RestoreOptions {
         to: absolute(to)?,
         pin_file: pin_file.map(absolute).transpose()?,
         keep_mirror,
+        yubihsm,
     };
     let r = backup::restore(input, &trusted, &opts).map_err(|e| {
         let f = failure(e);

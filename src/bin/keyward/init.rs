@@ -25,6 +25,11 @@ pub(crate) struct InitArgs {
     #[cfg(feature = "yubihsm-mock")]
     #[arg(long, value_name = "N", default_value_t = 0)]
     latency_ms: u64,
+    /// `yubihsm-mock`: make the keys exportable under wrap
+    /// (`exportable_under_wrap = true`), so the instance can be backed up.
+    #[cfg(feature = "yubihsm-mock")]
+    #[arg(long)]
+    exportable_under_wrap: bool,
 }
 
 /// Which HSM a development instance runs on.
@@ -52,7 +57,9 @@ pub(crate) fn run(args: InitArgs) -> Result<(), Failure> {
     let inst = match args.backend {
         DevBackend::Softhsm => softhsm(&dir, args.module.clone(), uid)?,
         #[cfg(feature = "yubihsm-mock")]
-        DevBackend::YubihsmMock => yubihsm_mock(&dir, args.latency_ms, uid)?,
+        DevBackend::YubihsmMock => {
+            yubihsm_mock(&dir, args.latency_ms, uid, args.exportable_under_wrap)?
+        }
     };
     println!(
         "Created a keyward development instance in {}",
@@ -97,10 +104,11 @@ fn yubihsm_mock(
     dir: &Path,
     latency_ms: u64,
     uid: u32,
+    exportable: bool,
 ) -> Result<keyward::tools::dev::DevInstance, Failure> {
     use keyward::tools::dev::yubihsm_mock;
     let exe = std::env::current_exe().context("cannot find the keyward executable")?;
-    let (inst, connector) = yubihsm_mock::init_dev(dir, &exe, latency_ms, uid)?;
+    let (inst, connector) = yubihsm_mock::init_dev(dir, &exe, latency_ms, uid, exportable)?;
     println!(
         "The MockHsm (a software YubiHSM 2; its keys live in that process) runs in \
          `keyward hsm mock-connector`, pid {}, on 127.0.0.1:{}; it logs to {}.",

@@ -11,7 +11,8 @@
 //!   the device with the capability `sign-eddsa` only (plus
 //!   `exportable-under-wrap` when `hsm.exportable_under_wrap` asks for
 //!   backups), approver keys are `hmac-key` objects with `sign-hmac` and
-//!   `verify-hmac`, data objects are opaque objects. A key that was imported
+//!   `verify-hmac`, data objects are opaque objects (both also
+//!   `exportable-under-wrap` when backups are on). A key that was imported
 //!   rather than generated on the device, that may do more than sign, or
 //!   that could be exported when backups are off is refused
 //!   ([`HsmError::UnprotectedKey`]).
@@ -67,6 +68,10 @@ pub struct YubiHsm {
     credentials: Credentials,
     domains: Domain,
     key_capabilities: Capability,
+    /// What approver keys and data objects may do besides their use:
+    /// exportable-under-wrap when backups are on (`keyward backup create`
+    /// exports them with the keys), nothing otherwise.
+    extra_capabilities: Capability,
     settings: YubiHsmSettings,
     client: Mutex<Option<Client>>,
     /// Ed25519 keys found or made since the start, by name: what health
@@ -146,15 +151,18 @@ impl YubiHsm {
         settings: YubiHsmSettings,
     ) -> Result<YubiHsm, HsmError> {
         let domains = domain_set(&settings.domains)?;
-        let mut key_capabilities = Capability::SIGN_EDDSA;
-        if settings.exportable_under_wrap {
-            key_capabilities |= Capability::EXPORTABLE_UNDER_WRAP;
-        }
+        let extra_capabilities = if settings.exportable_under_wrap {
+            Capability::EXPORTABLE_UNDER_WRAP
+        } else {
+            Capability::empty()
+        };
+        let key_capabilities = Capability::SIGN_EDDSA | extra_capabilities;
         let hsm = YubiHsm {
             connector,
             credentials,
             domains,
             key_capabilities,
+            extra_capabilities,
             settings,
             client: Mutex::new(None),
             known: Mutex::new(BTreeMap::new()),
@@ -368,7 +376,7 @@ impl YubiHsm {
                 id,
                 object_label.clone(),
                 self.domains,
-                Capability::empty(),
+                self.extra_capabilities,
                 yubihsm::opaque::Algorithm::Data,
                 value.to_vec(),
             )
@@ -576,7 +584,7 @@ impl super::Hsm for YubiHsm {
                 id,
                 object_label.clone(),
                 self.domains,
-                Capability::SIGN_HMAC | Capability::VERIFY_HMAC,
+                Capability::SIGN_HMAC | Capability::VERIFY_HMAC | self.extra_capabilities,
                 yubihsm::hmac::Algorithm::Sha256,
                 key.to_vec(),
             )

@@ -31,6 +31,12 @@ pub(super) const TOKEN_DIR: &str = "token";
 pub struct CreateOptions {
     /// The backup directory to create (must not exist).
     pub out: PathBuf,
+    /// YubiHSM 2: the admin authentication key's credential file
+    /// (`AUTH_KEY_ID:PASSWORD`) whose session exports the objects under
+    /// wrap; never keywardd's own.
+    pub admin_credential: Option<PathBuf>,
+    /// YubiHSM 2: the wrap key's object id.
+    pub wrap_key: u16,
 }
 
 /// A backup that was written.
@@ -69,11 +75,16 @@ pub fn create(
     if std::fs::symlink_metadata(out).is_ok() {
         return Err(BackupError::TargetExists(out.clone()));
     }
-    let p = match &cfg.hsm.backend {
-        HsmBackendConfig::Pkcs11(p) => p,
-        HsmBackendConfig::YubiHsm(_) => return Err(BackupError::YubiHsmUnsupported),
+    let no_admin = || {
+        BackupError::YubiHsmUnsupported(
+            "backup exports the keys under wrap through the admin authentication key",
+        )
     };
-    let token_dir = token::find_softhsm_token(cfg)?;
+    let token_dir = match &cfg.hsm.backend {
+        HsmBackendConfig::Pkcs11(_) => token::find_softhsm_token(cfg)?,
+        HsmBackendConfig::YubiHsm(_) if opts.admin_credential.is_none() => return Err(no_admin()),
+        HsmBackendConfig::YubiHsm(_) => None,
+    };
     let vkey_path = cfg.audit_vkey_path();
     let trusted = TrustedKey::from_file(&vkey_path).map_err(BackupError::NoTrustedKey)?;
     let name = out
@@ -95,8 +106,22 @@ pub fn create(
     let mut guard = TmpDir(Some(tmp.clone()));
 
     let mut files = Vec::new();
-    let key_material = match &token_dir {
-        Some(src) => {
+    let mut exported_labels = None;
+    let key_material = match (&cfg.hsm.backend, &token_dir) {
+        (HsmBackendConfig::YubiHsm(y), _) => {
+            let admin_credential = opts.admin_credential.as_deref().ok_or_else(no_admin)?;
+            let labels = registry_labels(
+                &crate::ledger::open_read_only(&cfg.ledger_path())
+                    .map_err(|e| BackupError::Ledger(e.to_string()))?,
+            )?;
+            let admin = super::AdminSession::open(y, None, admin_credential)?;
+            for rel in super::wrapped::export(&admin, y, opts.wrap_key, &labels, &tmp)? {
+                files.push(entry(&tmp, &rel, Role::Wrapped)?);
+            }
+            exported_labels = Some(labels);
+            KeyMaterial::YubihsmWrapped
+        }
+        (HsmBackendConfig::Pkcs11(_), Some(src)) => {
             let uuid = src
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -112,9 +137,26 @@ pub fn create(
             }
             KeyMaterial::Softhsm2Token
         }
-        None => KeyMaterial::Vendor,
+        (HsmBackendConfig::Pkcs11(_), None) => KeyMaterial::Vendor,
     };
     let head = snapshot_ledger(&cfg.ledger_path(), &tmp.join(LEDGER_FILE))?;
+    if let Some(exported) = &exported_labels {
+        // A key registered while the objects were exported is in the
+        // snapshot but not in the backup: refused, not restored without it.
+        let conn = rusqlite::Connection::open_with_flags(
+            tmp.join(LEDGER_FILE),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .map_err(|e| BackupError::Ledger(e.to_string()))?;
+        if let Some(missing) = registry_labels(&conn)?
+            .into_iter()
+            .find(|l| !exported.contains(l))
+        {
+            return Err(BackupError::Device(format!(
+                "key {missing:?} was registered while the backup was taken; nothing was written, run it again"
+            )));
+        }
+    }
     files.push(entry(&tmp, LEDGER_FILE, Role::Ledger)?);
     for (src, rel, role) in [
         (&cfg.file, CONFIG_FILE, Role::Config),
@@ -125,27 +167,52 @@ pub fn create(
         copy_new(src, &tmp.join(rel), 0o600)?;
         files.push(entry(&tmp, rel, role)?);
     }
-    refuse_pin(&tmp, &p.pin_file)?;
+    let (token_label, secrets, wrap_key, module) = match &cfg.hsm.backend {
+        HsmBackendConfig::Pkcs11(p) => (
+            p.token_label.clone(),
+            vec![p.pin_file.clone()],
+            None,
+            p.module.display().to_string(),
+        ),
+        HsmBackendConfig::YubiHsm(y) => (
+            y.connector.to_string(),
+            vec![y.credential_file.clone()]
+                .into_iter()
+                .chain(opts.admin_credential.clone())
+                .collect(),
+            Some(opts.wrap_key),
+            String::new(),
+        ),
+    };
+    for secret in &secrets {
+        refuse_pin(&tmp, secret)?;
+    }
+    let note = match key_material {
+        KeyMaterial::Vendor => Some(format!(
+            "no key material: the keys of token {token_label:?} in {module} must be backed up with the HSM vendor's own tools"
+        )),
+        KeyMaterial::YubihsmWrapped => Some(format!(
+            "the keys are wrapped under wrap key {:#06x}: restore needs a YubiHSM 2 provisioned with that wrap key \
+             and its admin credential (neither is in this backup)",
+            opts.wrap_key
+        )),
+        KeyMaterial::Softhsm2Token => None,
+    };
     let manifest = Manifest {
         format: FORMAT,
         created_at: crate::ledger::format_utc(crate::ledger::now_ms()),
         keyward_version: env!("CARGO_PKG_VERSION").to_owned(),
         instance: InstanceInfo {
             backend: cfg.hsm.backend_name().to_owned(),
-            token_label: p.token_label.clone(),
+            token_label,
             origin: cfg
                 .ledger
                 .origin
                 .clone()
                 .unwrap_or_else(|| format!("keyward/{}", cfg.hsm.device_label())),
             key_material,
-            note: (key_material == KeyMaterial::Vendor).then(|| {
-                format!(
-                    "no key material: the keys of token {:?} in {} must be backed up with the HSM vendor's own tools",
-                    p.token_label,
-                    p.module.display()
-                )
-            }),
+            note,
+            wrap_key,
         },
         ledger: head,
         files,
@@ -197,6 +264,20 @@ pub fn create(
         manifest,
         backup_seq: signed.ledger_seq,
     })
+}
+
+/// The HSM labels of the registry's keys that are not retired.
+fn registry_labels(conn: &rusqlite::Connection) -> Result<Vec<String>, BackupError> {
+    use crate::ledger::registry::{self, KeyState};
+    let mut labels: Vec<String> = registry::all(conn)
+        .map_err(|e| BackupError::Ledger(e.to_string()))?
+        .into_iter()
+        .filter(|k| k.state != KeyState::Retired)
+        .map(|k| k.hsm_label)
+        .collect();
+    labels.sort();
+    labels.dedup();
+    Ok(labels)
 }
 
 fn decode_sig(text: &str) -> Option<[u8; 64]> {

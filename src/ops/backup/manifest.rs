@@ -61,9 +61,9 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceInfo {
-    /// HSM backend (`pkcs11`).
+    /// HSM backend (`pkcs11`, `yubihsm`).
     pub backend: String,
-    /// The PKCS#11 token label.
+    /// The PKCS#11 token label (for a YubiHSM 2: its connector).
     pub token_label: String,
     /// The checkpoint origin of its ledger.
     pub origin: String,
@@ -72,6 +72,9 @@ pub struct InstanceInfo {
     /// For the operator (e.g. where the keys of a vendor HSM are).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The wrap key the `wrapped` files are encrypted under (YubiHSM 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrap_key: Option<u16>,
 }
 
 /// What of the HSM's key material a backup holds.
@@ -81,6 +84,9 @@ pub enum KeyMaterial {
     /// SoftHSM2's token directory (its objects are encrypted under the SO
     /// and user PINs).
     Softhsm2Token,
+    /// A YubiHSM 2's objects, each exported under the device's wrap key
+    /// (`hsm/TYPE-ID.wrap`, role `wrapped`).
+    YubihsmWrapped,
     /// None: a vendor HSM's keys are backed up with the vendor's own tools.
     Vendor,
 }
@@ -123,6 +129,8 @@ pub enum Role {
     Policy,
     /// The audit verifier key pinned on the instance.
     AuditVkey,
+    /// A YubiHSM 2 object exported under the wrap key.
+    Wrapped,
 }
 
 impl Manifest {
@@ -209,6 +217,7 @@ mod tests {
                 token_label: "t".into(),
                 origin: "keyward/t".into(),
                 key_material: KeyMaterial::Softhsm2Token,
+                wrap_key: None,
                 note: None,
             },
             ledger: LedgerHead {

@@ -8,6 +8,7 @@
 //! manifest.json          what is in it (manifest::Manifest), with SHA-256 digests
 //! manifest.sig           the audit key's signature over the manifest (base64)
 //! token/<uuid>/...       SoftHSM2's token directory (encrypted under the PINs)
+//! hsm/TYPE-ID.wrap       or a YubiHSM 2's objects, exported under its wrap key
 //! ledger/ledger.sqlite3  a consistent snapshot of the ledger (SQLite online backup)
 //! config/keyward.toml    the configuration
 //! config/policy.toml     the policy
@@ -27,6 +28,7 @@ mod manifest;
 mod restore;
 mod token;
 mod verify;
+mod wrapped;
 
 use std::path::PathBuf;
 
@@ -35,9 +37,10 @@ pub use manifest::{
     FileEntry, InstanceInfo, KeyMaterial, LedgerHead, MANIFEST, Manifest, Role, SIGNATURE,
     SIGNING_DOMAIN, signed_message,
 };
-pub use restore::{RestoreOptions, Restored, restore};
+pub use restore::{RestoreOptions, Restored, YubiHsmTarget, restore};
 pub use token::find_softhsm_token;
 pub use verify::{Verified, verify};
+pub use wrapped::{AdminSession, DEFAULT_WRAP_KEY, WRAPPED_DIR};
 
 /// Why a backup could not be created, verified or restored. Each has a
 /// stable snake_case code ([`BackupError::code`]); [`BackupError::Invalid`]
@@ -66,14 +69,31 @@ pub enum BackupError {
         "{0} exists and is not empty; a restore builds a fresh instance (choose a new or empty directory)"
     )]
     TargetNotEmpty(PathBuf),
-    /// The YubiHSM backend: its keys would have to be exported under the
-    /// wrap key, which keyward does not do yet. Refused rather than a
-    /// backup without keys.
+    /// A YubiHSM 2 backup or restore without what it needs (the admin
+    /// credential).
     #[error(
-        "backups of a YubiHSM 2 instance are not supported yet: its keys must be exported under the wrap key \
-         (yubihsm-shell's get-wrapped) and stored with the backup by hand; nothing was written"
+        "a YubiHSM 2 {0}: give --admin-credential FILE (the admin authentication key, `keyward hsm setup yubihsm --backups`)"
     )]
-    YubiHsmUnsupported,
+    YubiHsmUnsupported(&'static str),
+    /// An object of the YubiHSM 2 cannot be exported under wrap: it was
+    /// made without `exportable-under-wrap` (`[hsm] exportable_under_wrap
+    /// = false` when it was created). Such objects cannot be backed up.
+    #[error(
+        "{0} is not exportable under wrap (made while [hsm] exportable_under_wrap was false): it cannot be backed up; \
+         nothing was written. Rotate it (keyward key rotate) after setting exportable_under_wrap = true"
+    )]
+    NotExportable(String),
+    /// The replacement YubiHSM 2 already holds an object of the backup's.
+    #[error(
+        "the replacement device already holds {0}: a restore never imports over an object (reset the device or use a fresh one); nothing was imported"
+    )]
+    ObjectExists(String),
+    /// An imported key is not the one the ledger's registry names.
+    #[error("{0}")]
+    KeyMismatch(String),
+    /// The YubiHSM 2 refused or failed.
+    #[error("YubiHSM 2: {0}")]
+    Device(String),
     /// The SoftHSM2 token could not be found.
     #[error("the SoftHSM2 token {label:?}: {problem}")]
     Token {
@@ -116,7 +136,11 @@ impl BackupError {
             BackupError::Invalid { code, .. } => code,
             BackupError::TargetExists(_) => "backup_target_exists",
             BackupError::TargetNotEmpty(_) => "restore_target_not_empty",
-            BackupError::YubiHsmUnsupported => "backup_yubihsm_unsupported",
+            BackupError::YubiHsmUnsupported(_) => "backup_yubihsm_unsupported",
+            BackupError::NotExportable(_) => "backup_not_exportable",
+            BackupError::ObjectExists(_) => "restore_object_exists",
+            BackupError::KeyMismatch(_) => "restore_key_mismatch",
+            BackupError::Device(_) => "backup_device",
             BackupError::Token { .. } => "backup_token_not_found",
             BackupError::HoldsPin(_) => "backup_holds_pin",
             BackupError::NoTrustedKey(_) => "backup_no_trusted_key",

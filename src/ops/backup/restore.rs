@@ -33,6 +33,23 @@ pub struct RestoreOptions {
     /// Keep the `[mirror]` section (only when this instance replaces the
     /// one the backup was taken from).
     pub keep_mirror: bool,
+    /// A YubiHSM 2 backup: the replacement device to import its wrapped
+    /// objects into.
+    pub yubihsm: Option<YubiHsmTarget>,
+}
+
+/// The replacement YubiHSM 2 of a restore, provisioned with the backed-up
+/// device's wrap key (same id, same key).
+#[derive(Debug, Clone)]
+pub struct YubiHsmTarget {
+    /// Its connector (`http://127.0.0.1:12345` or `usb`), written into the
+    /// restored configuration; absent: the backed-up one.
+    pub connector: Option<String>,
+    /// Its admin authentication key's credential file (`ID:PASSWORD`),
+    /// which imports the objects; never written anywhere.
+    pub admin_credential: PathBuf,
+    /// The wrap key's object id (default: the manifest's).
+    pub wrap_key: Option<u16>,
 }
 
 /// A restored instance.
@@ -78,6 +95,12 @@ pub fn restore(
     let verified = verify(backup, trusted)?;
     let manifest = &verified.manifest;
     let softhsm = manifest.instance.key_material == KeyMaterial::Softhsm2Token;
+    let wrapped = manifest.instance.key_material == KeyMaterial::YubihsmWrapped;
+    if wrapped && opts.yubihsm.is_none() {
+        return Err(BackupError::YubiHsmUnsupported(
+            "restore imports the wrapped keys into the replacement device (--connector) through its admin authentication key",
+        ));
+    }
     let config_bytes = std::fs::read(backup.join(CONFIG_FILE))
         .map_err(BackupError::io(format!("cannot read {CONFIG_FILE}")))?;
     same_as_listed(manifest, CONFIG_FILE, &config_bytes)?;
@@ -86,7 +109,7 @@ pub fn restore(
     })?;
     let (text, pin_note) = rewrite_config(&config_text, dir, opts, softhsm)?;
     let config_path = dir.join("keyward.toml");
-    Config::parse(&config_path, &text)
+    let restored_cfg = Config::parse(&config_path, &text)
         .map_err(|e| BackupError::Config(format!("the rewritten configuration is invalid: {e}")))?;
 
     let parent = dir
@@ -104,7 +127,15 @@ pub fn restore(
         .mode(0o700)
         .create(&tmp)
         .map_err(BackupError::io(format!("cannot create {}", tmp.display())))?;
-    let built = build(backup, &tmp, dir, &verified, &text, trusted, softhsm);
+    let built =
+        build(backup, &tmp, dir, &verified, &text, trusted, softhsm).and_then(|()| {
+            match (&opts.yubihsm, &restored_cfg.hsm.backend) {
+                (Some(target), crate::config::HsmBackendConfig::YubiHsm(y)) if wrapped => {
+                    import_wrapped(backup, &tmp, manifest, y, target).map(|_| ())
+                }
+                _ => Ok(()),
+            }
+        });
     if let Err(e) = built {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -120,7 +151,12 @@ pub fn restore(
     super::create::sync_dir(parent)?;
 
     let mut next_steps = Vec::new();
-    if !softhsm {
+    if wrapped {
+        next_steps.push(
+            "the keys were imported into the replacement YubiHSM 2 and checked against the ledger's registry; keywardd checks the audit key against audit.vkey when it starts"
+                .into(),
+        );
+    } else if !softhsm {
         next_steps.push(format!(
             "THIS BACKUP HOLDS NO KEY MATERIAL: restore the keys of token {:?} with the HSM vendor's own backup before anything else",
             manifest.instance.token_label
@@ -203,6 +239,53 @@ fn build(
         write_new(&tmp.join("softhsm2.conf"), conf.as_bytes())?;
     }
     sync_tree(tmp)
+}
+
+/// Imports the backup's wrapped objects into the replacement device and
+/// checks every key the restored registry names (not retired) against it.
+fn import_wrapped(
+    backup: &Path,
+    tmp: &Path,
+    manifest: &Manifest,
+    y: &crate::config::YubiHsmBackendConfig,
+    target: &YubiHsmTarget,
+) -> Result<usize, BackupError> {
+    use crate::ledger::registry::{self, KeyState};
+    let wrap_key = target
+        .wrap_key
+        .or(manifest.instance.wrap_key)
+        .unwrap_or(super::DEFAULT_WRAP_KEY);
+    let conn = rusqlite::Connection::open_with_flags(
+        tmp.join("state").join("ledger.sqlite3"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .map_err(|e| BackupError::Ledger(e.to_string()))?;
+    let mut expected = Vec::new();
+    for k in registry::all(&conn).map_err(|e| BackupError::Ledger(e.to_string()))? {
+        if k.state == KeyState::Retired {
+            continue;
+        }
+        let pk = bs58::decode(&k.public_key)
+            .into_vec()
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .ok_or_else(|| {
+                BackupError::Ledger(format!(
+                    "the registry's public key of {} is not 32 bytes of base58",
+                    k.versioned_name()
+                ))
+            })?;
+        expected.push((k.hsm_label, pk));
+    }
+    drop(conn);
+    let files: Vec<String> = manifest
+        .files
+        .iter()
+        .filter(|f| f.role == Role::Wrapped)
+        .map(|f| f.path.clone())
+        .collect();
+    let admin = super::AdminSession::open(y, None, &target.admin_credential)?;
+    super::wrapped::import(&admin, wrap_key, backup, &files, &expected)
 }
 
 /// Whether `bytes` are the file `rel` as the manifest lists it.
@@ -288,17 +371,26 @@ fn rewrite_config(
         env.insert("SOFTHSM2_CONF".into(), path(dir.join("softhsm2.conf")));
         hsm.insert("env".into(), Value::Table(env));
     }
+    let yubihsm = hsm.get("backend").and_then(Value::as_str) == Some("yubihsm");
+    let pin_key = if yubihsm {
+        "credential_file"
+    } else {
+        "pin_file"
+    };
+    if let Some(connector) = opts.yubihsm.as_ref().and_then(|t| t.connector.as_ref()) {
+        hsm.insert("connector".into(), Value::String(connector.clone()));
+    }
     let pin_note = match &opts.pin_file {
         Some(pin) => {
-            hsm.insert("pin_file".into(), path(pin.clone()));
+            hsm.insert(pin_key.into(), path(pin.clone()));
             format!(
                 "the PIN is not in the backup: keywardd reads it from {} (keep it 0400, owned by keywardd's user)",
                 pin.display()
             )
         }
         None => format!(
-            "the PIN is not in the backup: provide it as pin_file {} names (a relative name is a systemd credential, LoadCredential=)",
-            hsm.get("pin_file")
+            "the PIN is not in the backup: provide it as {pin_key} {} names (a relative name is a systemd credential, LoadCredential=)",
+            hsm.get(pin_key)
                 .and_then(Value::as_str)
                 .unwrap_or("(unset)")
         ),
@@ -356,6 +448,7 @@ file = "/var/log/keyward/ledger.jsonl"
             to: PathBuf::from("/srv/restored"),
             pin_file: Some(PathBuf::from("/root/pin")),
             keep_mirror,
+            yubihsm: None,
         }
     }
 
@@ -394,5 +487,47 @@ file = "/var/log/keyward/ledger.jsonl"
             cfg.mirror.unwrap().ack_dir,
             Some(dir.join("state").join("mirror"))
         );
+    }
+
+    #[test]
+    fn a_yubihsm_restore_points_at_the_replacement_device_and_its_credential() {
+        let original = r#"
+[daemon]
+agent_socket = "/run/keyward/agent.sock"
+admin_socket = "/run/keyward/admin.sock"
+state_dir = "/var/lib/keyward"
+policy = "/etc/keyward/policy.toml"
+
+[hsm]
+backend = "yubihsm"
+connector = "http://127.0.0.1:12345"
+credential_file = "yubihsm-signer"
+exportable_under_wrap = true
+"#;
+        let dir = Path::new("/srv/restored");
+        let mut o = opts(false);
+        o.pin_file = Some(PathBuf::from("/root/yubihsm-signer"));
+        o.yubihsm = Some(YubiHsmTarget {
+            connector: Some("http://127.0.0.1:23456".into()),
+            admin_credential: PathBuf::from("/root/yubihsm-admin"),
+            wrap_key: None,
+        });
+        let (text, note) = rewrite_config(original, dir, &o, false).unwrap();
+        assert!(
+            !text.contains("yubihsm-admin"),
+            "never the admin credential"
+        );
+        let cfg = Config::parse(&dir.join("keyward.toml"), &text).unwrap();
+        let crate::config::HsmBackendConfig::YubiHsm(y) = &cfg.hsm.backend else {
+            panic!("not yubihsm: {text}");
+        };
+        assert_eq!(y.connector.to_string(), "http://127.0.0.1:23456");
+        assert_eq!(y.credential_file, PathBuf::from("/root/yubihsm-signer"));
+        assert!(y.exportable_under_wrap, "other settings stay");
+        assert!(note.contains("/root/yubihsm-signer"));
+        // Without a replacement connector, the backed-up one stays.
+        o.yubihsm = None;
+        let (text, _) = rewrite_config(original, dir, &o, false).unwrap();
+        assert!(text.contains("http://127.0.0.1:12345"), "{text}");
     }
 }

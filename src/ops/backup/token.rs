@@ -18,7 +18,7 @@ const COPY_ATTEMPTS: usize = 10;
 /// token label), or `None` when the PKCS#11 module is not SoftHSM2.
 pub fn find_softhsm_token(cfg: &Config) -> Result<Option<PathBuf>, BackupError> {
     let Some(p) = cfg.hsm.pkcs11() else {
-        return Err(BackupError::YubiHsmUnsupported);
+        return Err(BackupError::YubiHsmUnsupported("has no SoftHSM2 token"));
     };
     let is_softhsm = p
         .module

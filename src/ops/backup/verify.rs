@@ -107,6 +107,14 @@ fn check_files(dir: &Path, manifest: &Manifest) -> Result<(), BackupError> {
             "its token files do not match its key_material".into(),
         ));
     }
+    let wrapped = manifest.files.iter().any(|f| f.role == Role::Wrapped);
+    if wrapped != (manifest.instance.key_material == KeyMaterial::YubihsmWrapped) {
+        return Err(bad(
+            "backup_manifest_invalid",
+            MANIFEST,
+            "its wrapped objects do not match its key_material".into(),
+        ));
+    }
     // Every file present is listed (or is the manifest or its signature).
     let mut present = BTreeSet::new();
     walk(dir, "", &mut present)?;

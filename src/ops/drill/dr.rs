@@ -145,7 +145,11 @@ pub fn run(
                 let out = opts.scratch.join("backup");
                 let created = backup::create(
                     opts.config,
-                    &backup::CreateOptions { out: out.clone() },
+                    &backup::CreateOptions {
+                        out: out.clone(),
+                        admin_credential: None,
+                        wrap_key: backup::DEFAULT_WRAP_KEY,
+                    },
                     sign,
                 )
                 .map_err(|e| format!("{e} ({})", e.code()))?;
@@ -178,6 +182,18 @@ pub fn run(
             // instance on production's own HSM: the drill would sign with
             // production's keys. Refused.
             if let Some(v) = &verified
+                && v.manifest.instance.key_material == backup::KeyMaterial::YubihsmWrapped
+            {
+                // Its keys are imported into a replacement device, which
+                // a scratch drill does not have.
+                return Err(
+                    "the backup holds YubiHSM 2 objects wrapped under the wrap key: they restore only onto a spare YubiHSM 2 \
+                     provisioned with that wrap key, so the DR drill does not restore them; rehearse with \
+                     `keyward backup restore IN --to DIR --connector SPARE --admin-credential FILE`"
+                        .into(),
+                );
+            }
+            if let Some(v) = &verified
                 && v.manifest.instance.key_material != backup::KeyMaterial::Softhsm2Token
             {
                 return Err(format!(
@@ -193,6 +209,7 @@ pub fn run(
                     to: instance.clone(),
                     pin_file: opts.pin_file.clone(),
                     keep_mirror: false,
+                    yubihsm: None,
                 },
             )
             .map_err(|e| format!("{e} ({})", e.code()))?;

@@ -41,12 +41,15 @@ pub struct MockConnector {
 /// MockHsm: starts `exe hsm mock-connector` (`exe` is the `keyward` binary;
 /// `latency_ms` per message), writes the credential file and the
 /// configuration with `backend = "yubihsm"`, then makes the keys as the
-/// SoftHSM2 instance does. On failure the connector is stopped again.
+/// SoftHSM2 instance does (`exportable`: with `exportable_under_wrap =
+/// true`, so that `keyward backup create` can export them). On failure the
+/// connector is stopped again.
 pub fn init_dev(
     dir: &Path,
     exe: &Path,
     latency_ms: u64,
     uid: u32,
+    exportable: bool,
 ) -> Result<(DevInstance, MockConnector), DevError> {
     create_dir(dir)?;
     let connector = start_connector(dir, exe, latency_ms)?;
@@ -55,9 +58,14 @@ pub fn init_dev(
             "[hsm]\n\
              backend = \"yubihsm\"\n\
              connector = \"http://127.0.0.1:{port}\"\n\
-             credential_file = {cred}\n",
+             credential_file = {cred}\n{exportable}",
             port = connector.port,
             cred = toml_str(&credentials),
+            exportable = if exportable {
+                "exportable_under_wrap = true\n"
+            } else {
+                ""
+            },
         );
         finish_dev(
             dir,
