@@ -803,13 +803,23 @@ fn strace_as_nobody(trace: &Path, program: &Path) -> Command {
     c
 }
 
-/// The pid of the process strace (pid `strace`) started, once it has.
-fn traced_child(strace: u32) -> u32 {
+/// The pid of `program`, which strace (pid `strace`) started, once it
+/// runs it. strace may fork other children first (a short-lived probe of
+/// ptrace options, and the tracee before its exec): only a child whose
+/// command line is `program` counts.
+fn traced_child(strace: u32, program: &Path) -> u32 {
     let mut pid = None;
     wait_until("strace to start its child", Duration::from_secs(30), || {
-        pid = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
-            .ok()
-            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()));
+        let children = std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children"))
+            .unwrap_or_default();
+        pid = children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .find(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                    c.split(|b| *b == 0).next() == Some(program.as_os_str().as_encoded_bytes())
+                })
+            });
         pid.is_some()
     });
     pid.unwrap()
@@ -862,7 +872,8 @@ fn the_mirror_units_system_call_filter_allows_every_call_the_mirror_makes() {
     let trace = inst.dir.path().join("mirror-strace.log");
     let log = inst.dir.path().join("mirror.log");
     let out = std::fs::File::create(&log).unwrap();
-    let child = strace_as_nobody(&trace, &runnable_by_nobody(&inst, KEYWARD))
+    let program = runnable_by_nobody(&inst, KEYWARD);
+    let child = strace_as_nobody(&trace, &program)
         .arg("--config")
         .arg(&inst.config)
         .arg("mirror")
@@ -871,7 +882,7 @@ fn the_mirror_units_system_call_filter_allows_every_call_the_mirror_makes() {
         .stderr(out)
         .spawn()
         .unwrap();
-    let pid = traced_child(child.id());
+    let pid = traced_child(child.id(), &program);
     let mut mirror = Daemon { child, pid, log };
     let head = || {
         rt().block_on(inst.client().health())
@@ -928,7 +939,8 @@ fn the_units_system_call_filter_allows_every_call_keywardd_makes() {
     let trace = inst.dir.path().join("strace.log");
     let log = inst.dir.path().join("keywardd.log");
     let out = std::fs::File::create(&log).unwrap();
-    let child = strace_as_nobody(&trace, &runnable_by_nobody(&inst, KEYWARDD))
+    let program = runnable_by_nobody(&inst, KEYWARDD);
+    let child = strace_as_nobody(&trace, &program)
         .arg("--config")
         .arg(&inst.config)
         .stdin(Stdio::null())
@@ -937,7 +949,7 @@ fn the_units_system_call_filter_allows_every_call_keywardd_makes() {
         .spawn()
         .unwrap();
     // Signals go to keywardd, strace's child.
-    let pid = traced_child(child.id());
+    let pid = traced_child(child.id(), &program);
     let mut daemon = Daemon { child, pid, log };
     daemon.wait_ready(&inst);
     sign_one(&inst, "strace-1");
