@@ -311,9 +311,13 @@ impl Pkcs11Hsm {
             .map_err(device("C_FindObjects"))?;
         let mut names = Vec::new();
         for h in privs {
-            let attrs = session
-                .get_attributes(h, &[AttributeType::Label])
-                .map_err(device("C_GetAttributeValue"))?;
+            // A key another session destroys meanwhile (a retirement) is
+            // not listed: its handle is no longer valid.
+            let attrs = match session.get_attributes(h, &[AttributeType::Label]) {
+                Ok(attrs) => attrs,
+                Err(e) if rv(&e) == Some(RvError::ObjectHandleInvalid) => continue,
+                Err(e) => return Err(device("C_GetAttributeValue")(e)),
+            };
             for a in attrs {
                 if let Attribute::Label(l) = a
                     && let Ok(text) = String::from_utf8(l)
@@ -326,7 +330,16 @@ impl Pkcs11Hsm {
         drop(s);
         names.sort();
         names.dedup();
-        names.iter().map(|n| self.find_once(n)).collect()
+        let mut keys = Vec::with_capacity(names.len());
+        for n in &names {
+            match self.find_once(n) {
+                Ok(k) => keys.push(k),
+                // Destroyed between the listing and the lookup.
+                Err(HsmError::KeyNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(keys)
     }
 }
 
