@@ -216,19 +216,29 @@ pub fn find_serving(
     conn: &rusqlite::Connection,
     name: &KeyName,
 ) -> Result<HsmKey, HsmError> {
-    let reg = registry::active(conn, name.as_str()).map_err(|e| HsmError::Device {
+    let unreadable = |e: rusqlite::Error| HsmError::Device {
         op: "find",
         detail: format!("cannot read the key registry: {e}"),
-    })?;
-    match reg {
-        Some(reg) => find_registered(hsm, &reg),
-        None => {
-            if registry::latest_version(conn, name.as_str()).unwrap_or(0) > 0 {
-                // Known, but no version is active: never fall back to a label.
-                return Err(HsmError::KeyNotFound(name.to_string()));
-            }
-            hsm.find_ed25519(name)
-        }
+    };
+    let active = registry::active(conn, name.as_str()).map_err(unreadable)?;
+    let known = registry::latest_version(conn, name.as_str()).map_err(unreadable)? > 0;
+    find_for(hsm, name, active.as_ref(), known)
+}
+
+/// Finds `name` as the registry says: its `active` version; nothing for a
+/// name the registry knows (`known`) with no active version (never a
+/// fall-back to a label); the key labelled with the name for a name it
+/// does not know yet.
+fn find_for(
+    hsm: &dyn Hsm,
+    name: &KeyName,
+    active: Option<&RegisteredKey>,
+    known: bool,
+) -> Result<HsmKey, HsmError> {
+    match active {
+        Some(reg) => find_registered(hsm, reg),
+        None if known => Err(HsmError::KeyNotFound(name.to_string())),
+        None => hsm.find_ed25519(name),
     }
 }
 
@@ -242,24 +252,25 @@ pub async fn resolve(
 ) -> Result<(Keys, RetiringKeys, Vec<(KeyName, HsmError)>), LedgerError> {
     let reader = ledger.reader()?;
     let registered = registry::all(&reader)?;
-    let mut active = Vec::new();
-    for name in names {
-        let reg = registry::active(&reader, name.as_str())?;
-        let known = registry::latest_version(&reader, name.as_str())? > 0;
-        active.push((name, reg, known));
-    }
     drop(reader);
     let mut keys = Keys::new();
     let mut missing = Vec::new();
-    for (name, reg, known) in active {
-        let found = match reg {
-            Some(reg) => {
-                hsm.call(HsmOp::Find, move |h| find_registered(h, &reg))
-                    .await
-            }
-            None if known => Err(HsmError::KeyNotFound(name.to_string())),
-            None => hsm.find_ed25519(&name).await,
-        };
+    for name in names {
+        let versions: Vec<&RegisteredKey> = registered
+            .iter()
+            .filter(|r| r.name == name.as_str())
+            .collect();
+        let known = !versions.is_empty();
+        let active = versions
+            .into_iter()
+            .find(|r| r.state == KeyState::Active)
+            .cloned();
+        let wanted = name.clone();
+        let found = hsm
+            .call(HsmOp::Find, move |h| {
+                find_for(h, &wanted, active.as_ref(), known)
+            })
+            .await;
         match found {
             Ok(key) => {
                 keys.insert(name, key);
