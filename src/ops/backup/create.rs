@@ -87,22 +87,7 @@ pub fn create(
     };
     let vkey_path = cfg.audit_vkey_path();
     let trusted = TrustedKey::from_file(&vkey_path).map_err(BackupError::NoTrustedKey)?;
-    let name = out
-        .file_name()
-        .ok_or_else(|| BackupError::Config(format!("{} names no directory", out.display())))?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = parent.join(format!(
-        "{}.tmp-{}",
-        name.to_string_lossy(),
-        hex::encode(rand::random::<[u8; 4]>())
-    ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&tmp)
-        .map_err(BackupError::io(format!("cannot create {}", tmp.display())))?;
+    let tmp = super::sibling_dir(out, |name, random| format!("{name}.tmp-{random}"))?;
     let mut guard = TmpDir(Some(tmp.clone()));
 
     let mut files = Vec::new();
@@ -258,7 +243,7 @@ pub fn create(
         },
     })?;
     guard.0 = None;
-    sync_dir(&parent)?;
+    sync_dir(&super::parent_dir(out))?;
     Ok(Created {
         out: out.clone(),
         manifest,

@@ -175,6 +175,36 @@ impl BackupError {
 }
 
 /// SHA-256 of a file's bytes and its size, streamed.
+/// The directory `target` is in (`.` for a bare name).
+pub(crate) fn parent_dir(target: &std::path::Path) -> std::path::PathBuf {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    }
+}
+
+/// Creates a new directory (mode 0700) beside `target`, named by `name`
+/// from `target`'s file name and eight random hex digits: where a backup or
+/// a restored instance is built before it is renamed onto `target`.
+pub(crate) fn sibling_dir(
+    target: &std::path::Path,
+    name: impl Fn(&str, &str) -> String,
+) -> Result<std::path::PathBuf, BackupError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let file_name = target
+        .file_name()
+        .ok_or_else(|| BackupError::Config(format!("{} names no directory", target.display())))?;
+    let dir = parent_dir(target).join(name(
+        &file_name.to_string_lossy(),
+        &hex::encode(rand::random::<[u8; 4]>()),
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(BackupError::io(format!("cannot create {}", dir.display())))?;
+    Ok(dir)
+}
+
 pub(crate) fn digest_file(path: &std::path::Path) -> Result<([u8; 32], u64), BackupError> {
     use sha2::{Digest, Sha256};
     use std::io::Read;

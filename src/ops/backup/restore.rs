@@ -11,7 +11,7 @@
 //! `--keep-mirror`: a restore (a drill) must never ship entries to the
 //! production instance's mirror.
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::BackupError;
@@ -112,21 +112,7 @@ pub fn restore(
     let restored_cfg = Config::parse(&config_path, &text)
         .map_err(|e| BackupError::Config(format!("the rewritten configuration is invalid: {e}")))?;
 
-    let parent = dir
-        .parent()
-        .ok_or_else(|| BackupError::Config(format!("{} has no parent", dir.display())))?;
-    let name = dir
-        .file_name()
-        .ok_or_else(|| BackupError::Config(format!("{} names no directory", dir.display())))?;
-    let tmp = parent.join(format!(
-        ".{}.restore-{}",
-        name.to_string_lossy(),
-        hex::encode(rand::random::<[u8; 4]>())
-    ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&tmp)
-        .map_err(BackupError::io(format!("cannot create {}", tmp.display())))?;
+    let tmp = super::sibling_dir(dir, |name, random| format!(".{name}.restore-{random}"))?;
     let built =
         build(backup, &tmp, dir, &verified, &text, trusted, softhsm).and_then(|()| {
             match (&opts.yubihsm, &restored_cfg.hsm.backend) {
@@ -148,7 +134,7 @@ pub fn restore(
             source: e,
         });
     }
-    super::create::sync_dir(parent)?;
+    super::create::sync_dir(&super::parent_dir(dir))?;
 
     let mut next_steps = Vec::new();
     if wrapped {
